@@ -1,0 +1,119 @@
+"""The delta format (SPEC §6): `uwm_config.json` + `uwm_delta.safetensors` (+ `README.md`).
+
+Only JSON and safetensors are ever read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "uwm_config.json"
+DELTA_NAME = "uwm_delta.safetensors"
+CARD_NAME = "README.md"
+DELTA_FILES = (CONFIG_NAME, DELTA_NAME, CARD_NAME)
+FORMAT_VERSION = 1
+
+
+def fingerprint(layers: dict) -> str:
+    """sha256 over the names, shapes and float32 bytes of the target weights, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(layers):
+        weight = layers[name].weight.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
+        digest.update(weight.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Tensor], card: str) -> Path:
+    """Write the three files into a temporary sibling folder, then move it into place.
+
+    An existing folder is replaced only if it holds nothing but delta files, so a failure leaves no
+    half-written delta and nothing else the user saved is lost.
+    """
+    directory = Path(directory)
+    if directory.exists():
+        if not directory.is_dir():
+            raise FileExistsError(f"{directory} exists and is a file; choose a folder path for the delta.")
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in DELTA_FILES)
+        if foreign:
+            raise FileExistsError(f"{directory} already holds other files {foreign[:5]}; save the delta to "
+                                  "an empty or new folder (an existing delta folder is overwritten).")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        tensors = {name: idx.to("cpu", torch.int64).contiguous() for name, idx in indices.items()}
+        save_file(tensors, staging / DELTA_NAME, metadata={"format": "hf_uwm.delta",
+                                                           "alpha": repr(record["config"]["alpha"])})
+        (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (staging / CARD_NAME).write_text(card)
+        _swap_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _swap_into_place(staging: Path, directory: Path):
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(directory, old)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_delta(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(record, indices) from a delta folder, checked for consistency; clear errors otherwise."""
+    directory = Path(directory)
+    config_path, delta_path = directory / CONFIG_NAME, directory / DELTA_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: it is not a delta folder written by "
+                                "UWMEditor.save_pretrained (a base model folder needs config=UWMConfig(...)).")
+    try:
+        record = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); the delta is corrupted: save it again.") from None
+    for key in ("config", "fingerprint", "layers", "format_version"):
+        if key not in record:
+            raise ValueError(f"{config_path} lacks the field {key!r}: it is not an hf_uwm delta config.")
+    if record["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{config_path} has delta format {record['format_version']}; this hf_uwm reads up to "
+                         f"{FORMAT_VERSION}: upgrade hf_uwm.")
+    if not delta_path.is_file():
+        raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {DELTA_NAME}: the delta is incomplete.")
+    try:
+        with safe_open(delta_path, framework="pt") as f:
+            indices = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{delta_path} is corrupted or truncated ({err}); save or download the delta again.") from None
+    _check_indices(record, indices, delta_path)
+    return record, indices
+
+
+def _check_indices(record: dict, indices: dict[str, torch.Tensor], path: Path):
+    if set(indices) != set(record["layers"]):
+        raise ValueError(f"{path} holds layers {sorted(indices)} but its config lists {sorted(record['layers'])}.")
+    for name, idx in indices.items():
+        info = record["layers"][name]
+        numel = info["shape"][0] * info["shape"][1]
+        ok = (idx.dtype == torch.int64 and idx.dim() == 1 and idx.numel() == info["selected"]
+              and (idx.numel() == 0 or (int(idx[0]) >= 0 and int(idx[-1]) < numel))
+              and bool((idx[1:] > idx[:-1]).all()))
+        if not ok:
+            raise ValueError(f"{path}: the indices of layer {name!r} are not {info['selected']} sorted, distinct "
+                             f"positions in a {info['shape']} weight; the delta is corrupted.")

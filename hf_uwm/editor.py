@@ -1,0 +1,270 @@
+"""`UWMEditor`: calibrate, select, apply, revert and save a UWM edit (SPEC §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import Adapter
+from .config import UWMConfig
+from .data import columns_for, validate_pairs
+from .delta import FORMAT_VERSION, fingerprint, read_delta, write_delta
+from .hub import render_card, resolve_delta_folder
+from .scoring import finalize_scores
+from .selection import select_adaptive, select_fixed, select_random
+from .statistics import RunningScores, only_requires_grad, preference_margin, random_scores
+
+
+class UWMEditor:
+    """A UWM edit of one CLIP, SigLIP or LLaVA model.
+
+    >>> editor = UWMEditor(model, processor, UWMConfig(tau=0.02))   # doctest: +SKIP
+    >>> editor.calibrate(pairs); model = editor.apply()               # doctest: +SKIP
+    """
+
+    def __init__(self, model, processor=None, config: UWMConfig | None = None, *,
+                 base_model: str | None = None, base_revision: str | None = None):
+        config = UWMConfig() if config is None else config
+        if not isinstance(config, UWMConfig):
+            raise TypeError(f"config must be a UWMConfig, got {type(config).__name__}.")
+        self.model, self.processor = model, processor
+        self.adapter = Adapter(model, processor)
+        self.config = self._resolved(config)
+        self.layers = {tower: self.adapter.target_layers(tower, self._targets(tower)) for tower in self.towers}
+        if not any(self.layers.values()):
+            raise ValueError("The config targets no layer: give text_targets or vision_targets a module name.")
+        self.base_model = base_model or getattr(model.config, "_name_or_path", "") or None
+        self.base_revision = base_revision or getattr(model.config, "_commit_hash", None)
+        self.scores: dict[str, torch.Tensor] = {}
+        self.delta: dict[str, torch.Tensor] = {}
+        self.fingerprint: str | None = None
+        self._originals: dict[str, torch.Tensor] | None = None
+
+    # --- configuration ---------------------------------------------------------------------
+    def _resolved(self, config: UWMConfig) -> UWMConfig:
+        """The config with family defaults written out, so a saved delta is explicit."""
+        family = self.adapter.family
+        targets = {f"{t}_targets": list(self.adapter.default_targets(t)) if getattr(config, f"{t}_targets") is None
+                   else getattr(config, f"{t}_targets") for t in ("text", "vision")}
+        if "text" not in self.adapter.towers and targets["text_targets"]:
+            raise ValueError(f"{type(self.model).__name__} has no text tower to edit: set text_targets=[].")
+        return dataclasses.replace(config, tau=config.tau or family.tau, **targets)
+
+    def _targets(self, tower: str) -> list[str]:
+        return getattr(self.config, f"{tower}_targets")
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        return tuple(t for t in self.adapter.towers if self._targets(t))
+
+    @property
+    def target_layers(self) -> dict:
+        return {name: layer for layers in self.layers.values() for name, layer in layers.items()}
+
+    # --- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, config: UWMConfig | None = None, *, model=None,
+                        processor=None, revision: str | None = None, trust_remote_code: bool = False,
+                        **model_kwargs) -> "UWMEditor":
+        """An editor for a base model (local folder or Hub id), or a saved delta and its base model."""
+        folder = resolve_delta_folder(name_or_path, revision)
+        if folder is None:
+            if model is None:
+                model, processor = load_model(name_or_path, revision, trust_remote_code, **model_kwargs)
+            return cls(model, processor, config, base_model=str(name_or_path), base_revision=revision)
+        if config is not None:
+            raise ValueError(f"{name_or_path} is a saved delta and carries its own config: drop config=, or "
+                             "load the base model and calibrate again to use other settings.")
+        record, indices = read_delta(folder)
+        if model is None:
+            model, processor = load_model(record["base_model"], record.get("base_revision"), trust_remote_code,
+                                          **model_kwargs)
+        editor = cls(model, processor, UWMConfig.from_dict(record["config"]),
+                     base_model=record["base_model"], base_revision=record.get("base_revision"))
+        editor._adopt_delta(record, indices)
+        return editor
+
+    def _adopt_delta(self, record: dict, indices: dict[str, torch.Tensor]):
+        layers = self.target_layers
+        shapes = {name: list(layer.weight.shape) for name, layer in layers.items()}
+        expected = {name: info["shape"] for name, info in record["layers"].items()}
+        if shapes != expected:
+            raise ValueError(f"The delta was made for layers {sorted(expected)} with other shapes or names than "
+                             f"this {type(self.model).__name__} has; apply it to its base model "
+                             f"{record['base_model']!r}.")
+        self.delta, self.fingerprint = indices, record["fingerprint"]
+
+    # --- calibration ---------------------------------------------------------------------------
+    def calibrate(self, dataset=None, *, progress: bool = True) -> "UWMEditor":
+        """Compute the scores of every target layer from safe/unsafe pairs, then select the delta."""
+        if self._originals is not None:
+            raise RuntimeError("The edit is applied: call revert() before calibrating again.")
+        self.fingerprint = fingerprint(self.target_layers)
+        if self.config.score == "random":
+            self.scores = random_scores(self.target_layers, self.config.seed)
+        else:
+            columns = columns_for(("text", "vision") if self.config.score == "attribution" else self.towers)
+            if dataset is None:
+                raise ValueError(f"calibrate needs a dataset with columns {list(columns)}.")
+            dataset = validate_pairs(dataset, columns)
+            if self.config.score == "attribution":
+                self.scores = self._attribution_scores(dataset, progress)
+            else:
+                self.scores = {name: s for tower in self.towers
+                               for name, s in self._tower_scores(tower, dataset, progress).items()}
+        self.delta = self.select()
+        return self
+
+    def _batches(self, dataset, desc: str, progress: bool):
+        size = self.config.batch_size
+        for start in tqdm(range(0, len(dataset), size), desc=desc, disable=not progress):
+            yield list(range(start, min(start + size, len(dataset)))), dataset[start:start + size]
+
+    def _tower_scores(self, tower: str, dataset, progress: bool) -> dict[str, torch.Tensor]:
+        cfg, layers = self.config, self.layers[tower]
+        running = RunningScores(layers, cfg.score, cfg.token_norm, cfg.eps)
+        with running.hooked():
+            for rows, batch in self._batches(dataset, f"UWM {tower} statistics", progress):
+                if tower == "text":
+                    inputs = self.adapter.text_inputs(batch["safe_text"] + batch["unsafe_text"])
+                else:
+                    inputs = self.adapter.image_inputs(batch["safe_image"] + batch["unsafe_image"])
+                running.observe(lambda x: self.adapter.run_tower(tower, x), inputs, rows)
+        return {name: finalize_scores(running.sums[name], running.n_pairs, cfg.score, layer.weight,
+                                      cfg.prior(tower)).cpu()
+                for name, layer in layers.items()}
+
+    def _attribution_scores(self, dataset, progress: bool) -> dict[str, torch.Tensor]:
+        """A = W ⊙ ∂m/∂W for the unsafe-preference margin m (SPEC §3), kept where positive."""
+        layers, adapter = self.target_layers, self.adapter
+        with only_requires_grad(self.model, [layer.weight for layer in layers.values()]):
+            for rows, batch in self._batches(dataset, "UWM attribution", progress):
+                texts = adapter.embed_text(adapter.text_inputs(batch["safe_text"] + batch["unsafe_text"]))
+                images = adapter.embed_images(adapter.image_inputs(batch["safe_image"] + batch["unsafe_image"]))
+                b = len(rows)
+                margin = preference_margin(texts[:b], texts[b:], images[:b], images[b:]) / len(dataset)
+                margin.backward()
+            scores = {name: (layer.weight.detach() * layer.weight.grad).clamp(min=0).to("cpu", torch.float64)
+                      for name, layer in layers.items()}
+            for layer in layers.values():
+                layer.weight.grad = None
+        return scores
+
+    # --- selection ------------------------------------------------------------------------------
+    def select(self) -> dict[str, torch.Tensor]:
+        """The delta (sorted flat indices per layer) that the current config selects from `scores`."""
+        if not self.scores:
+            raise ValueError("No scores yet: call calibrate(dataset) first.")
+        cfg = self.config
+        if cfg.selection == "fixed":
+            return {name: select_fixed(s, cfg.density, name) for name, s in self.scores.items()}
+        return {name: select_adaptive(s, cfg.tau, name) for name, s in self.scores.items()}
+
+    def random_control(self, seed: int | None = None) -> "UWMEditor":
+        """An editor of the same model whose delta flips as many weights per layer, chosen at random."""
+        if not self.delta:
+            raise ValueError("The random control copies a delta's sizes: calibrate or load a delta first.")
+        seed = self.config.seed if seed is None else seed
+        control = UWMEditor(self.model, self.processor, dataclasses.replace(self.config, score="random", seed=seed),
+                            base_model=self.base_model, base_revision=self.base_revision)
+        control.fingerprint = self.fingerprint
+        for i, (name, idx) in enumerate(self.delta.items()):
+            generator = torch.Generator().manual_seed(seed * 100_003 + i)
+            control.delta[name] = select_random(self.target_layers[name].weight.numel(), idx.numel(), generator)
+        return control
+
+    # --- manipulation ---------------------------------------------------------------------------
+    def apply(self):
+        """Multiply the selected weights by α in place; returns the edited model."""
+        if not self.delta:
+            raise ValueError("Nothing to apply: call calibrate(dataset) first, or load a saved delta.")
+        if self._originals is not None:
+            raise RuntimeError("The edit is already applied; applying it twice would compound it "
+                               "(with alpha=-1 it would undo it). Call revert() first.")
+        if fingerprint(self.target_layers) != self.fingerprint:
+            raise ValueError("The target weights differ from the base model this delta was computed on "
+                             f"({self.base_model!r}, float32 fingerprint): load that exact model, or revert "
+                             "an edit already applied to it.")
+        layers, originals = self.target_layers, {}
+        with torch.no_grad():
+            for name, idx in self.delta.items():
+                flat = layers[name].weight.view(-1)
+                idx = idx.to(flat.device)
+                originals[name] = flat[idx].clone()
+                flat[idx] = flat[idx] * self.config.alpha
+        self._originals = originals
+        return self.model
+
+    def revert(self):
+        """Restore the original weights bit for bit; returns the model."""
+        if self._originals is None:
+            raise RuntimeError("Nothing to revert: the edit is not applied.")
+        layers = self.target_layers
+        with torch.no_grad():
+            for name, values in self._originals.items():
+                layers[name].weight.view(-1)[self.delta[name].to(values.device)] = values
+        self._originals = None
+        return self.model
+
+    @property
+    def is_applied(self) -> bool:
+        return self._originals is not None
+
+    # --- saving ----------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Number of selected weights per tower."""
+        return {tower: sum(int(self.delta[n].numel()) for n in self.layers[tower] if n in self.delta)
+                for tower in self.towers}
+
+    def record(self) -> dict:
+        """The content of `uwm_config.json`."""
+        layers = self.target_layers
+        return {
+            "format_version": FORMAT_VERSION,
+            "hf_uwm_version": __version__,
+            "model_class": type(self.model).__name__,
+            "base_model": self.base_model,
+            "base_revision": self.base_revision,
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "fingerprint_dtype": "float32",
+            "layers": {name: {"shape": list(layers[name].weight.shape), "selected": int(idx.numel()),
+                              "tower": next(t for t in self.towers if name in self.layers[t])}
+                       for name, idx in self.delta.items()},
+            "counts": self.counts(),
+        }
+
+    def save_pretrained(self, save_directory: str | Path, report=None) -> Path:
+        """Save the delta (not the base model) to a folder: config, indices and a model card."""
+        if not self.delta:
+            raise ValueError("Nothing to save: call calibrate(dataset) first.")
+        record = self.record()
+        return write_delta(save_directory, record, self.delta, render_card(record, report))
+
+
+def load_model(name_or_path, revision=None, trust_remote_code: bool = False, **model_kwargs):
+    """(model, processor) for a CLIP, SigLIP or LLaVA checkpoint (local folder or Hub id)."""
+    import transformers
+
+    from .adapters import FAMILIES
+
+    if not name_or_path:
+        raise ValueError("The delta names no base model: pass model= and processor= to from_pretrained.")
+    if Path(str(name_or_path)).expanduser().exists() and not Path(str(name_or_path)).expanduser().is_dir():
+        raise ValueError(f"{name_or_path} is a file; give the folder of a model or a Hub model id.")
+    config = transformers.AutoConfig.from_pretrained(name_or_path, revision=revision,
+                                                     trust_remote_code=trust_remote_code)
+    architecture = next((a for a in (config.architectures or []) if a in FAMILIES), None)
+    model_class = getattr(transformers, architecture) if architecture else transformers.AutoModel
+    model = model_class.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                        **model_kwargs).eval()
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(name_or_path, revision=revision,
+                                                               trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        processor = None  # weights-only checkpoints: the caller passes processor= when it needs one
+    return model, processor

@@ -1,0 +1,100 @@
+"""Calibration statistics: forward hooks on target `nn.Linear` layers feeding float64 running sums."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .scoring import pair_factors, token_statistics
+
+
+class RunningScores:
+    """Σ_b leftᵀ right over calibration pairs for a set of layers of one tower (SPEC §2).
+
+    Each batch is one forward of [safe items; unsafe items] (2B rows): the hook splits the rows,
+    reduces each item to vectors over its valid tokens and adds B outer products per layer.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], score: str, token_norm: str, eps: float):
+        self.layers, self.score, self.token_norm, self.eps = layers, score, token_norm, eps
+        self.sums = {name: torch.zeros(layer.weight.shape, dtype=torch.float64, device=layer.weight.device)
+                     for name, layer in layers.items()}
+        self.n_pairs = 0
+        self._abs_weight = {name: layer.weight.detach().abs().float() for name, layer in layers.items()}
+        self._mask: torch.Tensor | None = None
+        self._rows: list[int] = []
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            (x,) = args[:1]                                    # (2B, T, in)
+            if x.dim() == 2:
+                x = x.unsqueeze(1)
+            n, sd = token_statistics(x, self._mask, self.token_norm)
+            half = n.shape[0] // 2
+            abs_weight = self._abs_weight[name].to(n.dtype)
+            terms = pair_factors(self.score, (n[:half], sd[:half]), (n[half:], sd[half:]), abs_weight, self.eps)
+            for sign, left, right in terms:
+                self._check_finite(name, left, right)
+                self.sums[name].addmm_(left.T.to(torch.float64), right.to(torch.float64), alpha=sign)
+        return hook
+
+    def _check_finite(self, name, left, right):
+        bad = ~(torch.isfinite(left).all(1) & torch.isfinite(right).all(1))
+        if bad.any():
+            row = self._rows[int(bad.nonzero()[0])]
+            raise FloatingPointError(
+                f"Non-finite statistic in layer {name!r} for calibration pair {row} (a NaN/inf activation): "
+                "check that image and text inputs are valid, or calibrate in float32 instead of float16."
+            )
+
+    @contextmanager
+    def hooked(self):
+        handles = [layer.register_forward_hook(self._hook(name)) for name, layer in self.layers.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def observe(self, run_forward, inputs: dict, rows: list[int]):
+        """One forward over 2·len(rows) items (safe rows first); `rows` name the pairs in errors."""
+        self._mask = inputs.get("attention_mask")
+        self._rows = rows
+        with torch.no_grad():
+            run_forward(inputs)
+        self.n_pairs += len(rows)
+
+
+def random_scores(layers: dict[str, nn.Linear], seed: int) -> dict[str, torch.Tensor]:
+    """Uniform random scores per layer, seeded per layer so adding a layer changes no other."""
+    scores = {}
+    for i, (name, layer) in enumerate(layers.items()):
+        generator = torch.Generator().manual_seed(seed * 100_003 + i)
+        scores[name] = torch.rand(layer.weight.shape, generator=generator, dtype=torch.float64)
+    return scores
+
+
+def preference_margin(text_safe, text_unsafe, image_safe, image_unsafe) -> torch.Tensor:
+    """Σ_b (s(Tu,Iu) − s(Tu,Is)) + (s(Tu,Iu) − s(Ts,Iu)) over a batch of normalised (B, D) embeddings."""
+    s_uu = (text_unsafe * image_unsafe).sum(-1)
+    s_us = (text_unsafe * image_safe).sum(-1)
+    s_su = (text_safe * image_unsafe).sum(-1)
+    return (2 * s_uu - s_us - s_su).sum()
+
+
+@contextmanager
+def only_requires_grad(model: nn.Module, params):
+    """Gradients for `params` only; the model's requires_grad flags are restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)

@@ -1,0 +1,114 @@
+"""Scores against a direct implementation that materialises φ per item and per weight (SPEC §2)."""
+
+import pytest
+import torch
+
+from conftest import make_clip, make_pairs
+from hf_uwm import UWMConfig, UWMEditor
+from hf_uwm.adapters import Adapter
+
+EPS = 1e-8
+
+
+def item_inputs(model, processor, dataset, tower, layers):
+    """Per pair: {layer: (safe z (T, in), unsafe z (T, in))}, each item run alone (no padding)."""
+    adapter, captured = Adapter(model, processor), {}
+    hooks = [layer.register_forward_hook(lambda m, a, o, n=name: captured.__setitem__(n, a[0][0].detach()))
+             for name, layer in layers.items()]
+    pairs = []
+    try:
+        for row in dataset:
+            items = []
+            for kind in ("safe", "unsafe"):
+                if tower == "text":
+                    adapter.run_tower("text", adapter.text_inputs([row[f"{kind}_text"]]))
+                else:
+                    adapter.run_tower("vision", adapter.image_inputs([row[f"{kind}_image"]]))
+                items.append(dict(captured))
+            pairs.append({name: (items[0][name], items[1][name]) for name in layers})
+    finally:
+        for h in hooks:
+            h.remove()
+    return pairs
+
+
+def phi(z, weight, token_norm):
+    """φ_ij = a_i · c_j / (σ_j + ε), literally, as an (out, in) matrix."""
+    T = z.shape[0]
+    n = torch.stack([torch.sqrt(sum(z[t, j] ** 2 for t in range(T))) for j in range(z.shape[1])])
+    if token_norm == "rms":
+        n = n / T ** 0.5
+    sigma = z.std(0, unbiased=True) if T > 1 else torch.zeros(z.shape[1], dtype=z.dtype)
+    absw = weight.abs()
+    m = absw.mean(0)
+    a = torch.stack([(n * absw[i]).mean() for i in range(absw.shape[0])])
+    c = n * m
+    return a[:, None] * c[None, :] / (sigma[None, :] + EPS)
+
+
+def naive_scores(pairs, layers, score, prior, token_norm):
+    out = {}
+    for name, layer in layers.items():
+        w = layer.weight.detach()
+        terms = []
+        for p in pairs:
+            phi_s, phi_u = phi(p[name][0], w, token_norm), phi(p[name][1], w, token_norm)
+            terms.append({"ratio": phi_u / phi_s, "unsafe": phi_u, "difference": phi_u - phi_s}[score])
+        s = torch.stack(terms).mean(0)
+        if score == "difference":
+            s = s.clamp(min=0)
+        out[name] = s * w.abs() if prior else s
+    return out
+
+
+@pytest.mark.parametrize("score", ["ratio", "unsafe", "difference"])
+@pytest.mark.parametrize("prior", [True, False])
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_scores_match_literal_formula(score, prior, tower):
+    model, processor = make_clip(dtype=torch.float64)
+    data = make_pairs(5, seed=1)
+    targets = ["self_attn.out_proj", "mlp.fc1"]
+    cfg = UWMConfig(score=score, text_prior=prior, vision_prior=prior, batch_size=2,
+                    text_targets=targets if tower == "text" else [],
+                    vision_targets=targets if tower == "vision" else [])
+    editor = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    layers = editor.layers[tower]
+    expected = naive_scores(item_inputs(model, processor, data, tower, layers), layers, score, prior, "l2")
+    assert set(editor.scores) == set(expected)
+    for name in layers:
+        torch.testing.assert_close(editor.scores[name], expected[name], rtol=1e-6, atol=0)
+
+
+def test_rms_token_norm_matches_literal_formula():
+    model, processor = make_clip(dtype=torch.float64)
+    data = make_pairs(4, seed=2)
+    cfg = UWMConfig(token_norm="rms", vision_targets=[], batch_size=4)
+    editor = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    layers = editor.layers["text"]
+    expected = naive_scores(item_inputs(model, processor, data, "text", layers), layers, "ratio", True, "rms")
+    for name in layers:
+        torch.testing.assert_close(editor.scores[name], expected[name], rtol=1e-6, atol=0)
+    l2 = UWMEditor(model, processor, UWMConfig(vision_targets=[])).calibrate(data, progress=False)
+    assert not torch.allclose(l2.scores[name], editor.scores[name])
+
+
+def test_attribution_matches_autograd_of_the_margin():
+    model, processor = make_clip(dtype=torch.float64)
+    data = make_pairs(4, seed=3)
+    model.requires_grad_(False)
+    model.logit_scale.requires_grad_(True)
+    editor = UWMEditor(model, processor, UWMConfig(score="attribution", batch_size=3)).calibrate(data, progress=False)
+    flags_after = [p.requires_grad for p in model.parameters()]
+    adapter, layers = Adapter(model, processor), editor.target_layers
+    weights = [layer.weight for layer in layers.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    ts, tu = (adapter.embed_text(adapter.text_inputs(data[c])) for c in ("safe_text", "unsafe_text"))
+    is_, iu = (adapter.embed_images(adapter.image_inputs(data[c])) for c in ("safe_image", "unsafe_image"))
+    s = lambda t, i: (t * i).sum(-1)  # noqa: E731
+    margin = ((s(tu, iu) - s(tu, is_)) + (s(tu, iu) - s(ts, iu))).mean()
+    grads = torch.autograd.grad(margin, weights)
+    for (name, layer), g in zip(layers.items(), grads):
+        torch.testing.assert_close(editor.scores[name], (layer.weight.detach() * g).clamp(min=0), rtol=1e-6, atol=1e-12)
+    assert flags_after == [p is model.logit_scale for p in model.parameters()]  # restored
+    assert all(layer.weight.grad is None for layer in editor.target_layers.values())
