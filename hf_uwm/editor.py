@@ -254,8 +254,10 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, **m
 
     if not name_or_path:
         raise ValueError("The delta names no base model: pass model= and processor= to from_pretrained.")
-    if Path(str(name_or_path)).expanduser().exists() and not Path(str(name_or_path)).expanduser().is_dir():
-        raise ValueError(f"{name_or_path} is a file; give the folder of a model or a Hub model id.")
+    local = Path(str(name_or_path)).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{name_or_path} is neither a delta folder (no uwm_config.json) nor a model folder "
+                                "(no config.json): give a folder saved by save_pretrained or a Hub id.")
     config = transformers.AutoConfig.from_pretrained(name_or_path, revision=revision,
                                                      trust_remote_code=trust_remote_code)
     architecture = next((a for a in (config.architectures or []) if a in FAMILIES), None)

@@ -1,0 +1,68 @@
+"""Selection against naive sort-based implementations (SPEC §3), ties included."""
+
+import math
+
+import pytest
+import torch
+
+from hf_uwm.selection import select_adaptive, select_fixed, select_random
+
+
+def naive_adaptive(scores, tau):
+    flat = scores.flatten().tolist()
+    order = sorted(range(len(flat)), key=lambda k: (-flat[k], k))
+    total, running, chosen = sum(flat), 0.0, []
+    for k in order:
+        if running < tau:          # c_k is the mass of the entries ranked before k
+            chosen.append(k)
+        running += flat[k] / total
+    return sorted(chosen)
+
+
+def naive_fixed(scores, density):
+    flat = scores.flatten().tolist()
+    order = sorted(range(len(flat)), key=lambda k: (-flat[k], k))
+    return sorted(order[: math.ceil(density * len(flat))])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("tau", [0.001, 0.02, 0.3, 0.9])
+def test_adaptive_matches_naive(seed, tau):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(7, 9, generator=g, dtype=torch.float64) ** 4
+    assert select_adaptive(scores, tau).tolist() == naive_adaptive(scores, tau)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 1.0])
+def test_fixed_matches_naive(density):
+    scores = torch.rand(6, 11, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert select_fixed(scores, density).tolist() == naive_fixed(scores, density)
+
+
+def test_ties_take_the_lower_flat_index_first():
+    scores = torch.tensor([[1.0, 3.0, 3.0], [3.0, 0.5, 3.0]], dtype=torch.float64)
+    # Each 3 is 3/13.5 = 0.222 of the mass: with τ = 0.3 the first two 3s (indices 1, 2) are taken.
+    assert select_adaptive(scores, 0.3).tolist() == [1, 2] == naive_adaptive(scores, 0.3)
+    assert select_fixed(scores, 0.5).tolist() == [1, 2, 3] == naive_fixed(scores, 0.5)
+    flat = torch.ones(4, 4, dtype=torch.float64)
+    assert select_adaptive(flat, 0.2).tolist() == [0, 1, 2, 3] == naive_adaptive(flat, 0.2)
+
+
+def test_at_least_one_weight_is_selected():
+    scores = torch.tensor([[0.9, 0.1]], dtype=torch.float64)
+    assert select_adaptive(scores, 0.001).tolist() == [0]
+
+
+def test_bad_scores_are_refused():
+    with pytest.raises(ValueError, match="zero"):
+        select_adaptive(torch.zeros(3, 3), 0.1, "layer.x")
+    with pytest.raises(ValueError, match="finite"):
+        select_adaptive(torch.tensor([[1.0, float("nan")]]), 0.1)
+    with pytest.raises(ValueError, match="non-negative"):
+        select_fixed(torch.tensor([[1.0, -1.0]]), 0.5)
+
+
+def test_random_selection_is_seeded_sorted_and_distinct():
+    a = select_random(100, 10, torch.Generator().manual_seed(0))
+    b = select_random(100, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.numel() == 10 and torch.all(a[1:] > a[:-1])
