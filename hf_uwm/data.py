@@ -1,9 +1,34 @@
-"""The calibration/evaluation schema (SPEC §5) and its validation."""
+"""The calibration/evaluation schema (SPEC §5), its loaders and its validation.
+
+A pair set is a `datasets.Dataset` with `safe_text`, `unsafe_text` (strings) and/or `safe_image`,
+`unsafe_image` (`datasets.Image`), optionally `concept` and `id`. The loaders build it from a Hub or
+local dataset (`load_pairs`), ViSU-Text JSON files plus image folders (`load_visu`) and plain folders
+(`load_folder`), then sample and validate it, so that a bad set is refused before any model work.
+
+`datasets` is imported inside functions: `import hf_uwm` must work on machines without it.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
 TEXT_COLUMNS = ("safe_text", "unsafe_text")
 IMAGE_COLUMNS = ("safe_image", "unsafe_image")
+EXTRA_COLUMNS = ("concept", "id")
+SCHEMA_COLUMNS = TEXT_COLUMNS + IMAGE_COLUMNS + EXTRA_COLUMNS
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+VISU_SAMPLES = 8192  # the paper's calibration set: 8,192 ViSU training pairs drawn with seed 0
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_SKIP_HINT = ("Fix the data, or drop bad rows with a report: pass skip_bad_rows=True to the loader or to "
+              "hf_uwm.data.validate_pairs.")
 
 
 def columns_for(towers) -> tuple[str, ...]:
@@ -16,15 +41,92 @@ def columns_for(towers) -> tuple[str, ...]:
     return needed
 
 
-def validate_pairs(dataset, columns):
-    """Return `dataset` as a `datasets.Dataset` after checking `columns`; raise a clear error otherwise."""
+# --- validation ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BadRow:
+    """One problem in one cell: the row (0-based, in the dataset as validated), its column and why."""
+
+    row: int
+    column: str
+    problem: str
+    id: object = None
+    missing_file: bool = False
+
+    def __str__(self) -> str:
+        where = f"row {self.row}" + (f" (id {self.id!r})" if self.id is not None else "")
+        return f"Column {self.column!r}, {where}: {self.problem}"
+
+    def error(self, others: int = 0) -> Exception:
+        more = f" ({others} more bad row(s) after it)" if others else ""
+        return (FileNotFoundError if self.missing_file else ValueError)(f"{self}{more}. {_SKIP_HINT}")
+
+
+@dataclass
+class ValidationReport:
+    """Every bad cell of a pair set of `total` rows."""
+
+    total: int
+    bad: list[BadRow] = field(default_factory=list)
+
+    @property
+    def bad_rows(self) -> list[int]:
+        return sorted({b.row for b in self.bad})
+
+    @property
+    def good_rows(self) -> list[int]:
+        bad = set(self.bad_rows)
+        return [row for row in range(self.total) if row not in bad]
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.bad_rows)} of {self.total} rows are bad:"] + [f"  {b}" for b in self.bad[:20]]
+        if len(self.bad) > 20:
+            lines.append(f"  ... and {len(self.bad) - 20} more problems")
+        return "\n".join(lines)
+
+
+class SkippedRowsWarning(UserWarning):
+    """Bad rows were dropped (`skip_bad_rows=True`); `.report` holds the `ValidationReport`."""
+
+    def __init__(self, report: ValidationReport):
+        super().__init__(f"Skipped bad rows, {len(report.good_rows)} kept. {report}")
+        self.report = report
+
+
+def check_pairs(dataset, columns) -> ValidationReport:
+    """Report every bad row of `dataset` in `columns` (raises only for a malformed set as a whole)."""
+    return _find_bad_rows(_as_pair_dataset(dataset, columns), columns)
+
+
+def validate_pairs(dataset, columns, *, skip_bad_rows: bool = False):
+    """Return `dataset` as a `datasets.Dataset` after checking `columns`; raise a clear error otherwise.
+
+    Checked: the columns exist, the set is not empty, texts are non-empty strings, images exist and
+    decode, and ids (an `id` column, when there is one) are unique. The first bad row raises
+    (`FileNotFoundError` for a missing image file, `ValueError` otherwise) unless `skip_bad_rows`,
+    which drops every bad row and warns with a `SkippedRowsWarning` carrying the report.
+    """
+    dataset = _as_pair_dataset(dataset, columns)
+    report = _find_bad_rows(dataset, columns)
+    if not report.bad:
+        return dataset
+    if not skip_bad_rows:
+        raise report.bad[0].error(len(report.bad_rows) - 1)
+    if not report.good_rows:
+        raise ValueError(f"Every row is bad, nothing is left to use. {report}")
+    warnings.warn(SkippedRowsWarning(report), stacklevel=2)
+    return dataset.select(report.good_rows)
+
+
+def _as_pair_dataset(dataset, columns):
+    """Check the set as a whole: its type, the columns, its length; image columns become `datasets.Image`."""
     import datasets
 
-    if isinstance(dataset, dict):
+    if isinstance(dataset, Mapping):
         lengths = {k: len(v) for k, v in dataset.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"Columns have different lengths {lengths}: every column needs one value per pair.")
-        dataset = datasets.Dataset.from_dict(dataset)
+        dataset = datasets.Dataset.from_dict(dict(dataset))
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"Expected a datasets.Dataset (or a dict of columns), got {type(dataset).__name__}.")
     missing = [c for c in columns if c not in dataset.column_names]
@@ -34,8 +136,324 @@ def validate_pairs(dataset, columns):
     if len(dataset) == 0:
         raise ValueError("The dataset is empty: calibration needs at least one safe/unsafe pair.")
     for column in columns:
-        if column in TEXT_COLUMNS:
-            for row, text in enumerate(dataset[column]):
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"Column {column!r}, row {row}: expected a non-empty string, got {text!r}.")
+        if column in IMAGE_COLUMNS and not isinstance(dataset.features[column], datasets.Image):
+            dataset = _cast_to_image(dataset, column)
     return dataset
+
+
+def _cast_to_image(dataset, column):
+    # File paths (e.g. from a CSV) and raw bytes become images here, so the editor always gets PIL images.
+    import datasets
+    import pyarrow
+
+    try:
+        return dataset.cast_column(column, datasets.Image())
+    except (TypeError, ValueError, pyarrow.ArrowException) as error:
+        raise ValueError(f"Column {column!r} holds {dataset.features[column]}, not images: give file paths, "
+                         f"image bytes or a datasets.Image column ({error}).") from error
+
+
+def _find_bad_rows(dataset, columns) -> ValidationReport:
+    ids = dataset["id"] if "id" in dataset.column_names else [None] * len(dataset)
+    report = ValidationReport(len(dataset))
+    report.bad += _duplicate_ids(ids)
+    for column in columns:
+        if column in TEXT_COLUMNS:
+            problems = enumerate(map(_text_problem, dataset[column]))
+        elif column in IMAGE_COLUMNS:
+            problems = enumerate(_image_problems(dataset, column))
+        else:
+            continue
+        report.bad += [BadRow(row, column, problem, ids[row], missing)
+                       for row, (problem, missing) in problems if problem]
+    return report
+
+
+def _duplicate_ids(ids) -> list[BadRow]:
+    first, bad = {}, []
+    for row, value in enumerate(ids):
+        if value is None:
+            continue
+        if value in first:
+            bad.append(BadRow(row, "id", f"duplicate id, already used by row {first[value]}", value))
+        first.setdefault(value, row)
+    return bad
+
+
+def _text_problem(text) -> tuple[str | None, bool]:
+    if isinstance(text, str) and text.strip():
+        return None, False
+    return f"expected a non-empty string, got {text!r}", False
+
+
+def _image_problems(dataset, column, batch_size: int = 256):
+    # Undecoded (bytes, path) records, read a batch at a time: cheap, and memory stays bounded.
+    import datasets
+
+    raw = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    for batch in raw.iter(batch_size=batch_size):
+        yield from map(_image_problem, batch[column])
+
+
+def _image_problem(value) -> tuple[str | None, bool]:
+    from PIL import Image
+
+    if value is None or (value.get("bytes") is None and value.get("path") is None):
+        return "no image", False
+    path = value.get("path")
+    if value.get("bytes") is None and not os.path.isfile(path):
+        return f"image file {path} does not exist", True
+    try:
+        # verify() reads the whole file and checks its structure without decoding pixels.
+        with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many exception types on corrupt data
+        return f"cannot decode image{f' {path}' if path else ''}: {error}", False
+    return None, False
+
+
+# --- loaders -------------------------------------------------------------------------------------
+
+def load_pairs(source, *, split: str | None = None, columns: Mapping[str, str] | None = None,
+               samples: int | None = None, seed: int = 0, revision: str | None = None,
+               skip_bad_rows: bool = False, **load_kwargs):
+    """A validated pair set from a Hub dataset id, a local dataset folder, a data file or a Dataset.
+
+    `source` may be a Hub id (``"me/pairs"``), a folder made by `save_to_disk`, a folder of data files,
+    one `.csv/.json/.jsonl/.parquet/.arrow` file, or a `datasets.Dataset`/`DatasetDict`. `columns` maps
+    our column names to the source's, e.g. ``{"safe_text": "caption", "unsafe_text": "nsfw_caption"}``.
+    Image columns may hold file paths; relative ones are read from the local source's folder. Only the
+    schema columns are kept. `samples` pairs are drawn with `seed` (all when None); `load_kwargs` go to
+    `datasets.load_dataset` (e.g. `name=`, `token=`).
+    """
+    dataset, base = _read_source(source, split, revision, load_kwargs)
+    dataset = _map_columns(dataset, dict(columns or {}))
+    if base is not None:
+        dataset = _absolute_image_paths(dataset, base)
+    what = str(source) if isinstance(source, (str, os.PathLike)) else "the given dataset"
+    return _finish(dataset, samples, seed, skip_bad_rows, what)
+
+
+def load_visu(json_path, safe_image_dir=None, unsafe_image_dir=None, *, samples: int | None = VISU_SAMPLES,
+              seed: int = 0, skip_bad_rows: bool = False):
+    """A validated pair set from ViSU-Text JSON file(s) and, optionally, folders of safe and unsafe images.
+
+    `json_path` is one file or a list of files, each a JSON list or JSON Lines of records with
+    `incremental_id, tag, safe, nsfw, coco_id`. Safe images are COCO images named by `coco_id`
+    (``000000123456.jpg``, ``COCO_train2014_000000123456.jpg`` or ``123456.png``: the trailing digits of
+    the file name are the id); unsafe images are named by `incremental_id` the same way. Without image
+    folders the set has text columns only (enough to edit the text tower). The default draws the
+    paper's 8,192 pairs with seed 0; `samples=None` keeps every record.
+    """
+    paths = [json_path] if isinstance(json_path, (str, os.PathLike)) else list(json_path)
+    records = [r for path in paths for r in _read_visu_records(Path(path))]
+    data = {"id": [r.get("incremental_id") for r in records], "concept": [r.get("tag") for r in records],
+            "safe_text": [r.get("safe") for r in records], "unsafe_text": [r.get("nsfw") for r in records]}
+    if safe_image_dir is not None:
+        data["safe_image"] = _paths_by_id(Path(safe_image_dir), [r.get("coco_id") for r in records], digits=12)
+    if unsafe_image_dir is not None:
+        data["unsafe_image"] = _paths_by_id(Path(unsafe_image_dir), data["id"], digits=0)
+    return _finish(_dataset_from_dict(data), samples, seed, skip_bad_rows, what=", ".join(map(str, paths)))
+
+
+def load_folder(root, *, samples: int | None = None, seed: int = 0, skip_bad_rows: bool = False):
+    """A validated pair set from a plain folder laid out as::
+
+        root/safe/<name>.png        safe images (any of .jpg .jpeg .png .webp .bmp)
+        root/unsafe/<name>.png      the unsafe version of each, with the same file name
+        root/captions.csv           (or captions.jsonl) columns: file_name, safe_text, unsafe_text[, concept]
+
+    With a captions file, its rows are the pairs (`file_name` is the id; images are looked up by it when
+    the image folders exist, so captions alone give a text-only set). Without one, the pairs are the
+    image file names found in either folder (an image-only set), and a name present in only one folder
+    is a missing-image error.
+    """
+    root = Path(root)
+    folders = {column: root / name for column, name in zip(IMAGE_COLUMNS, ("safe", "unsafe"))
+               if (root / name).is_dir()}
+    if len(folders) == 1:
+        raise FileNotFoundError(f"{root} has {next(iter(folders.values())).name}/ but not the other image folder: "
+                                "pairs need both safe/ and unsafe/.")
+    captions = _read_captions(root)
+    if captions is None and not folders:
+        raise FileNotFoundError(f"{root} has neither captions.csv/captions.jsonl nor safe/ and unsafe/ image "
+                                "folders; see hf_uwm.data.load_folder for the layout.")
+    if captions is None:
+        names = sorted({p.name for folder in folders.values() for p in folder.iterdir()
+                        if p.suffix.lower() in IMAGE_SUFFIXES})
+        data = {"id": names}
+    else:
+        data = {"id": captions.pop("file_name"), **captions}
+    for column, folder in folders.items():
+        data[column] = [str(folder / str(name)) for name in data["id"]]
+    return _finish(_dataset_from_dict(data), samples, seed, skip_bad_rows, what=str(root))
+
+
+def _finish(dataset, samples, seed, skip_bad_rows, what):
+    # Sample before validating, so only the drawn images are opened; skipped rows are not replaced.
+    dataset = _sample(dataset, samples, seed, what)
+    return validate_pairs(dataset, _pair_columns(dataset), skip_bad_rows=skip_bad_rows)
+
+
+def _sample(dataset, samples, seed, what):
+    import numpy as np
+
+    if samples is None:
+        return dataset
+    if samples < 1:
+        raise ValueError(f"samples must be a positive number of pairs (or None for all), got {samples}.")
+    if samples >= len(dataset):
+        if samples > len(dataset):
+            warnings.warn(f"Asked for {samples} pairs but {what} has only {len(dataset)}: using all of them.",
+                          stacklevel=3)
+        return dataset
+    # Sorted, so the drawn pairs keep the source's order; the draw itself depends only on the seed.
+    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), samples, replace=False))
+    return dataset.select(rows.tolist())
+
+
+def _pair_columns(dataset) -> tuple[str, ...]:
+    """The pair columns present, refusing half a pair or none."""
+    present = tuple(c for c in TEXT_COLUMNS + IMAGE_COLUMNS if c in dataset.column_names)
+    for pair in (TEXT_COLUMNS, IMAGE_COLUMNS):
+        half = [c for c in pair if c in present]
+        if len(half) == 1:
+            other = pair[1 - pair.index(half[0])]
+            raise ValueError(f"The dataset has {half[0]!r} but not {other!r}: every pair needs both "
+                             f"(load_pairs maps a source column with columns={{{other!r}: '<its name>'}}).")
+    if not present:
+        raise ValueError(f"The dataset has none of the pair columns {list(TEXT_COLUMNS + IMAGE_COLUMNS)} (it has "
+                         f"{dataset.column_names}); map yours with columns={{'safe_text': '<its name>', ...}}.")
+    return present
+
+
+def _dataset_from_dict(data):
+    import datasets
+
+    return datasets.Dataset.from_dict(data)
+
+
+def _read_source(source, split, revision, load_kwargs):
+    """The source as one `Dataset`, and the folder relative image paths are read from (None if remote)."""
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return _pick_split(source, split, "The given dataset"), None
+    path = Path(source)
+    if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+        return _pick_split(datasets.load_from_disk(str(path)), split, source), path
+    if path.is_file():
+        if path.suffix.lower() not in _FILE_BUILDERS:
+            raise ValueError(f"Cannot read {path}: data files must end in {sorted(_FILE_BUILDERS)}.")
+        loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split=split,
+                                       **load_kwargs)
+        return _pick_split(loaded, split, source), path.parent
+    loaded = datasets.load_dataset(str(source), split=split, revision=revision, **load_kwargs)
+    return _pick_split(loaded, split, source), path if path.is_dir() else None
+
+
+def _pick_split(loaded, split, what):
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if split is not None:
+        if split not in loaded:
+            raise ValueError(f"{what} has no split {split!r}; its splits are {list(loaded)}.")
+        return loaded[split]
+    if len(loaded) != 1:
+        raise ValueError(f"{what} has splits {list(loaded)}: pass split= to choose one.")
+    return next(iter(loaded.values()))
+
+
+def _map_columns(dataset, mapping: dict[str, str]):
+    unknown = [k for k in mapping if k not in SCHEMA_COLUMNS]
+    if unknown:
+        raise ValueError(f"columns= maps unknown name(s) {unknown}; its keys must be among {list(SCHEMA_COLUMNS)} "
+                         "and its values the source's column names.")
+    absent = [v for v in mapping.values() if v not in dataset.column_names]
+    if absent:
+        raise ValueError(f"columns= names source column(s) {absent} that the dataset lacks "
+                         f"(it has {dataset.column_names}).")
+    # Drop what the mapping does not name first, so a source column that shares a schema name cannot clash.
+    keep = [c for c in dataset.column_names if c in mapping.values() or (c in SCHEMA_COLUMNS and c not in mapping)]
+    return dataset.select_columns(keep).rename_columns({v: k for k, v in mapping.items() if v != k})
+
+
+def _absolute_image_paths(dataset, base: Path):
+    strings = [c for c in IMAGE_COLUMNS if c in dataset.column_names
+               and getattr(dataset.features[c], "dtype", None) in ("string", "large_string")]
+    if not strings:
+        return dataset
+    return dataset.map(lambda batch: {c: [p if p is None else str(base / p) for p in batch[c]] for c in strings},
+                       batched=True)
+
+
+def _read_visu_records(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is neither a JSON list nor JSON Lines of ViSU-Text records: {error}") from error
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, record {index}: expected an object with incremental_id, tag, safe, nsfw, "
+                             f"coco_id, got {type(record).__name__}.")
+    for key in ("incremental_id", "safe", "nsfw"):
+        if records and all(key not in r for r in records):
+            raise ValueError(f"{path}: no record has {key!r}; is it a ViSU-Text file "
+                             "(incremental_id, tag, safe, nsfw, coco_id)?")
+    return records
+
+
+def _paths_by_id(folder: Path, ids, digits: int) -> list[str | None]:
+    """The image path for each id. A missing image gets its expected name (`<id zero-padded to digits>.*`),
+    a path that does not exist, so that validation names it like any other missing file."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Image folder {folder} does not exist.")
+    index = _image_index(folder)
+    numbers = map(_as_number, ids)
+    return [None if n is None else str(index.get(n, folder / f"{str(n).zfill(digits)}.*")) for n in numbers]
+
+
+def _image_index(folder: Path) -> dict[int, Path]:
+    """Image files of `folder` by the number that ends their name (COCO style zero padding or not)."""
+    index = {}
+    for entry in os.scandir(folder):
+        stem, suffix = os.path.splitext(entry.name)
+        match = re.search(r"(\d+)$", stem)
+        if match and suffix.lower() in IMAGE_SUFFIXES:
+            number = int(match.group(1))
+            if number in index:
+                raise ValueError(f"{index[number]} and {entry.path} both hold image id {number}; keep one.")
+            index[number] = Path(entry.path)
+    return index
+
+
+def _as_number(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _read_captions(root: Path) -> dict[str, list] | None:
+    """captions.csv or captions.jsonl as columns, or None when there is neither."""
+    found = [root / name for name in ("captions.csv", "captions.jsonl") if (root / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{root} has both captions.csv and captions.jsonl; keep one.")
+    if not found:
+        return None
+    with open(found[0], encoding="utf-8", newline="") as file:
+        if found[0].suffix == ".csv":
+            rows = list(csv.DictReader(file))
+        else:
+            rows = [json.loads(line) for line in file if line.strip()]
+    required = ("file_name", *TEXT_COLUMNS)
+    absent = [name for name in required if rows and all(name not in r for r in rows)]
+    if absent:
+        raise ValueError(f"{found[0]} has no {absent} column(s); it needs file_name, safe_text, unsafe_text "
+                         "(and optionally concept).")
+    names = required + (("concept",) if any("concept" in r for r in rows) else ())
+    return {name: [r.get(name) for r in rows] for name in names}

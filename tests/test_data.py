@@ -1,0 +1,246 @@
+"""Data loaders and validation (SPEC §5), offline on tiny generated files."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import datasets
+import pytest
+from PIL import Image
+
+from conftest import make_pairs
+from hf_uwm.data import (SkippedRowsWarning, ValidationReport, check_pairs, columns_for, load_folder, load_pairs,
+                         load_visu, validate_pairs)
+
+PAIR_COLUMNS = ["safe_text", "unsafe_text", "safe_image", "unsafe_image"]
+
+
+def write_image(path, shade=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (shade, 64, 128)).save(path)
+    return path
+
+
+def visu_records(n=6):
+    return [{"incremental_id": 10 + i, "tag": f"concept{i % 2}", "safe": f"a cat number {i}",
+             "nsfw": f"a bloody cat number {i}", "coco_id": 100 + i} for i in range(n)]
+
+
+@pytest.fixture
+def visu(tmp_path):
+    """ViSU JSON plus image folders, safe images named in every accepted COCO style."""
+    names = ["000000000100.jpg", "101.png", "COCO_train2014_000000000102.jpg", "103.jpg", "104.png", "105.png"]
+    for i, name in enumerate(names):
+        write_image(tmp_path / "coco" / name, shade=i)
+        write_image(tmp_path / "unsafe" / f"{10 + i}.png", shade=200 + i)
+    (tmp_path / "visu.json").write_text(json.dumps(visu_records()))
+    return tmp_path
+
+
+def visu_load(root, records=None, **kwargs):
+    if records is not None:
+        (root / "visu.json").write_text(json.dumps(records))
+    return load_visu(root / "visu.json", root / "coco", root / "unsafe", **kwargs)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / "safe" / f"p{i}.png", shade=i)
+        write_image(tmp_path / "unsafe" / f"p{i}.png", shade=100 + i)
+    write_captions(tmp_path, [{"file_name": f"p{i}.png", "safe_text": f"a dog {i}", "unsafe_text": f"a dead dog {i}"}
+                              for i in range(4)])
+    return tmp_path
+
+
+def write_captions(root, rows):
+    with open(root / "captions.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --- loaders -------------------------------------------------------------------------------------
+
+def test_import_does_not_need_datasets():
+    code = "import sys, hf_uwm.data; assert 'datasets' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_visu_joins_texts_with_coco_and_unsafe_images(visu):
+    with pytest.warns(UserWarning, match="Asked for 8192 pairs .* only 6"):
+        data = visu_load(visu)
+    assert set(PAIR_COLUMNS + ["concept", "id"]) <= set(data.column_names)
+    assert data["id"] == list(range(10, 16)) and data[1]["unsafe_text"] == "a bloody cat number 1"
+    assert data[0]["concept"] == "concept0"
+    assert data[2]["safe_image"].getpixel((0, 0))[0] == pytest.approx(2, abs=3)  # COCO_train2014_…102.jpg
+    assert data[4]["unsafe_image"].getpixel((0, 0)) == (204, 64, 128)
+
+
+def test_visu_sampling_is_seeded_and_reproducible(visu):
+    first, again = visu_load(visu, samples=3, seed=0), visu_load(visu, samples=3, seed=0)
+    assert first["id"] == again["id"] and len(first) == 3 and first["id"] == sorted(first["id"])
+    assert {tuple(visu_load(visu, samples=3, seed=s)["id"]) for s in range(6)} != {tuple(first["id"])}
+
+
+def test_visu_text_only_and_jsonl_and_several_files(visu):
+    lines = "\n".join(json.dumps(r) for r in visu_records(8)[6:])
+    (visu / "more.jsonl").write_text(lines)
+    data = load_visu([visu / "visu.json", visu / "more.jsonl"], samples=None)
+    assert len(data) == 8 and "safe_image" not in data.column_names
+
+
+def test_folder_with_captions(folder):
+    data = load_folder(folder)
+    assert data["id"] == [f"p{i}.png" for i in range(4)] and data[3]["unsafe_text"] == "a dead dog 3"
+    assert data[1]["unsafe_image"].getpixel((0, 0)) == (101, 64, 128)
+    assert len(load_folder(folder, samples=2, seed=1)) == 2
+
+
+def test_folder_without_captions_is_image_only_and_jsonl_captions_work(folder):
+    (folder / "captions.csv").unlink()
+    assert load_folder(folder).column_names == ["id", "safe_image", "unsafe_image"]
+    (folder / "captions.jsonl").write_text(json.dumps(
+        {"file_name": "p0.png", "safe_text": "a dog", "unsafe_text": "a dead dog", "concept": "death"}))
+    assert load_folder(folder)[0]["concept"] == "death"
+
+
+def test_folder_layout_errors(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="neither captions.csv"):
+        load_folder(tmp_path / "nothing")
+    (folder / "captions.jsonl").write_text("{}")
+    with pytest.raises(ValueError, match="both captions.csv and captions.jsonl"):
+        load_folder(folder)
+    (folder / "captions.jsonl").unlink()
+    write_captions(folder, [{"file_name": "p0.png", "caption": "a dog"}])
+    with pytest.raises(ValueError, match=r"no \['safe_text', 'unsafe_text'\] column"):
+        load_folder(folder)
+
+
+def test_load_pairs_from_save_to_disk_with_split_and_sampling(tmp_path):
+    datasets.DatasetDict({"train": make_pairs(6), "test": make_pairs(2, seed=1)}).save_to_disk(tmp_path / "d")
+    with pytest.raises(ValueError, match=r"splits \['train', 'test'\]: pass split="):
+        load_pairs(tmp_path / "d")
+    with pytest.raises(ValueError, match="no split 'val'"):
+        load_pairs(tmp_path / "d", split="val")
+    data = load_pairs(tmp_path / "d", split="train", samples=4, seed=3)
+    assert len(data) == 4 and data["safe_text"] == load_pairs(tmp_path / "d", split="train", samples=4, seed=3)[
+        "safe_text"]
+    assert isinstance(data[0]["safe_image"], Image.Image)
+
+
+def test_load_pairs_maps_columns_of_a_csv_with_relative_image_paths(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / "img" / name)
+    write_image(tmp_path / "img" / "a_bad.png", shade=255)
+    with open(tmp_path / "pairs.csv", "w", newline="") as file:
+        csv.writer(file).writerows([["caption", "nsfw", "img", "img_nsfw", "safe_text"],
+                                    ["a cat", "a dead cat", "img/a.png", "img/a_bad.png", "ignored"],
+                                    ["a dog", "a dead dog", "img/b.png", "img/a_bad.png", "ignored"]])
+    mapping = {"safe_text": "caption", "unsafe_text": "nsfw", "safe_image": "img", "unsafe_image": "img_nsfw"}
+    data = load_pairs(tmp_path / "pairs.csv", columns=mapping)
+    assert sorted(data.column_names) == sorted(PAIR_COLUMNS) and data["safe_text"] == ["a cat", "a dog"]
+    assert data[1]["unsafe_image"].getpixel((0, 0)) == (255, 64, 128)
+    with pytest.raises(ValueError, match=r"source column\(s\) \['nope'\]"):
+        load_pairs(tmp_path / "pairs.csv", columns={"safe_text": "nope"})
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['caption'\]"):
+        load_pairs(tmp_path / "pairs.csv", columns={"caption": "safe_text"})
+    with pytest.raises(ValueError, match="has 'safe_text' but not 'unsafe_text'"):
+        load_pairs(tmp_path / "pairs.csv")
+
+
+def test_load_pairs_from_a_dataset_and_a_parquet_folder(tmp_path):
+    pairs = make_pairs(3, images=False)
+    assert load_pairs(pairs)["unsafe_text"] == pairs["unsafe_text"]
+    (tmp_path / "parquet").mkdir()
+    pairs.to_parquet(tmp_path / "parquet" / "train.parquet")
+    assert load_pairs(tmp_path / "parquet")["safe_text"] == pairs["safe_text"]
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+def test_columns_for():
+    assert columns_for(["text"]) == ("safe_text", "unsafe_text")
+    assert columns_for(["text", "vision"]) == tuple(PAIR_COLUMNS)
+
+
+def test_validate_pairs_accepts_dicts_and_refuses_bad_sets():
+    assert len(validate_pairs({"safe_text": ["a"], "unsafe_text": ["b"]}, columns_for(["text"]))) == 1
+    with pytest.raises(ValueError, match="different lengths"):
+        validate_pairs({"safe_text": ["a", "b"], "unsafe_text": ["b"]}, columns_for(["text"]))
+    with pytest.raises(TypeError, match="Expected a datasets.Dataset"):
+        validate_pairs([("a", "b")], columns_for(["text"]))
+    with pytest.raises(ValueError, match="holds .* not images"):
+        validate_pairs({"safe_image": [1], "unsafe_image": [2]}, columns_for(["vision"]))
+
+
+def test_empty_text_names_column_row_and_id(visu):
+    records = visu_records()
+    records[3]["nsfw"] = "  "
+    with pytest.raises(ValueError, match=r"Column 'unsafe_text', row 3 \(id 13\): expected a non-empty string"):
+        visu_load(visu, records, samples=None)
+
+
+def test_missing_image_is_a_file_not_found_naming_the_file(visu):
+    (visu / "coco" / "103.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"'safe_image', row 3 \(id 13\): image file .*000000000103\.\* "
+                                                r"does not exist"):
+        visu_load(visu, samples=None)
+
+
+def test_undecodable_image_is_refused(folder):
+    (folder / "unsafe" / "p2.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match=r"'unsafe_image', row 2 \(id 'p2.png'\): cannot decode image .*p2.png"):
+        load_folder(folder)
+    truncated = (folder / "safe" / "p1.png").read_bytes()[:-20]
+    (folder / "safe" / "p1.png").write_bytes(truncated)
+    with pytest.raises(ValueError, match=r"'safe_image', row 1 .*cannot decode.*\(1 more bad row"):
+        load_folder(folder)
+
+
+def test_mismatched_pair_counts_name_the_missing_file(folder):
+    write_image(folder / "safe" / "extra.png")
+    (folder / "captions.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"'unsafe_image', row 0 \(id 'extra.png'\): .*unsafe/extra.png"):
+        load_folder(folder)
+    (folder / "unsafe").rename(folder / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="has safe/ but not the other image folder"):
+        load_folder(folder)
+
+
+def test_duplicate_ids_are_refused(visu):
+    records = visu_records()
+    records[4]["incremental_id"] = 11
+    with pytest.raises(ValueError, match=r"Column 'id', row 4 \(id 11\): duplicate id, already used by row 1"):
+        visu_load(visu, records, samples=None)
+
+
+def test_skip_bad_rows_reports_and_skips(visu):
+    records = visu_records()
+    records[0]["safe"] = ""
+    records[4]["incremental_id"] = 11
+    (visu / "unsafe" / "12.png").write_bytes(b"garbage")
+    with pytest.warns(SkippedRowsWarning, match="3 of 6 rows are bad") as caught:
+        data = visu_load(visu, records, samples=None, skip_bad_rows=True)
+    assert data["id"] == [11, 13, 15]
+    report = next(w.message.report for w in caught if isinstance(w.message, SkippedRowsWarning))
+    assert isinstance(report, ValidationReport) and report.bad_rows == [0, 2, 4]
+    assert {(b.row, b.column) for b in report.bad} == {(0, "safe_text"), (2, "unsafe_image"), (4, "id")}
+
+
+def test_check_pairs_returns_the_report_without_raising():
+    bad = make_pairs(3).map(lambda r, i: {"safe_text": "" if i == 1 else r["safe_text"]}, with_indices=True)
+    report = check_pairs(bad, columns_for(["text", "vision"]))
+    assert report.bad_rows == [1] and report.good_rows == [0, 2] and "Column 'safe_text', row 1" in str(report)
+
+
+def test_all_rows_bad_is_an_error(folder):
+    write_captions(folder, [{"file_name": "p0.png", "safe_text": "", "unsafe_text": "x"}])
+    with pytest.raises(ValueError, match="Every row is bad"):
+        load_folder(folder, skip_bad_rows=True)
+
+
+def test_samples_must_be_positive(visu):
+    with pytest.raises(ValueError, match="samples must be a positive"):
+        visu_load(visu, samples=0)
