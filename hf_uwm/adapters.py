@@ -122,20 +122,31 @@ class Adapter:
             raise ValueError("This needs a processor: pass processor=AutoProcessor.from_pretrained(<model>).")
         return self.processor
 
-    def text_inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def preprocess_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenised texts on the CPU (safe to call in DataLoader workers)."""
         tokenizer = getattr(self._require_processor(), "tokenizer", self.processor)
         text_config = getattr(self.model.config, "text_config", None)
         max_length = getattr(text_config, "max_position_embeddings", None)
         padding = "max_length" if self.family.name == "siglip" else True
         batch = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,
                           return_tensors="pt")
-        keep = ("input_ids", "attention_mask", "position_ids")
-        return {k: v.to(self.device) for k, v in batch.items() if k in keep}
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
 
-    def image_inputs(self, images) -> dict[str, torch.Tensor]:
+    def preprocess_images(self, images) -> dict[str, torch.Tensor]:
+        """Pixel values on the CPU (safe to call in DataLoader workers)."""
         image_processor = getattr(self._require_processor(), "image_processor", self.processor)
         pixels = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels.to(self.device, self.dtype)}
+        return {"pixel_values": pixels}
+
+    def to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                for k, v in inputs.items()}
+
+    def text_inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.to_device(self.preprocess_text(texts))
+
+    def image_inputs(self, images) -> dict[str, torch.Tensor]:
+        return self.to_device(self.preprocess_images(images))
 
     def run_tower(self, tower: str, inputs: dict[str, torch.Tensor]):
         """Forward one tower only (the other tower, and LLaVA's language model, never run)."""

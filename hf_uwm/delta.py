@@ -24,12 +24,16 @@ FORMAT_VERSION = 1
 
 
 def fingerprint(layers: dict) -> str:
-    """sha256 over the names, shapes and float32 bytes of the target weights, in name order."""
+    """sha256 over the names, shapes and bfloat16-rounded bytes of the target weights, in name order.
+
+    Rounding to bfloat16 lets a delta computed in float32 apply to the same checkpoint loaded in
+    bfloat16 (and vice versa), while any real change of the weights still changes the hash.
+    """
     digest = hashlib.sha256()
     for name in sorted(layers):
-        weight = layers[name].weight.detach().to("cpu", torch.float32).contiguous()
+        weight = layers[name].weight.detach().to("cpu", torch.bfloat16).contiguous()
         digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
-        digest.update(weight.numpy().tobytes())
+        digest.update(weight.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -13,10 +13,10 @@ from .adapters import Adapter
 from .config import UWMConfig
 from .data import columns_for, validate_pairs
 from .delta import FORMAT_VERSION, fingerprint, read_delta, write_delta
-from .hub import render_card, resolve_delta_folder
+from .hub import DEFAULT_DATASET, push_edit, render_card, resolve_delta_folder
 from .scoring import finalize_scores
 from .selection import select_adaptive, select_fixed, select_random
-from .statistics import RunningScores, only_requires_grad, preference_margin, random_scores
+from .statistics import RunningScores, checkpoint_key, only_requires_grad, preference_margin, random_scores
 
 
 class UWMEditor:
@@ -99,11 +99,27 @@ class UWMEditor:
         self.delta, self.fingerprint = indices, record["fingerprint"]
 
     # --- calibration ---------------------------------------------------------------------------
-    def calibrate(self, dataset=None, *, progress: bool = True) -> "UWMEditor":
-        """Compute the scores of every target layer from safe/unsafe pairs, then select the delta."""
+    def calibrate(self, dataset=None, *, progress: bool = True, checkpoint_dir: str | Path | None = None,
+                  checkpoint_every: int = 50, num_workers: int = 0,
+                  autocast: torch.dtype | None = None) -> "UWMEditor":
+        """Compute the scores of every target layer from safe/unsafe pairs, then select the delta.
+
+        Under `accelerate launch` each process takes a disjoint shard of the pairs and the sums are
+        all-reduced once. With `checkpoint_dir` the running sums are saved every `checkpoint_every`
+        batches, and a run started again with the same arguments resumes where it stopped.
+        `num_workers` decode and preprocess batches in DataLoader worker processes. `autocast`
+        (e.g. `torch.bfloat16`) runs the forward in mixed precision; statistics stay in float32/64.
+        Loading the model itself in bfloat16 (`torch_dtype=torch.bfloat16`) works too.
+        """
+        from accelerate import PartialState
+
         if self._originals is not None:
             raise RuntimeError("The edit is applied: call revert() before calibrating again.")
+        if checkpoint_dir is not None and self.config.score in ("attribution", "random"):
+            raise ValueError(f"checkpoint_dir applies to forward statistics, not to score={self.config.score!r}.")
         self.fingerprint = fingerprint(self.target_layers)
+        # On CPU, accelerate only joins the processes of a launcher when told the model is on the CPU.
+        state = PartialState(cpu=self.adapter.device.type == "cpu")
         if self.config.score == "random":
             self.scores = random_scores(self.target_layers, self.config.seed)
         else:
@@ -111,43 +127,69 @@ class UWMEditor:
             if dataset is None:
                 raise ValueError(f"calibrate needs a dataset with columns {list(columns)}.")
             dataset = validate_pairs(dataset, columns)
+            run = _Run(dataset, state, progress, num_workers, checkpoint_dir, checkpoint_every, autocast)
             if self.config.score == "attribution":
-                self.scores = self._attribution_scores(dataset, progress)
+                self.scores = self._attribution_scores(run)
             else:
-                self.scores = {name: s for tower in self.towers
-                               for name, s in self._tower_scores(tower, dataset, progress).items()}
-        self.delta = self.select()
+                self.scores = {name: s for tower in self.towers for name, s in self._tower_scores(tower, run).items()}
+        delta = [self.select() if state.is_main_process else None]
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(delta)
+        self.delta = delta[0]
         return self
 
-    def _batches(self, dataset, desc: str, progress: bool):
-        size = self.config.batch_size
-        for start in tqdm(range(0, len(dataset), size), desc=desc, disable=not progress):
-            yield list(range(start, min(start + size, len(dataset)))), dataset[start:start + size]
+    def _batches(self, run: "_Run", preprocess, desc: str, first: int = 0):
+        """(rows, CPU inputs) for this process's shard, preprocessed in DataLoader workers."""
+        from torch.utils.data import DataLoader
 
-    def _tower_scores(self, tower: str, dataset, progress: bool) -> dict[str, torch.Tensor]:
+        bounds = run.batch_bounds(self.config.batch_size)
+        batches = _PreprocessedBatches(run.dataset, bounds[first:], preprocess)
+        loader = DataLoader(batches, batch_size=None, num_workers=run.num_workers)
+        bar = tqdm(loader, desc=desc, total=len(bounds), initial=first,
+                   disable=not (run.progress and run.state.is_main_process))
+        for i, inputs in enumerate(bar, start=first):
+            yield i, list(range(*bounds[i])), inputs
+
+    def _preprocess(self, tower: str):
+        """rows (a dict of columns) -> CPU inputs of [safe items; unsafe items]."""
+        if tower == "text":
+            return lambda rows: self.adapter.preprocess_text(rows["safe_text"] + rows["unsafe_text"])
+        return lambda rows: self.adapter.preprocess_images(rows["safe_image"] + rows["unsafe_image"])
+
+    def _tower_scores(self, tower: str, run: "_Run") -> dict[str, torch.Tensor]:
         cfg, layers = self.config, self.layers[tower]
         running = RunningScores(layers, cfg.score, cfg.token_norm, cfg.eps)
+        path, key = run.checkpoint(tower, self.fingerprint, cfg)
+        first = running.load(path, key) if path else 0
+        n_batches = len(run.batch_bounds(cfg.batch_size))
         with running.hooked():
-            for rows, batch in self._batches(dataset, f"UWM {tower} statistics", progress):
-                if tower == "text":
-                    inputs = self.adapter.text_inputs(batch["safe_text"] + batch["unsafe_text"])
-                else:
-                    inputs = self.adapter.image_inputs(batch["safe_image"] + batch["unsafe_image"])
-                running.observe(lambda x: self.adapter.run_tower(tower, x), inputs, rows)
+            for i, rows, inputs in self._batches(run, self._preprocess(tower), f"UWM {tower} statistics", first):
+                with run.autocast(self.adapter.device):
+                    running.observe(lambda x: self.adapter.run_tower(tower, x), self.adapter.to_device(inputs), rows)
+                if path and ((i + 1) % run.checkpoint_every == 0 or i + 1 == n_batches):
+                    running.save(path, key, i + 1)
+        running.all_reduce()
         return {name: finalize_scores(running.sums[name], running.n_pairs, cfg.score, layer.weight,
                                       cfg.prior(tower)).cpu()
                 for name, layer in layers.items()}
 
-    def _attribution_scores(self, dataset, progress: bool) -> dict[str, torch.Tensor]:
+    def _attribution_scores(self, run: "_Run") -> dict[str, torch.Tensor]:
         """A = W ⊙ ∂m/∂W for the unsafe-preference margin m (SPEC §3), kept where positive."""
         layers, adapter = self.target_layers, self.adapter
+        preprocess_text, preprocess_images = self._preprocess("text"), self._preprocess("vision")
         with only_requires_grad(self.model, [layer.weight for layer in layers.values()]):
-            for rows, batch in self._batches(dataset, "UWM attribution", progress):
-                texts = adapter.embed_text(adapter.text_inputs(batch["safe_text"] + batch["unsafe_text"]))
-                images = adapter.embed_images(adapter.image_inputs(batch["safe_image"] + batch["unsafe_image"]))
+            batches = self._batches(run, lambda rows: (preprocess_text(rows), preprocess_images(rows)),
+                                    "UWM attribution")
+            for _, rows, (text_inputs, image_inputs) in batches:
+                with run.autocast(adapter.device):
+                    texts = adapter.embed_text(adapter.to_device(text_inputs))        # (2B, D)
+                    images = adapter.embed_images(adapter.to_device(image_inputs))    # (2B, D)
                 b = len(rows)
-                margin = preference_margin(texts[:b], texts[b:], images[:b], images[b:]) / len(dataset)
+                margin = preference_margin(texts[:b], texts[b:], images[:b], images[b:]) / len(run.dataset)
                 margin.backward()
+            _all_reduce_grads(layers)
             scores = {name: (layer.weight.detach() * layer.weight.grad).clamp(min=0).to("cpu", torch.float64)
                       for name, layer in layers.items()}
             for layer in layers.values():
@@ -187,8 +229,8 @@ class UWMEditor:
                                "(with alpha=-1 it would undo it). Call revert() first.")
         if fingerprint(self.target_layers) != self.fingerprint:
             raise ValueError("The target weights differ from the base model this delta was computed on "
-                             f"({self.base_model!r}, float32 fingerprint): load that exact model, or revert "
-                             "an edit already applied to it.")
+                             f"({self.base_model!r}; sha256 of its target weights rounded to bfloat16): load that "
+                             "exact checkpoint (float32 or bfloat16), or revert an edit already applied to it.")
         layers, originals = self.target_layers, {}
         with torch.no_grad():
             for name, idx in self.delta.items():
@@ -231,7 +273,7 @@ class UWMEditor:
             "base_revision": self.base_revision,
             "config": self.config.to_dict(),
             "fingerprint": self.fingerprint,
-            "fingerprint_dtype": "float32",
+            "fingerprint_dtype": "bfloat16",
             "layers": {name: {"shape": list(layers[name].weight.shape), "selected": int(idx.numel()),
                               "tower": next(t for t in self.towers if name in self.layers[t])}
                        for name, idx in self.delta.items()},
@@ -244,6 +286,77 @@ class UWMEditor:
             raise ValueError("Nothing to save: call calibrate(dataset) first.")
         record = self.record()
         return write_delta(save_directory, record, self.delta, render_card(record, report))
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, merged: bool = False, token: str | None = None,
+                    report=None, license: str | None = None, dataset_name: str = DEFAULT_DATASET,
+                    overwrite: bool = False):
+        """Upload the delta and its model card (with `merged`, also the edited checkpoint) in one commit.
+
+        `report`: an EvaluationReport, or {"base": r0, "UWM": r1, ...} for a before/after table.
+        A repo holding anything but an hf_uwm delta of the same base model is refused unless
+        `overwrite=True`. Returns the `CommitInfo`; see `hf_uwm.hub.push_edit`.
+        """
+        return push_edit(self, repo_id, private=private, revision=revision, commit_message=commit_message,
+                         merged=merged, token=token, report=report, license=license, dataset_name=dataset_name,
+                         overwrite=overwrite)
+
+
+class _PreprocessedBatches(torch.utils.data.Dataset):
+    """Batch i = the preprocessed [safe; unsafe] items of rows bounds[i] (picklable for workers)."""
+
+    def __init__(self, dataset, bounds, preprocess):
+        self.dataset, self.bounds, self.preprocess = dataset, bounds, preprocess
+
+    def __len__(self):
+        return len(self.bounds)
+
+    def __getitem__(self, i):
+        return self.preprocess(self.dataset[slice(*self.bounds[i])])
+
+
+class _Run:
+    """One calibration run: the data, this process's shard of it, and where checkpoints go."""
+
+    def __init__(self, dataset, state, progress, num_workers, checkpoint_dir, checkpoint_every, autocast=None):
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}.")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}.")
+        self.dataset, self.state, self.progress, self.num_workers = dataset, state, progress, num_workers
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every, self.autocast_dtype = checkpoint_every, autocast
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def batch_bounds(self, batch_size: int) -> list[tuple[int, int]]:
+        """Contiguous, disjoint shards whose sizes differ by at most one pair; no padding, no repeats."""
+        per, extra = divmod(len(self.dataset), self.state.num_processes)
+        rank = self.state.process_index
+        start = rank * per + min(rank, extra)
+        stop = start + per + (rank < extra)
+        return [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
+
+    def checkpoint(self, tower: str, weights_fingerprint: str, config: UWMConfig):
+        if self.checkpoint_dir is None:
+            return None, None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        settings = {k: getattr(config, k) for k in ("score", "token_norm", "eps", "batch_size", f"{tower}_targets")}
+        key = checkpoint_key(tower=tower, weights=weights_fingerprint, data=self.dataset._fingerprint,
+                             rows=len(self.dataset), settings=settings,
+                             processes=self.state.num_processes, rank=self.state.process_index)
+        return self.checkpoint_dir / f"{tower}-rank{self.state.process_index}.safetensors", key
+
+
+def _all_reduce_grads(layers: dict):
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for layer in layers.values():
+            dist.all_reduce(layer.weight.grad)
 
 
 def load_model(name_or_path, revision=None, trust_remote_code: bool = False, **model_kwargs):

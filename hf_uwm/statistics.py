@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .scoring import pair_factors, token_statistics
@@ -65,6 +70,53 @@ class RunningScores:
         with torch.no_grad():
             run_forward(inputs)
         self.n_pairs += len(rows)
+
+
+    # --- distributed and resumable use --------------------------------------------------------
+    def all_reduce(self):
+        """Sum the running sums and pair counts of every process (one collective per layer)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for name, total in self.sums.items():
+            dist.all_reduce(total)
+        count = torch.tensor([self.n_pairs], dtype=torch.float64, device=next(iter(self.sums.values())).device)
+        dist.all_reduce(count)
+        self.n_pairs = int(count.item())
+
+    def save(self, path: Path, key: str, next_batch: int):
+        """Write the sums atomically: a kill at any point leaves the previous checkpoint intact."""
+        staging = path.with_name(path.name + ".tmp")
+        tensors = {name: total.detach().cpu().contiguous() for name, total in self.sums.items()}
+        meta = {"key": key, "n_pairs": str(self.n_pairs), "next_batch": str(next_batch)}
+        save_file(tensors, staging, metadata=meta)
+        os.replace(staging, path)
+
+    def load(self, path: Path, key: str) -> int:
+        """Restore sums saved by `save` with the same key; returns the first batch still to run."""
+        if not path.is_file():
+            return 0
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != key:
+                    raise ValueError(
+                        f"The checkpoint {path} was written for other data, model weights or settings; delete it "
+                        "or pass another checkpoint_dir to start afresh.")
+                for name, total in self.sums.items():
+                    total.copy_(f.get_tensor(name))
+        except SafetensorError as err:
+            raise ValueError(f"The checkpoint {path} is corrupted ({err}); delete it to start afresh.") from None
+        self.n_pairs = int(meta["n_pairs"])
+        return int(meta["next_batch"])
+
+
+def checkpoint_key(**parts) -> str:
+    """A stable hash of everything that determines the running sums."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def random_scores(layers: dict[str, nn.Linear], seed: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,29 @@
+"""Run under two processes: calibrate on an uneven shard split and save scores and delta from rank 0."""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_clip, make_pairs  # noqa: E402
+
+from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
+
+
+def main(out: str, score: str):
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    model, processor = make_clip(dtype=torch.float64)
+    editor = UWMEditor(model, processor, UWMConfig(batch_size=2, score=score))
+    editor.calibrate(make_pairs(7, seed=5), progress=False)
+    tensors = {f"score/{k}": v for k, v in editor.scores.items()}
+    tensors.update({f"delta/{k}": v for k, v in editor.delta.items()})
+    save_file(tensors, f"{out}.rank{state.process_index}.safetensors",
+              metadata={"processes": str(state.num_processes)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
