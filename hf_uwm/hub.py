@@ -1,51 +1,373 @@
-"""Hub side of a delta: where its files are, and the model card that describes it."""
+"""Hub side of a delta: find it (folder, Hub or cache), describe it (model card), publish it (one commit).
+
+Every network call goes through `huggingface_hub` (`HfApi` methods, `hf_hub_download`,
+`snapshot_download`), so tests replace exactly that boundary.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from .delta import CONFIG_NAME, DELTA_FILES
+from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData,
+                             get_token, hf_hub_download, snapshot_download, try_to_load_from_cache)
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from . import __version__
+from .delta import CARD_NAME, CONFIG_NAME, DELTA_FILES
+
+logger = logging.getLogger(__name__)
+
+CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "model_card.md"
+EDITED = "UWM"  # the name of this edit's report in report={...}; its numbers fill the model-index
+DEFAULT_DATASET = "SafeGround quadruples"
+# model class -> (card tag, pipeline tag of the merged checkpoint)
+FAMILY_TAGS = {"CLIPModel": ("clip", "zero-shot-image-classification"),
+               "SiglipModel": ("siglip", "zero-shot-image-classification"),
+               "LlavaForConditionalGeneration": ("llava", "image-text-to-text")}
+NOTHING_COMMITTED = ("No commit was made, so {repo_id} holds no part of this upload; nothing local was changed "
+                     "(the edit in memory and any folder you saved it to are intact).")
 
 
+class PushError(RuntimeError):
+    """A push that did not happen: the repo got no commit, the local delta is unchanged."""
+
+
+# --- resolving -------------------------------------------------------------------------------------
 def resolve_delta_folder(name_or_path, revision: str | None = None) -> Path | None:
-    """The local folder of a delta (downloading it from the Hub if needed), or None for a base model."""
+    """The local folder of a delta (a folder, or a Hub repo downloaded or found in the cache).
+
+    None means "not a delta": a base model folder or repo, which the caller loads as a model.
+    """
     local = Path(str(name_or_path)).expanduser()
     if local.is_dir():
         return local if (local / CONFIG_NAME).is_file() else None
-    if local.exists() or str(name_or_path).count("/") > 1:
+    repo_id = str(name_or_path)
+    if local.exists() or not _is_repo_id(repo_id):
         return None
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     try:
-        config_file = hf_hub_download(str(name_or_path), CONFIG_NAME, revision=revision)
+        hf_hub_download(repo_id, CONFIG_NAME, revision=revision)
+    except LocalEntryNotFoundError as err:  # offline or unreachable Hub, and the file is not cached
+        if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+            return None  # a base model cached earlier: transformers loads it from the cache
+        raise OSError(f"{repo_id!r} is not a local folder nor in the Hugging Face cache, and the Hub could not be "
+                      f"reached ({_first_line(err)}). Download it once with network access (HF_HUB_OFFLINE "
+                      "unset), or give a local folder.") from err
     except EntryNotFoundError:
+        return None  # the repo has no uwm_config.json: a base model
+    except GatedRepoError as err:
+        raise OSError(f"The Hub repo {repo_id!r} is gated: request access on its page, then log in with "
+                      "`hf auth login` (or set HF_TOKEN).") from err
+    except RepositoryNotFoundError as err:
+        raise OSError(f"{repo_id!r} is not a local folder, and the Hub has no model repo {repo_id!r} that you can "
+                      "read (it does not exist, or it is private and your token cannot see it). Check the name, "
+                      "give a local folder, or log in with `hf auth login`.") from err
+    except RevisionNotFoundError as err:
+        raise OSError(f"The Hub repo {repo_id!r} has no revision {revision!r}: give an existing branch, tag or "
+                      "commit hash, or leave revision=None for the default branch.") from err
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(DELTA_FILES)))
+    except OSError as err:
+        raise OSError(f"{repo_id!r} is an hf_uwm delta, but its files could not be downloaded "
+                      f"({_first_line(err)}): check the connection and try again.") from err
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+# --- model card ------------------------------------------------------------------------------------
+def render_card(record: dict, report=None, *, repo_id: str | None = None, merged: bool = False,
+                license: str | None = None, dataset_name: str = DEFAULT_DATASET) -> str:
+    """The README.md of a delta: YAML metadata and what was edited, how well, how to load it, its limits.
+
+    `report` is an `EvaluationReport`, or a dict of them by column name such as
+    {"base": r0, "UWM": r1, "random control": r2}; the "UWM" entry (or the only one) fills the model-index.
+    `license` defaults to the base model's, when its folder holds a card that says it.
+    """
+    reports = _named_reports(report)
+    base = record.get("base_model")
+    model_name = repo_id or f"{base or record['model_class']} + UWM"
+    family_tag, pipeline_tag = FAMILY_TAGS.get(record["model_class"], (None, None))
+    data = ModelCardData(
+        base_model=base if _is_hub_id(base) else None,
+        library_name="hf_uwm",
+        license=license or _base_license(record),
+        tags=[t for t in ("hf_uwm", "uwm", "safety", family_tag) if t],
+        pipeline_tag=pipeline_tag if merged else None,  # only a merged checkpoint runs in Hub widgets
+        model_name=model_name if reports else None,
+        eval_results=_eval_results(reports, model_name, dataset_name),
+    )
+    card = ModelCard.from_template(data, template_path=str(CARD_TEMPLATE), **_card_context(record, reports),
+                                   repo_id=repo_id or "<this folder or repo id>", merged=merged,
+                                   dataset_name=dataset_name, version=__version__)
+    return str(card).rstrip("\n") + "\n"  # jinja drops the template's final newline
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not Path(name).expanduser().exists() and _is_repo_id(name)
+
+
+def _base_license(record: dict, api: HfApi | None = None) -> str | None:
+    """The license in the base model's card: a local folder's README.md, or (given `api`) its Hub card."""
+    base = record.get("base_model")
+    try:
+        if base and Path(base).expanduser().is_dir():
+            readme = Path(base).expanduser() / CARD_NAME
+            return ModelCard.load(readme).data.license if readme.is_file() else None
+        if api is not None and _is_hub_id(base):
+            card_data = api.model_info(base, revision=record.get("base_revision")).card_data
+            return card_data.license if card_data else None
+    except (OSError, ValueError):  # no readable card (missing, private, malformed): the card just omits it
         return None
-    folder = snapshot_download(str(name_or_path), revision=revision, allow_patterns=list(DELTA_FILES))
-    return Path(folder) if Path(folder, CONFIG_NAME).is_file() else Path(config_file).parent
+    return None
 
 
-def render_card(record: dict, report=None) -> str:
-    """A minimal model card for a saved delta."""
-    cfg = record["config"]
-    counts = ", ".join(f"{tower}: {n:,}" for tower, n in record["counts"].items())
-    lines = [
-        "---",
-        "library_name: hf_uwm",
-        f"base_model: {record['base_model']}" if record.get("base_model") else None,
-        "tags:", "- hf_uwm", "- uwm", "- safety",
-        "---",
-        "",
-        f"# UWM edit of {record.get('base_model') or 'a ' + record['model_class']}",
-        "",
-        f"Unsafe Weights Manipulation: score `{cfg['score']}`, selection `{cfg['selection']}`, "
-        f"τ = {cfg['tau']}, α = {cfg['alpha']}; weights changed per tower: {counts}.",
-        "",
-        "```python",
-        "from hf_uwm import UWMEditor",
-        "model = UWMEditor.from_pretrained(\"<this folder or repo>\").apply()",
-        "```",
-    ]
-    if report is not None:
-        lines += ["", "## Evaluation", "", "```", str(report), "```"]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+def _named_reports(report) -> dict:
+    if report is None:
+        return {}
+    reports = dict(report) if isinstance(report, dict) else {EDITED: report}
+    if len(reports) > 1 and EDITED not in reports:
+        raise ValueError(f"report= names {list(reports)}: call this edit's report {EDITED!r} so the card knows "
+                         f"which numbers are this model's, e.g. {{'base': before, {EDITED!r}: after}}.")
+    return reports
+
+
+def _eval_results(reports: dict, model_name: str, dataset_name: str):
+    if not reports:
+        return None
+    edited = reports.get(EDITED, next(iter(reports.values())))
+    return model_index_to_eval_results(edited.to_model_index(model_name, dataset_name))[1]
+
+
+def _card_context(record: dict, reports: dict) -> dict:
+    """Template variables: the edit's settings, per-tower and per-layer counts, the evaluation table."""
+    cfg, base = record["config"], record.get("base_model")
+    layers = [{"name": name, "tower": info["tower"], "shape": "×".join(map(str, info["shape"])),
+               "selected": info["selected"], "total": info["shape"][0] * info["shape"][1]}
+              for name, info in record["layers"].items()]
+    for layer in layers:
+        layer["percent"] = 100 * layer["selected"] / layer["total"]
+    towers = []
+    for tower in dict.fromkeys(layer["tower"] for layer in layers):
+        mine = [layer for layer in layers if layer["tower"] == tower]
+        selected, total = sum(l["selected"] for l in mine), sum(l["total"] for l in mine)
+        towers.append({"name": tower, "layers": len(mine), "selected": selected, "total": total,
+                       "percent": 100 * selected / total})
+    return {
+        "title": base or f"a {record['model_class']}",
+        "base_model": base,
+        "base_on_hub": _is_hub_id(base),
+        "base_link": (f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base)
+                      else f"`{base or record['model_class']}`"),
+        "base_revision": record.get("base_revision"),
+        "model_class": record["model_class"],
+        "config": cfg,
+        "alpha": cfg["alpha"],
+        "selection": (f"adaptive, τ = {cfg['tau']}" if cfg["selection"] == "adaptive"
+                      else f"fixed, density = {cfg['density']}"),
+        "towers": towers,
+        "layers": layers,
+        "total_selected": f"{sum(t['selected'] for t in towers):,}",
+        "fingerprint": record["fingerprint"],
+        "evaluation": _evaluation_table(reports) if reports else None,
+    }
+
+
+def _evaluation_table(reports: dict) -> dict:
+    """Columns = report names; rows = the SafeGround metrics, zero-shot accuracy and the set size."""
+    first = next(iter(reports.values()))
+    rows = [(f"`{metric}`", [_percent(r.safeground.get(metric), r.intervals.get(metric)) for r in reports.values()])
+            for metric in first.safeground]
+    if any(r.zero_shot is not None for r in reports.values()):
+        rows.append(("zero-shot accuracy", [_percent(r.zero_shot) for r in reports.values()]))
+    rows.append(("quadruples", [f"{r.n_quadruples:,}" for r in reports.values()]))
+    return {"columns": list(reports), "rows": rows}
+
+
+def _percent(value, interval=None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1f}" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
+
+
+# --- publishing an edit ----------------------------------------------------------------------------
+def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+              commit_message: str | None = None, merged: bool = False, token: str | None = None, report=None,
+              license: str | None = None, dataset_name: str = DEFAULT_DATASET, overwrite: bool = False):
+    """Upload an editor's delta and model card (and, with `merged`, the edited checkpoint) in one commit.
+
+    The repo then holds exactly this edit: files of an earlier push that this one does not write are
+    deleted in the same commit. A repo holding anything but an hf_uwm delta of the same base model is
+    refused unless `overwrite=True`. Returns the `CommitInfo` (its `commit_url` links the commit).
+    """
+    token = _token(token)
+    api = HfApi(token=token)
+    record = editor.record()
+    _warn_if_base_not_on_hub(record)
+    with _hub_failures("read", repo_id, token):
+        remote_files, parent = _remote_files(api, repo_id, revision)
+        if not overwrite:
+            _refuse_foreign_content(api, repo_id, remote_files, parent, record)
+        license = license or _base_license(record, api)
+    with tempfile.TemporaryDirectory(prefix="hf_uwm-push-") as tmp:
+        folder = Path(tmp) / "upload"
+        editor.save_pretrained(folder)
+        # The pushed card knows the repo id, the license and whether merged weights come along.
+        card = render_card(record, report, repo_id=repo_id, merged=merged, license=license, dataset_name=dataset_name)
+        (folder / CARD_NAME).write_text(card)
+        if merged:
+            _save_merged(editor, folder)
+        with _hub_failures("push to", repo_id, token):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return api.create_commit(repo_id, _operations(folder, remote_files), revision=revision,
+                                     commit_message=commit_message or _default_message(record, merged),
+                                     parent_commit=parent)
+
+
+def _token(token: str | None) -> str:
+    token = token or get_token()
+    if not token:
+        raise PushError("No Hugging Face token found: pass token=, set HF_TOKEN, or run `hf auth login`. "
+                        "Nothing was uploaded and nothing local was changed.")
+    return token
+
+
+@contextmanager
+def _hub_failures(action: str, repo_id: str, token: str):
+    """Any failure of a Hub call becomes a PushError that says no commit was made and never shows the token."""
+    try:
+        yield
+    except PushError:
+        raise
+    except Exception as err:  # whatever failed (HTTP, connection, client), no commit happened
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        hint = (" The token was rejected or cannot write there: check it with `hf auth whoami`."
+                if status in (401, 403) else "")
+        detail = f"{type(err).__name__}: {err}".replace(token, "<token>")
+        raise PushError(f"Could not {action} {repo_id} ({detail}).{hint} "
+                        + NOTHING_COMMITTED.format(repo_id=repo_id)) from None  # the cause may quote the token
+
+
+def _warn_if_base_not_on_hub(record: dict):
+    if not _is_hub_id(record.get("base_model")):
+        logger.warning("The delta names its base model as %r, not a Hub id: others must pass model= and processor= "
+                       "to UWMEditor.from_pretrained. Set editor.base_model = '<org>/<name>' before pushing to fix it.",
+                       record.get("base_model"))
+
+
+def _remote_files(api: HfApi, repo_id: str, revision: str | None) -> tuple[list[str], str | None]:
+    """(files, head commit) of the branch the push commits to; ([], None) for a repo that does not exist yet."""
+    try:
+        info = api.repo_info(repo_id, revision=revision)
+    except RepositoryNotFoundError:
+        return [], None
+    except RevisionNotFoundError:
+        info = api.repo_info(repo_id)  # a new branch starts from the default branch
+    return [sibling.rfilename for sibling in info.siblings or []], info.sha
+
+
+def _refuse_foreign_content(api: HfApi, repo_id: str, files: list[str], parent: str | None, record: dict):
+    """Raise unless the repo is empty or already holds an hf_uwm delta of the same base model."""
+    foreign = [name for name in files if name != ".gitattributes"]
+    if not foreign:
+        return
+    if CONFIG_NAME in files:
+        remote = _remote_record(api, repo_id, parent)
+        if remote is not None and _same_base(remote, record):
+            return
+        what = (f"an hf_uwm delta of another base model ({remote.get('base_model')!r})" if remote is not None
+                else f"a {CONFIG_NAME} that is not an hf_uwm delta config")
+    else:
+        what = f"other files ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
+    raise PushError(f"{repo_id} already holds {what}. Nothing was uploaded; the local delta is intact. Push to "
+                    "another repo id, or pass overwrite=True to replace the repo's content with this edit in one "
+                    "commit (the old files stay in its git history).")
+
+
+def _remote_record(api: HfApi, repo_id: str, revision: str | None) -> dict | None:
+    path = api.hf_hub_download(repo_id, CONFIG_NAME, revision=revision)
+    try:
+        record = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and "fingerprint" in record else None
+
+
+def _same_base(a: dict, b: dict) -> bool:
+    """Same target weights (fingerprint), or the same base model name (another config of the same model)."""
+    same_name = bool(a.get("base_model")) and a.get("base_model") == b.get("base_model")
+    return a.get("fingerprint") == b.get("fingerprint") or same_name
+
+
+@contextmanager
+def _applied(editor):
+    """The edit applied inside the block, and the model left as the caller had it afterwards."""
+    if editor.is_applied:
+        yield
+        return
+    editor.apply()
+    try:
+        yield
+    finally:
+        editor.revert()
+
+
+def _save_merged(editor, folder: Path):
+    """The full edited checkpoint beside the delta, so plain `from_pretrained(repo)` loads it."""
+    with _applied(editor):
+        editor.model.save_pretrained(folder)
+    if editor.processor is None:
+        logger.warning("The editor has no processor: the merged checkpoint holds weights and config only.")
+    else:
+        editor.processor.save_pretrained(folder)
+
+
+def _operations(folder: Path, remote_files: list[str]) -> list:
+    local = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    # Stale files of an earlier push (merged weights, say) would describe another edit than the delta.
+    stale = sorted(set(remote_files) - set(local) - {".gitattributes"})
+    return ([CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in local]
+            + [CommitOperationDelete(path_in_repo=name) for name in stale])
+
+
+def _default_message(record: dict, merged: bool) -> str:
+    cfg, changed = record["config"], sum(record["counts"].values())
+    return (f"Upload UWM edit of {record.get('base_model') or record['model_class']} ({changed:,} weights, "
+            f"α={cfg['alpha']}){' with merged weights' if merged else ''}")
+
+
+# --- publishing the metric -------------------------------------------------------------------------
+def push_metric(repo_id: str, *, token: str | None = None, private: bool | None = None,
+                commit_message: str | None = None):
+    """Publish the SafeGround metric as a Gradio Space, so `evaluate.load("NAMESPACE/safeground")` works."""
+    from .metrics import safeground_path
+
+    folder = Path(safeground_path())
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or repo_id.split("/")[1] != folder.name:
+        raise ValueError(f"repo_id={repo_id!r}: name the Space '<namespace>/{folder.name}'. evaluate.load("
+                         f"'<namespace>/<name>') runs the file <name>.py, and the metric's file is {folder.name}.py.")
+    token = _token(token)
+    api = HfApi(token=token)
+    with _hub_failures("publish the metric to", repo_id, token):
+        api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        message = commit_message or f"Upload the SafeGround metric (hf_uwm {__version__})"
+        return api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=folder, commit_message=message,
+                                 ignore_patterns=["__pycache__/*", "*.pyc"])
