@@ -1,0 +1,305 @@
+"""Evaluate any CLIP or SigLIP model (edited or not): SafeGround, retrieval recall, zero-shot accuracy.
+
+SPEC §4. The four items of every quadruple are embedded once; every number is computed from those
+embeddings. The SafeGround formulas live in the `evaluate` module (`hf_uwm/metrics/safeground/`) and
+are imported from there when needed, so `import hf_uwm.evaluation` needs neither `evaluate` nor
+`datasets`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .data import IMAGE_COLUMNS, TEXT_COLUMNS, validate_pairs
+
+COLUMNS = TEXT_COLUMNS + IMAGE_COLUMNS
+RECALL_KS = (1, 5, 10)
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a close-up photo of a {}.",
+    "itap of a {}.",
+    "art of the {}.",
+)
+_QUERY_CHUNK = 1024  # retrieval queries scored at once, to bound memory on large sets
+
+
+@dataclass
+class ZeroShotTask:
+    """Images with integer labels into `class_names`; prompts are `template.format(class_name)`."""
+
+    images: list
+    labels: list[int]
+    class_names: list[str]
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+
+    def __post_init__(self):
+        if not len(self.images) or len(self.images) != len(self.labels):
+            raise ValueError(f"ZeroShotTask needs one label per image and at least one image; got "
+                             f"{len(self.images)} images and {len(self.labels)} labels.")
+        if not self.class_names:
+            raise ValueError("ZeroShotTask needs class_names, e.g. ['cat', 'dog'].")
+        bad = [label for label in self.labels if not 0 <= int(label) < len(self.class_names)]
+        if bad:
+            raise ValueError(f"Labels must be indices into class_names (0..{len(self.class_names) - 1}); "
+                             f"got {bad[:5]}.")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ValueError(f"Every template needs a '{{}}' for the class name, e.g. 'a photo of a {{}}.'; "
+                             f"got {list(self.templates)}.")
+
+    @classmethod
+    def from_dataset(cls, dataset, image_column="image", label_column="label", templates=DEFAULT_TEMPLATES):
+        """From a `datasets.Dataset` whose label column is a `ClassLabel` (its names are the classes)."""
+        feature = dataset.features.get(label_column)
+        if not hasattr(feature, "names"):
+            raise ValueError(f"Column {label_column!r} must be a datasets.ClassLabel to give class names; "
+                             "otherwise build ZeroShotTask(images, labels, class_names) directly.")
+        return cls(dataset[image_column][:], dataset[label_column][:], list(feature.names), tuple(templates))
+
+
+@dataclass
+class QuadrupleEmbeddings:
+    """L2-normalised float32 CPU embeddings, each (N, D), row i from quadruple i."""
+
+    safe_text: torch.Tensor
+    unsafe_text: torch.Tensor
+    safe_image: torch.Tensor
+    unsafe_image: torch.Tensor
+
+    def similarities(self) -> dict[str, torch.Tensor]:
+        """The four float64 (N,) cosine similarities, keyed like the SafeGround module's inputs."""
+        def cos(a, b):
+            return (a.double() * b.double()).sum(-1)
+
+        return {
+            "safe_text_safe_image": cos(self.safe_text, self.safe_image),
+            "safe_text_unsafe_image": cos(self.safe_text, self.unsafe_image),
+            "unsafe_text_safe_image": cos(self.unsafe_text, self.safe_image),
+            "unsafe_text_unsafe_image": cos(self.unsafe_text, self.unsafe_image),
+        }
+
+
+@dataclass
+class EvaluationReport:
+    """All numbers in percent. `intervals` are bootstrap 95% CIs of the SafeGround metrics (may be empty)."""
+
+    safeground: dict[str, float]
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    retrieval: dict[str, float] = field(default_factory=dict)
+    zero_shot: float | None = None
+    n_quadruples: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"SafeGround on {self.n_quadruples} quadruples (percent)"]
+        for name, value in self.safeground.items():
+            ci = self.intervals.get(name)
+            lines.append(f"  {name:<8}{value:>7.2f}" + (f"   95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        lines.append("Retrieval recall (percent)")
+        lines += [f"  {name:<20}{value:>7.2f}" for name, value in self.retrieval.items()]
+        lines.append("Zero-shot accuracy: " + ("not run" if self.zero_shot is None else f"{self.zero_shot:.2f}%"))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict (intervals as [low, high] lists)."""
+        data = asdict(self)
+        data["intervals"] = {name: list(ci) for name, ci in self.intervals.items()}
+        return data
+
+    def to_model_index(self, model_name: str, dataset_name: str, zero_shot_dataset: str | None = None) -> list:
+        """The `model-index` list of a model card: `[{"name": model_name, "results": [...]}]`.
+
+        SafeGround and retrieval results are on `dataset_name`; zero-shot accuracy on
+        `zero_shot_dataset` (defaults to `dataset_name`).
+        """
+        def result(task_type, task_name, dataset, metrics):
+            return {"task": {"type": task_type, "name": task_name},
+                    "dataset": {"type": dataset, "name": dataset},
+                    "metrics": [{"type": kind, "name": name, "value": round(value, 2)}
+                                for kind, name, value in metrics]}
+
+        results = [
+            result("image-text-retrieval", "SafeGround", dataset_name,
+                   [("safeground", name, value) for name, value in self.safeground.items()]),
+            result("image-text-retrieval", "Retrieval", dataset_name,
+                   [(f"recall@{name.split()[0][2:]}", name, value) for name, value in self.retrieval.items()]),
+        ]
+        if self.zero_shot is not None:
+            results.append(result("zero-shot-image-classification", "Zero-shot classification",
+                                  zero_shot_dataset or dataset_name, [("accuracy", "accuracy", self.zero_shot)]))
+        return [{"name": model_name, "results": [r for r in results if r["metrics"]]}]
+
+
+# --- embedding -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _contrastive_adapter(model, processor) -> Adapter:
+    adapter = Adapter(model, processor)
+    if "text" not in adapter.towers:
+        raise TypeError(f"Evaluation needs a contrastive model with text and vision towers (CLIP, SigLIP); "
+                        f"{type(model).__name__} has only {adapter.towers}. Evaluate the CLIP model its "
+                        "vision tower comes from instead.")
+    return adapter
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: pass a positive int, e.g. 64.")
+
+
+def _embed(adapter: Adapter, items: list, kind: str, batch_size: int, bar) -> torch.Tensor:
+    """(len(items), D) float32 CPU embeddings of texts (kind="text") or PIL images (kind="image")."""
+    chunks = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        if kind == "text":
+            chunks.append(adapter.embed_text(adapter.text_inputs(batch)).float().cpu())  # (B, D)
+        else:
+            chunks.append(adapter.embed_images(adapter.image_inputs(batch)).float().cpu())  # (B, D)
+        bar.update(len(batch))
+    return torch.cat(chunks)
+
+
+def _column_batches(dataset, column: str, batch_size: int):
+    """The column's values, decoded one batch at a time (images stay lazy until needed)."""
+    single = dataset.select_columns([column])
+    for start in range(0, len(dataset), batch_size):
+        yield single[start:start + batch_size][column]
+
+
+def embed_quadruples(model, processor, dataset, *, batch_size: int = 64, progress: bool = True) -> QuadrupleEmbeddings:
+    """Embed the four items of every quadruple of `dataset` once (SPEC §5 columns), without gradients."""
+    _check_batch_size(batch_size)
+    dataset = validate_pairs(dataset, COLUMNS)
+    adapter = _contrastive_adapter(model, processor)
+    embeddings = {}
+    with _eval_mode(model), tqdm(total=4 * len(dataset), desc="Embedding quadruples", disable=not progress) as bar:
+        for column in COLUMNS:
+            kind = "text" if column in TEXT_COLUMNS else "image"
+            parts = [_embed(adapter, batch, kind, batch_size, bar)
+                     for batch in _column_batches(dataset, column, batch_size)]
+            embeddings[column] = torch.cat(parts)  # (N, D)
+    return QuadrupleEmbeddings(**embeddings)
+
+
+# --- retrieval -------------------------------------------------------------------------------
+def _recalls(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, ks) -> list[float]:
+    """Recall@K in percent. queries (Q, D), gallery (G, D), targets (Q,) gallery index of each hit.
+
+    A query's rank is the number of other gallery items scoring at least as high as its target, so
+    ties count against the hit (like SafeGround's strict comparisons).
+    """
+    ranks = []
+    for start in range(0, len(queries), _QUERY_CHUNK):
+        scores = queries[start:start + _QUERY_CHUNK].double() @ gallery.double().T  # (q, G)
+        chunk_targets = targets[start:start + _QUERY_CHUNK]
+        target_scores = scores.gather(1, chunk_targets[:, None])  # (q, 1)
+        ranks.append((scores >= target_scores).sum(1) - 1)  # (q,)
+    ranks = torch.cat(ranks)
+    return [100.0 * (ranks < k).double().mean().item() for k in ks]
+
+
+def retrieval_recalls(embeddings: QuadrupleEmbeddings, ks=RECALL_KS) -> dict[str, float]:
+    """SPEC §4 recall@K: Ts->Is and Is->Ts over safe items; Tu->[Is;Iu] and Iu->[Ts;Tu] hit on the safe pair."""
+    e = embeddings
+    index = torch.arange(len(e.safe_text))  # (N,) quadruple i's safe item sits at gallery index i
+    directions = {
+        "Ts->Is": (e.safe_text, e.safe_image),
+        "Is->Ts": (e.safe_image, e.safe_text),
+        "Tu->[Is;Iu]": (e.unsafe_text, torch.cat([e.safe_image, e.unsafe_image])),
+        "Iu->[Ts;Tu]": (e.unsafe_image, torch.cat([e.safe_text, e.unsafe_text])),
+    }
+    recalls = {}
+    for direction, (queries, gallery) in directions.items():
+        for k, value in zip(ks, _recalls(queries, gallery, index, ks)):
+            recalls[f"R@{k} {direction}"] = value
+    return recalls
+
+
+# --- zero-shot -------------------------------------------------------------------------------
+def _class_embeddings(adapter: Adapter, task: ZeroShotTask, batch_size: int, bar) -> torch.Tensor:
+    """(C, D): per class, the mean of its normalised template embeddings, renormalised."""
+    prompts = [template.format(name) for name in task.class_names for template in task.templates]
+    texts = _embed(adapter, prompts, "text", batch_size, bar)  # (C * T, D)
+    means = texts.view(len(task.class_names), len(task.templates), -1).mean(1)  # (C, D)
+    return torch.nn.functional.normalize(means, dim=-1)
+
+
+def zero_shot_accuracy(model, processor, task: ZeroShotTask, *, batch_size: int = 64, progress: bool = True) -> float:
+    """Zero-shot classification accuracy (percent) with template-averaged class embeddings."""
+    _check_batch_size(batch_size)
+    adapter = _contrastive_adapter(model, processor)
+    total = len(task.class_names) * len(task.templates) + len(task.images)
+    with _eval_mode(model), tqdm(total=total, desc="Zero-shot", disable=not progress) as bar:
+        classes = _class_embeddings(adapter, task, batch_size, bar)  # (C, D)
+        images = _embed(adapter, list(task.images), "image", batch_size, bar)  # (M, D)
+    predictions = (images @ classes.T).argmax(1)  # (M,)
+    labels = torch.as_tensor([int(label) for label in task.labels])
+    return 100.0 * (predictions == labels).double().mean().item()
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+def evaluate_model(model, processor, dataset, *, zero_shot: ZeroShotTask | None = None, batch_size: int = 64,
+                   bootstrap: int = 1000, seed: int | None = 0, progress: bool = True) -> EvaluationReport:
+    """SafeGround (with bootstrap CIs), retrieval recall and optional zero-shot accuracy of one model.
+
+    `dataset` is a `datasets.Dataset` (or dict of columns) with safe_text, unsafe_text, safe_image,
+    unsafe_image; it is validated before any model work.
+    """
+    from .metrics.safeground.safeground import check_bootstrap_args, compute_safeground
+
+    check_bootstrap_args(bootstrap, seed)
+    if zero_shot is not None and not isinstance(zero_shot, ZeroShotTask):
+        raise TypeError(f"zero_shot must be a ZeroShotTask(images, labels, class_names) or None, "
+                        f"got {type(zero_shot).__name__}.")
+    embeddings = embed_quadruples(model, processor, dataset, batch_size=batch_size, progress=progress)  # validates
+    similarities = {name: s.numpy() for name, s in embeddings.similarities().items()}
+    safeground = compute_safeground(**similarities, bootstrap=bootstrap, seed=seed)
+    intervals = safeground.pop("confidence_intervals", {})
+    accuracy = None
+    if zero_shot is not None:
+        accuracy = zero_shot_accuracy(model, processor, zero_shot, batch_size=batch_size, progress=progress)
+    return EvaluationReport(safeground, intervals, retrieval_recalls(embeddings), accuracy, len(embeddings.safe_text))
+
+
+def compare(reports: dict[str, EvaluationReport]) -> str:
+    """Side-by-side table of several models on the same set; the first is the reference for differences."""
+    if not reports or not all(isinstance(r, EvaluationReport) for r in reports.values()):
+        raise TypeError("compare() takes a non-empty dict {model name: EvaluationReport}, "
+                        "e.g. compare({'CLIP': before, 'CLIP + UWM': after}).")
+    sizes = {name: r.n_quadruples for name, r in reports.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"The reports come from sets of different sizes {sizes}: compare models on the same set.")
+    names = list(reports)
+    rows = [(metric, [r.safeground.get(metric) for r in reports.values()]) for metric in reports[names[0]].safeground]
+    rows += [(metric, [r.retrieval.get(metric) for r in reports.values()]) for metric in reports[names[0]].retrieval]
+    if any(r.zero_shot is not None for r in reports.values()):
+        rows.append(("zero-shot acc", [r.zero_shot for r in reports.values()]))
+    width = max(16, *(len(n) + 2 for n in names))
+    lines = [f"{'metric (%)':<20}" + "".join(f"{n:>{width}}" for n in names)]
+    for metric, values in rows:
+        lines.append(f"{metric:<20}" + "".join(f"{_cell(v, values[0], i > 0):>{width}}" for i, v in enumerate(values)))
+    return "\n".join(lines)
+
+
+def _cell(value, reference, with_difference: bool) -> str:
+    if value is None:
+        return "-"
+    if not with_difference or reference is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} ({value - reference:+.2f})"

@@ -1,0 +1,223 @@
+"""The evaluation pipeline: embeddings, retrieval, zero-shot, SafeGround from a model, report, compare."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_clip, make_llava, make_pairs, make_siglip, random_image
+
+from hf_uwm.adapters import Adapter
+from hf_uwm.evaluation import (QuadrupleEmbeddings, ZeroShotTask, compare, embed_quadruples, evaluate_model,
+                               retrieval_recalls, zero_shot_accuracy)
+from hf_uwm.metrics import safeground_path
+from hf_uwm.metrics.safeground.safeground import INPUTS, METRICS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread, and much faster on a busy machine with few cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_embeddings(n, dim=8, seed=0) -> QuadrupleEmbeddings:
+    generator = torch.Generator().manual_seed(seed)
+    parts = [torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1) for _ in range(4)]
+    return QuadrupleEmbeddings(*parts)
+
+
+def naive_recall(queries, gallery, k):
+    hits = 0
+    for i, query in enumerate(queries.tolist()):
+        scores = [sum(q * g for q, g in zip(query, item)) for item in gallery.tolist()]
+        top = sorted(range(len(scores)), key=lambda j: -scores[j])[:k]
+        hits += i in top  # the safe counterpart of quadruple i sits at gallery index i
+    return 100.0 * hits / len(queries)
+
+
+def test_retrieval_matches_naive_loop():
+    e = random_embeddings(30)
+    recalls = retrieval_recalls(e)
+    for k in (1, 5, 10):
+        assert recalls[f"R@{k} Ts->Is"] == pytest.approx(naive_recall(e.safe_text, e.safe_image, k))
+        assert recalls[f"R@{k} Is->Ts"] == pytest.approx(naive_recall(e.safe_image, e.safe_text, k))
+        assert recalls[f"R@{k} Tu->[Is;Iu]"] == pytest.approx(
+            naive_recall(e.unsafe_text, torch.cat([e.safe_image, e.unsafe_image]), k))
+        assert recalls[f"R@{k} Iu->[Ts;Tu]"] == pytest.approx(
+            naive_recall(e.unsafe_image, torch.cat([e.safe_text, e.unsafe_text]), k))
+    assert len(recalls) == 12
+
+
+def test_retrieval_counts_ties_against_the_hit():
+    x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    diagonal = torch.nn.functional.normalize(x + y, dim=0)
+    # Ts0 is as close to Is0 as to Is1 (a tie: miss at R@1); Ts1 is closest to Is1.
+    e = QuadrupleEmbeddings(safe_text=torch.stack([diagonal, y]), unsafe_text=torch.stack([x, x]),
+                            safe_image=torch.stack([x, y]), unsafe_image=torch.stack([-x, -y]))
+    recalls = retrieval_recalls(e, ks=(1, 2))
+    assert recalls["R@1 Ts->Is"] == 50.0 and recalls["R@2 Ts->Is"] == 100.0
+    # Tu = x for both quadruples; gallery [Is0, Is1, Iu0, Iu1] = [x, y, -x, -y]: Is0 ranks first, Is1 ties -y.
+    assert recalls["R@1 Tu->[Is;Iu]"] == 50.0 and recalls["R@2 Tu->[Is;Iu]"] == 50.0
+
+
+def hand_similarities(model, processor, dataset):
+    """The four similarities as plain dot products of whole-column embeddings (one batch per column)."""
+    adapter = Adapter(model, processor)
+    with torch.no_grad():
+        ts, tu = (adapter.embed_text(adapter.text_inputs(dataset[c][:])).double() for c in ("safe_text", "unsafe_text"))
+        im_s, im_u = (adapter.embed_images(adapter.image_inputs(dataset[c][:])).double()
+                      for c in ("safe_image", "unsafe_image"))
+    pairs = [(ts, im_s), (ts, im_u), (tu, im_s), (tu, im_u)]
+    return {name: [float(a[i] @ b[i]) for i in range(len(dataset))] for name, (a, b) in zip(INPUTS, pairs)}
+
+
+@pytest.mark.parametrize("make_model", [make_clip, make_siglip], ids=["clip", "siglip"])
+def test_pipeline_equals_metric_on_hand_similarities(make_model):
+    import evaluate
+
+    model, processor = make_model()
+    dataset = make_pairs(7, seed=1)
+    report = evaluate_model(model, processor, dataset, batch_size=3, bootstrap=200, seed=0, progress=False)
+    sims = hand_similarities(model, processor, dataset)
+    expected = evaluate.load(safeground_path()).compute(**sims, bootstrap=200, seed=0)
+    intervals = expected.pop("confidence_intervals")
+    assert report.safeground == expected
+    assert report.intervals == intervals
+    assert report.n_quadruples == 7 and report.zero_shot is None
+    embedded = embed_quadruples(model, processor, dataset, batch_size=5, progress=False)
+    for name, values in embedded.similarities().items():
+        np.testing.assert_allclose(values.numpy(), sims[name], atol=1e-5)
+
+
+def naive_zero_shot(model, processor, task):
+    """(accuracy in percent, predicted labels), one prompt and one image at a time."""
+    def text(prompt):
+        tokens = processor.tokenizer([prompt], return_tensors="pt")
+        return torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output[0], dim=0)
+
+    with torch.no_grad():
+        classes = []
+        for name in task.class_names:
+            mean = torch.stack([text(t.format(name)) for t in task.templates]).mean(0)
+            classes.append(mean / mean.norm())
+        predictions = []
+        for image in task.images:
+            pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+            embedding = model.get_image_features(pixel_values=pixels).pooler_output[0]
+            scores = [float(embedding @ c) for c in classes]
+            predictions.append(scores.index(max(scores)))
+    correct = sum(p == label for p, label in zip(predictions, task.labels))
+    return 100.0 * correct / len(task.images), predictions
+
+
+def test_zero_shot_matches_naive_argmax():
+    model, processor = make_clip(seed=2)
+    rng = np.random.default_rng(0)
+    images = [random_image(rng) for _ in range(6)]
+    task = ZeroShotTask(images, labels=[0, 1, 2] * 2, class_names=["cat", "dog", "knife"],
+                        templates=("a photo of a {}.", "art of the {}."))
+    naive, predictions = naive_zero_shot(model, processor, task)
+    assert zero_shot_accuracy(model, processor, task, batch_size=4, progress=False) == pytest.approx(naive)
+    relabelled = ZeroShotTask(images, predictions, task.class_names, task.templates)
+    assert zero_shot_accuracy(model, processor, relabelled, progress=False) == 100.0
+
+
+def test_zero_shot_task_from_class_label_dataset():
+    import datasets
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    data = datasets.Dataset.from_dict({"image": [random_image(rng) for _ in range(3)], "label": [0, 1, 1]},
+                                      features=features)
+    task = ZeroShotTask.from_dataset(data)
+    assert task.class_names == ["cat", "dog"] and task.labels == [0, 1, 1] and len(task.images) == 3
+    with pytest.raises(ValueError, match="ClassLabel"):
+        ZeroShotTask.from_dataset(data.cast_column("label", datasets.Value("int64")))
+
+
+def test_report_with_zero_shot_prints_converts_and_compares():
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    model, processor = make_clip()
+    dataset = make_pairs(6)
+    rng = np.random.default_rng(0)
+    task = ZeroShotTask([random_image(rng) for _ in range(4)], [0, 1, 0, 1], ["cat", "dog"])
+    before = evaluate_model(model, processor, dataset, zero_shot=task, bootstrap=100, progress=False)
+    with torch.no_grad():
+        model.text_model.encoder.layers[0].self_attn.out_proj.weight.mul_(-1)
+    after = evaluate_model(model, processor, dataset, zero_shot=task, bootstrap=100, progress=False)
+
+    text = str(before)
+    assert all(name in text for name in METRICS) and "R@10 Iu->[Ts;Tu]" in text and "95% CI" in text
+    assert json.loads(json.dumps(before.to_dict()))["safeground"] == before.safeground
+    index = before.to_model_index("tiny-clip", "tiny-pairs", zero_shot_dataset="tiny-zero-shot")
+    name, results = model_index_to_eval_results(index)
+    assert name == "tiny-clip" and len(results) == 9 + 12 + 1
+    assert {r.dataset_type for r in results} == {"tiny-pairs", "tiny-zero-shot"}
+
+    table = compare({"CLIP": before, "CLIP edited": after})
+    gs_row = next(line for line in table.splitlines() if line.startswith("GS "))
+    assert f"{after.safeground['GS'] - before.safeground['GS']:+.2f}" in gs_row
+    assert "zero-shot acc" in table
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return make_clip()
+
+
+def test_progress_bar_can_be_silenced(capsys, tiny_clip):
+    model, processor = tiny_clip
+    embed_quadruples(model, processor, make_pairs(2), progress=False)
+    assert "Embedding" not in capsys.readouterr().err
+    embed_quadruples(model, processor, make_pairs(2), progress=True)
+    assert "Embedding quadruples" in capsys.readouterr().err
+
+
+def test_no_gradients_and_training_mode_restored(tiny_clip):
+    model, processor = tiny_clip
+    model.train()
+    embeddings = embed_quadruples(model, processor, make_pairs(3), progress=False)
+    assert not embeddings.safe_text.requires_grad and model.training
+    model.eval()
+
+
+def test_bad_input_raises_before_model_work():
+    dataset = make_pairs(3).remove_columns("unsafe_image")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['unsafe_image'\]"):
+        evaluate_model(None, None, dataset)  # no model needed to refuse the set
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_model(None, None, make_pairs(3).select([]))
+    with pytest.raises(ValueError, match="non-negative int"):
+        evaluate_model(None, None, make_pairs(3), bootstrap=-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_model(None, None, make_pairs(3), batch_size=0)
+    with pytest.raises(TypeError, match="ZeroShotTask"):
+        evaluate_model(None, None, make_pairs(3), zero_shot={"images": []})
+
+
+def test_bad_zero_shot_tasks_and_models():
+    image = random_image(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="one label per image"):
+        ZeroShotTask([image, image], [0], ["cat"])
+    with pytest.raises(ValueError, match="indices into class_names"):
+        ZeroShotTask([image], [3], ["cat", "dog"])
+    with pytest.raises(ValueError, match="'{}'"):
+        ZeroShotTask([image], [0], ["cat"], templates=("a photo of a cat",))
+    with pytest.raises(ValueError, match="class_names"):
+        ZeroShotTask([image], [0], [])
+    model, processor = make_llava()
+    with pytest.raises(TypeError, match="text and vision towers"):
+        embed_quadruples(model, processor, make_pairs(2), progress=False)
+
+
+def test_import_needs_neither_evaluate_nor_datasets():
+    code = ("import sys, hf_uwm, hf_uwm.evaluation, hf_uwm.metrics; "
+            "print(sorted(m for m in ('evaluate', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
