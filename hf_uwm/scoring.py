@@ -20,14 +20,20 @@ def token_statistics(x: torch.Tensor, mask: torch.Tensor | None, token_norm: str
     """
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if mask is None:
-        mask = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
-    mask = mask.to(x.dtype).unsqueeze(-1)                      # (B, T, 1)
-    tokens = mask.sum(1)                                       # (B, 1)
-    masked = x * mask
-    norm = masked.square().sum(1).sqrt()                       # (B, in)
-    mean = masked.sum(1) / tokens                              # (B, in)
-    # Two passes, not E[x²]-E[x]², because activations often have |mean| >> std.
-    var = ((x - mean.unsqueeze(1)) * mask).square().sum(1) / (tokens - 1).clamp(min=1)
+        tokens = torch.full((x.shape[0], 1), x.shape[1], dtype=x.dtype, device=x.device)
+        var, mean = torch.var_mean(x, dim=1, correction=1)      # one fused pass; (B, in) each
+        if x.shape[1] == 1:
+            var = torch.zeros_like(var)
+        # Σx² = (T-1)·var + T·mean²: a sum of non-negative terms, so no cancellation.
+        norm = ((tokens - 1) * var + tokens * mean.square()).sqrt()
+    else:
+        mask = mask.to(x.dtype).unsqueeze(-1)                  # (B, T, 1)
+        tokens = mask.sum(1)                                   # (B, 1)
+        masked = x * mask
+        norm = masked.square().sum(1).sqrt()                   # (B, in)
+        mean = masked.sum(1) / tokens                          # (B, in)
+        # Two passes, not E[x²]-E[x]², because activations often have |mean| >> std.
+        var = ((x - mean.unsqueeze(1)) * mask).square().sum(1) / (tokens - 1).clamp(min=1)
     if token_norm == "rms":
         norm = norm / tokens.sqrt()
     return norm, var.sqrt()

@@ -7,24 +7,40 @@ import math
 import torch
 
 
-def _ranked(scores: torch.Tensor, name: str) -> torch.Tensor:
-    """Flat indices by descending score, ties broken by the lower flat index."""
+def _checked(scores: torch.Tensor, name: str) -> torch.Tensor:
     flat = scores.detach().flatten().to(torch.float64)
     if not torch.isfinite(flat).all() or (flat < 0).any():
         raise ValueError(f"Scores of layer {name!r} must be finite and non-negative to select weights.")
-    return torch.sort(flat, descending=True, stable=True).indices
+    return flat
+
+
+def _ranked_top(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the top entries (at least k, all ties at the cut included), ranked by
+    descending score with ties broken by the lower flat index. A full sort of a 768×3072 layer
+    costs far more than this partial one when only a few percent are selected."""
+    if k >= flat.numel():
+        return torch.sort(flat, descending=True, stable=True).indices
+    cut = torch.topk(flat, k, sorted=False).values.min()
+    candidates = (flat >= cut).nonzero().squeeze(1)           # in flat-index order
+    return candidates[torch.sort(flat[candidates], descending=True, stable=True).indices]
 
 
 def select_adaptive(scores: torch.Tensor, tau: float, name: str = "layer") -> torch.Tensor:
     """The smallest top set whose share of the layer's total score reaches τ (at least one weight)."""
-    flat = scores.detach().flatten().to(torch.float64)
-    order = _ranked(scores, name)
+    flat = _checked(scores, name)
     total = flat.sum()
     if total <= 0:
         raise ValueError(f"All scores of layer {name!r} are zero: there is nothing to select. "
                          "Use another score variant or drop this layer from the targets.")
-    share = flat[order] / total
-    before = torch.cumsum(share, 0) - share                  # exclusive running sum c_k
+    k = min(flat.numel(), 1024)
+    while True:
+        order = _ranked_top(flat, k)
+        share = flat[order] / total
+        before = torch.cumsum(share, 0) - share               # exclusive running sum c_k
+        # Entries past the candidates start at c >= the candidates' mass: done once that reaches τ.
+        if order.numel() == flat.numel() or float(before[-1] + share[-1]) >= tau:
+            break
+        k = min(flat.numel(), 4 * k)
     count = int((before < tau).sum())
     return order[:count].sort().values
 
@@ -32,7 +48,7 @@ def select_adaptive(scores: torch.Tensor, tau: float, name: str = "layer") -> to
 def select_fixed(scores: torch.Tensor, density: float, name: str = "layer") -> torch.Tensor:
     """The top ⌈density · out · in⌉ weights."""
     count = math.ceil(density * scores.numel())
-    return _ranked(scores, name)[:count].sort().values
+    return _ranked_top(_checked(scores, name), count)[:count].sort().values
 
 
 def select_random(numel: int, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -65,7 +65,8 @@ class RunningScores:
 
     def observe(self, run_forward, inputs: dict, rows: list[int]):
         """One forward over 2·len(rows) items (safe rows first); `rows` name the pairs in errors."""
-        self._mask = inputs.get("attention_mask")
+        mask = inputs.get("attention_mask")
+        self._mask = None if mask is None or bool(mask.all()) else mask   # None: the fused fast path
         self._rows = rows
         with torch.no_grad():
             run_forward(inputs)

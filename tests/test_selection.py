@@ -33,6 +33,14 @@ def test_adaptive_matches_naive(seed, tau):
     assert select_adaptive(scores, tau).tolist() == naive_adaptive(scores, tau)
 
 
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_adaptive_matches_naive_beyond_the_first_candidate_set(tau):
+    # 40,000 entries with many ties: the partial ranking has to widen its candidate set.
+    scores = torch.randint(0, 50, (200, 200), generator=torch.Generator().manual_seed(2)).double()
+    assert select_adaptive(scores, tau).tolist() == naive_adaptive(scores, tau)
+    assert select_fixed(scores, tau).tolist() == naive_fixed(scores, tau)
+
+
 @pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 1.0])
 def test_fixed_matches_naive(density):
     scores = torch.rand(6, 11, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -1,0 +1,189 @@
+"""Benchmark: UWM calibration against a plain forward and a literal implementation of SPEC §2.
+
+Random-weight CLIPs at ViT-B/32 or ViT-L/14 size are built from configs (no download). For the same
+N pairs and batch size the script measures, each phase in a fresh process so peak memory is its own:
+
+  (a) forward   a plain forward of the targeted towers over the same inputs, no hooks
+  (b) calibrate UWMEditor.calibrate
+  (c) literal   per item and per weight φ materialised as a (B, out, in) tensor per layer per batch,
+                sums moved to the CPU (the style of the official code)
+
+Inputs are PIL images and captions, preprocessed on both sides. Prints wall time, peak memory and
+the ratios b/a and c/b.
+
+    python scripts/bench_calibration.py --size b32 --pairs 64 --batch 16
+    python scripts/bench_calibration.py --size l14 --pairs 1024 --batch 128 --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIZES = {
+    "b32": dict(text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+                vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=224, patch_size=32), projection_dim=512),
+    "l14": dict(text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+                vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=224, patch_size=14), projection_dim=768),
+}
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "clip-tokenizer"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(size: str, device: str):
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    spec = SIZES[size]
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={**spec["text"], "vocab_size": 49408, "max_position_embeddings": 77},
+                        vision_config=spec["vision"], projection_dim=spec["projection_dim"])
+    model = CLIPModel(config).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)  # the real CLIP BPE tokenizer, shipped for tests
+    images = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    return model, CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+WORDS = ("a photo of the man woman dog cat car street table red blue green small large old young near next "
+         "to with on in under holding running sitting standing park room city").split()
+
+
+def make_data(n: int):
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    caption = lambda k: " ".join(rng.choice(WORDS, k))  # noqa: E731
+    safe = [caption(int(rng.integers(8, 16))) for _ in range(n)]
+    image = lambda: Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))  # noqa: E731
+    return datasets.Dataset.from_dict(
+        {"safe_text": safe, "unsafe_text": [s + " " + caption(6) for s in safe],
+         "safe_image": [image() for _ in range(n)], "unsafe_image": [image() for _ in range(n)]},
+        features=datasets.Features({"safe_text": datasets.Value("string"), "unsafe_text": datasets.Value("string"),
+                                    "safe_image": datasets.Image(), "unsafe_image": datasets.Image()}))
+
+
+def batches(adapter, dataset, batch: int, tower: str):
+    for start in range(0, len(dataset), batch):
+        rows = dataset[start:start + batch]
+        if tower == "text":
+            yield rows, adapter.text_inputs(rows["safe_text"] + rows["unsafe_text"])
+        else:
+            yield rows, adapter.image_inputs(rows["safe_image"] + rows["unsafe_image"])
+
+
+def plain_forward(editor, dataset, batch, autocast):
+    with torch.no_grad():
+        for tower in editor.towers:
+            for _, inputs in batches(editor.adapter, dataset, batch, tower):
+                with autocast:
+                    editor.adapter.run_tower(tower, inputs)
+
+
+def literal(editor, dataset, batch, autocast):
+    """φ per item and per weight, as written in SPEC §2, summed on the CPU."""
+    from hf_uwm.scoring import token_statistics
+
+    eps, sums, handles, state = editor.config.eps, {}, [], {}
+
+    def hook(name, layer):
+        def run(module, args, output):
+            n, sd = token_statistics(args[0], state.get("mask"))
+            w = layer.weight.detach().abs().float()                           # (out, in)
+            a = n @ w.T / w.shape[1]                                          # (2B, out)
+            phi = a[:, :, None] * (n * w.mean(0))[:, None, :] / (sd + eps)[:, None, :]   # (2B, out, in)
+            half = phi.shape[0] // 2
+            ratio = (phi[half:] / phi[:half]).sum(0).double().cpu()
+            sums[name] = sums.get(name, 0) + ratio
+        return run
+
+    try:
+        for name, layer in editor.target_layers.items():
+            handles.append(layer.register_forward_hook(hook(name, layer)))
+        with torch.no_grad():
+            for tower in editor.towers:
+                for _, inputs in batches(editor.adapter, dataset, batch, tower):
+                    state["mask"] = inputs.get("attention_mask")
+                    with autocast:
+                        editor.adapter.run_tower(tower, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def phase(args):
+    from hf_uwm import UWMConfig, UWMEditor
+
+    model, processor = build(args.size, args.device)
+    dtype = DTYPES[args.dtype]
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    autocast = torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32)
+    editor = UWMEditor(model, processor, UWMConfig(batch_size=args.batch))
+    dataset = make_data(args.pairs)
+    plain_forward(editor, dataset.select(range(min(len(dataset), args.batch))), args.batch, autocast)  # warm-up
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if args.phase == "forward":
+        plain_forward(editor, dataset, args.batch, autocast)
+    elif args.phase == "calibrate":
+        editor.calibrate(dataset, progress=False, num_workers=args.workers,
+                         autocast=None if dtype == torch.float32 else dtype)
+    else:
+        literal(editor, dataset, args.batch, autocast)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({"phase": args.phase, "seconds": seconds, "peak_gib": peak / 2**30}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="b32")
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="pairs per batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="forward precision")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for calibrate")
+    parser.add_argument("--phases", default="forward,calibrate,literal")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        return phase(args)
+    results = {}
+    for name in args.phases.split(","):
+        cmd = [sys.executable, __file__, "--phase", name] + [f"--{k}={v}" for k, v in vars(args).items()
+                                                             if k not in ("phase", "phases")]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        results[name] = json.loads(out)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{args.size}, {args.pairs} pairs, batch {args.batch}, {args.dtype} forward, {device}")
+    print(f"{'phase':<10} {'seconds':>9} {'peak GiB':>9}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['seconds']:>9.2f} {r['peak_gib']:>9.2f}")
+    sec = {k: v["seconds"] for k, v in results.items()}
+    mem = {k: v["peak_gib"] for k, v in results.items()}
+    if "forward" in sec and "calibrate" in sec:
+        print(f"calibrate / forward: time {sec['calibrate'] / sec['forward']:.2f}x, "
+              f"peak memory {mem['calibrate'] / mem['forward']:.2f}x")
+    if "literal" in sec and "calibrate" in sec:
+        print(f"literal / calibrate: time {sec['literal'] / sec['calibrate']:.2f}x, "
+              f"peak memory {mem['literal'] / mem['calibrate']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
