@@ -90,7 +90,11 @@ class UWMConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "UWMConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_json_string(Path(path).read_text())
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "UWMConfig":
+        return cls.from_dict(json.loads(text))
 
 
 def _is_number(value) -> bool:

@@ -206,6 +206,68 @@ class UWMEditor:
             return {name: select_fixed(s, cfg.density, name) for name, s in self.scores.items()}
         return {name: select_adaptive(s, cfg.tau, name) for name, s in self.scores.items()}
 
+    def with_settings(self, **changes) -> "UWMEditor":
+        """An editor of the same model re-selected from the cached scores: no forward pass.
+
+        `changes` may set tau, alpha, selection and density (the scores do not depend on them), and
+        text_targets / vision_targets to a subset of the layers already scored.
+        """
+        allowed = {"tau", "alpha", "selection", "density", "text_targets", "vision_targets"}
+        if set(changes) - allowed:
+            raise ValueError(f"with_settings can change {sorted(allowed)} only; {sorted(set(changes) - allowed)} "
+                             "change the scores themselves: calibrate again.")
+        if not self.scores:
+            raise ValueError("No scores to re-select from: calibrate(dataset) or load_scores(path) first.")
+        edited = UWMEditor(self.model, self.processor, dataclasses.replace(self.config, **changes),
+                           base_model=self.base_model, base_revision=self.base_revision)
+        missing = sorted(set(edited.target_layers) - set(self.scores))
+        if missing:
+            raise ValueError(f"No cached scores for {missing[:3]}: targets can only shrink to layers already "
+                             "scored; calibrate with those targets to score them.")
+        edited.scores = {name: self.scores[name] for name in edited.target_layers}
+        edited.fingerprint = self.fingerprint
+        edited.delta = edited.select()
+        return edited
+
+    def save_scores(self, path: str | Path) -> Path:
+        """Cache the scores (safetensors) so new settings can be selected later without a forward pass."""
+        from safetensors.torch import save_file
+
+        if not self.scores:
+            raise ValueError("No scores to save: call calibrate(dataset) first.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(path.name + ".tmp")
+        meta = {"format": "hf_uwm.scores", "config": self.config.to_json_string(), "fingerprint": self.fingerprint,
+                "model_class": type(self.model).__name__}
+        save_file({n: s.contiguous() for n, s in self.scores.items()}, staging, metadata=meta)
+        staging.replace(path)
+        return path
+
+    def load_scores(self, path: str | Path) -> "UWMEditor":
+        """Load scores saved by `save_scores` for this same model, then select with this editor's config."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(Path(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                scores = {n: f.get_tensor(n) for n in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"Cannot read scores from {path} ({err}); save them again with save_scores.") from None
+        if meta.get("format") != "hf_uwm.scores":
+            raise ValueError(f"{path} is not a score cache written by UWMEditor.save_scores.")
+        saved = UWMConfig.from_json_string(meta["config"])
+        score_fields = ("score", "token_norm", "eps", "text_targets", "vision_targets", "text_prior", "vision_prior")
+        differing = [f for f in score_fields if getattr(saved, f) != getattr(self.config, f)]
+        if differing:
+            raise ValueError(f"The cached scores were computed with other {differing}; use an editor with the "
+                             "same score settings (only tau, alpha, selection and density may differ).")
+        if meta.get("fingerprint") != fingerprint(self.target_layers):
+            raise ValueError(f"The cached scores in {path} belong to other model weights.")
+        self.scores, self.fingerprint = scores, meta["fingerprint"]
+        self.delta = self.select()
+        return self
+
     def random_control(self, seed: int | None = None) -> "UWMEditor":
         """An editor of the same model whose delta flips as many weights per layer, chosen at random."""
         if not self.delta:

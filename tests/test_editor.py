@@ -287,3 +287,33 @@ def test_save_refuses_a_folder_holding_other_files(data, tmp_path):
 def test_apply_before_calibrate_says_what_to_do():
     with pytest.raises(ValueError, match="calibrate"):
         UWMEditor(*make_clip()).apply()
+
+
+# --- score cache (issue 7) ---------------------------------------------------------------------------
+def test_reselection_from_cached_scores_equals_a_fresh_calibrate(data, tmp_path):
+    model, processor = make_clip()
+    editor = UWMEditor(model, processor, UWMConfig(text_targets=["self_attn.out_proj", "mlp.fc1"]))
+    editor.calibrate(data, progress=False).save_scores(tmp_path / "scores.safetensors")
+    changes = dict(tau=0.1, alpha=0.0, vision_targets=[], text_targets=["mlp.fc1"])
+    cached = UWMEditor(model, processor, UWMConfig(text_targets=["self_attn.out_proj", "mlp.fc1"]))
+    cached = cached.load_scores(tmp_path / "scores.safetensors").with_settings(**changes)
+    fresh = UWMEditor(model, processor, UWMConfig(**changes)).calibrate(data, progress=False)
+    assert cached.config == fresh.config
+    assert cached.delta.keys() == fresh.delta.keys()
+    assert all(torch.equal(cached.delta[n], fresh.delta[n]) for n in fresh.delta)
+    fixed = editor.with_settings(selection="fixed", density=0.05)
+    fresh_fixed = UWMEditor(model, processor, fixed.config).calibrate(data, progress=False)
+    assert all(torch.equal(fixed.delta[n], fresh_fixed.delta[n]) for n in fresh_fixed.delta)
+
+
+def test_score_cache_refuses_other_settings_or_weights(data, tmp_path):
+    model, processor = make_clip()
+    UWMEditor(model, processor).calibrate(data, progress=False).save_scores(tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="other \\['token_norm'\\]"):
+        UWMEditor(model, processor, UWMConfig(token_norm="rms")).load_scores(tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="other model weights"):
+        UWMEditor(make_clip(seed=3)[0], processor).load_scores(tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="calibrate again"):
+        UWMEditor(model, processor).load_scores(tmp_path / "s.safetensors").with_settings(score="unsafe")
+    with pytest.raises(ValueError, match="No cached scores"):
+        UWMEditor(model, processor).load_scores(tmp_path / "s.safetensors").with_settings(text_targets=["mlp.fc1"])
