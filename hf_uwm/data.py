@@ -226,7 +226,7 @@ def load_pairs(source, *, split: str | None = None, columns: Mapping[str, str] |
     schema columns are kept. `samples` pairs are drawn with `seed` (all when None); `load_kwargs` go to
     `datasets.load_dataset` (e.g. `name=`, `token=`).
     """
-    dataset, base = _read_source(source, split, revision, load_kwargs)
+    dataset, base = read_source(source, split, revision, load_kwargs)
     dataset = _map_columns(dataset, dict(columns or {}))
     if base is not None:
         dataset = _absolute_image_paths(dataset, base)
@@ -333,7 +333,7 @@ def _dataset_from_dict(data):
     return datasets.Dataset.from_dict(data)
 
 
-def _read_source(source, split, revision, load_kwargs):
+def read_source(source, split, revision, load_kwargs):
     """The source as one `Dataset`, and the folder relative image paths are read from (None if remote)."""
     import datasets
 

@@ -225,7 +225,12 @@ class UWMEditor:
             raise ValueError(f"No cached scores for {missing[:3]}: targets can only shrink to layers already "
                              "scored; calibrate with those targets to score them.")
         edited.scores = {name: self.scores[name] for name in edited.target_layers}
-        edited.fingerprint = self.fingerprint
+        if set(edited.target_layers) == set(self.target_layers):
+            edited.fingerprint = self.fingerprint
+        elif self.is_applied or fingerprint(self.target_layers) != self.fingerprint:
+            raise RuntimeError("Re-select a subset of layers from the unedited model: revert() the edit first.")
+        else:
+            edited.fingerprint = fingerprint(edited.target_layers)
         edited.delta = edited.select()
         return edited
 

@@ -1,0 +1,294 @@
+"""`hf-uwm`: the command line. `hf-uwm demo` runs the whole job on the bundled model organism."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+ORGANISM = "organism"
+EPILOG = """examples:
+  hf-uwm demo                                   # the whole job on the bundled model organism
+  hf-uwm edit organism --data organism --output my-delta
+  hf-uwm eval my-delta --data organism --split test
+  hf-uwm edit openai/clip-vit-base-patch32 --data me/my-pairs --samples 2048 --output clip-uwm
+  hf-uwm sweep organism --data organism --eval organism --tau 0.01 0.02 0.05 --alpha -1 0
+
+DATA is a Hub dataset id, a local dataset folder or data file with the columns safe_text,
+unsafe_text, safe_image, unsafe_image (rename others with --columns), or 'organism' for the
+procedural world the bundled model was trained on. MODEL is a Hub id, a local folder, or 'organism'.
+"""
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as err:
+        print(f"hf-uwm {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-uwm", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Unsafe Weights Manipulation (UWM) for CLIP, SigLIP and LLaVA: "
+                                                 "make a model prefer safe content without training.",
+                                     epilog=EPILOG)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="calibrate, edit and evaluate the bundled model organism",
+                               description="On the bundled organism: choose settings for UWM, UWM with "
+                                           "token_norm='rms' and the attribution edit on validation data, then "
+                                           "report each beside a random control of the same size on test data.")
+    demo.add_argument("--output", default="uwm-demo", help="folder for deltas, tables and plots (default ./uwm-demo)")
+    demo.add_argument("--max-zero-shot-drop", type=float, default=5.0,
+                      help="largest zero-shot loss in points a chosen setting may cost (default 5)")
+    _common(demo)
+    demo.set_defaults(run=run_demo)
+
+    edit = commands.add_parser("edit", help="calibrate UWM on DATA and save the delta")
+    edit.add_argument("model", metavar="MODEL")
+    _data_args(edit, "--data", "calibration pairs", "train")
+    _setting_args(edit)
+    edit.add_argument("--output", required=True, help="folder for the delta (uwm_config.json, uwm_delta.safetensors)")
+    _common(edit)
+    edit.set_defaults(run=run_edit)
+
+    evaluate = commands.add_parser("eval", help="SafeGround, retrieval and zero-shot of a model or a delta")
+    evaluate.add_argument("model", metavar="MODEL_OR_DELTA")
+    _data_args(evaluate, "--data", "evaluation quadruples", "test")
+    evaluate.add_argument("--zero-shot", default=None,
+                          help="'organism', or a dataset folder with image and ClassLabel label columns")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
+    evaluate.add_argument("--json", dest="json_path", help="also write the report(s) as JSON here")
+    _common(evaluate)
+    evaluate.set_defaults(run=run_eval)
+
+    sweep = commands.add_parser("sweep", help="evaluate a grid of settings beside random controls; pick the best")
+    sweep.add_argument("model", metavar="MODEL")
+    _data_args(sweep, "--data", "calibration pairs", "train")
+    sweep.add_argument("--eval", required=True, dest="eval_data", help="validation quadruples (never the test set)")
+    sweep.add_argument("--eval-split", default="validation")
+    sweep.add_argument("--eval-samples", type=int, default=300)
+    sweep.add_argument("--zero-shot", default=None, help="as for eval; needed for --max-zero-shot-drop")
+    _setting_args(sweep, grid=True)
+    sweep.add_argument("--max-zero-shot-drop", type=float, default=5.0,
+                       help="largest loss in points (zero-shot accuracy, or safe R@1 without --zero-shot)")
+    sweep.add_argument("--output", default="uwm-sweep", help="folder for sweep.csv and pareto.png")
+    sweep.add_argument("--save-best", help="save the chosen setting's delta to this folder")
+    _common(sweep)
+    sweep.set_defaults(run=run_sweep)
+
+    metric = commands.add_parser("push-metric", help="publish the SafeGround metric as a Space for evaluate.load")
+    metric.add_argument("repo_id", metavar="NAMESPACE/safeground")
+    metric.add_argument("--private", action="store_true")
+    metric.set_defaults(run=run_push_metric, quiet=True)
+    return parser
+
+
+def _common(p):
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
+
+
+def _data_args(p, flag, what, split):
+    p.add_argument(flag, required=True, dest="data", metavar="DATA", help=what)
+    p.add_argument("--split", default=split, help=f"dataset split (default {split})")
+    p.add_argument("--samples", type=int, default=None, help="use this many pairs, drawn with --seed")
+    p.add_argument("--columns", default=None, help="column mapping, e.g. safe_text=caption,unsafe_text=nsfw")
+
+
+def _setting_args(p, grid: bool = False):
+    many = {"nargs": "+"} if grid else {}
+    p.add_argument("--tau", type=float, default=None, **many,
+                   help="share of each layer's score mass to select (default: family's, 0.02 for CLIP)")
+    p.add_argument("--alpha", type=float, default=[-1.0] if grid else -1.0, **many,
+                   help="factor for selected weights (-1 negates, 0 prunes; default -1)")
+    p.add_argument("--towers", default="text,vision", help="towers to edit: text, vision or text,vision")
+    p.add_argument("--score", default="ratio", choices=["ratio", "unsafe", "difference", "attribution", "random"])
+    p.add_argument("--token-norm", default="l2", choices=["l2", "rms"])
+    if grid:
+        p.add_argument("--layers", nargs="+", default=None,
+                       help="layer sets to compare, each 'tower:pattern[,tower:pattern]', e.g. "
+                            "text:self_attn.out_proj vision:mlp.fc2 text:mlp.fc1,vision:mlp.fc2")
+
+
+# --- loading ----------------------------------------------------------------------------------------
+def _columns(spec: str | None) -> dict | None:
+    if not spec:
+        return None
+    try:
+        return dict(item.split("=", 1) for item in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--columns must look like safe_text=caption,unsafe_text=nsfw; got {spec!r}.") from None
+
+
+def load_data(source: str, split: str, samples: int | None, seed: int, columns: str | None = None, default=512):
+    if source == ORGANISM:
+        from .organism import make_pairs
+
+        return make_pairs(samples or default, seed=seed, split=split)
+    from .data import load_pairs
+
+    return load_pairs(source, split=split, samples=samples, seed=seed, columns=_columns(columns))
+
+
+def load_zero_shot(source: str | None, n: int = 500, seed: int = 0):
+    from .evaluation import ZeroShotTask
+
+    if source is None:
+        return None
+    if source == ORGANISM:
+        from .organism import zero_shot_task
+
+        return ZeroShotTask(*zero_shot_task(n, seed=seed))
+    from .data import read_source  # the reader of load_pairs, without the pair schema
+
+    dataset, _ = read_source(source, "test", None, {})
+    return ZeroShotTask.from_dataset(dataset)
+
+
+def load_model(name: str):
+    from .editor import load_model as load
+
+    if name == ORGANISM:
+        from .organism import load_organism
+
+        return load_organism()
+    return load(name)
+
+
+def _config(args, **overrides):
+    from .config import UWMConfig
+
+    towers = {t.strip() for t in args.towers.split(",")}
+    if not towers or towers - {"text", "vision"}:
+        raise ValueError(f"--towers takes text, vision or text,vision; got {args.towers!r}.")
+    settings = dict(tau=args.tau, alpha=args.alpha, score=args.score, token_norm=args.token_norm,
+                    batch_size=args.batch_size, seed=args.seed)
+    settings.update(text_targets=None if "text" in towers else [], vision_targets=None if "vision" in towers else [])
+    settings.update(overrides)
+    return UWMConfig(**settings)
+
+
+# --- commands ---------------------------------------------------------------------------------------
+def run_edit(args):
+    from .editor import UWMEditor
+
+    data = load_data(args.data, args.split, args.samples, args.seed, args.columns)
+    model, processor = load_model(args.model)
+    editor = UWMEditor(model, processor, _config(args), base_model=_base_id(args.model))
+    editor.calibrate(data, progress=not args.quiet)
+    folder = editor.save_pretrained(args.output)
+    print(f"saved the delta to {folder}: {editor.counts()} weights selected (τ={editor.config.tau}, "
+          f"α={editor.config.alpha})")
+
+
+def _base_id(name: str) -> str:
+    from .organism import organism_path
+
+    return organism_path() if name == ORGANISM else name
+
+
+def run_eval(args):
+    from .evaluation import compare, evaluate_model
+    from .hub import resolve_delta_folder
+
+    data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=1000)
+    zero_shot = load_zero_shot(args.zero_shot or (ORGANISM if args.data == ORGANISM else None))
+    run = dict(zero_shot=zero_shot, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet,
+               batch_size=args.batch_size)
+    if args.model != ORGANISM and resolve_delta_folder(args.model) is not None:
+        from .editor import UWMEditor
+
+        editor = UWMEditor.from_pretrained(args.model)
+        reports = {"base": evaluate_model(editor.model, editor.processor, data, **run)}
+        editor.apply()
+        reports["edited"] = evaluate_model(editor.model, editor.processor, data, **run)
+        print(compare(reports))
+    else:
+        model, processor = load_model(args.model)
+        reports = {"model": evaluate_model(model, processor, data, **run)}
+        print(reports["model"])
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+
+
+def run_sweep(args):
+    from . import sweep as sw
+    from .editor import UWMEditor
+    from .evaluation import evaluate_model
+
+    calibration = load_data(args.data, args.split, args.samples, args.seed, args.columns)
+    validation = load_data(args.eval_data, args.eval_split, args.eval_samples, args.seed + 1)
+    zero_shot = load_zero_shot(args.zero_shot or (ORGANISM if args.eval_data == ORGANISM else None),
+                               n=args.eval_samples, seed=args.seed + 1)
+    model, processor = load_model(args.model)
+    layer_sets = [_layer_set(s) for s in args.layers] if args.layers else [{}]
+    union = {f"{t}_targets": sorted({p for s in layer_sets for p in s.get(f"{t}_targets", [])})
+             for t in ("text", "vision")} if args.layers else {}
+    editor = UWMEditor(model, processor, _config(args, tau=None, alpha=-1.0, **union), base_model=_base_id(args.model))
+    editor.calibrate(calibration, progress=not args.quiet)
+
+    def evaluate(m):
+        return evaluate_model(m, processor, validation, zero_shot=zero_shot, bootstrap=0, progress=False)
+
+    base = evaluate(model)
+    taus = args.tau or [editor.config.tau]
+    grid = [dict(layers, tau=t, alpha=a) for layers, t, a in itertools.product(layer_sets, taus, args.alpha)]
+    rows = sw.sweep(editor, grid, evaluate, method=args.score, control_seed=args.seed, progress=not args.quiet)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = sw.choose(rows, base, args.max_zero_shot_drop)
+    print(sw.table(rows, base))
+    sw.write_csv(rows, out / "sweep.csv", base)
+    sw.pareto_plot(rows, out / "pareto.png", base, chosen)
+    print(f"\nwrote {out / 'sweep.csv'} and {out / 'pareto.png'}")
+    if chosen is None:
+        print(f"no setting stays within {args.max_zero_shot_drop} points of the base model's {sw.knowledge_name(base)}")
+        return 0
+    print(f"chosen (max GS within {args.max_zero_shot_drop} points of {sw.knowledge_name(base)}): {chosen.label()}")
+    if args.save_best:
+        editor.with_settings(**chosen.setting).save_pretrained(args.save_best, chosen.report)
+        print(f"saved its delta to {args.save_best}")
+
+
+def _layer_set(spec: str) -> dict:
+    targets = {"text_targets": [], "vision_targets": []}
+    for item in spec.split(","):
+        tower, _, pattern = item.partition(":")
+        if tower not in ("text", "vision") or not pattern:
+            raise ValueError(f"--layers items look like text:self_attn.out_proj or vision:mlp.fc2; got {item!r}.")
+        targets[f"{tower}_targets"].append(pattern)
+    return targets
+
+
+def run_push_metric(args):
+    from .hub import push_metric
+
+    info = push_metric(args.repo_id, private=args.private or None)
+    print(f"pushed the SafeGround metric to the Space {args.repo_id}: evaluate.load({args.repo_id!r})\n{info}")
+
+
+def run_demo(args):
+    from .demo import run
+
+    start = time.perf_counter()
+    run(Path(args.output), max_zero_shot_drop=args.max_zero_shot_drop, seed=args.seed,
+        batch_size=args.batch_size, progress=not args.quiet)
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {args.output}/")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
