@@ -32,15 +32,11 @@ def select_adaptive(scores: torch.Tensor, tau: float, name: str = "layer") -> to
     if total <= 0:
         raise ValueError(f"All scores of layer {name!r} are zero: there is nothing to select. "
                          "Use another score variant or drop this layer from the targets.")
-    k = min(flat.numel(), 1024)
-    while True:
-        order = _ranked_top(flat, k)
-        share = flat[order] / total
-        before = torch.cumsum(share, 0) - share               # exclusive running sum c_k
-        # Entries past the candidates start at c >= the candidates' mass: done once that reaches τ.
-        if order.numel() == flat.numel() or float(before[-1] + share[-1]) >= tau:
-            break
-        k = min(flat.numel(), 4 * k)
+    # The top ⌈τ·n⌉ entries hold at least τ of the mass (their average is at least the mean), so
+    # the selected set lies inside them; one more covers rounding at the boundary.
+    order = _ranked_top(flat, math.ceil(tau * flat.numel()) + 1)
+    share = flat[order] / total
+    before = torch.cumsum(share, 0) - share                    # exclusive running sum c_k
     count = int((before < tau).sum())
     return order[:count].sort().values
 
