@@ -8,7 +8,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCORES = ("ratio", "unsafe", "difference", "attribution", "random")
+SCORES = ("ratio", "unsafe", "difference", "attribution", "random", "g_unsafe", "g_safeclip")
+# Scores from one gradient pass over both towers (they need all four columns of the pairs).
+GRADIENT_SCORES = ("attribution", "g_unsafe", "g_safeclip")
+# The paper's training-free baselines (hf_uwm.baselines): gradient magnitudes, pruned at a sparsity.
+BASELINES = ("g_unsafe", "g_safeclip")
 SELECTIONS = ("adaptive", "fixed")
 TOKEN_NORMS = ("l2", "rms")
 TOWERS = ("text", "vision")
@@ -68,6 +72,22 @@ class UWMConfig:
         _check("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool),
                "seed must be an integer")
         _check("extra", isinstance(self.extra, dict), "extra must be a dict of JSON values")
+
+    @classmethod
+    def baseline(cls, score: str, sparsity: float = 0.02, **settings) -> "UWMConfig":
+        """A config of the paper's baselines: prune (α = 0) the top `sparsity` fraction of weights per layer.
+
+        >>> UWMConfig.baseline("g_unsafe", sparsity=0.02, vision_targets=[])   # doctest: +SKIP
+
+        `score` is "g_unsafe" or "g_safeclip"; `settings` set any other field (targets, batch_size...).
+        """
+        if score not in BASELINES:
+            raise ValueError(f"UWMConfig.baseline: score must be one of {BASELINES}, got {score!r}.")
+        fixed = sorted(set(settings) & {"score", "selection", "density", "alpha"})
+        if fixed:
+            raise ValueError(f"UWMConfig.baseline sets {fixed} itself (fixed selection at `sparsity`, alpha=0); "
+                             "use UWMConfig(...) directly for other settings.")
+        return cls(score=score, selection="fixed", density=sparsity, alpha=0.0, **settings)
 
     def prior(self, tower: str) -> bool:
         return self.text_prior if tower == "text" else self.vision_prior

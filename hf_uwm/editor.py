@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import Adapter
-from .config import UWMConfig
+from .baselines import g_safeclip_loss, g_unsafe_loss, gradient_magnitude
+from .config import GRADIENT_SCORES, UWMConfig
 from .data import columns_for, validate_pairs
 from .delta import FORMAT_VERSION, fingerprint, read_delta, write_delta
 from .hub import DEFAULT_DATASET, push_edit, render_card, resolve_delta_folder
@@ -115,7 +117,7 @@ class UWMEditor:
 
         if self._originals is not None:
             raise RuntimeError("The edit is applied: call revert() before calibrating again.")
-        if checkpoint_dir is not None and self.config.score in ("attribution", "random"):
+        if checkpoint_dir is not None and self.config.score in (*GRADIENT_SCORES, "random"):
             raise ValueError(f"checkpoint_dir applies to forward statistics, not to score={self.config.score!r}.")
         self.fingerprint = fingerprint(self.target_layers)
         # On CPU, accelerate only joins the processes of a launcher when told the model is on the CPU.
@@ -123,13 +125,13 @@ class UWMEditor:
         if self.config.score == "random":
             self.scores = random_scores(self.target_layers, self.config.seed)
         else:
-            columns = columns_for(("text", "vision") if self.config.score == "attribution" else self.towers)
+            columns = columns_for(("text", "vision") if self.config.score in GRADIENT_SCORES else self.towers)
             if dataset is None:
                 raise ValueError(f"calibrate needs a dataset with columns {list(columns)}.")
             dataset = validate_pairs(dataset, columns)
             run = _Run(dataset, state, progress, num_workers, checkpoint_dir, checkpoint_every, autocast)
-            if self.config.score == "attribution":
-                self.scores = self._attribution_scores(run)
+            if self.config.score in GRADIENT_SCORES:
+                self.scores = self._gradient_scores(run, *self._gradient_objective())
             else:
                 self.scores = {name: s for tower in self.towers for name, s in self._tower_scores(tower, run).items()}
         delta = [self.select() if state.is_main_process else None]
@@ -175,26 +177,47 @@ class UWMEditor:
                                       cfg.prior(tower)).cpu()
                 for name, layer in layers.items()}
 
-    def _attribution_scores(self, run: "_Run") -> dict[str, torch.Tensor]:
-        """A = W ⊙ ∂m/∂W for the unsafe-preference margin m (SPEC §3), kept where positive."""
+    def _gradient_objective(self):
+        """(loss over a batch's normalised embeddings, score of a weight from (W, ∂L/∂W)) of a gradient score."""
+        score = self.config.score
+        if "text" not in self.adapter.towers:
+            raise ValueError(f"score={score!r} compares text and image embeddings; "
+                             f"{type(self.model).__name__} has no text tower: use a UWM score such as 'ratio'.")
+        if score == "attribution":
+            # A = W ⊙ ∂m/∂W for the unsafe-preference margin m (SPEC §3), kept where positive.
+            return preference_margin, lambda weight, grad: (weight * grad).clamp(min=0)
+        if score == "g_unsafe":
+            return g_unsafe_loss, gradient_magnitude
+        # InfoNCE at the model's own temperature (CLIP and SigLIP both keep it as log of the scale).
+        return partial(g_safeclip_loss, logit_scale=self.model.logit_scale.detach().exp()), gradient_magnitude
+
+    def _gradient_scores(self, run: "_Run", loss_fn, transform) -> dict[str, torch.Tensor]:
+        """transform(W, ∂L/∂W) per target layer, L = (1/N) Σ_batches loss_fn(Ts, Tu, Is, Iu).
+
+        `loss_fn` maps a batch's normalised (B, D) embeddings to the sum of its per-pair losses;
+        both towers run with gradients on the target weights only, one backward per batch, and the
+        gradients are summed over processes. Grads already on the target weights are put back.
+        """
         layers, adapter = self.target_layers, self.adapter
         preprocess_text, preprocess_images = self._preprocess("text"), self._preprocess("vision")
-        with only_requires_grad(self.model, [layer.weight for layer in layers.values()]):
-            batches = self._batches(run, lambda rows: (preprocess_text(rows), preprocess_images(rows)),
-                                    "UWM attribution")
-            for _, rows, (text_inputs, image_inputs) in batches:
-                with run.autocast(adapter.device):
-                    texts = adapter.embed_text(adapter.to_device(text_inputs))        # (2B, D)
-                    images = adapter.embed_images(adapter.to_device(image_inputs))    # (2B, D)
-                b = len(rows)
-                margin = preference_margin(texts[:b], texts[b:], images[:b], images[b:]) / len(run.dataset)
-                margin.backward()
-            _all_reduce_grads(layers)
-            scores = {name: (layer.weight.detach() * layer.weight.grad).clamp(min=0).to("cpu", torch.float64)
-                      for name, layer in layers.items()}
-            for layer in layers.values():
-                layer.weight.grad = None
-        return scores
+        saved_grads = {name: layer.weight.grad for name, layer in layers.items()}
+        try:
+            with only_requires_grad(self.model, [layer.weight for layer in layers.values()]):
+                batches = self._batches(run, lambda rows: (preprocess_text(rows), preprocess_images(rows)),
+                                        f"UWM {self.config.score}")
+                for _, rows, (text_inputs, image_inputs) in batches:
+                    with run.autocast(adapter.device):
+                        texts = adapter.embed_text(adapter.to_device(text_inputs))        # (2B, D)
+                        images = adapter.embed_images(adapter.to_device(image_inputs))    # (2B, D)
+                    b = len(rows)
+                    loss = loss_fn(texts[:b], texts[b:], images[:b], images[b:]) / len(run.dataset)
+                    loss.backward()
+                _all_reduce_grads(layers)
+                return {name: transform(layer.weight.detach(), layer.weight.grad).to("cpu", torch.float64)
+                        for name, layer in layers.items()}
+        finally:
+            for name, layer in layers.items():
+                layer.weight.grad = saved_grads[name]
 
     # --- selection ------------------------------------------------------------------------------
     def select(self) -> dict[str, torch.Tensor]:
