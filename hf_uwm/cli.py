@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import SCORES
+
 ORGANISM = "organism"
 EPILOG = """examples:
   hf-uwm demo                                   # the whole job on the bundled model organism
@@ -116,7 +118,8 @@ def _setting_args(p, grid: bool = False):
     p.add_argument("--alpha", type=float, default=[-1.0] if grid else -1.0, **many,
                    help="factor for selected weights (-1 negates, 0 prunes; default -1)")
     p.add_argument("--towers", default="text,vision", help="towers to edit: text, vision or text,vision")
-    p.add_argument("--score", default="ratio", choices=["ratio", "unsafe", "difference", "attribution", "random"])
+    p.add_argument("--score", default="ratio", choices=SCORES,
+                   help="ratio (UWM), unsafe, difference, attribution, random, g_unsafe or g_safeclip")
     p.add_argument("--token-norm", default="l2", choices=["l2", "rms"])
     if grid:
         p.add_argument("--layers", nargs="+", default=None,

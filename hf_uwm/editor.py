@@ -286,6 +286,8 @@ class UWMEditor:
             raise ValueError(f"{path} is not a score cache written by UWMEditor.save_scores.")
         saved = UWMConfig.from_json_string(meta["config"])
         score_fields = ("score", "token_norm", "eps", "text_targets", "vision_targets", "text_prior", "vision_prior")
+        if saved.score == "g_safeclip":  # its in-batch contrastive loss depends on the batch
+            score_fields += ("batch_size",)
         differing = [f for f in score_fields if getattr(saved, f) != getattr(self.config, f)]
         if differing:
             raise ValueError(f"The cached scores were computed with other {differing}; use an editor with the "
