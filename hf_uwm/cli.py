@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="uwm-demo", help="folder for deltas, tables and plots (default ./uwm-demo)")
     demo.add_argument("--max-zero-shot-drop", type=float, default=5.0,
                       help="largest zero-shot loss in points a chosen setting may cost (default 5)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads (default 1: the organism is so small that more threads mostly wait)")
     _common(demo)
     demo.set_defaults(run=run_demo)
 
@@ -285,8 +287,11 @@ def run_push_metric(args):
 
 
 def run_demo(args):
+    import torch
+
     from .demo import run
 
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     run(Path(args.output), max_zero_shot_drop=args.max_zero_shot_drop, seed=args.seed,
         batch_size=args.batch_size, progress=not args.quiet)

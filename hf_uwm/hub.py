@@ -129,7 +129,8 @@ def _base_license(record: dict, api: HfApi | None = None) -> str | None:
     try:
         if base and Path(base).expanduser().is_dir():
             readme = Path(base).expanduser() / CARD_NAME
-            return ModelCard.load(readme).data.license if readme.is_file() else None
+            has_metadata = readme.is_file() and readme.read_text(errors="replace").startswith("---")
+            return ModelCard.load(readme).data.license if has_metadata else None
         if api is not None and _is_hub_id(base):
             card_data = api.model_info(base, revision=record.get("base_revision")).card_data
             return card_data.license if card_data else None
