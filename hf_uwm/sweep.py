@@ -112,10 +112,12 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for method in dict.fromkeys(r.method for r in rows):
+    fig, ax = plt.subplots(figsize=(10, 5))
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>ph"
+    for i, method in enumerate(dict.fromkeys(r.method for r in rows)):
         mine = [r for r in rows if r.method == method]
-        ax.scatter([knowledge(r.report) for r in mine], [r.report.safeground["GS"] for r in mine], label=method)
+        ax.scatter([knowledge(r.report) for r in mine], [r.report.safeground["GS"] for r in mine], label=method,
+                   color=colours[i % len(colours)], marker=markers[i % len(markers)])
     ax.scatter([knowledge(r.control) for r in rows], [r.control.safeground["GS"] for r in rows], marker="x",
                color="grey", label="random control (same size)")
     if base is not None:
@@ -127,7 +129,7 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
     ax.set_ylabel("SafeGround GS (%)")
     ax.set_title("Safety / knowledge trade-off (validation)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
