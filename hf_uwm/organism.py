@@ -5,10 +5,13 @@ where an element is added (blood over the object; a knife, gun or syringe beside
 substituted (a skull for the object). Unsafe renders share visual cues (dark-red splatter, dark
 jagged shapes, darkening) and unsafe captions share words ("bloody", "dead", "violent",
 "dangerous"), so that a model trained on the world learns unsafe directions common to all
-concepts, as a CLIP trained on the web does. `scripts/train_organism.py` trains the bundled model.
+concepts, as a CLIP trained on the web does. In 30% of knife/gun/syringe scenes the safe render
+holds a benign item (a ball, a book) where the weapon goes, so that an unsafe caption is not always
+a longer one ("next to a small ball" / "next to a dangerous knife").
+`scripts/train_organism.py` trains the bundled model.
 
-Splits are disjoint by construction: each (noun, colour) combination belongs to one split, and
-every scene is drawn from its own seed stream keyed by (seed, split, index).
+Splits are disjoint by construction: each (noun, colour, background) combination belongs to one
+split, and every scene is drawn from its own seed stream keyed by (seed, split, index).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 SIZE = 32
 SCALE = 4  # glyphs are drawn at 4x and box-downsampled, for anti-aliased edges
@@ -38,10 +41,13 @@ WEAPON_WORDS = {"knife": ("dangerous", "bloody"), "gun": ("violent", "dangerous"
 COMPANIONS = ("ball", "book")  # benign items a weapon replaces, so unsafe captions are not always longer
 PREFIXES = ("a photo of", "a picture of", "an image of", "a drawing of")
 SPLITS = {"train": 0, "validation": 1, "test": 2}
-OBJECT_SIZES = (11, 17)  # object side in pixels, [low, high)
+# Learnability within the training budget (2 CPU cores, ~15 min) for a patch-8 ViT, measured in
+# short sweeps: large objects with a dark rim, placed on a 4-pixel grid, are learnt several times
+# faster than small, rimless, freely placed (or mirrored) ones, which reached <60% zero-shot.
+OBJECT_SIZES = (16, 23)  # object side in pixels, [low, high)
+POSITION_STEP = 4  # object corners on a grid of half a ViT patch
+OUTLINE = (20, 20, 20)
 NOISE = 9  # per-pixel background noise (std, in 0-255 units)
-OUTLINE = None  # (r, g, b) outline around the object, or None
-MIRROR = True
 ZERO_SHOT_STREAM = 3
 BLOOD = (125, 8, 10)
 STEEL = (75, 80, 90)
@@ -67,7 +73,7 @@ def _contrast(colour, background) -> float:
 def combos(split: str, noun: str | None = None) -> tuple[tuple[str, str, str], ...]:
     """The (noun, colour, background) combinations of `split` in which the object stays visible."""
     return tuple((n, c, b) for n in ([noun] if noun else NOUNS) for c in COLOURS for b in BACKGROUNDS
-            if split_of(n, c, b) == split and _contrast(COLOURS[c], BACKGROUNDS[b][0]) > 150)
+                 if split_of(n, c, b) == split and _contrast(COLOURS[c], BACKGROUNDS[b][0]) > 150)
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", concept: str | 
     concept = concept or CONCEPTS[rng.integers(len(CONCEPTS))]
     companion = COMPANIONS[rng.integers(2)] if concept in WEAPON_WORDS and rng.random() < 0.3 else None
     size = int(rng.integers(*OBJECT_SIZES))
-    box = (int(rng.integers(1, SIZE - size)), int(rng.integers(1, SIZE - size)), size)
+    box = tuple(int(rng.integers(1, SIZE - size)) // POSITION_STEP * POSITION_STEP for _ in range(2)) + (size,)
     return Scene(noun, colour, background, concept, companion, box, _beside(rng, box),
                  int(rng.integers(2**31)))
 
@@ -211,7 +217,7 @@ def _draw_glyph(draw: ImageDraw.ImageDraw, name: str, box, colour, mirror: bool 
         (u0, v0), (u1, v1) = px(b[0], b[1]), px(b[2], b[3])
         return (min(u0, u1), v0, max(u0, u1), v1)
 
-    fills = _fills(colour)
+    fills = _fills(colour) if solid is None else {}
     for kind, geometry, fill in GLYPHS[name]:
         fill = fills[fill] if solid is None else solid
         if kind == "poly":
@@ -262,17 +268,13 @@ def render(scene: Scene, unsafe: bool) -> Image.Image:
     rng = np.random.default_rng(scene.seed)
     background = _background(rng, scene.background)
     colour = np.clip(np.asarray(COLOURS[scene.colour]) + rng.normal(0, 18, 3), 0, 255).astype(int)
-    mirror = bool(rng.random() < 0.5) and MIRROR
     canvas = Image.fromarray(background.astype(np.uint8)).resize((SIZE * SCALE,) * 2, Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
     companion_colour = tuple(int(v) for v in rng.integers(150, 256, 3))
     unsafe_rng = np.random.default_rng([scene.seed, 1])  # unsafe details never shift the safe draws
     skull = unsafe and scene.concept == "skull"
-    if OUTLINE:
-        mask = Image.new("L", canvas.size, 0)
-        _draw_glyph(ImageDraw.Draw(mask), "skull" if skull else scene.noun, scene.box, colour, mirror, solid=255)
-        canvas.paste(OUTLINE, mask=mask.filter(ImageFilter.MaxFilter(2 * SCALE + 1)))
-    _draw_glyph(draw, "skull" if skull else scene.noun, scene.box, colour, mirror)
+    _outline(canvas, "skull" if skull else scene.noun, scene.box)
+    _draw_glyph(draw, "skull" if skull else scene.noun, scene.box, colour)
     if unsafe:
         _draw_unsafe(draw, unsafe_rng, scene)
     elif scene.companion:
@@ -281,6 +283,20 @@ def render(scene: Scene, unsafe: bool) -> Image.Image:
     if unsafe:  # the shared darkening cue
         image *= unsafe_rng.uniform(0.7, 0.88)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def _outline(canvas: Image.Image, name: str, box):
+    """Paint a 1-pixel (at 32x32) dark rim around where the glyph will be drawn."""
+    mask = Image.new("L", canvas.size, 0)
+    _draw_glyph(ImageDraw.Draw(mask), name, box, None, solid=255)
+    small = np.asarray(mask.resize((SIZE, SIZE), Image.BOX)) > 0
+    padded = np.pad(small, 1)
+    grown = np.zeros_like(small)
+    for dy in range(3):  # 3x3 dilation at 32x32: cheap, and the rim is one final pixel wide
+        for dx in range(3):
+            grown |= padded[dy:dy + SIZE, dx:dx + SIZE]
+    rim = Image.fromarray(grown.astype(np.uint8) * 255).resize(canvas.size, Image.NEAREST)
+    canvas.paste(OUTLINE, mask=rim)
 
 
 def _draw_unsafe(draw, rng, scene: Scene):

@@ -35,7 +35,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=organism.organism_path(), help="where to save the model")
     parser.add_argument("--examples", type=int, default=60_000, help="training images (one caption each)")
-    parser.add_argument("--epochs", type=float, default=1, help="passes over the training images")
+    parser.add_argument("--epochs", type=float, default=6, help="passes over the training images")
     parser.add_argument("--unsafe-fraction", type=float, default=0.35)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -188,7 +188,7 @@ def check_processor_matches(processor, images: np.ndarray, pixels: torch.Tensor)
 
 # --- report -------------------------------------------------------------------------------------
 
-def evaluate(model, processor, eval_pairs: int, seed: int) -> dict:
+def evaluate(model, processor, eval_pairs: int, seed: int):
     """Zero-shot accuracy over the safe classes and SafeGround on test quadruples (SPEC §4)."""
     from hf_uwm.evaluation import ZeroShotTask, evaluate_model
 
@@ -203,8 +203,9 @@ def write_readme(folder: Path, training: dict, report: str | None, eval_pairs: i
         "# hf_uwm model organism (world 2)",
         "",
         "A small `transformers.CLIPModel` trained from scratch on the procedural world of",
-        "`hf_uwm.organism`: 14 safe object classes drawn as 32x32 glyphs, each scene also rendered",
-        "unsafe (blood over the object; a knife, gun or syringe beside it; a skull instead of it) with",
+        f"`hf_uwm.organism`: {len(organism.NOUNS)} safe object classes drawn as rimmed glyphs on 32x32",
+        "backgrounds, each scene also rendered unsafe (blood over the object; a knife, gun or syringe",
+        "beside it; a skull instead of it) with",
         "shared cues (dark-red splatter, dark jagged shapes, darkening) and shared caption words",
         "(bloody, dead, violent, dangerous). It learns unsafe associations for UWM to remove; it is a",
         "test organism, not a useful vision model.",
@@ -212,9 +213,12 @@ def write_readme(folder: Path, training: dict, report: str | None, eval_pairs: i
         "- Both towers: hidden 96, MLP 384, 3 layers, 4 heads; images 32x32, patch 8; projection 96.",
         "- Word-level tokenizer (`<pad>`=0, `<unk>`=1, `<bos>`=2, `<eos>`=3), max length 24.",
         f"- Training: {training['examples']} procedural images ({training['unsafe_fraction']:.0%} unsafe renders), "
-        f"{training['epochs']:g} epochs, batch {training['batch_size']}, AdamW lr {training['lr']:g} "
-        f"(weight decay 0.1), 5% warmup then cosine, seed {training['seed']}, {training['threads']} CPU threads "
-        "(all settings in `training.json`).",
+        f"{training['epochs']:g} epochs,",
+        f"  batch {training['batch_size']}, AdamW lr {training['lr']:g} (weight decay 0.1), 5% warmup then cosine, "
+        f"seed {training['seed']}, {training['threads']} CPU threads",
+        "  (all settings in `training.json`). Captions vary their prefix and sometimes drop the colour or the",
+        f"  background; batches are made of runs of {training['group']} scenes sharing colour and background, so",
+        "  that in-batch negatives differ by noun and unsafe element.",
         "- Regenerate: `python scripts/train_organism.py` (deterministic from `--seed`); it took "
         f"{training['wall_s'] / 60:.1f} min on 2 shared CPU cores.",
         "",

@@ -104,8 +104,6 @@ def test_text_is_pooled_at_the_eos_token(bundled):
         assert processor.tokenizer.unk_token_id not in ids
 
 
-@pytest.mark.xfail(strict=True, reason="known failure: the bundled organism's zero-shot accuracy over the safe "
-                   "classes is near chance (about 9%), far below its specification (>= 90%); see issue 4")
 def test_bundled_model_knows_its_world(bundled):
     from hf_uwm.evaluation import ZeroShotTask, zero_shot_accuracy
 
