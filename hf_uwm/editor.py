@@ -17,7 +17,7 @@ from .data import columns_for, validate_pairs
 from .delta import FORMAT_VERSION, fingerprint, read_delta, write_delta
 from .hub import DEFAULT_DATASET, push_edit, render_card, resolve_delta_folder
 from .scoring import finalize_scores
-from .selection import select_adaptive, select_fixed, select_random
+from .selection import layer_generator, select_adaptive, select_fixed, select_random
 from .statistics import RunningScores, checkpoint_key, only_requires_grad, preference_margin, random_scores
 
 
@@ -307,8 +307,8 @@ class UWMEditor:
                             base_model=self.base_model, base_revision=self.base_revision)
         control.fingerprint = self.fingerprint
         for i, (name, idx) in enumerate(self.delta.items()):
-            generator = torch.Generator().manual_seed(seed * 100_003 + i)
-            control.delta[name] = select_random(self.target_layers[name].weight.numel(), idx.numel(), generator)
+            control.delta[name] = select_random(self.target_layers[name].weight.numel(), idx.numel(),
+                                                layer_generator(seed, i))
         return control
 
     # --- manipulation ---------------------------------------------------------------------------

@@ -47,6 +47,11 @@ def select_fixed(scores: torch.Tensor, density: float, name: str = "layer") -> t
     return _ranked_top(_checked(scores, name), count)[:count].sort().values
 
 
+def layer_generator(seed: int, layer_index: int) -> torch.Generator:
+    """A generator per layer, so adding a layer changes no other layer's random draw."""
+    return torch.Generator().manual_seed(seed * 100_003 + layer_index)
+
+
 def select_random(numel: int, count: int, generator: torch.Generator) -> torch.Tensor:
     """`count` distinct flat indices drawn uniformly: the random control of a selection."""
     return torch.randperm(numel, generator=generator)[:count].sort().values

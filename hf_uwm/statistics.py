@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .scoring import pair_factors, token_statistics
+from .selection import layer_generator
 
 
 class RunningScores:
@@ -121,11 +122,10 @@ def checkpoint_key(**parts) -> str:
 
 
 def random_scores(layers: dict[str, nn.Linear], seed: int) -> dict[str, torch.Tensor]:
-    """Uniform random scores per layer, seeded per layer so adding a layer changes no other."""
+    """Uniform random scores per layer, drawn from `layer_generator`."""
     scores = {}
     for i, (name, layer) in enumerate(layers.items()):
-        generator = torch.Generator().manual_seed(seed * 100_003 + i)
-        scores[name] = torch.rand(layer.weight.shape, generator=generator, dtype=torch.float64)
+        scores[name] = torch.rand(layer.weight.shape, generator=layer_generator(seed, i), dtype=torch.float64)
     return scores
 
 
