@@ -19,21 +19,17 @@ def token_statistics(x: torch.Tensor, mask: torch.Tensor | None, token_norm: str
     Returns n (B, in), sigma (B, in), in float64 when x is float64 and float32 otherwise.
     """
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if mask is None:
-        tokens = torch.full((x.shape[0], 1), x.shape[1], dtype=x.dtype, device=x.device)
-        var, mean = torch.var_mean(x, dim=1, correction=1)      # one fused pass; (B, in) each
-        if x.shape[1] == 1:
-            var = torch.zeros_like(var)
-        # Σx² = (T-1)·var + T·mean²: a sum of non-negative terms, so no cancellation.
-        norm = ((tokens - 1) * var + tokens * mean.square()).sqrt()
-    else:
-        mask = mask.to(x.dtype).unsqueeze(-1)                  # (B, T, 1)
-        tokens = mask.sum(1)                                   # (B, 1)
-        masked = x * mask
-        norm = masked.square().sum(1).sqrt()                   # (B, in)
-        mean = masked.sum(1) / tokens                          # (B, in)
-        # Two passes, not E[x²]-E[x]², because activations often have |mean| >> std.
-        var = ((x - mean.unsqueeze(1)) * mask).square().sum(1) / (tokens - 1).clamp(min=1)
+    valid = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
+    valid = valid.unsqueeze(1)                                 # (B, 1, T)
+    tokens = valid.sum(-1)                                     # (B, 1)
+    # Token sums as batched matmuls: on CPU, torch.var_mean over dim 1 is several times slower
+    # than the layer's own matmul. Two passes, not E[x²]-E[x]², because |mean| >> std is common.
+    mean = torch.bmm(valid, x).squeeze(1) / tokens             # (B, in)
+    centred = (x - mean.unsqueeze(1)).square_()                # (B, T, in)
+    squares = torch.bmm(valid, centred).squeeze(1)             # Σ (x - mean)²: (B, in)
+    var = squares / (tokens - 1).clamp(min=1)
+    # Σx² = Σ(x - mean)² + T·mean²: non-negative terms, so no cancellation.
+    norm = (squares + tokens * mean.square()).sqrt()
     if token_norm == "rms":
         norm = norm / tokens.sqrt()
     return norm, var.sqrt()
@@ -67,9 +63,9 @@ def pair_factors(score: str, safe, unsafe, abs_weight: torch.Tensor, eps: float)
 
 def finalize_scores(sums: torch.Tensor, n_pairs: int, score: str, weight: torch.Tensor, prior: bool):
     """S = sums / N, clamped at 0 for 'difference', times |W| when the magnitude prior is on."""
-    scores = sums / n_pairs
+    scores = sums / n_pairs                                    # the one new (out, in) float64 tensor
     if score == "difference":
-        scores = scores.clamp(min=0)
+        scores.clamp_(min=0)
     if prior:
-        scores = scores * weight.detach().abs().to(scores)
+        scores.mul_(weight.detach()).abs_()                    # = S·|W|, as S ≥ 0
     return scores

@@ -31,13 +31,18 @@ class RunningScores:
         self._abs_weight = {name: layer.weight.detach().abs().float() for name, layer in layers.items()}
         self._mask: torch.Tensor | None = None
         self._rows: list[int] = []
+        self._last: tuple | None = None          # (input, its version, n, sigma) of the last hook
+
+    def _statistics(self, x: torch.Tensor):
+        """token_statistics of a layer input, computed once for layers fed the same tensor (q, k, v)."""
+        if self._last is None or self._last[0] is not x or self._last[1] != x._version:
+            tokens = x.unsqueeze(1) if x.dim() == 2 else x      # (2B, T, in)
+            self._last = (x, x._version, *token_statistics(tokens, self._mask, self.token_norm))
+        return self._last[2:]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            (x,) = args[:1]                                    # (2B, T, in)
-            if x.dim() == 2:
-                x = x.unsqueeze(1)
-            n, sd = token_statistics(x, self._mask, self.token_norm)
+            n, sd = self._statistics(args[0])                  # (2B, in) each
             half = n.shape[0] // 2
             abs_weight = self._abs_weight[name].to(n.dtype)
             terms = pair_factors(self.score, (n[:half], sd[:half]), (n[half:], sd[half:]), abs_weight, self.eps)
@@ -67,12 +72,13 @@ class RunningScores:
     def observe(self, run_forward, inputs: dict, rows: list[int]):
         """One forward over 2·len(rows) items (safe rows first); `rows` name the pairs in errors."""
         mask = inputs.get("attention_mask")
-        self._mask = None if mask is None or bool(mask.all()) else mask   # None: the fused fast path
-        self._rows = rows
-        with torch.no_grad():
-            run_forward(inputs)
+        self._mask, self._rows = mask, rows
+        try:
+            with torch.no_grad():
+                run_forward(inputs)
+        finally:
+            self._last = None                                   # frees the batch's activations
         self.n_pairs += len(rows)
-
 
     # --- distributed and resumable use --------------------------------------------------------
     def all_reduce(self):

@@ -8,8 +8,9 @@ N pairs and batch size the script measures, each phase in a fresh process so pea
   (c) literal   per item and per weight φ materialised as a (B, out, in) tensor per layer per batch,
                 sums moved to the CPU (the style of the official code)
 
-Inputs are PIL images and captions, preprocessed on both sides. Prints wall time, peak memory and
-the ratios b/a and c/b.
+Inputs are PIL images and captions, preprocessed on both sides. The phases run in turn, `--repeats`
+times (a b c a b c ...), so that drifts of a shared machine hit all of them alike; the table gives
+the median wall time and the largest peak memory of each, and the ratios b/a and c/b.
 
     python scripts/bench_calibration.py --size b32 --pairs 64 --batch 16
     python scripts/bench_calibration.py --size l14 --pairs 1024 --batch 128 --device cuda --dtype bf16
@@ -160,23 +161,26 @@ def main():
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="forward precision")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for calibrate")
     parser.add_argument("--phases", default="forward,calibrate,literal")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each phase, interleaved")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         return phase(args)
-    results = {}
-    for name in args.phases.split(","):
-        cmd = [sys.executable, __file__, "--phase", name] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                             if k not in ("phase", "phases")]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results[name] = json.loads(out)
+    runs = {name: [] for name in args.phases.split(",")}
+    for _ in range(args.repeats):
+        for name in runs:
+            cmd = [sys.executable, __file__, "--phase", name] + [
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("phase", "phases", "repeats")]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            runs[name].append(json.loads(out))
+    sec = {k: float(np.median([r["seconds"] for r in v])) for k, v in runs.items()}
+    mem = {k: max(r["peak_gib"] for r in v) for k, v in runs.items()}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{args.size}, {args.pairs} pairs, batch {args.batch}, {args.dtype} forward, {device}")
-    print(f"{'phase':<10} {'seconds':>9} {'peak GiB':>9}")
-    for name, r in results.items():
-        print(f"{name:<10} {r['seconds']:>9.2f} {r['peak_gib']:>9.2f}")
-    sec = {k: v["seconds"] for k, v in results.items()}
-    mem = {k: v["peak_gib"] for k, v in results.items()}
+    print(f"\n{args.size}, {args.pairs} pairs, batch {args.batch}, {args.dtype} forward, {device}, "
+          f"median of {args.repeats}")
+    print(f"{'phase':<10} {'seconds':>9} {'peak GiB':>9}   all runs (s)")
+    for name, v in runs.items():
+        print(f"{name:<10} {sec[name]:>9.2f} {mem[name]:>9.2f}   " + " ".join(f"{r['seconds']:.2f}" for r in v))
     if "forward" in sec and "calibrate" in sec:
         print(f"calibrate / forward: time {sec['calibrate'] / sec['forward']:.2f}x, "
               f"peak memory {mem['calibrate'] / mem['forward']:.2f}x")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_uwm.selection import select_adaptive, select_fixed, select_random
+from hf_uwm.selection import _sample_indices, select_adaptive, select_fixed, select_random
 
 
 def naive_adaptive(scores, tau):
@@ -39,6 +39,19 @@ def test_adaptive_matches_naive_beyond_the_first_candidate_set(tau):
     scores = torch.randint(0, 50, (200, 200), generator=torch.Generator().manual_seed(2)).double()
     assert select_adaptive(scores, tau).tolist() == naive_adaptive(scores, tau)
     assert select_fixed(scores, tau).tolist() == naive_fixed(scores, tau)
+
+
+@pytest.mark.parametrize("hidden_from_sample", [True, False])
+@pytest.mark.parametrize("tau", [0.02, 0.8])
+def test_adaptive_matches_naive_when_the_sample_misleads(hidden_from_sample, tau):
+    # 120,000 entries: the cut is guessed from a sample. Spikes the sample misses make the guess
+    # too low; spikes only the sample sees make it too high, and the candidate set must widen.
+    scores = torch.rand(300, 400, generator=torch.Generator().manual_seed(3), dtype=torch.float64) ** 3
+    in_sample = torch.zeros(scores.numel(), dtype=torch.bool)
+    in_sample[_sample_indices(scores.numel())] = True
+    spikes = (~in_sample if hidden_from_sample else in_sample).nonzero().squeeze(1)[::500][:60]
+    scores.view(-1)[spikes] = 1e3
+    assert select_adaptive(scores, tau).tolist() == naive_adaptive(scores, tau)
 
 
 @pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 1.0])
