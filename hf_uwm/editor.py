@@ -72,19 +72,26 @@ class UWMEditor:
     def from_pretrained(cls, name_or_path: str | Path, config: UWMConfig | None = None, *, model=None,
                         processor=None, revision: str | None = None, trust_remote_code: bool = False,
                         **model_kwargs) -> "UWMEditor":
-        """An editor for a base model (local folder or Hub id), or a saved delta and its base model."""
+        """An editor for a base model (local folder or Hub id), or a saved delta and its base model.
+
+        `model_kwargs` go to the model's `from_pretrained`: `device_map="auto"` and
+        `dtype=torch.bfloat16` let a 13B LLaVA calibrate on one GPU. A `processor` you pass is used
+        instead of the one saved with the model.
+        """
         folder = resolve_delta_folder(name_or_path, revision)
         if folder is None:
             if model is None:
-                model, processor = load_model(name_or_path, revision, trust_remote_code, **model_kwargs)
+                model, loaded = load_model(name_or_path, revision, trust_remote_code, **model_kwargs)
+                processor = processor or loaded
             return cls(model, processor, config, base_model=str(name_or_path), base_revision=revision)
         if config is not None:
             raise ValueError(f"{name_or_path} is a saved delta and carries its own config: drop config=, or "
                              "load the base model and calibrate again to use other settings.")
         record, indices = read_delta(folder)
         if model is None:
-            model, processor = load_model(record["base_model"], record.get("base_revision"), trust_remote_code,
-                                          **model_kwargs)
+            model, loaded = load_model(record["base_model"], record.get("base_revision"), trust_remote_code,
+                                       **model_kwargs)
+            processor = processor or loaded
         editor = cls(model, processor, UWMConfig.from_dict(record["config"]),
                      base_model=record["base_model"], base_revision=record.get("base_revision"))
         editor._adopt_delta(record, indices)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_clip, make_pairs
+from conftest import make_clip, make_llava, make_pairs
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.statistics import RunningScores
 
@@ -158,3 +158,19 @@ def test_text_only_edit_never_runs_the_vision_tower(monkeypatch):
     model, processor = make_clip()
     monkeypatch.setattr(model.vision_model, "forward", lambda *a, **k: pytest.fail("vision tower ran"))
     UWMEditor(model, processor, UWMConfig(vision_targets=[])).calibrate(make_pairs(3), progress=False)
+
+
+def test_llava_loaded_with_a_device_map_in_bf16_calibrates_its_vision_tower_only(tmp_path, monkeypatch):
+    model, processor = make_llava()
+    model.save_pretrained(tmp_path / "llava")
+    editor = UWMEditor.from_pretrained(tmp_path / "llava", processor=processor, device_map="cpu",
+                                       dtype=torch.bfloat16)
+    # device_map and dtype reach the model's from_pretrained (one CPU here: nothing to split).
+    assert editor.adapter.dtype == torch.bfloat16 and editor.adapter.device.type == "cpu"
+    monkeypatch.setattr(editor.model.model.language_model, "forward",
+                        lambda *a, **k: pytest.fail("the language model ran during calibration"))
+    editor.calibrate(make_pairs(4, texts=False), progress=False)
+    reference = UWMEditor(model, processor).calibrate(make_pairs(4, texts=False), progress=False)
+    for name, scores in reference.scores.items():
+        assert (editor.scores[name] - scores).abs().max() <= 0.05 * scores.max()
+    assert editor.fingerprint == reference.fingerprint and all(len(d) for d in editor.delta.values())

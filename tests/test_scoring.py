@@ -6,6 +6,7 @@ import torch
 from conftest import make_clip, make_pairs
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.adapters import Adapter
+from hf_uwm.statistics import RunningScores
 
 EPS = 1e-8
 
@@ -67,7 +68,7 @@ def naive_scores(pairs, layers, score, prior, token_norm):
 def test_scores_match_literal_formula(score, prior, tower):
     model, processor = make_clip(dtype=torch.float64)
     data = make_pairs(5, seed=1)
-    targets = ["self_attn.out_proj", "mlp.fc1"]
+    targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.out_proj", "mlp.fc1"]  # q, k: one input
     cfg = UWMConfig(score=score, text_prior=prior, vision_prior=prior, batch_size=2,
                     text_targets=targets if tower == "text" else [],
                     vision_targets=targets if tower == "vision" else [])
@@ -112,3 +113,27 @@ def test_attribution_matches_autograd_of_the_margin():
         torch.testing.assert_close(editor.scores[name], (layer.weight.detach() * g).clamp(min=0), rtol=1e-6, atol=1e-12)
     assert flags_after == [p is model.logit_scale for p in model.parameters()]  # restored
     assert all(layer.weight.grad is None for layer in editor.target_layers.values())
+
+
+def test_layers_sharing_an_input_see_its_in_place_changes():
+    # Statistics are computed once per input tensor (q, k, v share one); an in-place change between
+    # two layers must still be seen by the second.
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            self.a(x)
+            x.mul_(2)
+            return self.b(x)
+
+    torch.manual_seed(0)
+    model, x = Twice(), torch.rand(6, 5, 4) + 0.1                    # 3 pairs of 5-token items
+    shared = RunningScores({"a": model.a, "b": model.b}, "unsafe", "l2", 1e-6)
+    alone = RunningScores({"b": model.b}, "unsafe", "l2", 1e-6)
+    with shared.hooked():
+        shared.observe(lambda inputs: model(inputs["x"]), {"x": x.clone()}, rows=[0, 1, 2])
+    with alone.hooked():
+        alone.observe(lambda inputs: model.b(inputs["x"]), {"x": 2 * x}, rows=[0, 1, 2])
+    torch.testing.assert_close(shared.sums["b"], alone.sums["b"], rtol=1e-12, atol=0)
