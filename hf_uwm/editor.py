@@ -16,7 +16,7 @@ from .config import GRADIENT_SCORES, UWMConfig
 from .data import columns_for, validate_pairs
 from .delta import FORMAT_VERSION, fingerprint, read_delta, write_delta
 from .hub import DEFAULT_DATASET, push_edit, render_card, resolve_delta_folder
-from .scoring import finalize_scores
+from .scoring import finalize_scores_
 from .selection import layer_generator, select_adaptive, select_fixed, select_random
 from .statistics import RunningScores, checkpoint_key, only_requires_grad, preference_margin, random_scores
 
@@ -180,8 +180,8 @@ class UWMEditor:
                 if path and ((i + 1) % run.checkpoint_every == 0 or i + 1 == n_batches):
                     running.save(path, key, i + 1)
         running.all_reduce()
-        return {name: finalize_scores(running.sums[name], running.n_pairs, cfg.score, layer.weight,
-                                      cfg.prior(tower)).cpu()
+        return {name: finalize_scores_(running.sums.pop(name), running.n_pairs, cfg.score, layer.weight,
+                                       cfg.prior(tower)).cpu()
                 for name, layer in layers.items()}
 
     def _gradient_objective(self):

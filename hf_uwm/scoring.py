@@ -61,9 +61,12 @@ def pair_factors(score: str, safe, unsafe, abs_weight: torch.Tensor, eps: float)
     raise ValueError(f"Unknown score variant {score!r}; expected one of {SCORE_VARIANTS}.")
 
 
-def finalize_scores(sums: torch.Tensor, n_pairs: int, score: str, weight: torch.Tensor, prior: bool):
-    """S = sums / N, clamped at 0 for 'difference', times |W| when the magnitude prior is on."""
-    scores = sums / n_pairs                                    # the one new (out, in) float64 tensor
+def finalize_scores_(sums: torch.Tensor, n_pairs: int, score: str, weight: torch.Tensor, prior: bool):
+    """S = sums / N, clamped at 0 for 'difference', times |W| when the magnitude prior is on.
+
+    In place: the running sums become the scores, so no second (out, in) float64 tensor is made.
+    """
+    scores = sums.div_(n_pairs)
     if score == "difference":
         scores.clamp_(min=0)
     if prior:

@@ -8,12 +8,13 @@ N pairs and batch size the script measures, each phase in a fresh process so pea
   (c) literal   per item and per weight φ materialised as a (B, out, in) tensor per layer per batch,
                 sums moved to the CPU (the style of the official code)
 
-Inputs are PIL images and captions, preprocessed on both sides. The phases run in turn, `--repeats`
+Inputs are PIL images and captions, preprocessed in every phase by `--workers` DataLoader workers
+(use several on a GPU, so that preprocessing does not set the pace). The phases run in turn, `--repeats`
 times (a b c a b c ...), so that drifts of a shared machine hit all of them alike; the table gives
 the median wall time and the largest peak memory of each, and the ratios b/a and c/b.
 
     python scripts/bench_calibration.py --size b32 --pairs 64 --batch 16
-    python scripts/bench_calibration.py --size l14 --pairs 1024 --batch 128 --device cuda --dtype bf16
+    python scripts/bench_calibration.py --size l14 --pairs 1024 --batch 128 --device cuda --dtype bf16 --workers 8
 """
 
 from __future__ import annotations
@@ -74,24 +75,27 @@ def make_data(n: int):
                                     "safe_image": datasets.Image(), "unsafe_image": datasets.Image()}))
 
 
-def batches(adapter, dataset, batch: int, tower: str):
-    for start in range(0, len(dataset), batch):
-        rows = dataset[start:start + batch]
-        if tower == "text":
-            yield rows, adapter.text_inputs(rows["safe_text"] + rows["unsafe_text"])
-        else:
-            yield rows, adapter.image_inputs(rows["safe_image"] + rows["unsafe_image"])
+def batches(editor, dataset, batch: int, tower: str, workers: int):
+    """Device inputs of [safe; unsafe] items, preprocessed in DataLoader workers as calibrate does."""
+    from torch.utils.data import DataLoader
+
+    from hf_uwm.editor import _PreprocessedBatches
+
+    bounds = [(s, min(s + batch, len(dataset))) for s in range(0, len(dataset), batch)]
+    items = _PreprocessedBatches(dataset, bounds, editor._preprocess(tower))
+    for inputs in DataLoader(items, batch_size=None, num_workers=workers):
+        yield editor.adapter.to_device(inputs)
 
 
-def plain_forward(editor, dataset, batch, autocast):
+def plain_forward(editor, dataset, batch, autocast, workers=0):
     with torch.no_grad():
         for tower in editor.towers:
-            for _, inputs in batches(editor.adapter, dataset, batch, tower):
+            for inputs in batches(editor, dataset, batch, tower, workers):
                 with autocast:
                     editor.adapter.run_tower(tower, inputs)
 
 
-def literal(editor, dataset, batch, autocast):
+def literal(editor, dataset, batch, autocast, workers=0):
     """φ per item and per weight, as written in SPEC §2, summed on the CPU."""
     from hf_uwm.scoring import token_statistics
 
@@ -113,7 +117,7 @@ def literal(editor, dataset, batch, autocast):
             handles.append(layer.register_forward_hook(hook(name, layer)))
         with torch.no_grad():
             for tower in editor.towers:
-                for _, inputs in batches(editor.adapter, dataset, batch, tower):
+                for inputs in batches(editor, dataset, batch, tower, workers):
                     state["mask"] = inputs.get("attention_mask")
                     with autocast:
                         editor.adapter.run_tower(tower, inputs)
@@ -138,12 +142,12 @@ def phase(args):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if args.phase == "forward":
-        plain_forward(editor, dataset, args.batch, autocast)
+        plain_forward(editor, dataset, args.batch, autocast, args.workers)
     elif args.phase == "calibrate":
         editor.calibrate(dataset, progress=False, num_workers=args.workers,
                          autocast=None if dtype == torch.float32 else dtype)
     else:
-        literal(editor, dataset, args.batch, autocast)
+        literal(editor, dataset, args.batch, autocast, args.workers)
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -159,7 +163,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="pairs per batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="forward precision")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for calibrate")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers preprocessing inputs, every phase")
     parser.add_argument("--phases", default="forward,calibrate,literal")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each phase, interleaved")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
