@@ -127,7 +127,7 @@ def test_bf16_autocast_forward_gives_close_scores_and_the_same_delta():
     fp32 = UWMEditor(model, processor).calibrate(data, progress=False)
     bf16 = UWMEditor(model, processor).calibrate(data, progress=False, autocast=torch.bfloat16)
     for name in fp32.scores:
-        # Measured on this tiny model: at most 6.9e-3 of the largest score; 2e-2 leaves headroom.
+        # Measured on this tiny model: at most 7.7e-3 of the largest score; 2e-2 leaves headroom.
         assert relative_error(bf16.scores[name], fp32.scores[name]) < 2e-2, name
     assert all(torch.equal(bf16.delta[n], fp32.delta[n]) for n in fp32.layers["text"])
     # The random vision tower has near-flat scores: only ties at the τ cut may swap.
@@ -140,7 +140,7 @@ def test_bf16_weights_give_close_scores_and_share_the_fingerprint():
     fp32 = UWMEditor(model, processor).calibrate(data, progress=False)
     bf16 = UWMEditor(model.to(torch.bfloat16), processor).calibrate(data, progress=False)
     for name in fp32.scores:
-        # Measured: at most 1.3e-2 (the |W| prior is rounded too).
+        # Measured: at most 1.2e-2 (the |W| prior is rounded too).
         assert relative_error(bf16.scores[name], fp32.scores[name]) < 3e-2, name
     assert_same_delta_up_to_boundary(bf16, fp32, 3e-2)
     assert bf16.fingerprint == fp32.fingerprint  # a delta applies to either dtype
