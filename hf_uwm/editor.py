@@ -141,12 +141,15 @@ class UWMEditor:
                 self.scores = self._gradient_scores(run, *self._gradient_objective())
             else:
                 self.scores = {name: s for tower in self.towers for name, s in self._tower_scores(tower, run).items()}
-        delta = [self.select() if state.is_main_process else None]
+        # Selection runs where the scores were summed (a GPU model selects on the GPU); the editor
+        # then keeps scores and delta on the CPU.
+        delta = [{name: idx.cpu() for name, idx in self.select().items()} if state.is_main_process else None]
         if state.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             broadcast_object_list(delta)
         self.delta = delta[0]
+        self.scores = {name: s.cpu() for name, s in self.scores.items()}
         return self
 
     def _batches(self, run: "_Run", preprocess, desc: str, first: int = 0):
@@ -181,7 +184,7 @@ class UWMEditor:
                     running.save(path, key, i + 1)
         running.all_reduce()
         return {name: finalize_scores_(running.sums.pop(name), running.n_pairs, cfg.score, layer.weight,
-                                       cfg.prior(tower)).cpu()
+                                       cfg.prior(tower))
                 for name, layer in layers.items()}
 
     def _gradient_objective(self):

@@ -55,7 +55,7 @@ def select_adaptive(scores: torch.Tensor, tau: float, name: str = "layer") -> to
     # c_k only grows down the ranking. Otherwise the cut goes twice as deep. (A strided sample
     # would be biased: scores are outer products, so strides that divide the row length repeat
     # the same columns.)
-    sample = flat[_sample_indices(flat.numel())].sort(descending=True).values
+    sample = flat[_sample_indices(flat.numel()).to(flat.device)].sort(descending=True).values
     depth = int(torch.searchsorted(torch.cumsum(sample, 0), tau * sample.sum())) + 1
     depth += 4 * math.isqrt(depth) + 4
     while depth < len(sample):
