@@ -31,7 +31,7 @@ def fingerprint(layers: dict) -> str:
     """
     digest = hashlib.sha256()
     for name in sorted(layers):
-        weight = layers[name].weight.detach().to("cpu", torch.bfloat16).contiguous()
+        weight = layers[name].weight.detach().to(torch.bfloat16).cpu().contiguous()  # rounded first: half the bytes leave a GPU
         digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
