@@ -31,7 +31,8 @@ def fingerprint(layers: dict) -> str:
     """
     digest = hashlib.sha256()
     for name in sorted(layers):
-        weight = layers[name].weight.detach().to(torch.bfloat16).cpu().contiguous()  # rounded first: half the bytes leave a GPU
+        # Rounded before the copy, so only half the bytes leave a GPU.
+        weight = layers[name].weight.detach().to(torch.bfloat16).cpu().contiguous()
         digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
