@@ -42,14 +42,19 @@ class RunningScores:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            n, sd = self._statistics(args[0])                  # (2B, in) each
-            half = n.shape[0] // 2
-            abs_weight = self._abs_weight[name].to(n.dtype)
-            terms = pair_factors(self.score, (n[:half], sd[:half]), (n[half:], sd[half:]), abs_weight, self.eps)
-            for sign, left, right in terms:
-                self._check_finite(name, left, right)
-                self.sums[name].addmm_(left.T.to(torch.float64), right.to(torch.float64), alpha=sign)
+            # The forward may run under autocast; the statistics' matmuls must not.
+            with torch.autocast(args[0].device.type, enabled=False):
+                self._observe_layer(name, args[0])
         return hook
+
+    def _observe_layer(self, name: str, x: torch.Tensor):
+        n, sd = self._statistics(x)                            # (2B, in) each
+        half = n.shape[0] // 2
+        abs_weight = self._abs_weight[name].to(n.dtype)
+        terms = pair_factors(self.score, (n[:half], sd[:half]), (n[half:], sd[half:]), abs_weight, self.eps)
+        for sign, left, right in terms:
+            self._check_finite(name, left, right)
+            self.sums[name].addmm_(left.T.to(torch.float64), right.to(torch.float64), alpha=sign)
 
     def _check_finite(self, name, left, right):
         bad = ~(torch.isfinite(left).all(1) & torch.isfinite(right).all(1))

@@ -137,3 +137,16 @@ def test_layers_sharing_an_input_see_its_in_place_changes():
     with alone.hooked():
         alone.observe(lambda inputs: model.b(inputs["x"]), {"x": 2 * x}, rows=[0, 1, 2])
     torch.testing.assert_close(shared.sums["b"], alone.sums["b"], rtol=1e-12, atol=0)
+
+
+def test_statistics_are_float32_under_an_autocast_forward():
+    # The layer's input is what the hook sees; the forward's autocast must not reach its matmuls.
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(8, 4), torch.rand(6, 5, 8) + 0.1
+    sums = []
+    for enabled in (False, True):
+        running = RunningScores({"layer": layer}, "ratio", "l2", 1e-6)
+        with running.hooked(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            running.observe(lambda inputs: layer(inputs["x"]), {"x": x}, rows=[0, 1, 2])
+        sums.append(running.sums["layer"])
+    torch.testing.assert_close(sums[1], sums[0], rtol=1e-12, atol=0)
