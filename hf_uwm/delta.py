@@ -38,6 +38,13 @@ def fingerprint(layers: dict) -> str:
     return digest.hexdigest()
 
 
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
+    """safetensors `save_file` via a sibling temporary file: a kill at any point leaves `path` as it was."""
+    staging = path.with_name(path.name + ".tmp")
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, staging, metadata=metadata)
+    os.replace(staging, path)
+
+
 def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Tensor], card: str) -> Path:
     """Write the three files into a temporary sibling folder, then move it into place.
 

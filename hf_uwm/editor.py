@@ -14,7 +14,7 @@ from .adapters import Adapter
 from .baselines import g_safeclip_loss, g_unsafe_loss, gradient_magnitude
 from .config import GRADIENT_SCORES, UWMConfig
 from .data import columns_for, validate_pairs
-from .delta import FORMAT_VERSION, fingerprint, read_delta, write_delta
+from .delta import FORMAT_VERSION, fingerprint, read_delta, save_file_atomic, write_delta
 from .hub import DEFAULT_DATASET, push_edit, render_card, resolve_delta_folder
 from .scoring import finalize_scores_
 from .selection import layer_generator, select_adaptive, select_fixed, select_random
@@ -223,7 +223,7 @@ class UWMEditor:
                     loss = loss_fn(texts[:b], texts[b:], images[:b], images[b:]) / len(run.dataset)
                     loss.backward()
                 _all_reduce_grads(layers)
-                return {name: transform(layer.weight.detach(), layer.weight.grad).to("cpu", torch.float64)
+                return {name: transform(layer.weight.detach(), layer.weight.grad).double()
                         for name, layer in layers.items()}
         finally:
             for name, layer in layers.items():
@@ -269,17 +269,13 @@ class UWMEditor:
 
     def save_scores(self, path: str | Path) -> Path:
         """Cache the scores (safetensors) so new settings can be selected later without a forward pass."""
-        from safetensors.torch import save_file
-
         if not self.scores:
             raise ValueError("No scores to save: call calibrate(dataset) first.")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(path.name + ".tmp")
         meta = {"format": "hf_uwm.scores", "config": self.config.to_json_string(), "fingerprint": self.fingerprint,
                 "model_class": type(self.model).__name__}
-        save_file({n: s.contiguous() for n, s in self.scores.items()}, staging, metadata=meta)
-        staging.replace(path)
+        save_file_atomic(self.scores, path, meta)
         return path
 
     def load_scores(self, path: str | Path) -> "UWMEditor":

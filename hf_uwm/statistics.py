@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .delta import save_file_atomic
 from .scoring import pair_factors, token_statistics
 from .selection import layer_generator
 
@@ -76,8 +75,7 @@ class RunningScores:
 
     def observe(self, run_forward, inputs: dict, rows: list[int]):
         """One forward over 2·len(rows) items (safe rows first); `rows` name the pairs in errors."""
-        mask = inputs.get("attention_mask")
-        self._mask, self._rows = mask, rows
+        self._mask, self._rows = inputs.get("attention_mask"), rows
         try:
             with torch.no_grad():
                 run_forward(inputs)
@@ -100,11 +98,8 @@ class RunningScores:
 
     def save(self, path: Path, key: str, next_batch: int):
         """Write the sums atomically: a kill at any point leaves the previous checkpoint intact."""
-        staging = path.with_name(path.name + ".tmp")
-        tensors = {name: total.detach().cpu().contiguous() for name, total in self.sums.items()}
         meta = {"key": key, "n_pairs": str(self.n_pairs), "next_batch": str(next_batch)}
-        save_file(tensors, staging, metadata=meta)
-        os.replace(staging, path)
+        save_file_atomic(self.sums, path, meta)
 
     def load(self, path: Path, key: str) -> int:
         """Restore sums saved by `save` with the same key; returns the first batch still to run."""
