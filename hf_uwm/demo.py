@@ -82,7 +82,7 @@ def run(output: Path, *, max_zero_shot_drop: float = 5.0, seed: int = 0, batch_s
     print(compare(tests))
     _intervals(tests)
     bar_chart(tests, output / "test_results.png")
-    results = {"chosen": {n: {"setting": r.setting, "weights": r.weights, "over_budget": bool(r.extra)}
+    results = {"chosen": {n: {"setting": r.setting, "weights": r.weights, "over_budget": bool(r.extra.get("over_budget"))}
                           for n, r in chosen_rows.items()},
                "test": {n: r.to_dict() for n, r in tests.items()},
                "validation": {"base": base_validation.to_dict(),

@@ -49,7 +49,7 @@ def resolve_delta_folder(name_or_path, revision: str | None = None) -> Path | No
     if local.is_dir():
         return local if (local / CONFIG_NAME).is_file() else None
     repo_id = str(name_or_path)
-    if local.exists() or not _is_repo_id(repo_id):
+    if not _is_hub_id(repo_id):
         return None
     try:
         hf_hub_download(repo_id, CONFIG_NAME, revision=revision)
