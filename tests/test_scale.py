@@ -1,6 +1,7 @@
 """Distributed, resumable and mixed-precision calibration (issue 6)."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,16 @@ from hf_uwm.statistics import RunningScores
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_calibrate.py"
 
 
+def free_port() -> int:
+    # A fixed port collides when two test runs share the machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_two_processes(out: Path, score: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(SCRIPT), str(out), score]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
