@@ -8,10 +8,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCORES = ("ratio", "unsafe", "difference", "attribution", "random", "g_unsafe", "g_safeclip")
-# Scores from one gradient pass over both towers (they need all four columns of the pairs).
-GRADIENT_SCORES = ("attribution", "g_unsafe", "g_safeclip")
-# The paper's training-free baselines (hf_uwm.baselines): gradient magnitudes, pruned at a sparsity.
+# Every method's name; each has one module in hf_uwm.methods.
+SCORES = ("ratio", "unsafe", "difference", "attribution", "iterative_attribution", "random", "g_unsafe",
+          "g_safeclip")
+# The paper's training-free baselines: gradient magnitudes, pruned at a sparsity.
 BASELINES = ("g_unsafe", "g_safeclip")
 SELECTIONS = ("adaptive", "fixed")
 TOKEN_NORMS = ("l2", "rms")
@@ -24,7 +24,16 @@ class UWMConfig:
 
     `None` for `tau`, `text_targets` or `vision_targets` means "the default of the model family"
     (CLIP/SigLIP: τ=0.02, text `self_attn.out_proj`, vision `mlp.fc2`; LLaVA: τ=0.085, vision
-    `mlp.fc2` only). An empty target list leaves that tower untouched.
+    `mlp.fc2` only; score="iterative_attribution": text `mlp.fc2` only). An empty target list
+    leaves that tower untouched.
+
+    `shared_budget`: select over all target layers jointly (one ranking, n = all their weights)
+    instead of per layer; `None` means on for "iterative_attribution", off otherwise.
+
+    score="iterative_attribution" flips weights in `rounds` rounds, each taking the top
+    ⌈round_density · n⌉ not yet flipped by W⊙∂m/∂W − curvature_weight · (knowledge curvature),
+    re-scored on the model as edited so far; `curvature_probes` random probes estimate the
+    curvature. tau, selection and density do not apply to it.
     """
 
     tau: float | None = None
@@ -40,6 +49,11 @@ class UWMConfig:
     eps: float = 1e-8
     batch_size: int = 32
     seed: int = 0
+    shared_budget: bool | None = None
+    rounds: int = 19
+    round_density: float = 0.001
+    curvature_weight: float = 4.0
+    curvature_probes: int = 8
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -67,10 +81,21 @@ class UWMConfig:
         for name in ("text_prior", "vision_prior"):
             _check(name, isinstance(getattr(self, name), bool), "must be True or False")
         _check("eps", _is_number(self.eps) and 0 < self.eps < 1e-2, "eps must be a small positive number")
-        _check("batch_size", isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
-               and self.batch_size >= 1, "batch_size must be a positive integer (pairs per batch)")
-        _check("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool),
+        _check("batch_size", _is_int(self.batch_size) and self.batch_size >= 1, "batch_size must be a positive integer (pairs per batch)")
+        _check("seed", _is_int(self.seed),
                "seed must be an integer")
+        _check("shared_budget", self.shared_budget is None or isinstance(self.shared_budget, bool),
+               "shared_budget must be True, False or None (the method's default)")
+        _check("rounds", _is_int(self.rounds) and self.rounds >= 1, "rounds must be a positive integer")
+        _check("round_density", _is_number(self.round_density) and 0 < self.round_density <= 1,
+               "round_density must be a number in (0, 1] (the fraction of target weights flipped per round)")
+        _check("round_density", not _is_int(self.rounds) or self.rounds * self.round_density <= 1,
+               f"rounds × round_density = {self.rounds} × {self.round_density} must be at most 1 "
+               "(there are no more weights to flip)")
+        _check("curvature_weight", _is_number(self.curvature_weight) and math.isfinite(self.curvature_weight)
+               and self.curvature_weight >= 0, "curvature_weight must be a finite number ≥ 0 (0: no penalty)")
+        _check("curvature_probes", _is_int(self.curvature_probes) and self.curvature_probes >= 1,
+               "curvature_probes must be a positive integer (random probes of the knowledge curvature)")
         _check("extra", isinstance(self.extra, dict), "extra must be a dict of JSON values")
 
     @classmethod
@@ -119,3 +144,7 @@ class UWMConfig:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import Adapter
-from .baselines import g_safeclip_loss, g_unsafe_loss, gradient_magnitude
-from .config import GRADIENT_SCORES, UWMConfig
+from .config import UWMConfig
 from .data import columns_for, validate_pairs
 from .delta import FORMAT_VERSION, fingerprint, read_delta, save_file_atomic, write_delta
 from .hub import DEFAULT_DATASET, push_edit, render_card, resolve_delta_folder
-from .scoring import finalize_scores_
-from .selection import layer_generator, select_adaptive, select_fixed, select_random
-from .statistics import RunningScores, checkpoint_key, only_requires_grad, preference_margin, random_scores
+from .methods import Calibration, Method, method_for
+from .selection import layer_generator, select_random
 
 
 class UWMEditor:
@@ -35,6 +31,7 @@ class UWMEditor:
             raise TypeError(f"config must be a UWMConfig, got {type(config).__name__}.")
         self.model, self.processor = model, processor
         self.adapter = Adapter(model, processor)
+        method_for(config.score).check(self.adapter, config)
         self.config = self._resolved(config)
         self.layers = {tower: self.adapter.target_layers(tower, self._targets(tower)) for tower in self.towers}
         if not any(self.layers.values()):
@@ -48,13 +45,15 @@ class UWMEditor:
 
     # --- configuration ---------------------------------------------------------------------
     def _resolved(self, config: UWMConfig) -> UWMConfig:
-        """The config with family defaults written out, so a saved delta is explicit."""
-        family = self.adapter.family
-        targets = {f"{t}_targets": list(self.adapter.default_targets(t)) if getattr(config, f"{t}_targets") is None
-                   else getattr(config, f"{t}_targets") for t in ("text", "vision")}
+        """The config with family and method defaults written out, so a saved delta is explicit."""
+        method = method_for(config.score)
+        targets = {f"{t}_targets": list(method.default_targets(self.adapter, t))
+                   if getattr(config, f"{t}_targets") is None else getattr(config, f"{t}_targets")
+                   for t in ("text", "vision")}
         if "text" not in self.adapter.towers and targets["text_targets"]:
             raise ValueError(f"{type(self.model).__name__} has no text tower to edit: set text_targets=[].")
-        return dataclasses.replace(config, tau=config.tau or family.tau, **targets)
+        shared = method.shared_budget_default if config.shared_budget is None else config.shared_budget
+        return dataclasses.replace(config, tau=config.tau or self.adapter.family.tau, shared_budget=shared, **targets)
 
     def _targets(self, tower: str) -> list[str]:
         return getattr(self.config, f"{tower}_targets")
@@ -108,39 +107,43 @@ class UWMEditor:
         self.delta, self.fingerprint = indices, record["fingerprint"]
 
     # --- calibration ---------------------------------------------------------------------------
+    @property
+    def method(self) -> Method:
+        return method_for(self.config.score)
+
     def calibrate(self, dataset=None, *, progress: bool = True, checkpoint_dir: str | Path | None = None,
                   checkpoint_every: int = 50, num_workers: int = 0,
                   autocast: torch.dtype | None = None) -> "UWMEditor":
         """Compute the scores of every target layer from safe/unsafe pairs, then select the delta.
 
         Under `accelerate launch` each process takes a disjoint shard of the pairs and the sums are
-        all-reduced once. With `checkpoint_dir` the running sums are saved every `checkpoint_every`
-        batches, and a run started again with the same arguments resumes where it stopped.
-        `num_workers` decode and preprocess batches in DataLoader worker processes. `autocast`
-        (e.g. `torch.bfloat16`) runs the forward in mixed precision; statistics stay in float32/64.
-        Loading the model itself in bfloat16 (`torch_dtype=torch.bfloat16`) works too.
+        all-reduced. With `checkpoint_dir` a run started again with the same arguments resumes where
+        it stopped: UWM statistics save their running sums every `checkpoint_every` batches, the
+        iterative attribution every finished round. `num_workers` decode and preprocess batches in
+        DataLoader worker processes. `autocast` (e.g. `torch.bfloat16`) runs the forward in mixed
+        precision; statistics and gradients are summed in float32 or float64. Loading the model
+        itself in bfloat16 (`torch_dtype=torch.bfloat16`) works too. The model is left unedited.
         """
         from accelerate import PartialState
 
         if self._originals is not None:
             raise RuntimeError("The edit is applied: call revert() before calibrating again.")
-        if checkpoint_dir is not None and self.config.score in (*GRADIENT_SCORES, "random"):
-            raise ValueError(f"checkpoint_dir applies to forward statistics, not to score={self.config.score!r}.")
+        method = self.method
+        if checkpoint_dir is not None and not method.resumable:
+            raise ValueError(f"checkpoint_dir applies to UWM statistics and iterative attribution, not to "
+                             f"score={self.config.score!r} (one pass over the pairs).")
         self.fingerprint = fingerprint(self.target_layers)
         # On CPU, accelerate only joins the processes of a launcher when told the model is on the CPU.
         state = PartialState(cpu=self.adapter.device.type == "cpu")
-        if self.config.score == "random":
-            self.scores = random_scores(self.target_layers, self.config.seed)
-        else:
-            columns = columns_for(("text", "vision") if self.config.score in GRADIENT_SCORES else self.towers)
+        columns = columns_for(method.data_towers(self))
+        if columns:
             if dataset is None:
                 raise ValueError(f"calibrate needs a dataset with columns {list(columns)}.")
             dataset = validate_pairs(dataset, columns)
-            run = _Run(dataset, state, progress, num_workers, checkpoint_dir, checkpoint_every, autocast)
-            if self.config.score in GRADIENT_SCORES:
-                self.scores = self._gradient_scores(run, *self._gradient_objective())
-            else:
-                self.scores = {name: s for tower in self.towers for name, s in self._tower_scores(tower, run).items()}
+        run = Calibration(dataset, state, self.adapter, self.config.batch_size, progress=progress,
+                          num_workers=num_workers, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                          autocast=autocast)
+        self.scores = method.scores(self, run)
         # Selection runs where the scores were summed (a GPU model selects on the GPU); the editor
         # then keeps scores and delta on the CPU.
         delta = [{name: idx.cpu() for name, idx in self.select().items()} if state.is_main_process else None]
@@ -152,103 +155,27 @@ class UWMEditor:
         self.scores = {name: s.cpu() for name, s in self.scores.items()}
         return self
 
-    def _batches(self, run: "_Run", preprocess, desc: str, first: int = 0):
-        """(rows, CPU inputs) for this process's shard, preprocessed in DataLoader workers."""
-        from torch.utils.data import DataLoader
-
-        bounds = run.batch_bounds(self.config.batch_size)
-        batches = _PreprocessedBatches(run.dataset, bounds[first:], preprocess)
-        loader = DataLoader(batches, batch_size=None, num_workers=run.num_workers)
-        bar = tqdm(loader, desc=desc, total=len(bounds), initial=first,
-                   disable=not (run.progress and run.state.is_main_process))
-        for i, inputs in enumerate(bar, start=first):
-            yield i, list(range(*bounds[i])), inputs
-
-    def _preprocess(self, tower: str):
-        """rows (a dict of columns) -> CPU inputs of [safe items; unsafe items]."""
-        if tower == "text":
-            return lambda rows: self.adapter.preprocess_text(rows["safe_text"] + rows["unsafe_text"])
-        return lambda rows: self.adapter.preprocess_images(rows["safe_image"] + rows["unsafe_image"])
-
-    def _tower_scores(self, tower: str, run: "_Run") -> dict[str, torch.Tensor]:
-        cfg, layers = self.config, self.layers[tower]
-        running = RunningScores(layers, cfg.score, cfg.token_norm, cfg.eps)
-        path, key = run.checkpoint(tower, self.fingerprint, cfg)
-        first = running.load(path, key) if path else 0
-        n_batches = len(run.batch_bounds(cfg.batch_size))
-        with running.hooked():
-            for i, rows, inputs in self._batches(run, self._preprocess(tower), f"UWM {tower} statistics", first):
-                with run.autocast(self.adapter.device):
-                    running.observe(lambda x: self.adapter.run_tower(tower, x), self.adapter.to_device(inputs), rows)
-                if path and ((i + 1) % run.checkpoint_every == 0 or i + 1 == n_batches):
-                    running.save(path, key, i + 1)
-        running.all_reduce()
-        return {name: finalize_scores_(running.sums.pop(name), running.n_pairs, cfg.score, layer.weight,
-                                       cfg.prior(tower))
-                for name, layer in layers.items()}
-
-    def _gradient_objective(self):
-        """(loss over a batch's normalised embeddings, score of a weight from (W, ∂L/∂W)) of a gradient score."""
-        score = self.config.score
-        if "text" not in self.adapter.towers:
-            raise ValueError(f"score={score!r} compares text and image embeddings; "
-                             f"{type(self.model).__name__} has no text tower: use a UWM score such as 'ratio'.")
-        if score == "attribution":
-            # A = W ⊙ ∂m/∂W for the unsafe-preference margin m (SPEC §3), kept where positive.
-            return preference_margin, lambda weight, grad: (weight * grad).clamp(min=0)
-        if score == "g_unsafe":
-            return g_unsafe_loss, gradient_magnitude
-        # InfoNCE at the model's own temperature (CLIP and SigLIP both keep it as log of the scale).
-        return partial(g_safeclip_loss, logit_scale=self.model.logit_scale.detach().exp()), gradient_magnitude
-
-    def _gradient_scores(self, run: "_Run", loss_fn, transform) -> dict[str, torch.Tensor]:
-        """transform(W, ∂L/∂W) per target layer, L = (1/N) Σ_batches loss_fn(Ts, Tu, Is, Iu).
-
-        `loss_fn` maps a batch's normalised (B, D) embeddings to the sum of its per-pair losses;
-        both towers run with gradients on the target weights only, one backward per batch, and the
-        gradients are summed over processes. Grads already on the target weights are put back.
-        """
-        layers, adapter = self.target_layers, self.adapter
-        preprocess_text, preprocess_images = self._preprocess("text"), self._preprocess("vision")
-        saved_grads = {name: layer.weight.grad for name, layer in layers.items()}
-        try:
-            with only_requires_grad(self.model, [layer.weight for layer in layers.values()]):
-                batches = self._batches(run, lambda rows: (preprocess_text(rows), preprocess_images(rows)),
-                                        f"UWM {self.config.score}")
-                for _, rows, (text_inputs, image_inputs) in batches:
-                    with run.autocast(adapter.device):
-                        texts = adapter.embed_text(adapter.to_device(text_inputs))        # (2B, D)
-                        images = adapter.embed_images(adapter.to_device(image_inputs))    # (2B, D)
-                    b = len(rows)
-                    loss = loss_fn(texts[:b], texts[b:], images[:b], images[b:]) / len(run.dataset)
-                    loss.backward()
-                _all_reduce_grads(layers)
-                return {name: transform(layer.weight.detach(), layer.weight.grad).double()
-                        for name, layer in layers.items()}
-        finally:
-            for name, layer in layers.items():
-                layer.weight.grad = saved_grads[name]
-
     # --- selection ------------------------------------------------------------------------------
     def select(self) -> dict[str, torch.Tensor]:
         """The delta (sorted flat indices per layer) that the current config selects from `scores`."""
         if not self.scores:
             raise ValueError("No scores yet: call calibrate(dataset) first.")
-        cfg = self.config
-        if cfg.selection == "fixed":
-            return {name: select_fixed(s, cfg.density, name) for name, s in self.scores.items()}
-        return {name: select_adaptive(s, cfg.tau, name) for name, s in self.scores.items()}
+        return self.method.select(self.scores, self.config)
 
     def with_settings(self, **changes) -> "UWMEditor":
         """An editor of the same model re-selected from the cached scores: no forward pass.
 
-        `changes` may set tau, alpha, selection and density (the scores do not depend on them), and
-        text_targets / vision_targets to a subset of the layers already scored.
+        `changes` may set what the method's selection reads (tau, alpha, selection, density,
+        shared_budget; for iterative attribution: fewer rounds), and text_targets / vision_targets
+        to a subset of the layers already scored (not for iterative attribution).
         """
-        allowed = {"tau", "alpha", "selection", "density", "text_targets", "vision_targets"}
+        method = self.method
+        allowed = set(method.selection_settings)
+        if method.targets_can_shrink:
+            allowed |= {"text_targets", "vision_targets"}
         if set(changes) - allowed:
-            raise ValueError(f"with_settings can change {sorted(allowed)} only; {sorted(set(changes) - allowed)} "
-                             "change the scores themselves: calibrate again.")
+            raise ValueError(f"with_settings can change {sorted(allowed)} only for score={self.config.score!r}; "
+                             f"{sorted(set(changes) - allowed)} change the scores themselves: calibrate again.")
         if not self.scores:
             raise ValueError("No scores to re-select from: calibrate(dataset) or load_scores(path) first.")
         edited = UWMEditor(self.model, self.processor, dataclasses.replace(self.config, **changes),
@@ -291,13 +218,11 @@ class UWMEditor:
         if meta.get("format") != "hf_uwm.scores":
             raise ValueError(f"{path} is not a score cache written by UWMEditor.save_scores.")
         saved = UWMConfig.from_json_string(meta["config"])
-        score_fields = ("score", "token_norm", "eps", "text_targets", "vision_targets", "text_prior", "vision_prior")
-        if saved.score == "g_safeclip":  # its in-batch contrastive loss depends on the batch
-            score_fields += ("batch_size",)
-        differing = [f for f in score_fields if getattr(saved, f) != getattr(self.config, f)]
+        score_settings = ("score",) + method_for(saved.score).score_settings
+        differing = [f for f in score_settings if getattr(saved, f) != getattr(self.config, f)]
         if differing:
             raise ValueError(f"The cached scores were computed with other {differing}; use an editor with the "
-                             "same score settings (only tau, alpha, selection and density may differ).")
+                             f"same score settings (only {list(self.method.selection_settings)} may differ).")
         if meta.get("fingerprint") != fingerprint(self.target_layers):
             raise ValueError(f"The cached scores in {path} belong to other model weights.")
         self.scores, self.fingerprint = scores, meta["fingerprint"]
@@ -398,63 +323,6 @@ class UWMEditor:
         return push_edit(self, repo_id, private=private, revision=revision, commit_message=commit_message,
                          merged=merged, token=token, report=report, license=license, dataset_name=dataset_name,
                          overwrite=overwrite)
-
-
-class _PreprocessedBatches(torch.utils.data.Dataset):
-    """Batch i = the preprocessed [safe; unsafe] items of rows bounds[i] (picklable for workers)."""
-
-    def __init__(self, dataset, bounds, preprocess):
-        self.dataset, self.bounds, self.preprocess = dataset, bounds, preprocess
-
-    def __len__(self):
-        return len(self.bounds)
-
-    def __getitem__(self, i):
-        return self.preprocess(self.dataset[slice(*self.bounds[i])])
-
-
-class _Run:
-    """One calibration run: the data, this process's shard of it, and where checkpoints go."""
-
-    def __init__(self, dataset, state, progress, num_workers, checkpoint_dir, checkpoint_every, autocast=None):
-        if autocast not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
-        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}.")
-        self.dataset, self.state, self.progress, self.num_workers = dataset, state, progress, num_workers
-        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-        self.checkpoint_every, self.autocast_dtype = checkpoint_every, autocast
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
-
-    def batch_bounds(self, batch_size: int) -> list[tuple[int, int]]:
-        """Contiguous, disjoint shards whose sizes differ by at most one pair; no padding, no repeats."""
-        per, extra = divmod(len(self.dataset), self.state.num_processes)
-        rank = self.state.process_index
-        start = rank * per + min(rank, extra)
-        stop = start + per + (rank < extra)
-        return [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
-
-    def checkpoint(self, tower: str, weights_fingerprint: str, config: UWMConfig):
-        if self.checkpoint_dir is None:
-            return None, None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        settings = {k: getattr(config, k) for k in ("score", "token_norm", "eps", "batch_size", f"{tower}_targets")}
-        key = checkpoint_key(tower=tower, weights=weights_fingerprint, data=self.dataset._fingerprint,
-                             rows=len(self.dataset), settings=settings,
-                             processes=self.state.num_processes, rank=self.state.process_index)
-        return self.checkpoint_dir / f"{tower}-rank{self.state.process_index}.safetensors", key
-
-
-def _all_reduce_grads(layers: dict):
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for layer in layers.values():
-            dist.all_reduce(layer.weight.grad)
 
 
 def load_model(name_or_path, revision=None, trust_remote_code: bool = False, **model_kwargs):

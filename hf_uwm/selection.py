@@ -76,6 +76,29 @@ def select_fixed(scores: torch.Tensor, density: float, name: str = "layer") -> t
     return _ranked_top(_checked(scores, name)[0], count)[:count].sort().values
 
 
+def select_top(scores: torch.Tensor, count: int, name: str = "layer") -> torch.Tensor:
+    """The `count` highest entries of signed scores (−inf marks an entry never to take), ties by the
+    lower flat index."""
+    flat = scores.detach().flatten()
+    if torch.isnan(flat).any() or torch.isposinf(flat).any():
+        raise ValueError(f"Scores of {name!r} must not be NaN or +inf to select weights.")
+    if count > int((flat > -math.inf).sum()):
+        raise ValueError(f"{name!r} has fewer than {count} weights left to select.")
+    return _ranked_top(flat, count)[:count].sort().values
+
+
+def select_shared(scores: dict[str, torch.Tensor], select) -> dict[str, torch.Tensor]:
+    """One selection over all layers together: `select(flat scores, name)` ranks the layers' scores
+    concatenated in dict order, and its indices are split back into flat indices per layer."""
+    joint = select(torch.cat([s.detach().flatten() for s in scores.values()]), "all target layers")
+    delta, start = {}, 0
+    for name, s in scores.items():
+        stop = start + s.numel()
+        delta[name] = joint[(joint >= start) & (joint < stop)] - start
+        start = stop
+    return delta
+
+
 def layer_generator(seed: int, layer_index: int) -> torch.Generator:
     """A generator per layer, so adding a layer changes no other layer's random draw."""
     return torch.Generator().manual_seed(seed * 100_003 + layer_index)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from conftest import make_clip, make_llava, make_pairs
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.statistics import RunningScores
+from hf_uwm.methods.uwm import RunningScores
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_calibrate.py"
 
@@ -52,7 +52,7 @@ def test_two_processes_match_one_process(tmp_path, score):
 
 
 def test_shards_are_disjoint_uneven_and_cover_every_pair():
-    from hf_uwm.editor import _Run
+    from hf_uwm.methods import Calibration
 
     class State:
         num_processes = 3
@@ -60,7 +60,7 @@ def test_shards_are_disjoint_uneven_and_cover_every_pair():
     covered = []
     for rank in range(3):
         State.process_index = rank
-        bounds = _Run(list(range(10)), State, False, 0, None, 1).batch_bounds(2)
+        bounds = Calibration(list(range(10)), State, adapter=None, batch_size=2).batch_bounds()
         covered += [row for lo, hi in bounds for row in range(lo, hi)]
     assert covered == list(range(10))
 

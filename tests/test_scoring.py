@@ -6,7 +6,7 @@ import torch
 from conftest import make_clip, make_pairs
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.adapters import Adapter
-from hf_uwm.statistics import RunningScores
+from hf_uwm.methods.uwm import RunningScores
 
 EPS = 1e-8
 

@@ -1,18 +1,44 @@
-"""Calibration statistics: forward hooks on target `nn.Linear` layers feeding float64 running sums."""
+"""UWM (SPEC §2): forward hooks on target `nn.Linear` layers feed float64 running sums of the
+statistics' outer products, one tower at a time; the scores are selected per layer (τ or density)."""
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .delta import save_file_atomic
-from .scoring import pair_factors, token_statistics
-from .selection import layer_generator
+from ..scoring import finalize_scores_, pair_factors, token_statistics
+from .base import Calibration, Method, all_reduce_, read_checkpoint, save_checkpoint
+
+
+class UWMStatistics(Method):
+    """score = "ratio" (the paper's), "unsafe" or "difference"."""
+
+    resumable = True
+    score_settings = ("score", "token_norm", "eps", "text_targets", "vision_targets", "text_prior", "vision_prior")
+
+    def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
+        return {name: s for tower in editor.towers for name, s in self._tower_scores(editor, tower, run).items()}
+
+    def _tower_scores(self, editor, tower: str, run: Calibration) -> dict[str, torch.Tensor]:
+        cfg, layers, adapter = editor.config, editor.layers[tower], editor.adapter
+        running = RunningScores(layers, cfg.score, cfg.token_norm, cfg.eps)
+        settings = {k: getattr(cfg, k) for k in ("score", "token_norm", "eps", "batch_size", f"{tower}_targets")}
+        path, key = run.checkpoint(tower, editor.fingerprint, settings)
+        first = running.load(path, key)
+        n_batches = len(run.batch_bounds())
+        with running.hooked():
+            for i, rows, inputs in run.batches(run.preprocess(tower), f"UWM {tower} statistics", first):
+                with run.autocast():
+                    running.observe(lambda x: adapter.run_tower(tower, x), adapter.to_device(inputs), rows)
+                if path and ((i + 1) % run.checkpoint_every == 0 or i + 1 == n_batches):
+                    running.save(path, key, i + 1)
+        running.all_reduce()
+        return {name: finalize_scores_(running.sums.pop(name), running.n_pairs, cfg.score, layer.weight,
+                                       cfg.prior(tower))
+                for name, layer in layers.items()}
 
 
 class RunningScores:
@@ -86,74 +112,20 @@ class RunningScores:
     # --- distributed and resumable use --------------------------------------------------------
     def all_reduce(self):
         """Sum the running sums and pair counts of every process (one collective per layer)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for name, total in self.sums.items():
-            dist.all_reduce(total)
         count = torch.tensor([self.n_pairs], dtype=torch.float64, device=next(iter(self.sums.values())).device)
-        dist.all_reduce(count)
+        all_reduce_([*self.sums.values(), count])
         self.n_pairs = int(count.item())
 
     def save(self, path: Path, key: str, next_batch: int):
-        """Write the sums atomically: a kill at any point leaves the previous checkpoint intact."""
-        meta = {"key": key, "n_pairs": str(self.n_pairs), "next_batch": str(next_batch)}
-        save_file_atomic(self.sums, path, meta)
+        save_checkpoint(path, key, self.sums, n_pairs=self.n_pairs, next_batch=next_batch)
 
-    def load(self, path: Path, key: str) -> int:
+    def load(self, path: Path | None, key: str) -> int:
         """Restore sums saved by `save` with the same key; returns the first batch still to run."""
-        if not path.is_file():
+        saved = read_checkpoint(path, key)
+        if saved is None:
             return 0
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("key") != key:
-                    raise ValueError(
-                        f"The checkpoint {path} was written for other data, model weights or settings; delete it "
-                        "or pass another checkpoint_dir to start afresh.")
-                for name, total in self.sums.items():
-                    total.copy_(f.get_tensor(name))
-        except SafetensorError as err:
-            raise ValueError(f"The checkpoint {path} is corrupted ({err}); delete it to start afresh.") from None
+        tensors, meta = saved
+        for name, total in self.sums.items():
+            total.copy_(tensors.pop(name))
         self.n_pairs = int(meta["n_pairs"])
         return int(meta["next_batch"])
-
-
-def checkpoint_key(**parts) -> str:
-    """A stable hash of everything that determines the running sums."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def random_scores(layers: dict[str, nn.Linear], seed: int) -> dict[str, torch.Tensor]:
-    """Uniform random scores per layer, drawn from `layer_generator`."""
-    scores = {}
-    for i, (name, layer) in enumerate(layers.items()):
-        scores[name] = torch.rand(layer.weight.shape, generator=layer_generator(seed, i), dtype=torch.float64)
-    return scores
-
-
-def preference_margin(text_safe, text_unsafe, image_safe, image_unsafe) -> torch.Tensor:
-    """Σ_b (s(Tu,Iu) − s(Tu,Is)) + (s(Tu,Iu) − s(Ts,Iu)) over a batch of normalised (B, D) embeddings."""
-    s_uu = (text_unsafe * image_unsafe).sum(-1)
-    s_us = (text_unsafe * image_safe).sum(-1)
-    s_su = (text_safe * image_unsafe).sum(-1)
-    return (2 * s_uu - s_us - s_su).sum()
-
-
-@contextmanager
-def only_requires_grad(model: nn.Module, params):
-    """Gradients for `params` only; the model's requires_grad flags are restored afterwards."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-            p.grad = None
-        yield
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)

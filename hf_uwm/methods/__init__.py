@@ -1,0 +1,33 @@
+"""One module per editing method, each behind the `Method` interface that `UWMEditor` calls.
+
+A new method is one new module with a `Method` subclass, registered here under its `score` name
+(and that name added to `hf_uwm.config.SCORES`).
+"""
+
+from __future__ import annotations
+
+from .attribution import Attribution
+from .base import Calibration, Method
+from .g_safeclip import GSafeCLIP
+from .g_unsafe import GUnsafe
+from .iterative import IterativeAttribution
+from .random import RandomScores
+from .uwm import UWMStatistics
+
+METHODS: dict[str, Method] = {
+    "ratio": UWMStatistics(),
+    "unsafe": UWMStatistics(),
+    "difference": UWMStatistics(),
+    "attribution": Attribution(),
+    "iterative_attribution": IterativeAttribution(),
+    "random": RandomScores(),
+    "g_unsafe": GUnsafe(),
+    "g_safeclip": GSafeCLIP(),
+}
+
+
+def method_for(score: str) -> Method:
+    return METHODS[score]
+
+
+__all__ = ["METHODS", "Calibration", "Method", "method_for"]

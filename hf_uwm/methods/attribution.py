@@ -1,0 +1,22 @@
+"""Attribution (beyond the paper): A = W ⊙ ∂m/∂W, the first-order share of the unsafe-preference
+margin m carried by each weight, kept where positive and selected like any other score."""
+
+from __future__ import annotations
+
+import torch
+
+from .gradients import GradientScore, cosine
+
+
+class Attribution(GradientScore):
+    def loss(self, editor):
+        return preference_margin
+
+    def transform(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return (weight * grad).clamp(min=0)
+
+
+def preference_margin(text_safe, text_unsafe, image_safe, image_unsafe) -> torch.Tensor:
+    """Σ_b (s(Tu,Iu) − s(Tu,Is)) + (s(Tu,Iu) − s(Ts,Iu)) over a batch of normalised (B, D) embeddings."""
+    s_uu = cosine(text_unsafe, image_unsafe)
+    return (2 * s_uu - cosine(text_unsafe, image_safe) - cosine(text_safe, image_unsafe)).sum()

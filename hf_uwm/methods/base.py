@@ -1,0 +1,178 @@
+"""What every method shares: the `Method` interface the editor calls, and one calibration run.
+
+A method turns calibration pairs into per-weight scores of the target layers (`scores`), and scores
+into the delta, sorted flat indices per layer (`select`). Most methods score every weight once and
+select per layer or over one shared budget; an iterative method may instead return whatever
+`select` needs to rebuild its delta (e.g. the round in which each weight was flipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from ..delta import save_file_atomic
+from ..selection import select_adaptive, select_fixed, select_shared
+
+
+class Method:
+    """One editing method. Subclasses set the class attributes and implement `scores`."""
+
+    #: calibration pairs need the columns of both towers (else: of the towers edited)
+    needs_both_towers = False
+    #: calibrate accepts checkpoint_dir
+    resumable = False
+    #: the value of shared_budget=None
+    shared_budget_default = False
+    #: config fields the scores depend on: a score cache is refused for other values
+    score_settings: tuple[str, ...] = ("score", "text_targets", "vision_targets")
+    #: config fields `select` reads: `with_settings` re-selects from cached scores with new values
+    selection_settings: tuple[str, ...] = ("tau", "alpha", "selection", "density", "shared_budget")
+    #: `with_settings` may shrink the targets to layers already scored
+    targets_can_shrink = True
+
+    def check(self, adapter, config):
+        """Refuse a model this method cannot score (called when the editor is made)."""
+
+    def default_targets(self, adapter, tower: str) -> tuple[str, ...]:
+        return adapter.default_targets(tower)
+
+    def data_towers(self, editor) -> tuple[str, ...]:
+        """The towers whose columns the calibration pairs need."""
+        return ("text", "vision") if self.needs_both_towers else editor.towers
+
+    def scores(self, editor, run: "Calibration") -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def select(self, scores: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+        """Adaptive (τ) or fixed (density) selection, per layer or over the shared budget."""
+        def one(s, name):
+            if config.selection == "fixed":
+                return select_fixed(s, config.density, name)
+            return select_adaptive(s, config.tau, name)
+
+        if config.shared_budget:
+            return select_shared(scores, one)
+        return {name: one(s, name) for name, s in scores.items()}
+
+
+class Calibration:
+    """One calibration run: the pairs, this process's shard of them, batching, progress, checkpoints."""
+
+    def __init__(self, dataset, state, adapter, batch_size: int, *, progress: bool = True, num_workers: int = 0,
+                 checkpoint_dir=None, checkpoint_every: int = 50, autocast=None):
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}.")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}.")
+        self.dataset, self.state, self.adapter, self.batch_size = dataset, state, adapter, batch_size
+        self.progress, self.num_workers = progress, num_workers
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every, self.autocast_dtype = checkpoint_every, autocast
+
+    def autocast(self):
+        return torch.autocast(self.adapter.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
+    def batch_bounds(self) -> list[tuple[int, int]]:
+        """Contiguous, disjoint shards whose sizes differ by at most one pair; no padding, no repeats."""
+        per, extra = divmod(len(self.dataset), self.state.num_processes)
+        rank = self.state.process_index
+        start = rank * per + min(rank, extra)
+        stop = start + per + (rank < extra)
+        return [(s, min(s + self.batch_size, stop)) for s in range(start, stop, self.batch_size)]
+
+    def batches(self, preprocess, desc: str, first: int = 0, leave: bool = True):
+        """(batch index, rows, CPU inputs) for this process's shard, preprocessed in DataLoader workers."""
+        from torch.utils.data import DataLoader
+
+        bounds = self.batch_bounds()
+        loader = DataLoader(_PreprocessedBatches(self.dataset, bounds[first:], preprocess), batch_size=None,
+                            num_workers=self.num_workers)
+        bar = tqdm(loader, desc=desc, total=len(bounds), initial=first, leave=leave,
+                   disable=not (self.progress and self.state.is_main_process))
+        for i, inputs in enumerate(bar, start=first):
+            yield i, list(range(*bounds[i])), inputs
+
+    def preprocess(self, tower: str):
+        """rows (a dict of columns) -> CPU inputs of [safe items; unsafe items] of one tower."""
+        adapter = self.adapter
+        if tower == "text":
+            return _Columns(adapter.preprocess_text, "safe_text", "unsafe_text")
+        return _Columns(adapter.preprocess_images, "safe_image", "unsafe_image")
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def checkpoint(self, name: str, weights_fingerprint: str, settings: dict):
+        """(path, key) of this process's checkpoint `name`, or (None, None) without checkpoint_dir.
+
+        The key hashes everything that determines the saved state: a checkpoint written for other
+        data, weights, settings or process layout is refused by `read_checkpoint`.
+        """
+        if self.checkpoint_dir is None:
+            return None, None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        rank = self.state.process_index
+        parts = dict(name=name, weights=weights_fingerprint, data=self.dataset._fingerprint, rows=len(self.dataset),
+                     settings=settings, processes=self.state.num_processes, rank=rank)
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return self.checkpoint_dir / f"{name}-rank{rank}.safetensors", key
+
+
+def all_reduce_(tensors):
+    """Sum each tensor over the processes, in place (nothing to do in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def save_checkpoint(path: Path, key: str, tensors: dict[str, torch.Tensor], **meta):
+    """Atomically: a kill at any point leaves the previous checkpoint intact."""
+    save_file_atomic(tensors, path, {"key": key, **{k: str(v) for k, v in meta.items()}})
+
+
+def read_checkpoint(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, metadata) saved by `save_checkpoint` with the same key; None if there is none."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                raise ValueError(
+                    f"The checkpoint {path} was written for other data, model weights or settings; delete it "
+                    "or pass another checkpoint_dir to start afresh.")
+            return {name: f.get_tensor(name) for name in f.keys()}, meta
+    except SafetensorError as err:
+        raise ValueError(f"The checkpoint {path} is corrupted ({err}); delete it to start afresh.") from None
+
+
+class _Columns:
+    """rows -> preprocess(safe column + unsafe column) (picklable for DataLoader workers)."""
+
+    def __init__(self, preprocess, safe: str, unsafe: str):
+        self.preprocess, self.safe, self.unsafe = preprocess, safe, unsafe
+
+    def __call__(self, rows):
+        return self.preprocess(rows[self.safe] + rows[self.unsafe])
+
+
+class _PreprocessedBatches(torch.utils.data.Dataset):
+    """Batch i = the preprocessed [safe; unsafe] items of rows bounds[i] (picklable for workers)."""
+
+    def __init__(self, dataset, bounds, preprocess):
+        self.dataset, self.bounds, self.preprocess = dataset, bounds, preprocess
+
+    def __len__(self):
+        return len(self.bounds)
+
+    def __getitem__(self, i):
+        return self.preprocess(self.dataset[slice(*self.bounds[i])])
