@@ -24,10 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(out: Path, score: str):
+def run_two_processes(out: Path, config: UWMConfig):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(SCRIPT), str(out), score]
+           str(SCRIPT), str(out), config.to_json_string()]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -37,14 +37,16 @@ def read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-@pytest.mark.parametrize("score", ["ratio", "attribution"])
-def test_two_processes_match_one_process(tmp_path, score):
-    run_two_processes(tmp_path / "run", score)
+@pytest.mark.parametrize("config", [UWMConfig(batch_size=2), UWMConfig(batch_size=2, score="attribution"),
+                                    UWMConfig(batch_size=2, score="iterative_attribution", rounds=3,
+                                              round_density=0.005, curvature_probes=2)],
+                         ids=["ratio", "attribution", "iterative_attribution"])
+def test_two_processes_match_one_process(tmp_path, config):
+    run_two_processes(tmp_path / "run", config)
     ranks = [read(tmp_path / f"run.rank{r}.safetensors") for r in (0, 1)]
     assert ranks[0][1]["processes"] == "2"
     model, processor = make_clip(dtype=torch.float64)
-    single = UWMEditor(model, processor, UWMConfig(batch_size=2, score=score)).calibrate(make_pairs(7, seed=5),
-                                                                                         progress=False)
+    single = UWMEditor(model, processor, config).calibrate(make_pairs(7, seed=5), progress=False)
     for tensors, _ in ranks:
         for name, scores in single.scores.items():
             torch.testing.assert_close(tensors[f"score/{name}"], scores, rtol=1e-10, atol=1e-300)

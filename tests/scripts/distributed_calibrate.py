@@ -12,13 +12,15 @@ from conftest import make_clip, make_pairs  # noqa: E402
 from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
 
 
-def main(out: str, score: str):
+def main(out: str, config_json: str):
     from accelerate import PartialState
 
     state = PartialState(cpu=True)
     model, processor = make_clip(dtype=torch.float64)
-    editor = UWMEditor(model, processor, UWMConfig(batch_size=2, score=score))
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    editor = UWMEditor(model, processor, UWMConfig.from_json_string(config_json))
     editor.calibrate(make_pairs(7, seed=5), progress=False)
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items()), "model left edited"
     tensors = {f"score/{k}": v for k, v in editor.scores.items()}
     tensors.update({f"delta/{k}": v for k, v in editor.delta.items()})
     save_file(tensors, f"{out}.rank{state.process_index}.safetensors",
