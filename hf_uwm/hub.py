@@ -180,14 +180,22 @@ def _card_context(record: dict, reports: dict) -> dict:
         "model_class": record["model_class"],
         "config": cfg,
         "alpha": cfg["alpha"],
-        "selection": (f"adaptive, τ = {cfg['tau']}" if cfg["selection"] == "adaptive"
-                      else f"fixed, density = {cfg['density']}"),
+        "selection": _selection_text(cfg),
         "towers": towers,
         "layers": layers,
         "total_selected": f"{sum(t['selected'] for t in towers):,}",
         "fingerprint": record["fingerprint"],
         "evaluation": _evaluation_table(reports) if reports else None,
     }
+
+
+def _selection_text(cfg: dict) -> str:
+    if cfg["score"] == "iterative_attribution":
+        return (f"iterative, {cfg['rounds']} rounds of {cfg['round_density']:g} of the target weights "
+                f"({'one budget over all layers' if cfg['shared_budget'] else 'per layer'}), "
+                f"curvature weight λ = {cfg['curvature_weight']:g}, {cfg['curvature_probes']} probes")
+    rule = f"adaptive, τ = {cfg['tau']}" if cfg["selection"] == "adaptive" else f"fixed, density = {cfg['density']}"
+    return rule + (", one budget over all layers" if cfg.get("shared_budget") else "")
 
 
 def _evaluation_table(reports: dict) -> dict:

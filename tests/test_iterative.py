@@ -268,3 +268,10 @@ def test_config_round_trips_through_json():
 def test_llava_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="needs a text tower.*LlavaForConditionalGeneration"):
         UWMEditor(*make_llava(), iterative())
+
+
+def test_every_score_name_has_a_method():
+    from hf_uwm.config import SCORES
+    from hf_uwm.methods import METHODS
+
+    assert set(METHODS) == set(SCORES)
