@@ -77,13 +77,13 @@ def make_data(n: int):
 
 def batches(editor, dataset, batch: int, tower: str, workers: int):
     """Device inputs of [safe; unsafe] items, preprocessed in DataLoader workers as calibrate does."""
-    from torch.utils.data import DataLoader
+    from accelerate import PartialState
 
-    from hf_uwm.editor import _PreprocessedBatches
+    from hf_uwm.methods import Calibration
 
-    bounds = [(s, min(s + batch, len(dataset))) for s in range(0, len(dataset), batch)]
-    items = _PreprocessedBatches(dataset, bounds, editor._preprocess(tower))
-    for inputs in DataLoader(items, batch_size=None, num_workers=workers):
+    run = Calibration(dataset, PartialState(cpu=editor.adapter.device.type == "cpu"), editor.adapter, batch,
+                      progress=False, num_workers=workers)
+    for _, _, inputs in run.batches(run.preprocess(tower), tower):
         yield editor.adapter.to_device(inputs)
 
 

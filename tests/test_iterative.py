@@ -199,6 +199,25 @@ def test_a_finished_checkpoint_extends_to_more_rounds_and_refuses_other_settings
                   ).calibrate(data, progress=False, checkpoint_dir=tmp_path)
 
 
+@pytest.mark.parametrize("limit,passes_preprocessed", [(2**30, 1), (16, 3)])
+def test_kept_batches_are_replayed_within_the_memory_limit(monkeypatch, limit, passes_preprocessed):
+    import hf_uwm.methods.base as base
+
+    monkeypatch.setattr(base, "KEEP_BYTES", limit)    # 16 bytes: less than the first batch
+    calls = []
+
+    def preprocess(rows):
+        calls.append(rows)
+        return {"x": torch.tensor(rows)}
+
+    run = Calibration(list(range(7)), _OneProcess, adapter=None, batch_size=3, progress=False)
+    passes = [[(i, rows, inputs["x"].tolist()) for i, rows, inputs in run.batches(preprocess, "", keep=True)]
+              for _ in range(3)]
+    assert passes[0] == passes[1] == passes[2] == [(0, [0, 1, 2], [0, 1, 2]), (1, [3, 4, 5], [3, 4, 5]),
+                                                   (2, [6], [6])]
+    assert len(calls) == 3 * passes_preprocessed
+
+
 # --- the delta's life ------------------------------------------------------------------------------
 def test_fewer_rounds_reselect_a_prefix_and_the_delta_saves_applies_and_reverts(tmp_path, data):
     model, processor = make_clip()

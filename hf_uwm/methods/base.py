@@ -20,6 +20,9 @@ from ..delta import save_file_atomic
 from ..selection import select_adaptive, select_fixed, select_shared
 
 
+KEEP_BYTES = 2**30   # preprocessed inputs a calibration may keep in memory between passes
+
+
 class Method:
     """One editing method. Subclasses set the class attributes and implement `scores`."""
 
@@ -76,6 +79,7 @@ class Calibration:
         self.progress, self.num_workers = progress, num_workers
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every, self.autocast_dtype = checkpoint_every, autocast
+        self._kept: list | None = None
 
     def autocast(self):
         return torch.autocast(self.adapter.device.type, dtype=self.autocast_dtype,
@@ -89,17 +93,34 @@ class Calibration:
         stop = start + per + (rank < extra)
         return [(s, min(s + self.batch_size, stop)) for s in range(start, stop, self.batch_size)]
 
-    def batches(self, preprocess, desc: str, first: int = 0, leave: bool = True):
-        """(batch index, rows, CPU inputs) for this process's shard, preprocessed in DataLoader workers."""
+    def batches(self, preprocess, desc: str, first: int = 0, leave: bool = True, keep: bool = False):
+        """(batch index, rows, CPU inputs) for this process's shard, preprocessed in DataLoader workers.
+
+        With `keep`, a full pass whose inputs take at most `KEEP_BYTES` is kept in memory and
+        replayed by the next `keep` pass instead of preprocessing again (methods that pass over the
+        same pairs many times; the preprocessing must be the same each time).
+        """
         from torch.utils.data import DataLoader
 
         bounds = self.batch_bounds()
+        disable = not (self.progress and self.state.is_main_process)
+        if keep and self._kept is not None:
+            for i, inputs in enumerate(tqdm(self._kept, desc=desc, leave=leave, disable=disable)):
+                yield i, list(range(*bounds[i])), inputs
+            return
         loader = DataLoader(_PreprocessedBatches(self.dataset, bounds[first:], preprocess), batch_size=None,
                             num_workers=self.num_workers)
-        bar = tqdm(loader, desc=desc, total=len(bounds), initial=first, leave=leave,
-                   disable=not (self.progress and self.state.is_main_process))
-        for i, inputs in enumerate(bar, start=first):
+        kept, size = ([] if keep and first == 0 else None), 0
+        for i, inputs in enumerate(tqdm(loader, desc=desc, total=len(bounds), initial=first, leave=leave,
+                                        disable=disable), start=first):
+            if kept is not None:
+                size += sum(t.numel() * t.element_size() for t in _tensors(inputs))
+                kept = kept if size <= KEEP_BYTES else None
+                if kept is not None:
+                    kept.append(inputs)
             yield i, list(range(*bounds[i])), inputs
+        if keep:
+            self._kept = kept
 
     def preprocess(self, tower: str):
         """rows (a dict of columns) -> CPU inputs of [safe items; unsafe items] of one tower."""
@@ -153,6 +174,14 @@ def read_checkpoint(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict
             return {name: f.get_tensor(name) for name in f.keys()}, meta
     except SafetensorError as err:
         raise ValueError(f"The checkpoint {path} is corrupted ({err}); delete it to start afresh.") from None
+
+
+def _tensors(inputs):
+    """The tensors of a batch's inputs: a dict of tensors, or a tuple of such dicts."""
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    return [t for value in values for t in _tensors(value)]
 
 
 class _Columns:

@@ -137,7 +137,7 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
               for _ in range(cfg.curvature_probes if with_curvature else 0)]
     with gradients_on(editor.model, weights):
         for _, rows, (text_inputs, image_inputs) in run.batches(pair_preprocess(run), f"round {round_index}",
-                                                                leave=False):
+                                                                leave=False, keep=True):
             b, text_inputs = len(rows), adapter.to_device(text_inputs)
             with run.autocast():
                 texts = adapter.embed_text(text_inputs)                                   # (2B, D)
