@@ -81,7 +81,8 @@ class UWMConfig:
         for name in ("text_prior", "vision_prior"):
             _check(name, isinstance(getattr(self, name), bool), "must be True or False")
         _check("eps", _is_number(self.eps) and 0 < self.eps < 1e-2, "eps must be a small positive number")
-        _check("batch_size", _is_int(self.batch_size) and self.batch_size >= 1, "batch_size must be a positive integer (pairs per batch)")
+        _check("batch_size", _is_int(self.batch_size) and self.batch_size >= 1,
+               "batch_size must be a positive integer (pairs per batch)")
         _check("seed", _is_int(self.seed),
                "seed must be an integer")
         _check("shared_budget", self.shared_budget is None or isinstance(self.shared_budget, bool),

@@ -218,8 +218,7 @@ class UWMEditor:
         if meta.get("format") != "hf_uwm.scores":
             raise ValueError(f"{path} is not a score cache written by UWMEditor.save_scores.")
         saved = UWMConfig.from_json_string(meta["config"])
-        score_settings = ("score",) + method_for(saved.score).score_settings
-        differing = [f for f in score_settings if getattr(saved, f) != getattr(self.config, f)]
+        differing = [f for f in method_for(saved.score).score_settings if getattr(saved, f) != getattr(self.config, f)]
         if differing:
             raise ValueError(f"The cached scores were computed with other {differing}; use an editor with the "
                              f"same score settings (only {list(self.method.selection_settings)} may differ).")
