@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_uwm.selection import _sample_indices, select_adaptive, select_fixed, select_random
+from hf_uwm.selection import _sample_indices, select_adaptive, select_fixed, select_random, select_shared, select_top
 
 
 def naive_adaptive(scores, tau):
@@ -95,3 +95,28 @@ def test_random_selection_is_seeded_sorted_and_distinct():
     a = select_random(100, 10, torch.Generator().manual_seed(0))
     b = select_random(100, 10, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.numel() == 10 and torch.all(a[1:] > a[:-1])
+
+
+def test_shared_selection_ranks_all_layers_together():
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(3, 4), "b": 10 * torch.rand(2, 5), "c": torch.rand(1, 3)}
+    joint = torch.cat([s.flatten() for s in scores.values()])
+    for select in (lambda s, name: select_fixed(s, 0.2, name), lambda s, name: select_adaptive(s, 0.3, name)):
+        shared = select_shared(scores, select)
+        expected, start = select(joint, "all"), 0
+        for name, s in scores.items():
+            mine = expected[(expected >= start) & (expected < start + s.numel())] - start
+            assert torch.equal(shared[name], mine)
+            start += s.numel()
+        assert sum(map(len, shared.values())) == len(expected)
+    assert len(select_shared(scores, lambda s, name: select_fixed(s, 0.2, name))["b"]) == 5   # the large layer wins
+
+
+def test_top_selection_takes_signed_scores_and_skips_minus_infinity():
+    scores = torch.tensor([-1.0, -float("inf"), 0.5, -0.2, 0.5])
+    assert select_top(scores, 3).tolist() == [2, 3, 4]
+    assert select_top(scores, 4).tolist() == [0, 2, 3, 4]
+    with pytest.raises(ValueError, match="fewer than 5"):
+        select_top(scores, 5)
+    with pytest.raises(ValueError, match="NaN"):
+        select_top(torch.tensor([0.0, float("nan")]), 1)
