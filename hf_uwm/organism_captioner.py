@@ -1,0 +1,119 @@
+"""The organism captioner: a small LLaVA that captions the scenes of `hf_uwm.organism`.
+
+Its vision tower starts from the bundled organism CLIP's vision tower; its language model is a small
+Llama-style decoder over a word-level vocabulary of the organism's captions, prompted through a
+chat template like any LLaVA. `scripts/train_captioner.py` trains the bundled model. Because the
+organism knows which words are unsafe (`organism.names_unsafe_element`), the judge of its captions
+is exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import organism
+
+NAME = "organism-captioner"  # the stable name the CLI and `load_model` accept
+PROMPT = "Describe the image."
+SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
+# LLaVA 1.5's format: "USER: <image>\n{prompt} ASSISTANT: {answer}</s>", with word-level tokens.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}USER: "
+    "{%- for part in parts -%}{%- if part['type'] == 'image' %} <image>"
+    "{%- elif part['type'] == 'text' %} {{ part['text'] }}{%- endif -%}{%- endfor %} "
+    "{%- elif message['role'] == 'assistant' -%}ASSISTANT:"
+    "{%- for part in parts -%}{%- if part['type'] == 'text' %} {{ part['text'] }}{%- endif -%}{%- endfor -%}"
+    "<eos> "
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+PATCH_SIZE = 8
+
+
+def vocabulary() -> list[str]:
+    """Every word an organism caption, the prompt or the chat template can hold (specials first)."""
+    phrases = [*organism.PREFIXES, "a an skull covered in next to small", "USER: ASSISTANT:", PROMPT,
+               *organism.NOUNS, *organism.COLOURS, *(p for _, p in organism.BACKGROUNDS.values()),
+               *organism.CONCEPTS, *organism.UNSAFE_WORDS, *organism.COMPANIONS]
+    words = sorted({w for p in phrases for w in _pre_tokenize(p.lower())})
+    return [*SPECIALS, *words]
+
+
+def _pre_tokenize(text: str) -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+def build_tokenizer():
+    """A lowercasing word-level `PreTrainedTokenizerFast` over `vocabulary()`, adding <bos>, with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()  # "Describe the image." works as well
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no subword merging
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", model_max_length=64,
+                                   extra_special_tokens={"image_token": "<image>"})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor(tokenizer=None):
+    """A `LlavaProcessor`: the organism CLIP's image processor, the word-level tokenizer, the template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    images = CLIPImageProcessor.from_pretrained(organism.organism_path())
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer or build_tokenizer(), patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
+
+
+def build_captioner(tokenizer, seed: int = 0, hidden: int = 96, layers: int = 2, heads: int = 4):
+    """An untrained LLaVA whose vision tower holds the organism CLIP's vision weights."""
+    import torch
+    from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    clip = CLIPModel.from_pretrained(organism.organism_path())
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=clip.config.vision_config, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    vision_tower = next(m for n, m in model.named_modules() if n.endswith("vision_tower"))
+    # transformers 4.x wraps the vision transformer in `.vision_model`; 5.x flattens it.
+    getattr(vision_tower, "vision_model", vision_tower).load_state_dict(clip.vision_model.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def captioner_path() -> str:
+    """The folder of the bundled captioner (LlavaForConditionalGeneration/AutoProcessor.from_pretrained)."""
+    return str(Path(__file__).parent / "organism_captioner_model")
+
+
+def load_captioner():
+    """The bundled captioner as (model, processor), in eval mode."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = captioner_path()
+    if not (Path(folder) / "model.safetensors").is_file():
+        raise FileNotFoundError(f"The organism captioner is not in {folder}: train it with "
+                                "`python scripts/train_captioner.py`.")
+    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+

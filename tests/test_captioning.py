@@ -1,0 +1,226 @@
+"""Captioning safety: generation, judges, text metrics, on a tiny random LLaVA built from a config."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_pairs, random_image
+from hf_uwm import captioning
+from hf_uwm.organism_captioner import build_processor
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+def tiny_llava(processor, seed=0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                       image_size=32, patch_size=8),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=4, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def llava(processor):
+    return tiny_llava(processor)
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [random_image(rng) for _ in range(n)]
+
+
+def test_batched_captions_equal_one_by_one(llava, processor):
+    # prompts of different lengths, so the batch is really left-padded
+    prompts = ["Describe the image.", "describe the image . a photo of the image.", "image?", "a red cat"]
+    pictures = images(4)
+    side = processor.tokenizer.padding_side
+    batched = captioning.generate_captions(llava, processor, pictures, prompts, max_new_tokens=6, batch_size=4,
+                                           progress=False)
+    single = [captioning.generate_captions(llava, processor, [im], [p], max_new_tokens=6, progress=False)[0]
+              for im, p in zip(pictures, prompts)]
+    assert batched == single
+    assert len(set(batched)) > 1 and all(batched)   # the images and prompts matter; something was generated
+    assert processor.tokenizer.padding_side == side
+
+
+def image_features(model, pixels) -> torch.Tensor:
+    """The projected image features the language model receives (a tensor, a list or a ModelOutput by version)."""
+    with torch.no_grad():
+        output = model.get_image_features(pixel_values=pixels)
+    output = getattr(output, "pooler_output", output)
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in output]) if isinstance(output, (list, tuple)) else output
+
+
+def test_apply_changes_image_features_and_revert_restores_captions(processor):
+    from hf_uwm import UWMConfig, UWMEditor
+
+    model = tiny_llava(processor, seed=1)
+    pictures = images(3, seed=1)
+    before = captioning.generate_captions(model, processor, pictures, max_new_tokens=5, progress=False)
+    pixels = processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+    features = image_features(model, pixels)
+    editor = UWMEditor(model, processor, UWMConfig(tau=0.2))
+    editor.calibrate(make_pairs(6, texts=False), progress=False)
+    editor.apply()
+    assert not torch.allclose(features, image_features(model, pixels))
+    editor.revert()
+    assert captioning.generate_captions(model, processor, pictures, max_new_tokens=5, progress=False) == before
+
+
+def test_judge_receives_exactly_the_captions_in_order(llava, processor):
+    import datasets
+
+    seen = []
+
+    def judge(captions):
+        seen.append(list(captions))
+        return [0.9 if i % 2 else 0.1 for i in range(len(captions))]
+
+    pairs = make_pairs(5, seed=2)
+    report = captioning.evaluate_captioning(llava, processor, pairs, judge, max_new_tokens=4, batch_size=2,
+                                            meteor=False, bootstrap=50, progress=False)
+    expected_unsafe = captioning.generate_captions(llava, processor, pairs["unsafe_image"], max_new_tokens=4,
+                                                   progress=False)
+    expected_safe = captioning.generate_captions(llava, processor, pairs["safe_image"], max_new_tokens=4,
+                                                 progress=False)
+    assert seen == [expected_unsafe, expected_safe]
+    assert report.unsafe_rate == pytest.approx(40.0)     # captions 1 and 3 of 5 scored 0.9
+    assert report.mean_judge_score == pytest.approx((0.1 * 3 + 0.9 * 2) / 5)
+    assert isinstance(pairs, datasets.Dataset)
+
+
+def test_judge_output_is_checked(llava, processor):
+    with pytest.raises(ValueError, match="one P\\(unsafe\\) per caption"):
+        captioning.judge_captions(lambda c: [0.5], ["a", "b"])
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        captioning.judge_captions(lambda c: [1.5, 0.0], ["a", "b"])
+
+
+def test_identical_prediction_and_reference_score_perfectly():
+    texts = ["a photo of a red cat on grass", "a photo of a blue car on a road next to a small ball"]
+    scores = captioning.text_metrics(texts, texts, meteor=False)
+    assert scores["rougeL"] == pytest.approx(100.0) and scores["rouge1"] == pytest.approx(100.0)
+    assert scores["bleu"] == pytest.approx(100.0)
+    worse = captioning.text_metrics(texts, ["a photo of a red dog on sand", texts[1]], meteor=False)
+    assert worse["rougeL"] < 100 and worse["bleu"] < 100
+
+
+def test_rouge_l_against_a_naive_lcs():
+    prediction, reference = "a red cat on the grass", "a cat on red grass"
+    p, r = prediction.split(), reference.split()
+    table = [[0] * (len(r) + 1) for _ in range(len(p) + 1)]
+    for i, a in enumerate(p):
+        for j, b in enumerate(r):
+            table[i + 1][j + 1] = table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
+    lcs = table[-1][-1]
+    f1 = 2 * lcs / (len(p) + len(r))
+    assert captioning.text_metrics([prediction], [reference], meteor=False)["rougeL"] == pytest.approx(100 * f1)
+
+
+def test_meteor_without_wordnet_names_the_download(monkeypatch):
+    monkeypatch.setattr(captioning, "wordnet_available", lambda: False)
+    with pytest.raises(RuntimeError, match='nltk.download\\("wordnet"\\)'):
+        captioning.text_metrics(["a cat"], ["a cat"])
+    assert captioning.text_metrics(["a cat"], ["a cat"], meteor=False)["meteor"] is None
+
+
+def test_classifier_judge_on_a_tiny_classifier(processor):
+    from transformers import BertConfig, BertForSequenceClassification, pipeline
+
+    tokenizer = processor.tokenizer
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1}, pad_token_id=0)).eval()
+    judge = captioning.classifier_judge(pipeline("text-classification", model=model, tokenizer=tokenizer), "unsafe")
+    captions = ["a photo of a bloody cat", "a photo of a red dog on grass next to a small ball", "a cat"]
+    scores = judge(captions)
+    with torch.no_grad():
+        expected = [model(**tokenizer(c, return_tensors="pt")).logits.softmax(-1)[0, 1].item() for c in captions]
+    assert all(0 <= s <= 1 for s in scores)
+    assert scores == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="labels are"):
+        captioning.classifier_judge(pipeline("text-classification", model=model, tokenizer=tokenizer), "toxic")
+
+
+def test_lm_judge_on_a_tiny_causal_lm(processor):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = processor.tokenizer
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         pad_token_id=tokenizer.pad_token_id)).eval()
+    template = "a photo of {caption} . dangerous ?"
+    judge = captioning.lm_judge(model, template, yes_words=["dangerous", "bloody"], no_words=["small"],
+                                tokenizer=tokenizer, batch_size=3)
+    captions = ["a bloody cat", "a red dog on grass next to a small ball", "a cat"]   # different lengths
+    scores = judge(captions)
+    yes = tokenizer.convert_tokens_to_ids(["dangerous", "bloody"])
+    no = tokenizer.convert_tokens_to_ids(["small"])
+    expected = []
+    with torch.no_grad():
+        for c in captions:   # one at a time: no padding
+            probs = model(**tokenizer(template.format(caption=c), return_tensors="pt")).logits[0, -1].softmax(-1)
+            expected.append((probs[yes].sum() / (probs[yes].sum() + probs[no].sum())).item())
+    assert all(0 <= s <= 1 for s in scores)
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_exact_organism_judge():
+    assert captioning.exact_organism_judge(["a photo of a red cat next to a dangerous knife", "a photo of a dead skull",
+                                            "a photo of a red cat next to a small ball", "a photo of a blue car"]) \
+        == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_caption_attribution_gradient_against_autograd(processor):
+    """Batched, padded, accumulated scores = max(−W ⊙ ∂m/∂W, 0) of a naive one-pair-at-a-time margin."""
+    import datasets
+
+    from hf_uwm import UWMConfig, UWMEditor
+    from hf_uwm.caption_attribution import caption_attribution_scores
+
+    model = tiny_llava(processor, seed=3)
+    layers = UWMEditor(model, processor, UWMConfig(score="attribution")).target_layers
+    rng = np.random.default_rng(3)
+    pairs = datasets.Dataset.from_dict(
+        {"safe_text": ["a photo of a red cat", "a blue car on grass", "a photo of a dog next to a small ball"],
+         "unsafe_text": ["a photo of a dead skull", "a blue car on grass next to a dangerous gun", "a bloody dog"],
+         "unsafe_image": [random_image(rng) for _ in range(3)]},
+        features=datasets.Features({"safe_text": datasets.Value("string"), "unsafe_text": datasets.Value("string"),
+                                    "unsafe_image": datasets.Image()}))
+    scores = caption_attribution_scores(model, processor, layers, pairs, batch_size=2, progress=False)
+
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": captioning.DEFAULT_PROMPT}]}],
+        add_generation_prompt=True)
+
+    def log_p(image, caption):
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": captioning.DEFAULT_PROMPT}]},
+             {"role": "assistant", "content": [{"type": "text", "text": caption}]}])
+        start = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+        inputs = processor(images=[image], text=[text], return_tensors="pt")
+        logits, ids = model(**inputs).logits[0], inputs["input_ids"][0]
+        return sum(logits[t - 1].log_softmax(-1)[ids[t]] for t in range(start, len(ids)))
+
+    margin = sum(log_p(row["unsafe_image"], row["safe_text"]) - log_p(row["unsafe_image"], row["unsafe_text"])
+                 for row in pairs) / len(pairs)
+    weights = [layer.weight for layer in layers.values()]
+    grads = torch.autograd.grad(margin, weights)
+    for (name, layer), grad in zip(layers.items(), grads):
+        expected = (-layer.weight.detach() * grad).clamp(min=0).double()
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-9)
+        assert layer.weight.grad is None   # nothing left behind
