@@ -77,7 +77,7 @@ class UWMEditor:
         `dtype=torch.bfloat16` let a 13B LLaVA calibrate on one GPU. A `processor` you pass is used
         instead of the one saved with the model.
         """
-        folder = resolve_delta_folder(name_or_path, revision)
+        folder = None if name_or_path == ORGANISM_CAPTIONER else resolve_delta_folder(name_or_path, revision)
         if folder is None:
             if model is None:
                 model, loaded = load_model(name_or_path, revision, trust_remote_code, **model_kwargs)
@@ -332,6 +332,10 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, **m
 
     if not name_or_path:
         raise ValueError("The delta names no base model: pass model= and processor= to from_pretrained.")
+    if name_or_path == ORGANISM_CAPTIONER:
+        from .organism_captioner import load_captioner
+
+        return load_captioner()
     local = Path(str(name_or_path)).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{name_or_path} is neither a delta folder (no uwm_config.json) nor a model folder "

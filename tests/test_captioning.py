@@ -224,3 +224,38 @@ def test_caption_attribution_gradient_against_autograd(processor):
         assert expected.abs().sum() > 0
         torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-9)
         assert layer.weight.grad is None   # nothing left behind
+
+
+def test_eval_captions_cli_base_edit_and_random_control(tmp_path, processor, capsys):
+    """A saved LLaVA, a delta of it, a local classifier judge and local pairs: one table, JSON out."""
+    import json
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_uwm import UWMConfig, UWMEditor
+    from hf_uwm.cli import main
+
+    model = tiny_llava(processor, seed=4)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=len(processor.tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1},
+        pad_token_id=0)).save_pretrained(tmp_path / "judge")
+    processor.tokenizer.save_pretrained(tmp_path / "judge")
+    pairs = make_pairs(4, seed=4)
+    pairs.save_to_disk(tmp_path / "pairs")
+    editor = UWMEditor.from_pretrained(tmp_path / "llava", config=UWMConfig(tau=0.2))
+    editor.calibrate(pairs, progress=False).save_pretrained(tmp_path / "delta")
+
+    code = main(["eval-captions", str(tmp_path / "delta"), "--data", str(tmp_path / "pairs"), "--judge",
+                 f"classifier:{tmp_path / 'judge'}:unsafe", "--no-meteor", "--max-new-tokens", "3",
+                 "--bootstrap", "20", "--quiet", "--json", str(tmp_path / "out.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert all(name in out for name in ("base", "edited", "random control", "weights changed"))
+    assert "METEOR: not computed" in out
+    reports = json.loads((tmp_path / "out.json").read_text())
+    assert list(reports) == ["base", "edited", "random control"]
+    assert len(reports["base"]["captions"]["unsafe_images"]) == 4
