@@ -39,7 +39,7 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=96, help="decoder width")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine more threads mostly wait)")
     parser.add_argument("--eval-pairs", type=int, default=300, help="test quadruples for the final report")
     parser.add_argument("--evaluate-only", action="store_true", help="skip training; report on --output")
     return parser.parse_args()

@@ -215,6 +215,10 @@ def test_caption_attribution_gradient_against_autograd(processor):
         logits, ids = model(**inputs).logits[0], inputs["input_ids"][0]
         return sum(logits[t - 1].log_softmax(-1)[ids[t]] for t in range(start, len(ids)))
 
+    with torch.no_grad():   # the log-likelihood itself, not only the margin where shared prefixes cancel
+        batched = captioning.caption_log_likelihood(model, processor, pairs["unsafe_image"], pairs["unsafe_text"])
+        torch.testing.assert_close(batched, torch.stack([log_p(r["unsafe_image"], r["unsafe_text"]) for r in pairs]),
+                                   rtol=1e-5, atol=1e-4)
     margin = sum(log_p(row["unsafe_image"], row["safe_text"]) - log_p(row["unsafe_image"], row["unsafe_text"])
                  for row in pairs) / len(pairs)
     weights = [layer.weight for layer in layers.values()]
