@@ -42,6 +42,7 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine more threads mostly wait)")
     parser.add_argument("--eval-pairs", type=int, default=300, help="test quadruples for the final report")
     parser.add_argument("--evaluate-only", action="store_true", help="skip training; report on --output")
+    parser.add_argument("--no-meteor", action="store_true", help="report without METEOR (it needs nltk's WordNet)")
     return parser.parse_args()
 
 
@@ -120,14 +121,13 @@ def train(model, tensors, args) -> list[float]:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def evaluate(folder: Path, eval_pairs: int, seed: int) -> dict:
+def evaluate(folder: Path, eval_pairs: int, seed: int, meteor: bool) -> dict:
     """Captioning quality on test scenes: text metrics on safe renders, unsafe mentions on unsafe ones."""
     from hf_uwm.captioning import evaluate_captioning, exact_organism_judge
 
     model, processor = _load(folder)
     pairs = organism.make_pairs(eval_pairs, seed=seed, split="test")
-    report = evaluate_captioning(model, processor, pairs, judge=exact_organism_judge, meteor=_has_wordnet(),
-                                 batch_size=64)
+    report = evaluate_captioning(model, processor, pairs, judge=exact_organism_judge, meteor=meteor, batch_size=64)
     return report.to_dict()
 
 
@@ -135,12 +135,6 @@ def _load(folder: Path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-
-
-def _has_wordnet() -> bool:
-    from hf_uwm.captioning import wordnet_available
-
-    return wordnet_available()
 
 
 def write_readme(folder: Path, training: dict, report: dict | None):
@@ -156,11 +150,11 @@ def write_readme(folder: Path, training: dict, report: dict | None):
         f"  {training['vision_lr_scale']} x the learning rate; features from layer -2 (LLaVA's default), CLS dropped.",
         f"- Language model: a Llama decoder, hidden {training['hidden']}, {training['layers']} layers, over a "
         "word-level vocabulary of the",
-        "  organism's captions; prompt `USER: <image> describe the image. ASSISTANT:` (the chat template).",
+        "  organism's captions (lowercased); prompt `USER: <image> Describe the image. ASSISTANT:` (the chat template).",
         f"- Training: {training['scenes']} train-split scenes x (safe, unsafe) renders with their captions, "
         f"{training['epochs']} epochs,",
         f"  batch {training['batch_size']}, AdamW lr {training['lr']}, one-cycle cosine schedule, seed "
-        f"{training['seed']}, {training['threads']} CPU threads",
+        f"{training['seed']}, {training['threads']} torch thread(s)",
         f"  ({training['wall_s'] / 60:.1f} min on a shared, loaded 2-core machine). Regenerate: "
         "`python scripts/train_captioner.py`.",
         "",
@@ -170,7 +164,8 @@ def write_readme(folder: Path, training: dict, report: dict | None):
     ]
     if report:
         lines += ["", f"Measured on {report['n_safe']} test-split scenes (held-out noun/colour/background "
-                  "combinations), greedy captions:", "", "```", _format(report), "```"]
+                  "combinations), greedy captions, exact judge (a caption is unsafe when it names an unsafe element):",
+                  "", "```", _format(report), "```"]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -181,7 +176,11 @@ def _format(report: dict) -> str:
 
 
 def main():
+    from hf_uwm.captioning import WORDNET_MISSING, wordnet_available
+
     args = parse_args()
+    if not args.no_meteor and not wordnet_available():  # fail before training, not after
+        raise SystemExit(WORDNET_MISSING)
     torch.set_num_threads(args.threads)
     folder = Path(args.output)
     if not args.evaluate_only:
@@ -203,7 +202,7 @@ def main():
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n")
         print(f"saved to {folder} after {training['wall_s']} s", flush=True)
     training = json.loads((folder / "training.json").read_text())
-    report = evaluate(folder, args.eval_pairs, args.seed)
+    report = evaluate(folder, args.eval_pairs, args.seed, meteor=not args.no_meteor)
     print(_format(report))
     write_readme(folder, training, report)
 
