@@ -330,7 +330,8 @@ def _captioning_commands(commands):
     demo.add_argument("--max-rouge-drop", type=float, default=5.0,
                       help="largest ROUGE-L loss on safe images, in points, a chosen setting may cost (default 5)")
     demo.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs nltk's WordNet corpus)")
-    demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads (default 1: the captioner is so small that more threads mostly wait)")
     _common(demo)
     demo.set_defaults(run=run_demo_llava)
 
