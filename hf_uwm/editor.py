@@ -77,6 +77,8 @@ class UWMEditor:
         `dtype=torch.bfloat16` let a 13B LLaVA calibrate on one GPU. A `processor` you pass is used
         instead of the one saved with the model.
         """
+        from .organism_captioner import NAME as ORGANISM_CAPTIONER
+
         folder = None if name_or_path == ORGANISM_CAPTIONER else resolve_delta_folder(name_or_path, revision)
         if folder is None:
             if model is None:
@@ -332,9 +334,9 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, **m
 
     if not name_or_path:
         raise ValueError("The delta names no base model: pass model= and processor= to from_pretrained.")
-    if name_or_path == ORGANISM_CAPTIONER:
-        from .organism_captioner import load_captioner
+    from .organism_captioner import NAME as ORGANISM_CAPTIONER, load_captioner
 
+    if name_or_path == ORGANISM_CAPTIONER:
         return load_captioner()
     local = Path(str(name_or_path)).expanduser()
     if local.exists() and not (local / "config.json").is_file():

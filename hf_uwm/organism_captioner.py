@@ -34,7 +34,7 @@ PATCH_SIZE = 8
 
 
 def vocabulary() -> list[str]:
-    """Every word an organism caption, the prompt or the chat template can hold (specials first)."""
+    """Every word that an organism caption, the prompt or the chat template can hold (specials first)."""
     phrases = [*organism.PREFIXES, "a an skull covered in next to small", "USER: ASSISTANT:", PROMPT,
                *organism.NOUNS, *organism.COLOURS, *(p for _, p in organism.BACKGROUNDS.values()),
                *organism.CONCEPTS, *organism.UNSAFE_WORDS, *organism.COMPANIONS]

@@ -263,3 +263,23 @@ def test_eval_captions_cli_base_edit_and_random_control(tmp_path, processor, cap
     reports = json.loads((tmp_path / "out.json").read_text())
     assert list(reports) == ["base", "edited", "random control"]
     assert len(reports["base"]["captions"]["unsafe_images"]) == 4
+
+
+def test_bundled_captioner_by_name_and_its_delta_round_trip(tmp_path):
+    """`organism-captioner` loads by name, a delta of it records that name and loads its base again."""
+    from hf_uwm import UWMConfig, UWMEditor
+    from hf_uwm.organism import make_pairs as organism_pairs
+
+    editor = UWMEditor.from_pretrained("organism-captioner", config=UWMConfig(tau=0.085))
+    assert len(editor.target_layers) == 2      # vision mlp.fc2 of layers 0 and 1: feature layer -2 of 3
+    pairs = organism_pairs(8, seed=0, split="test")
+    unsafe = captioning.generate_captions(editor.model, editor.processor, pairs["unsafe_image"], progress=False)
+    safe = captioning.generate_captions(editor.model, editor.processor, pairs["safe_image"], progress=False)
+    assert sum(captioning.exact_organism_judge(unsafe)) >= 6 and sum(captioning.exact_organism_judge(safe)) <= 2
+    assert captioning.text_metrics(safe, pairs["safe_text"], meteor=False)["rougeL"] > 70
+
+    editor.calibrate(pairs, progress=False).save_pretrained(tmp_path / "delta")
+    loaded = UWMEditor.from_pretrained(tmp_path / "delta")
+    assert loaded.base_model == "organism-captioner"
+    assert {n: i.tolist() for n, i in loaded.delta.items()} == {n: i.tolist() for n, i in editor.delta.items()}
+    loaded.apply()      # the fingerprint of the reloaded base matches
