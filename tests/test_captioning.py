@@ -75,6 +75,7 @@ def test_apply_changes_image_features_and_revert_restores_captions(processor):
     editor.apply()
     assert not torch.allclose(features, image_features(model, pixels))
     editor.revert()
+    assert torch.equal(image_features(model, pixels), features)
     assert captioning.generate_captions(model, processor, pictures, max_new_tokens=5, progress=False) == before
 
 
@@ -250,8 +251,15 @@ def test_eval_captions_cli_base_edit_and_random_control(tmp_path, processor, cap
     processor.tokenizer.save_pretrained(tmp_path / "judge")
     pairs = make_pairs(4, seed=4)
     pairs.save_to_disk(tmp_path / "pairs")
-    editor = UWMEditor.from_pretrained(tmp_path / "llava", config=UWMConfig(tau=0.2))
+    editor = UWMEditor.from_pretrained(tmp_path / "llava", config=UWMConfig(tau=0.5))
     editor.calibrate(pairs, progress=False).save_pretrained(tmp_path / "delta")
+    expected = {}
+    for name, edit in (("edited", editor), ("random control", editor.random_control(seed=0))):
+        edit.apply()
+        expected[name] = captioning.generate_captions(edit.model, processor, pairs["unsafe_image"], max_new_tokens=3,
+                                                      progress=False)
+        edit.revert()
+    assert expected["edited"] != expected["random control"]
 
     code = main(["eval-captions", str(tmp_path / "delta"), "--data", str(tmp_path / "pairs"), "--judge",
                  f"classifier:{tmp_path / 'judge'}:unsafe", "--no-meteor", "--max-new-tokens", "3",
@@ -263,6 +271,7 @@ def test_eval_captions_cli_base_edit_and_random_control(tmp_path, processor, cap
     reports = json.loads((tmp_path / "out.json").read_text())
     assert list(reports) == ["base", "edited", "random control"]
     assert len(reports["base"]["captions"]["unsafe_images"]) == 4
+    assert {name: reports[name]["captions"]["unsafe_images"] for name in expected} == expected
 
 
 def test_bundled_captioner_by_name_and_its_delta_round_trip(tmp_path):
