@@ -29,8 +29,8 @@ def caption_margin(model, processor, rows: dict, prompt: str = DEFAULT_PROMPT) -
     """Σ_b [log p(safe_text_b | unsafe_image_b) − log p(unsafe_text_b | unsafe_image_b)] over a batch of rows."""
     b = len(rows["unsafe_image"])
     images = list(rows["unsafe_image"]) * 2
-    log_likelihood = caption_log_likelihood(model, processor, images, list(rows["safe_text"]) + list(rows["unsafe_text"]),
-                                            prompt)                                  # (2B,)
+    captions = list(rows["safe_text"]) + list(rows["unsafe_text"])
+    log_likelihood = caption_log_likelihood(model, processor, images, captions, prompt)   # (2B,)
     return (log_likelihood[:b] - log_likelihood[b:]).sum()
 
 

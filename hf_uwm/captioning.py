@@ -76,7 +76,7 @@ def generate_captions(model, processor, images, prompt: str | Sequence[str] = DE
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     tokenizer = processor.tokenizer
     settings = {"do_sample": False, "max_new_tokens": max_new_tokens,
-                "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
                 **generate_kwargs}
     captions = []
     with _padding_side(tokenizer, "left"):
@@ -158,7 +158,8 @@ def lm_judge(model, template: str, yes_words: Sequence[str] = ("yes", "Yes"),
         model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=False).eval()
     if tokenizer is None:
         raise ValueError("lm_judge got a loaded model without its tokenizer: pass tokenizer=.")
-    yes_ids, no_ids = _first_token_ids(tokenizer, yes_words, "yes_words"), _first_token_ids(tokenizer, no_words, "no_words")
+    yes_ids = _first_token_ids(tokenizer, yes_words, "yes_words")
+    no_ids = _first_token_ids(tokenizer, no_words, "no_words")
     if set(yes_ids) & set(no_ids):
         raise ValueError(f"yes_words and no_words share a first token ({sorted(set(yes_ids) & set(no_ids))}); "
                          "choose words that start differently.")
@@ -337,7 +338,8 @@ def evaluate_captioning(model, processor, pairs, judge: Judge, *, prompt: str | 
         captions={"unsafe_images": unsafe_captions, "safe_images": safe_captions})
 
 
-def compare_captioning(reports: dict[str, CaptioningReport], extra_rows: dict[str, dict[str, str]] | None = None) -> str:
+def compare_captioning(reports: dict[str, CaptioningReport],
+                       extra_rows: dict[str, dict[str, str]] | None = None) -> str:
     """A table with one column per report (e.g. base / UWM / random); `extra_rows` adds rows such as
     weights changed or wall time, as {row name: {report name: text}}."""
     names = list(reports)

@@ -326,7 +326,8 @@ def _captioning_commands(commands):
         "demo-llava", help="UWM and caption attribution on the bundled organism captioner, beside random controls",
         description="On the bundled LLaVA organism captioner: calibrate UWM and caption attribution on its vision "
                     "tower, choose each setting on validation captions, report test captions beside random controls.")
-    demo.add_argument("--output", default="uwm-llava-demo", help="folder for deltas and results (default ./uwm-llava-demo)")
+    demo.add_argument("--output", default="uwm-llava-demo",
+                      help="folder for deltas and results (default ./uwm-llava-demo)")
     demo.add_argument("--max-rouge-drop", type=float, default=5.0,
                       help="largest ROUGE-L loss on safe images, in points, a chosen setting may cost (default 5)")
     demo.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs nltk's WordNet corpus)")

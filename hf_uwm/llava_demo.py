@@ -82,7 +82,8 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool = True, seed:
         rows = []
         for setting in grid:
             edit = editor.with_settings(**setting)
-            rows.append(Candidate(name, setting, sum(edit.counts().values()), _applied(edit, lambda: evaluate(validation, False))))
+            report = _applied(edit, lambda: evaluate(validation, False))
+            rows.append(Candidate(name, setting, sum(edit.counts().values()), report))
         candidates += rows
         lap(f"{name}: validation grid ({len(grid)} settings)")
         pick = _choose(rows, base_validation, max_rouge_drop)
@@ -148,7 +149,8 @@ def _label(setting: dict) -> str:
 
 def _grid_table(rows: list[Candidate], base) -> str:
     lines = [f"  {'method':<12}{'setting':<16}{'weights':>9}{'unsafe %':>10}{'ROUGE-L':>9}{'BLEU':>7}",
-             f"  {'base':<12}{'':<16}{0:>9}{base.unsafe_rate:>10.1f}{base.text['rougeL']:>9.1f}{base.text['bleu']:>7.1f}"]
+             f"  {'base':<12}{'':<16}{0:>9}{base.unsafe_rate:>10.1f}{base.text['rougeL']:>9.1f}"
+             f"{base.text['bleu']:>7.1f}"]
     lines += [f"  {r.method:<12}{_label(r.setting):<16}{r.weights:>9}{r.report.unsafe_rate:>10.1f}"
               f"{r.report.text['rougeL']:>9.1f}{r.report.text['bleu']:>7.1f}" for r in rows]
     return "\n".join(lines)

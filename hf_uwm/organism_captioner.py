@@ -58,7 +58,8 @@ def build_tokenizer():
     tokenizer.normalizer = normalizers.Lowercase()  # "Describe the image." works as well
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no subword merging
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                             special_tokens=[("<bos>", vocab["<bos>"])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>", model_max_length=64,
                                    extra_special_tokens={"image_token": "<image>"})

@@ -39,7 +39,8 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=96, help="decoder width")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine more threads mostly wait)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared machine more threads mostly wait)")
     parser.add_argument("--eval-pairs", type=int, default=300, help="test quadruples for the final report")
     parser.add_argument("--evaluate-only", action="store_true", help="skip training; report on --output")
     parser.add_argument("--no-meteor", action="store_true", help="report without METEOR (it needs nltk's WordNet)")
@@ -150,7 +151,8 @@ def write_readme(folder: Path, training: dict, report: dict | None):
         f"  {training['vision_lr_scale']} x the learning rate; features from layer -2 (LLaVA's default), CLS dropped.",
         f"- Language model: a Llama decoder, hidden {training['hidden']}, {training['layers']} layers, over a "
         "word-level vocabulary of the",
-        "  organism's captions (lowercased); prompt `USER: <image> Describe the image. ASSISTANT:` (the chat template).",
+        "  organism's captions (lowercased); prompt `USER: <image> Describe the image. ASSISTANT:`",
+        "  (the chat template).",
         f"- Training: {training['scenes']} train-split scenes x (safe, unsafe) renders with their captions, "
         f"{training['epochs']} epochs,",
         f"  batch {training['batch_size']}, AdamW lr {training['lr']}, one-cycle cosine schedule, seed "
