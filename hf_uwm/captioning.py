@@ -90,24 +90,37 @@ def generate_captions(model, processor, images, prompt: str | Sequence[str] = DE
     return captions
 
 
-def caption_log_likelihood(model, processor, images, captions: Sequence[str],
-                           prompt: str = DEFAULT_PROMPT) -> torch.Tensor:
-    """(B,) log p(caption | image, prompt): the summed log-probabilities of the caption's tokens
-    (its end-of-turn tokens included) after the chat-formatted prompt, teacher-forced. Differentiable."""
+def caption_inputs(processor, images, captions: Sequence[str], prompt: str = DEFAULT_PROMPT) -> dict:
+    """CPU inputs for teacher-forcing `captions` on `images` (right-padded), with `caption_start`:
+    the position of each caption's first token (after the chat-formatted prompt)."""
     images, captions = [im.convert("RGB") for im in images], list(captions)
     if len(images) != len(captions):
         raise ValueError(f"Got {len(captions)} captions for {len(images)} images: pass one caption per image.")
-    tokenizer = processor.tokenizer
-    with _padding_side(tokenizer, "right"):
+    with _padding_side(processor.tokenizer, "right"):
         prompt_length = len(processor(images=images[:1], text=[_chat(processor, prompt)])["input_ids"][0])
-        inputs = _to_model(processor(images=images, text=[_chat(processor, prompt, c) for c in captions],
-                                     padding=True, return_tensors="pt"), model)
+        inputs = dict(processor(images=images, text=[_chat(processor, prompt, c) for c in captions],
+                                padding=True, return_tensors="pt"))
+    inputs["caption_start"] = torch.full((len(captions),), prompt_length)
+    return inputs
+
+
+def log_likelihood(model, inputs: dict) -> torch.Tensor:
+    """(B,) the summed log-probabilities of each caption's tokens (end-of-turn tokens included) given
+    its image and prompt, from `caption_inputs` output. Differentiable."""
+    inputs = _to_model(inputs, model)
+    start = inputs.pop("caption_start")                                            # (B,)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]                     # (B, L) right-padded
-    targets = mask[:, 1:].bool()                                                   # token t predicted at t - 1
-    targets[:, :prompt_length - 1] = False                                         # the prompt is given
+    positions = torch.arange(1, ids.shape[1], device=ids.device)                   # token t predicted at t - 1
+    targets = mask[:, 1:].bool() & (positions[None, :] >= start[:, None])         # (B, L - 1)
     log_probs = model(**inputs).logits[:, :-1].float().log_softmax(-1)             # (B, L - 1, vocab)
     token_log_probs = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)           # (B, L - 1)
     return (token_log_probs * targets).sum(-1)
+
+
+def caption_log_likelihood(model, processor, images, captions: Sequence[str],
+                           prompt: str = DEFAULT_PROMPT) -> torch.Tensor:
+    """(B,) log p(caption | image, prompt), teacher-forced through the chat template. Differentiable."""
+    return log_likelihood(model, caption_inputs(processor, images, captions, prompt))
 
 
 # --- judges ---------------------------------------------------------------------------------------

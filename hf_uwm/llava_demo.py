@@ -23,7 +23,7 @@ METHODS = {
     # name: (config, grid of with_settings changes, delta folder); a one-setting grid is fixed in advance
     "UWM": (UWMConfig(), [{"tau": t} for t in (0.02, 0.085, 0.3)], "uwm"),
     "UWM τ=0.085": (UWMConfig(), [{"tau": 0.085}], "uwm-paper-tau"),  # the paper's LLaVA setting, not chosen
-    "attribution": (UWMConfig(score="attribution", selection="fixed"),
+    "attribution": (UWMConfig(score="caption_attribution", selection="fixed"),
                     [{"density": d} for d in (0.002, 0.01, 0.05)], "caption-attribution"),
 }
 
@@ -38,7 +38,6 @@ class Candidate:
 
 def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool = True, seed: int = 0, batch_size: int = 32,
         bootstrap: int = 1000, progress: bool = True) -> dict:
-    from .caption_attribution import calibrate_caption_attribution
     from .captioning import (WORDNET_MISSING, compare_captioning, evaluate_captioning, exact_organism_judge,
                              wordnet_available)
     from .editor import UWMEditor
@@ -74,10 +73,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool = True, seed:
     for name, (config, grid, folder) in METHODS.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
                            base_model=NAME)
-        if config.score == "attribution":
-            calibrate_caption_attribution(editor, calibration, progress=progress)
-        else:
-            editor.calibrate(calibration, progress=progress)
+        editor.calibrate(calibration, progress=progress)
         lap(f"{name}: calibrate")
         rows = []
         for setting in grid:

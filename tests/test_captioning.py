@@ -190,18 +190,18 @@ def test_caption_attribution_gradient_against_autograd(processor):
     import datasets
 
     from hf_uwm import UWMConfig, UWMEditor
-    from hf_uwm.caption_attribution import caption_attribution_scores
 
     model = tiny_llava(processor, seed=3)
-    layers = UWMEditor(model, processor, UWMConfig(score="attribution")).target_layers
     rng = np.random.default_rng(3)
     pairs = datasets.Dataset.from_dict(
         {"safe_text": ["a photo of a red cat", "a blue car on grass", "a photo of a dog next to a small ball"],
          "unsafe_text": ["a photo of a dead skull", "a blue car on grass next to a dangerous gun", "a bloody dog"],
-         "unsafe_image": [random_image(rng) for _ in range(3)]},
+         "safe_image": [random_image(rng) for _ in range(3)], "unsafe_image": [random_image(rng) for _ in range(3)]},
         features=datasets.Features({"safe_text": datasets.Value("string"), "unsafe_text": datasets.Value("string"),
-                                    "unsafe_image": datasets.Image()}))
-    scores = caption_attribution_scores(model, processor, layers, pairs, batch_size=2, progress=False)
+                                    "safe_image": datasets.Image(), "unsafe_image": datasets.Image()}))
+    editor = UWMEditor(model, processor, UWMConfig(score="caption_attribution", batch_size=2))
+    scores, layers = editor.calibrate(pairs, progress=False).scores, editor.target_layers
+    assert sorted(scores) == sorted(layers) and len(layers) == 2   # vision fc2 of the layers that reach the LM
 
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": captioning.DEFAULT_PROMPT}]}],
@@ -228,7 +228,16 @@ def test_caption_attribution_gradient_against_autograd(processor):
         expected = (-layer.weight.detach() * grad).clamp(min=0).double()
         assert expected.abs().sum() > 0
         torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-9)
-        assert layer.weight.grad is None   # nothing left behind
+        assert layer.weight.grad is None   # autograd.grad: no .grad left behind
+
+
+def test_caption_attribution_refuses_a_model_without_captions():
+    from conftest import make_clip
+
+    from hf_uwm import UWMConfig, UWMEditor
+
+    with pytest.raises(ValueError, match="LLaVA"):
+        UWMEditor(*make_clip(), UWMConfig(score="caption_attribution"))
 
 
 def test_eval_captions_cli_base_edit_and_random_control(tmp_path, processor, capsys):

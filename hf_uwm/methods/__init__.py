@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .attribution import Attribution
 from .base import Calibration, Method
+from .caption_attribution import CaptionAttribution
 from .g_safeclip import GSafeCLIP
 from .g_unsafe import GUnsafe
 from .iterative import IterativeAttribution
@@ -23,6 +24,7 @@ METHODS: dict[str, Method] = {
     "random": RandomScores(),
     "g_unsafe": GUnsafe(),
     "g_safeclip": GSafeCLIP(),
+    "caption_attribution": CaptionAttribution(),
 }
 
 

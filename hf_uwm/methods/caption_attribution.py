@@ -1,0 +1,68 @@
+"""Caption attribution (beyond the paper; LLaVA): the attribution score with a captioning margin.
+
+On the calibration pairs the captioner's preference, on unsafe images, for the safe caption,
+
+    m = (1/N) Σ_b [ log p(Ts_b | Iu_b) − log p(Tu_b | Iu_b) ],
+
+is differentiated once with gradients on the vision-tower target weights only (projector and
+language model frozen). Multiplying W_ij by α changes m by about (α − 1)·W_ij·∂m/∂W_ij, so for α < 1
+the weights whose edit raises the safe margin have W ⊙ ∂m/∂W < 0: the score is max(−W ⊙ ∂m/∂W, 0),
+selected like any other. The prompt is `config.extra["prompt"]` (default "Describe the image.").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Calibration, Method, all_reduce_
+from .gradients import accumulation_dtype, gradients_on
+
+
+class CaptionAttribution(Method):
+    def check(self, adapter, config):
+        if adapter.family.name != "llava":
+            raise ValueError(f"score='caption_attribution' scores a LLaVA captioner's vision tower by its captions; "
+                             f"for {type(adapter.model).__name__} use score='attribution'.")
+
+    def data_towers(self, editor) -> tuple[str, ...]:
+        return ("text", "vision")  # safe and unsafe captions, unsafe images
+
+    def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
+        from ..captioning import DEFAULT_PROMPT
+
+        layers = editor.target_layers
+        weights = [layer.weight for layer in layers.values()]
+        sums = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
+        preprocess = _MarginInputs(editor.processor, editor.config.extra.get("prompt", DEFAULT_PROMPT))
+        with gradients_on(editor.model, weights):
+            for _, rows, inputs in run.batches(preprocess, "UWM caption attribution"):
+                with run.autocast():
+                    margin = caption_margin(editor.model, inputs, len(rows)) / len(run.dataset)
+                for total, grad in zip(sums, torch.autograd.grad(margin, weights)):
+                    total += grad
+        all_reduce_(sums)
+        return {name: (-layer.weight.detach() * grad).clamp(min=0).double()
+                for (name, layer), grad in zip(layers.items(), sums)}
+
+
+def caption_margin(model, inputs: dict, b: int) -> torch.Tensor:
+    """Σ_b [log p(safe caption | unsafe image) − log p(unsafe caption | unsafe image)] of one batch,
+    from `_MarginInputs` (rows [unsafe image + safe caption; unsafe image + unsafe caption])."""
+    from ..captioning import log_likelihood
+
+    ll = log_likelihood(model, inputs)                                             # (2B,)
+    return (ll[:b] - ll[b:]).sum()
+
+
+class _MarginInputs:
+    """rows -> caption inputs of [unsafe images with safe captions; unsafe images with unsafe captions]
+    (picklable for DataLoader workers)."""
+
+    def __init__(self, processor, prompt: str):
+        self.processor, self.prompt = processor, prompt
+
+    def __call__(self, rows):
+        from ..captioning import caption_inputs
+
+        images = list(rows["unsafe_image"]) * 2
+        return caption_inputs(self.processor, images, list(rows["safe_text"]) + list(rows["unsafe_text"]), self.prompt)
