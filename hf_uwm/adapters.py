@@ -123,12 +123,14 @@ class Adapter:
         return self.processor
 
     def preprocess_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenised texts on the CPU (safe to call in DataLoader workers)."""
+        """Tokenised texts on the CPU (safe to call in DataLoader workers), padded to the model's
+        fixed text length as CLIP and SigLIP were trained: SigLIP pools the last position, and a
+        fixed shape makes an item's embedding independent of the batch it is in (padding to the
+        longest caption changes it by float noise, enough to flip exact ties)."""
         tokenizer = getattr(self._require_processor(), "tokenizer", self.processor)
         text_config = getattr(self.model.config, "text_config", None)
-        max_length = getattr(text_config, "max_position_embeddings", None)
-        padding = "max_length" if self.family.name == "siglip" else True
-        batch = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,
+        max_length = getattr(text_config, "max_position_embeddings", None) or tokenizer.model_max_length
+        batch = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
                           return_tensors="pt")
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
 

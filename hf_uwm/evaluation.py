@@ -9,6 +9,7 @@ are imported from there when needed, so `import hf_uwm.evaluation` needs neither
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -66,12 +67,17 @@ class ZeroShotTask:
 
 @dataclass
 class QuadrupleEmbeddings:
-    """L2-normalised float32 CPU embeddings, each (N, D), row i from quadruple i."""
+    """L2-normalised float32 CPU embeddings, each (N, D), row i from quadruple i.
+
+    `content_keys` maps each column to one key per item, a hash of what the model was given (token
+    ids, pixel values): items with equal keys are the same item for retrieval. None: all distinct.
+    """
 
     safe_text: torch.Tensor
     unsafe_text: torch.Tensor
     safe_image: torch.Tensor
     unsafe_image: torch.Tensor
+    content_keys: dict[str, list] | None = None
 
     def similarities(self) -> dict[str, torch.Tensor]:
         """The four float64 (N,) cosine similarities, keyed like the SafeGround module's inputs."""
@@ -162,17 +168,29 @@ def _check_batch_size(batch_size):
         raise ValueError(f"batch_size={batch_size!r}: pass a positive int, e.g. 64.")
 
 
-def _embed(adapter: Adapter, items: list, kind: str, batch_size: int, bar) -> torch.Tensor:
-    """(len(items), D) float32 CPU embeddings of texts (kind="text") or PIL images (kind="image")."""
-    chunks = []
+def _content_keys(inputs: dict[str, torch.Tensor]) -> list[str]:
+    """One hash per item of a batch of CPU model inputs: equal for items the model sees identically."""
+    keys = []
+    for row in range(len(next(iter(inputs.values())))):
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(inputs):
+            digest.update(inputs[name][row].contiguous().numpy().tobytes())
+        keys.append(digest.hexdigest())
+    return keys
+
+
+def _embed(adapter: Adapter, items: list, kind: str, batch_size: int, bar) -> tuple[torch.Tensor, list[str]]:
+    """(len(items), D) float32 CPU embeddings of texts (kind="text") or PIL images (kind="image"),
+    and their content keys."""
+    chunks, keys = [], []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        if kind == "text":
-            chunks.append(adapter.embed_text(adapter.text_inputs(batch)).float().cpu())  # (B, D)
-        else:
-            chunks.append(adapter.embed_images(adapter.image_inputs(batch)).float().cpu())  # (B, D)
+        inputs = adapter.preprocess_text(batch) if kind == "text" else adapter.preprocess_images(batch)
+        embed = adapter.embed_text if kind == "text" else adapter.embed_images
+        chunks.append(embed(adapter.to_device(inputs)).float().cpu())  # (B, D)
+        keys += _content_keys(inputs)
         bar.update(len(batch))
-    return torch.cat(chunks)
+    return torch.cat(chunks), keys
 
 
 def _column_batches(dataset, column: str, batch_size: int):
@@ -187,46 +205,71 @@ def embed_quadruples(model, processor, dataset, *, batch_size: int = 64, progres
     _check_batch_size(batch_size)
     dataset = validate_pairs(dataset, COLUMNS)
     adapter = _contrastive_adapter(model, processor)
-    embeddings = {}
+    embeddings, keys = {}, {}
     with _eval_mode(model), tqdm(total=4 * len(dataset), desc="Embedding quadruples", disable=not progress) as bar:
         for column in COLUMNS:
             kind = "text" if column in TEXT_COLUMNS else "image"
             parts = [_embed(adapter, batch, kind, batch_size, bar)
                      for batch in _column_batches(dataset, column, batch_size)]
-            embeddings[column] = torch.cat(parts)  # (N, D)
-    return QuadrupleEmbeddings(**embeddings)
+            embeddings[column] = torch.cat([part[0] for part in parts])  # (N, D)
+            keys[column] = [key for part in parts for key in part[1]]
+    return QuadrupleEmbeddings(**embeddings, content_keys=keys)
 
 
 # --- retrieval -------------------------------------------------------------------------------
-def _recalls(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, ks) -> list[float]:
-    """Recall@K in percent. queries (Q, D), gallery (G, D), targets (Q,) gallery index of each hit.
+def _item_ids(keys: list) -> torch.Tensor:
+    """(n,) int64: equal ids for equal keys, numbered in order of first appearance."""
+    ids: dict = {}
+    return torch.tensor([ids.setdefault(key, len(ids)) for key in keys], dtype=torch.int64)
 
-    A query's rank is the number of other gallery items scoring at least as high as its target, so
-    ties count against the hit (like SafeGround's strict comparisons).
+
+def _recalls(queries: torch.Tensor, query_keys: list, gallery: torch.Tensor, gallery_keys: list,
+             targets: torch.Tensor, ks) -> list[float]:
+    """Recall@K in percent. queries (Q, D), gallery (G, D), targets (Q,) gallery index of each query's hit.
+
+    Items with equal keys are one item: the gallery is ranked as its distinct items, and a query's
+    targets are the targets of every query with its key. Its rank is the number of other distinct
+    items scoring at least as high as its best-scoring target, so ties count against the hit (like
+    SafeGround's strict comparisons); a hit at K is a rank below K.
     """
+    query_ids, gallery_ids = _item_ids(query_keys), _item_ids(gallery_keys)
+    first = torch.full((int(gallery_ids.max()) + 1,), len(gallery_ids)).scatter_reduce(
+        0, gallery_ids, torch.arange(len(gallery_ids)), "amin")  # (G',) first copy of each distinct item
+    distinct = gallery[first].double()  # (G', D)
+    relevant = torch.stack([query_ids, gallery_ids[targets]], 1).unique(dim=0)  # (P, 2) (query id, item id)
     ranks = []
     for start in range(0, len(queries), _QUERY_CHUNK):
-        scores = queries[start:start + _QUERY_CHUNK].double() @ gallery.double().T  # (q, G)
-        chunk_targets = targets[start:start + _QUERY_CHUNK]
-        target_scores = scores.gather(1, chunk_targets[:, None])  # (q, 1)
-        ranks.append((scores >= target_scores).sum(1) - 1)  # (q,)
+        scores = queries[start:start + _QUERY_CHUNK].double() @ distinct.T  # (q, G')
+        rows, pairs = (query_ids[start:start + _QUERY_CHUNK, None] == relevant[None, :, 0]).nonzero(as_tuple=True)
+        is_target = torch.zeros_like(scores, dtype=torch.bool)
+        is_target[rows, relevant[pairs, 1]] = True
+        best = scores.masked_fill(~is_target, -torch.inf).amax(1, keepdim=True)  # (q, 1)
+        ranks.append(((scores >= best) & ~is_target).sum(1))  # (q,)
     ranks = torch.cat(ranks)
     return [100.0 * (ranks < k).double().mean().item() for k in ks]
 
 
 def retrieval_recalls(embeddings: QuadrupleEmbeddings, ks=RECALL_KS) -> dict[str, float]:
-    """SPEC §4 recall@K: Ts->Is and Is->Ts over safe items; Tu->[Is;Iu] and Iu->[Ts;Tu] hit on the safe pair."""
+    """Recall@K: Ts->Is and Is->Ts over safe items; Tu->[Is;Iu] and Iu->[Ts;Tu] hit on the safe pair.
+
+    Items with identical content (equal `content_keys`) are one item: retrieving any copy of a
+    target is a hit, and copies of another item take one place in the ranking, not one per copy.
+    """
     e = embeddings
-    index = torch.arange(len(e.safe_text))  # (N,) quadruple i's safe item sits at gallery index i
+    n = len(e.safe_text)
+    index = torch.arange(n)  # (N,) quadruple i's safe item sits at gallery index i
+    keys = e.content_keys or {column: [(column, i) for i in range(n)] for column in COLUMNS}
     directions = {
-        "Ts->Is": (e.safe_text, e.safe_image),
-        "Is->Ts": (e.safe_image, e.safe_text),
-        "Tu->[Is;Iu]": (e.unsafe_text, torch.cat([e.safe_image, e.unsafe_image])),
-        "Iu->[Ts;Tu]": (e.unsafe_image, torch.cat([e.safe_text, e.unsafe_text])),
+        "Ts->Is": ("safe_text", ["safe_image"]),
+        "Is->Ts": ("safe_image", ["safe_text"]),
+        "Tu->[Is;Iu]": ("unsafe_text", ["safe_image", "unsafe_image"]),
+        "Iu->[Ts;Tu]": ("unsafe_image", ["safe_text", "unsafe_text"]),
     }
     recalls = {}
-    for direction, (queries, gallery) in directions.items():
-        for k, value in zip(ks, _recalls(queries, gallery, index, ks)):
+    for direction, (query, gallery) in directions.items():
+        values = _recalls(getattr(e, query), keys[query], torch.cat([getattr(e, c) for c in gallery]),
+                          [key for c in gallery for key in keys[c]], index, ks)
+        for k, value in zip(ks, values):
             recalls[f"R@{k} {direction}"] = value
     return recalls
 
@@ -235,9 +278,14 @@ def retrieval_recalls(embeddings: QuadrupleEmbeddings, ks=RECALL_KS) -> dict[str
 def _class_embeddings(adapter: Adapter, task: ZeroShotTask, batch_size: int, bar) -> torch.Tensor:
     """(C, D): per class, the mean of its normalised template embeddings, renormalised."""
     prompts = [template.format(name) for name in task.class_names for template in task.templates]
-    texts = _embed(adapter, prompts, "text", batch_size, bar)  # (C * T, D)
-    means = texts.view(len(task.class_names), len(task.templates), -1).mean(1)  # (C, D)
-    return torch.nn.functional.normalize(means, dim=-1)
+    texts, _ = _embed(adapter, prompts, "text", batch_size, bar)  # (C * T, D)
+    return _mean_directions(texts.view(len(task.class_names), len(task.templates), -1))
+
+
+def _mean_directions(embeddings: torch.Tensor) -> torch.Tensor:
+    """(C, T, D) unit vectors -> (C, D) unit vectors along their means. Renormalising matters: a
+    class whose templates disagree has a shorter mean, and would otherwise lose every close call."""
+    return torch.nn.functional.normalize(embeddings.mean(1), dim=-1)
 
 
 def zero_shot_accuracy(model, processor, task: ZeroShotTask, *, batch_size: int = 64, progress: bool = True) -> float:
@@ -247,7 +295,7 @@ def zero_shot_accuracy(model, processor, task: ZeroShotTask, *, batch_size: int 
     total = len(task.class_names) * len(task.templates) + len(task.images)
     with _eval_mode(model), tqdm(total=total, desc="Zero-shot", disable=not progress) as bar:
         classes = _class_embeddings(adapter, task, batch_size, bar)  # (C, D)
-        images = _embed(adapter, list(task.images), "image", batch_size, bar)  # (M, D)
+        images, _ = _embed(adapter, list(task.images), "image", batch_size, bar)  # (M, D)
     predictions = (images @ classes.T).argmax(1)  # (M,)
     labels = torch.as_tensor([int(label) for label in task.labels])
     return 100.0 * (predictions == labels).double().mean().item()

@@ -1,5 +1,6 @@
 """The evaluation pipeline: embeddings, retrieval, zero-shot, SafeGround from a model, report, compare."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -65,6 +66,131 @@ def test_retrieval_counts_ties_against_the_hit():
     assert recalls["R@1 Tu->[Is;Iu]"] == 50.0 and recalls["R@2 Tu->[Is;Iu]"] == 50.0
 
 
+def naive_recall_with_copies(queries, query_keys, gallery, gallery_keys, targets, k):
+    """Recall@K written out: items with equal keys are one item; ties rank against the hit."""
+    distinct = {}                                      # key -> embedding of its first copy
+    for key, item in zip(gallery_keys, gallery.tolist()):
+        distinct.setdefault(key, item)
+    hits = 0
+    for i, query in enumerate(queries.tolist()):
+        wanted = {gallery_keys[targets[j]] for j in range(len(queries)) if query_keys[j] == query_keys[i]}
+        score = {key: sum(q * g for q, g in zip(query, item)) for key, item in distinct.items()}
+        best = max(score[key] for key in wanted)
+        better = [key for key in distinct if key not in wanted and score[key] >= best]
+        hits += len(better) < k
+    return 100.0 * hits / len(queries)
+
+
+def with_copies(n, seed=0):
+    """Random embeddings where many items are exact copies of others, with matching keys."""
+    e = random_embeddings(n, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    keys = {}
+    for column in ("safe_text", "unsafe_text", "safe_image", "unsafe_image"):
+        source = torch.randint(0, n // 3, (n,), generator=generator)   # item i is a copy of item source[i]
+        getattr(e, column)[:] = getattr(e, column)[source]
+        keys[column] = [f"{column.split('_')[1]}-{column}-{j}" for j in source.tolist()]
+    keys["unsafe_image"][:4] = keys["safe_image"][:4]                   # an unsafe image that is a safe one
+    e.unsafe_image[:4] = e.safe_image[:4]
+    e.content_keys = keys
+    return e
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_retrieval_with_copies_matches_naive_definition(seed):
+    e = with_copies(40, seed)
+    recalls, keys, targets = retrieval_recalls(e), e.content_keys, list(range(40))
+    directions = {"Ts->Is": ("safe_text", ["safe_image"]), "Is->Ts": ("safe_image", ["safe_text"]),
+                  "Tu->[Is;Iu]": ("unsafe_text", ["safe_image", "unsafe_image"]),
+                  "Iu->[Ts;Tu]": ("unsafe_image", ["safe_text", "unsafe_text"])}
+    for direction, (query, gallery) in directions.items():
+        gallery_embeddings = torch.cat([getattr(e, c) for c in gallery])
+        gallery_keys = [key for c in gallery for key in keys[c]]
+        for k in (1, 5, 10):
+            expected = naive_recall_with_copies(getattr(e, query), keys[query], gallery_embeddings, gallery_keys,
+                                                targets, k)
+            assert recalls[f"R@{k} {direction}"] == pytest.approx(expected), (direction, k)
+
+
+def test_retrieval_copies_and_exact_ties_by_hand():
+    x, y, z = torch.eye(3)
+    xy = torch.nn.functional.normalize(x + y, dim=0)
+    # Safe images: Is0 = x, Is1 = y and Is2 = Is3 = z, two copies of one image. Safe texts: Ts0 and
+    # Ts1 are one caption "a" (= xy); Ts2 = Ts3 = z are two copies of caption "b". Unsafe texts are
+    # four captions u0..u3 that all embed to y; unsafe images four images v0..v3 that embed to z.
+    e = QuadrupleEmbeddings(safe_text=torch.stack([xy, xy, z, z]), unsafe_text=torch.stack([y, y, y, y]),
+                            safe_image=torch.stack([x, y, z, z]), unsafe_image=torch.stack([z, z, z, z]),
+                            content_keys={"safe_text": ["a", "a", "b", "b"], "unsafe_text": ["u0", "u1", "u2", "u3"],
+                                          "safe_image": ["X", "Y", "Z", "Z"], "unsafe_image": ["v0", "v1", "v2", "v3"]})
+    r = retrieval_recalls(e, ks=(1, 2, 6, 7))
+    # "a" is paired with X and Y, so both are its targets: its exact tie between them is a hit.
+    # "b" retrieves Z, a copy of its target: a hit.
+    assert r["R@1 Ts->Is"] == 100.0
+    # X finds "a" (0.71) first, Y too, and Z finds "b": the copies of "a" and "b" are one item each.
+    assert r["R@1 Is->Ts"] == 100.0
+    # Tu = y over the distinct gallery X, Y, Z, v0..v3: Y scores 1, the other six tie at 0. u1 hits;
+    # the others' targets (X, Z) tie with five other items and sit behind Y: rank 6, a hit at K = 7 only.
+    assert r["R@1 Tu->[Is;Iu]"] == r["R@6 Tu->[Is;Iu]"] == 25.0 and r["R@7 Tu->[Is;Iu]"] == 100.0
+    # Iu = z over a, b, u0..u3: b scores 1, the rest tie at 0. Quadruples 2 and 3 hit at K = 1;
+    # "a" ties with the four unsafe captions behind b: rank 5.
+    assert r["R@1 Iu->[Ts;Tu]"] == r["R@2 Iu->[Ts;Tu]"] == 50.0 and r["R@6 Iu->[Ts;Tu]"] == 100.0
+    # Without keys every row is its own item: Ts0 ties between Is0 and Is1 and misses (the tie counts
+    # against it), and Ts2's target Is2 ties with its copy Is3, a miss too.
+    assert retrieval_recalls(dataclasses.replace(e, content_keys=None), ks=(1,))["R@1 Ts->Is"] == 0.0
+
+
+def copied_pairs(copies=2):
+    """Pairs whose captions and images repeat, like the organism's test split: each of 4 pairs `copies` times."""
+    return make_pairs(4, seed=2).select([i % 4 for i in range(4 * copies)])
+
+
+@pytest.mark.parametrize("make_model", [make_clip, make_siglip], ids=["clip", "siglip"])
+def test_embeddings_and_retrieval_do_not_depend_on_batch_size(make_model):
+    model, processor = make_model()
+    dataset = make_pairs(9, seed=3)  # captions of several lengths
+    runs = [embed_quadruples(model, processor, dataset, batch_size=b, progress=False) for b in (1, 7, 64)]
+    for run in runs[1:]:
+        for column in ("safe_text", "unsafe_text", "safe_image", "unsafe_image"):
+            torch.testing.assert_close(getattr(run, column), getattr(runs[0], column), rtol=0, atol=1e-6)
+        assert run.content_keys == runs[0].content_keys
+        assert retrieval_recalls(run) == retrieval_recalls(runs[0])
+    # Every text is padded to the model's fixed length, as CLIP and SigLIP are meant to be used
+    # (SigLIP pools the last position: with padding to the longest caption, it would be a real token).
+    length = model.config.text_config.max_position_embeddings
+    adapter = Adapter(model, processor)
+    assert adapter.preprocess_text(["a cat"])["input_ids"].shape == (1, length)
+    tokens = processor.tokenizer(["a photo of a dog"], padding="max_length", max_length=length, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+    torch.testing.assert_close(adapter.embed_text(adapter.text_inputs(["a photo of a dog"])), expected)
+
+
+def test_copies_are_one_item_and_keys_follow_content():
+    model, processor = make_clip()
+    e = embed_quadruples(model, processor, copied_pairs(3), batch_size=5, progress=False)
+    for column in ("safe_text", "unsafe_text", "safe_image", "unsafe_image"):
+        keys = e.content_keys[column]
+        assert keys == [keys[i % 4] for i in range(12)] and len(set(keys)) == 4
+    assert set(e.content_keys["safe_text"]).isdisjoint(e.content_keys["unsafe_text"])
+    # Three copies of each quadruple are one quadruple: the recalls of the set without copies.
+    assert retrieval_recalls(e) == retrieval_recalls(embed_quadruples(model, processor, copied_pairs(1),
+                                                                      progress=False))
+
+
+def test_organism_retrieval_does_not_depend_on_batch_size():
+    from hf_uwm.organism import load_organism
+    from hf_uwm.organism import make_pairs as organism_pairs
+
+    model, processor = load_organism()
+    dataset = organism_pairs(40, seed=0, split="test")
+    assert len(set(dataset["safe_text"])) < 40  # captions repeat: the case that used to flip with the batch
+    runs = [embed_quadruples(model, processor, dataset, batch_size=b, progress=False) for b in (1, 7, 64)]
+    for run in runs[1:]:
+        for column in ("safe_text", "unsafe_text", "safe_image", "unsafe_image"):
+            torch.testing.assert_close(getattr(run, column), getattr(runs[0], column), rtol=0, atol=1e-6)
+        assert retrieval_recalls(run) == retrieval_recalls(runs[0])
+
+
 def hand_similarities(model, processor, dataset):
     """The four similarities as plain dot products of whole-column embeddings (one batch per column)."""
     adapter = Adapter(model, processor)
@@ -125,6 +251,23 @@ def test_zero_shot_matches_naive_argmax():
     assert zero_shot_accuracy(model, processor, task, batch_size=4, progress=False) == pytest.approx(naive)
     relabelled = ZeroShotTask(images, predictions, task.class_names, task.templates)
     assert zero_shot_accuracy(model, processor, relabelled, progress=False) == 100.0
+
+
+def test_zero_shot_renormalises_template_means(monkeypatch):
+    import hf_uwm.evaluation as evaluation
+
+    # Class "a": templates embed to x and y (mean (0.5, 0.5), length 0.71); class "b": both to
+    # (0.6, 0.8). The image (0.8, 0.6) is closer to a's direction (0.99 vs 0.96), but the unnormalised
+    # mean of "a" would score 0.7 against b's 0.96 and flip the prediction.
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.6, 0.8]])
+    image = torch.tensor([[0.8, 0.6]])
+
+    def fake_embed(adapter, items, kind, batch_size, bar):
+        return (texts, []) if kind == "text" else (image, [])
+
+    monkeypatch.setattr(evaluation, "_embed", fake_embed)
+    task = ZeroShotTask([None], [0], ["a", "b"], templates=("{} one", "{} two"))
+    assert zero_shot_accuracy(*make_clip(), task, progress=False) == 100.0
 
 
 def test_zero_shot_task_from_class_label_dataset():
