@@ -37,15 +37,25 @@ def test_scores_do_not_depend_on_batch_size(clip64, data):
     assert_scores_close(runs[0], runs[2])
 
 
-def test_extra_padding_does_not_change_text_scores(clip64, data):
-    cfg = UWMConfig(vision_targets=[], batch_size=7)
-    plain = UWMEditor(*clip64, cfg).calibrate(data, progress=False)
-    padded = UWMEditor(*clip64, cfg)
-    tokenizer = clip64[1].tokenizer
-    padded.adapter.text_inputs = lambda texts: dict(tokenizer(texts, padding="max_length", max_length=32,
-                                                              return_tensors="pt"))
-    padded.calibrate(data, progress=False)
-    assert_scores_close(plain.scores, padded.scores)
+def test_padding_does_not_change_text_scores(clip64, data):
+    # calibrate tokenises through adapter.preprocess_text, which pads every caption to the model's
+    # fixed length (32 here). Padding only to each batch's longest caption must give the same
+    # scores: the statistics see valid tokens only.
+    cfg = UWMConfig(vision_targets=[], batch_size=3)
+    fixed = UWMEditor(*clip64, cfg).calibrate(data, progress=False)
+    shorter = UWMEditor(*clip64, cfg)
+    tokenizer, lengths = clip64[1].tokenizer, []
+
+    def pad_to_longest(texts):
+        tokens = tokenizer(list(texts), padding="longest", return_tensors="pt")
+        lengths.append(tokens["input_ids"].shape[1])
+        return {name: tokens[name] for name in ("input_ids", "attention_mask")}
+
+    shorter.adapter.preprocess_text = pad_to_longest
+    shorter.calibrate(data, progress=False)
+    assert len(lengths) == 3 and max(lengths) < 32  # the path calibrate takes, with less padding
+    assert fixed.adapter.preprocess_text(data["safe_text"][:1])["input_ids"].shape[1] == 32
+    assert_scores_close(fixed.scores, shorter.scores)
 
 
 def test_pair_order_does_not_change_scores(clip64, data):
@@ -62,8 +72,9 @@ def test_alpha_one_leaves_every_weight_identical(data):
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
 
-def test_apply_scales_selected_weights_and_revert_is_bit_exact(data):
-    model, processor = make_clip()
+@pytest.mark.parametrize("make", [make_clip, make_siglip], ids=["clip", "siglip"])
+def test_apply_scales_selected_weights_and_revert_is_bit_exact(data, make):
+    model, processor = make()
     editor = UWMEditor(model, processor, UWMConfig(alpha=-0.7)).calibrate(data, progress=False)
     before = {n: p.clone() for n, p in model.state_dict().items()}
     editor.apply()
@@ -143,12 +154,6 @@ def test_default_targets_of_contrastive_models(make):
     assert editor.config.tau == 0.02
 
 
-def test_siglip_calibrates_and_applies(data):
-    editor = UWMEditor(*make_siglip()).calibrate(data, progress=False)
-    assert editor.counts()["text"] > 0 and editor.counts()["vision"] > 0
-    editor.apply()
-
-
 @pytest.mark.parametrize("feature_layer,expected", [(-2, [0, 1]), (-1, [0, 1, 2]), (1, [0]), ([1, -2], [0, 1])])
 def test_llava_targets_only_layers_that_reach_the_language_model(feature_layer, expected):
     editor = UWMEditor(*make_llava(vision_feature_layer=feature_layer))
@@ -159,16 +164,35 @@ def test_llava_targets_only_layers_that_reach_the_language_model(feature_layer, 
 
 
 def test_llava_calibrates_on_images_only(tmp_path):
+    # Scores against the literal formula: tests/test_scoring.py. Here: pairs without captions are
+    # enough, the delta is the adaptive selection at LLaVA's τ, and it survives a save and reload.
+    from hf_uwm.selection import select_adaptive
+
     model, processor = make_llava()
     editor = UWMEditor(model, processor).calibrate(make_pairs(4, texts=False), progress=False)
+    assert list(editor.scores) == list(editor.layers["vision"]) and len(editor.scores) == 2
+    for name, scores in editor.scores.items():
+        assert torch.equal(editor.delta[name], select_adaptive(scores, 0.085))
     editor.save_pretrained(tmp_path / "d")
-    editor.apply()
+    before = weights(editor)
+    loaded = UWMEditor.from_pretrained(tmp_path / "d", model=model, processor=processor)
+    assert all(torch.equal(loaded.delta[n], editor.delta[n]) for n in editor.delta)
+    loaded.apply()
+    for name, layer in loaded.target_layers.items():
+        changed = (layer.weight.detach() != before[name]).flatten().nonzero().squeeze(1)
+        assert torch.equal(changed, editor.delta[name])
 
 
 def test_text_only_edit_needs_only_text_columns():
-    editor = UWMEditor(*make_clip(), UWMConfig(vision_targets=[]))
+    model, processor = make_clip()
+    with_images = UWMEditor(model, processor, UWMConfig(vision_targets=[])).calibrate(make_pairs(3), progress=False)
+    editor = UWMEditor(model, processor, UWMConfig(vision_targets=[]))
     editor.calibrate(make_pairs(3, images=False), progress=False)
-    assert editor.towers == ("text",)
+    assert list(editor.scores) == list(editor.layers["text"]) and len(editor.scores) == 3
+    assert all(torch.equal(editor.scores[n], with_images.scores[n]) for n in with_images.scores)
+    assert all(torch.equal(editor.delta[n], with_images.delta[n]) for n in with_images.delta)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['safe_text', 'unsafe_text'\]"):
+        UWMEditor(model, processor, UWMConfig(vision_targets=[])).calibrate(make_pairs(3, texts=False), progress=False)
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -117,18 +117,26 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         UWMEditor(make_clip(seed=2)[0], processor).calibrate(make_pairs(4), progress=False, checkpoint_dir=tmp_path)
 
 
-def relative_error(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def assert_same_delta_up_to_boundary(low, ref, tolerance):
-    """Identical selections, except weights whose reference score is within `tolerance` of the cut."""
+def assert_scores_close(low, ref, rtol: dict):
+    """Every score (not only the largest) within rtol[tower] of the float32 one, relative to itself."""
     for name, scores in ref.scores.items():
+        tower = "text" if name.startswith("text") else "vision"
+        error = float(((low.scores[name] - scores).abs() / scores.abs()).max())
+        assert error < rtol[tower], (name, error)
+
+
+def assert_same_delta_where_unambiguous(low, ref, rtol: dict):
+    """Identical selections, except weights whose reference score is within 2·rtol of the cut (two
+    scores each known to rtol may swap there). The band must leave a good part of every selection
+    checked: the random vision tower's scores are near-flat (largest/cut ≈ 1.03-1.05)."""
+    for name, scores in ref.scores.items():
+        tower = "text" if name.startswith("text") else "vision"
         flat = scores.flatten()
         cut = flat[ref.delta[name]].min()
+        ambiguous = (flat - cut).abs() <= 2 * rtol[tower] * cut
+        assert (~ambiguous[ref.delta[name]]).double().mean() >= 0.3, name
         differing = set(low.delta[name].tolist()) ^ set(ref.delta[name].tolist())
-        near = (flat - cut).abs() <= tolerance * flat.abs().max()
-        assert all(bool(near[i]) for i in differing), name
+        assert all(bool(ambiguous[i]) for i in differing), name
 
 
 def test_bf16_autocast_forward_gives_close_scores_and_the_same_delta():
@@ -136,12 +144,11 @@ def test_bf16_autocast_forward_gives_close_scores_and_the_same_delta():
     model, processor = make_clip()
     fp32 = UWMEditor(model, processor).calibrate(data, progress=False)
     bf16 = UWMEditor(model, processor).calibrate(data, progress=False, autocast=torch.bfloat16)
-    for name in fp32.scores:
-        # Measured on this tiny model: at most 7.8e-3 of the largest score; 2e-2 leaves headroom.
-        assert relative_error(bf16.scores[name], fp32.scores[name]) < 2e-2, name
-    assert all(torch.equal(bf16.delta[n], fp32.delta[n]) for n in fp32.layers["text"])
-    # The random vision tower has near-flat scores: only ties at the τ cut may swap.
-    assert_same_delta_up_to_boundary(bf16, fp32, 2e-2)
+    # Measured on this tiny model, largest error of any score relative to itself: text 9.1e-3,
+    # vision 3.1e-3. A bug in the statistics (padding counted, a wrong norm) is off by far more.
+    rtol = {"text": 1.5e-2, "vision": 5e-3}
+    assert_scores_close(bf16, fp32, rtol)
+    assert_same_delta_where_unambiguous(bf16, fp32, rtol)
 
 
 def test_bf16_weights_give_close_scores_and_share_the_fingerprint():
@@ -149,10 +156,10 @@ def test_bf16_weights_give_close_scores_and_share_the_fingerprint():
     model, processor = make_clip()
     fp32 = UWMEditor(model, processor).calibrate(data, progress=False)
     bf16 = UWMEditor(model.to(torch.bfloat16), processor).calibrate(data, progress=False)
-    for name in fp32.scores:
-        # Measured: at most 1.2e-2 (the |W| prior is rounded too).
-        assert relative_error(bf16.scores[name], fp32.scores[name]) < 3e-2, name
-    assert_same_delta_up_to_boundary(bf16, fp32, 3e-2)
+    # Measured: text 2.4e-2 (its |W| prior is rounded to bfloat16 too), vision 3.2e-3.
+    rtol = {"text": 4e-2, "vision": 5e-3}
+    assert_scores_close(bf16, fp32, rtol)
+    assert_same_delta_where_unambiguous(bf16, fp32, rtol)
     assert bf16.fingerprint == fp32.fingerprint  # a delta applies to either dtype
 
 

@@ -3,12 +3,18 @@
 import pytest
 import torch
 
-from conftest import make_clip, make_pairs
+from conftest import make_clip, make_llava, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.adapters import Adapter
 from hf_uwm.methods.uwm import RunningScores
 
 EPS = 1e-8
+
+
+def unpadded_text(processor, text):
+    """One caption's tokens, no padding at all: its statistics must equal those of the padded batches."""
+    tokens = processor.tokenizer([text], return_tensors="pt")
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
 def item_inputs(model, processor, dataset, tower, layers):
@@ -22,7 +28,7 @@ def item_inputs(model, processor, dataset, tower, layers):
             items = []
             for kind in ("safe", "unsafe"):
                 if tower == "text":
-                    adapter.run_tower("text", adapter.text_inputs([row[f"{kind}_text"]]))
+                    adapter.run_tower("text", unpadded_text(processor, row[f"{kind}_text"]))
                 else:
                     adapter.run_tower("vision", adapter.image_inputs([row[f"{kind}_image"]]))
                 items.append(dict(captured))
@@ -78,6 +84,21 @@ def test_scores_match_literal_formula(score, prior, tower):
     assert set(editor.scores) == set(expected)
     for name in layers:
         torch.testing.assert_close(editor.scores[name], expected[name], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("make_model", [make_clip, make_siglip, make_llava], ids=["clip", "siglip", "llava"])
+def test_default_config_scores_match_literal_formula(make_model):
+    # The family defaults as a user gets them: default targets, the |W| prior on the text tower only.
+    model, processor = make_model(dtype=torch.float64)
+    llava = make_model is make_llava
+    data = make_pairs(3, seed=1, texts=not llava)
+    editor = UWMEditor(model, processor, UWMConfig(batch_size=2)).calibrate(data, progress=False)
+    assert editor.towers == (("vision",) if llava else ("text", "vision"))
+    for tower, layers in editor.layers.items():
+        expected = naive_scores(item_inputs(model, processor, data, tower, layers), layers, "ratio",
+                                tower == "text", "l2")
+        for name in layers:
+            torch.testing.assert_close(editor.scores[name], expected[name], rtol=1e-6, atol=0)
 
 
 def test_rms_token_norm_matches_literal_formula():
