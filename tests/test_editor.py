@@ -145,6 +145,25 @@ def test_random_control_matches_counts_per_layer(data):
         editor.apply()
 
 
+def test_random_draws_of_a_layer_depend_on_that_layer_only(data):
+    # Each layer draws from its own generator: same-shaped layers get independent draws, and a
+    # layer's draw does not change when the layers before it change size (text out_proj is 32x32,
+    # fc1 48x32; the vision fc2 layers come after them, with the same scores and counts).
+    model, processor = make_clip()
+    small, large = (UWMEditor(model, processor, UWMConfig(text_targets=[t])).calibrate(data, progress=False)
+                    for t in ("self_attn.out_proj", "mlp.fc1"))
+    vision = list(small.layers["vision"])
+    assert all(torch.equal(small.delta[n], large.delta[n]) for n in vision)
+    controls = small.random_control(seed=3), large.random_control(seed=3)
+    assert all(torch.equal(controls[0].delta[n], controls[1].delta[n]) for n in vision)
+    first, second = (set(controls[0].delta[n].tolist()) for n in vision[:2])
+    assert not first <= second and not second <= first  # not one permutation cut at two lengths
+    random_scores = [UWMEditor(model, processor, UWMConfig(text_targets=[t], score="random")).calibrate().scores
+                     for t in ("self_attn.out_proj", "mlp.fc1")]
+    assert all(torch.equal(random_scores[0][n], random_scores[1][n]) for n in vision)
+    assert not torch.equal(random_scores[0][vision[0]], random_scores[0][vision[1]])
+
+
 # --- families --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [make_clip, make_siglip])
 def test_default_targets_of_contrastive_models(make):

@@ -1,6 +1,7 @@
 """The SafeGround `evaluate` module: hand-worked answers, ties, bootstrap, errors, card doctests, Space app."""
 
 import doctest
+import math
 import re
 import runpy
 from pathlib import Path
@@ -76,6 +77,29 @@ def test_bootstrap_contains_estimate_and_is_reproducible(metric):
     assert again["confidence_intervals"] == intervals
     assert compute_safeground(**columns, bootstrap=500, seed=4)["confidence_intervals"] != intervals
     assert metric.compute(**columns, bootstrap=500, seed=3)["confidence_intervals"] == intervals
+
+
+def binomial_quantile(n, p, q):
+    """The smallest k with P(Binomial(n, p) <= k) >= q."""
+    total = 0.0
+    for k in range(n + 1):
+        total += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if total >= q:
+            return k
+
+
+def test_bootstrap_interval_is_the_95_percent_binomial_interval():
+    # Resampling n quadruples of which k hold makes the count Binomial(n, k/n), so the 95% interval
+    # is its 2.5% and 97.5% quantiles: [25.5, 34.5] for 120 of 400. A 90% interval, [26.25, 33.75],
+    # is three steps of 100/n narrower on each side; the tolerance is one step.
+    n, k = 400, 120
+    holds = np.arange(n) < k
+    columns = {"safe_text_safe_image": np.where(holds, 1.0, 0.0), "safe_text_unsafe_image": np.full(n, 0.5),
+               "unsafe_text_safe_image": np.zeros(n), "unsafe_text_unsafe_image": np.zeros(n)}
+    low, high = compute_safeground(**columns, bootstrap=20000, seed=0)["confidence_intervals"]["P_s^t"]
+    step = 100 / n
+    assert low == pytest.approx(step * binomial_quantile(n, k / n, 0.025), abs=step)
+    assert high == pytest.approx(step * binomial_quantile(n, k / n, 0.975), abs=step)
 
 
 def test_bootstrap_off_by_default_and_degenerate_for_constant_outcomes():

@@ -171,3 +171,18 @@ def test_statistics_are_float32_under_an_autocast_forward():
             running.observe(lambda inputs: layer(inputs["x"]), {"x": x}, rows=[0, 1, 2])
         sums.append(running.sums["layer"])
     torch.testing.assert_close(sums[1], sums[0], rtol=1e-12, atol=0)
+
+
+def test_zero_safe_activation_is_clamped_at_eps():
+    # An all-zero safe input has n = σ = 0 and a = 0; the denominators aˢ_i and nˢ_j are clamped at
+    # ε, so ρ_ij = (aᵘ_i / ε) · (nᵘ_j / (σᵘ_j + ε)) · ((0 + ε) / ε): large, but finite.
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2).double()
+    safe, unsafe = torch.zeros(1, 4, 3, dtype=torch.float64), torch.rand(1, 4, 3, dtype=torch.float64) + 0.5
+    running = RunningScores({"layer": layer}, "ratio", "l2", EPS)
+    with running.hooked():
+        running.observe(lambda inputs: layer(inputs["x"]), {"x": torch.cat([safe, unsafe])}, rows=[0])
+    n_u, sd_u, abs_w = unsafe[0].norm(dim=0), unsafe[0].std(0), layer.weight.detach().abs()
+    a_u = (n_u * abs_w).mean(1)
+    expected = (a_u / EPS)[:, None] * (n_u / (sd_u + EPS))[None, :]
+    torch.testing.assert_close(running.sums["layer"], expected, rtol=1e-12, atol=0)

@@ -77,6 +77,13 @@ def test_uniform_scores_select_the_first_ceil_tau_n(tau):
     assert selected == naive_adaptive(scores, tau) == list(range(math.ceil(tau * 2100)))
 
 
+@pytest.mark.parametrize("shape,tau,count", [((2, 2), 0.25, 1), ((4, 4), 0.5, 8)])
+def test_an_entry_whose_c_k_equals_tau_is_not_selected(shape, tau, count):
+    # Equal scores: c_k = k / n exactly in floating point, so entry k = τ·n has c_k == τ and stays out.
+    scores = torch.ones(shape, dtype=torch.float64)
+    assert select_adaptive(scores, tau).tolist() == naive_adaptive(scores, tau) == list(range(count))
+
+
 def test_at_least_one_weight_is_selected():
     scores = torch.tensor([[0.9, 0.1]], dtype=torch.float64)
     assert select_adaptive(scores, 0.001).tolist() == [0]
