@@ -79,6 +79,13 @@ class QuadrupleEmbeddings:
     unsafe_image: torch.Tensor
     content_keys: dict[str, list] | None = None
 
+    def __post_init__(self):
+        if self.content_keys is not None:
+            sizes = {column: len(self.content_keys.get(column, ())) for column in COLUMNS}
+            if set(sizes.values()) != {len(self.safe_text)}:
+                raise ValueError(f"content_keys needs one key per item for each of {list(COLUMNS)}; got {sizes} "
+                                 f"for {len(self.safe_text)} quadruples (or pass content_keys=None).")
+
     def similarities(self) -> dict[str, torch.Tensor]:
         """The four float64 (N,) cosine similarities, keyed like the SafeGround module's inputs."""
         def cos(a, b):

@@ -21,6 +21,7 @@ import argparse
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,8 @@ T_METRIC = "tests/test_safeground_metric.py"
 T_BASELINES = "tests/test_baselines.py"
 T_SCALE = "tests/test_scale.py"
 LITERAL = f"{T_SCORING}::test_scores_match_literal_formula"
+EPS_TEST = f"{T_SCORING}::test_zero_safe_activation_is_clamped_at_eps"
+APPLY_TEST = f"{T_EDITOR}::test_apply_scales_selected_weights_and_revert_is_bit_exact"
 
 MUTANTS = [
     # --- scoring: the statistics of one layer ---------------------------------------------------
@@ -56,15 +59,16 @@ MUTANTS = [
     Mutant("biased std (T instead of T - 1)", "hf_uwm/scoring.py",
            "var = squares / (tokens - 1).clamp(min=1)", "var = squares / tokens", (LITERAL,)),
     Mutant("rms norm divides by T, not sqrt(T)", "hf_uwm/scoring.py",
-           "norm = norm / tokens.sqrt()", "norm = norm / tokens", (T_SCORING,)),
+           "norm = norm / tokens.sqrt()", "norm = norm / tokens",
+           (f"{T_SCORING}::test_rms_token_norm_matches_literal_formula",)),
     Mutant("output saliency sums instead of averaging", "hf_uwm/scoring.py",
            "return norm @ abs_weight.T / abs_weight.shape[1]", "return norm @ abs_weight.T", (LITERAL,)),
     Mutant("ratio inverted (safe over unsafe)", "hf_uwm/scoring.py",
            "r = a_u / a_s.clamp(min=eps)", "r = a_s / a_u.clamp(min=eps)", (LITERAL,)),
     Mutant("safe output saliency not clamped at eps", "hf_uwm/scoring.py",
-           "r = a_u / a_s.clamp(min=eps)", "r = a_u / a_s", (T_SCORING,)),
+           "r = a_u / a_s.clamp(min=eps)", "r = a_u / a_s", (EPS_TEST,)),
     Mutant("safe input norm not clamped at eps", "hf_uwm/scoring.py",
-           "((sd_s + eps) / n_s.clamp(min=eps))", "((sd_s + eps) / n_s)", (T_SCORING,)),
+           "((sd_s + eps) / n_s.clamp(min=eps))", "((sd_s + eps) / n_s)", (EPS_TEST,)),
     Mutant("difference subtracts with the wrong sign", "hf_uwm/scoring.py",
            "(-1.0, a_s, n_s * col_mean / (sd_s + eps))", "(1.0, a_s, n_s * col_mean / (sd_s + eps))", (LITERAL,)),
     Mutant("difference not clamped at 0", "hf_uwm/scoring.py",
@@ -82,7 +86,7 @@ MUTANTS = [
            (LITERAL,)),
     Mutant("shared statistics miss in-place changes", "hf_uwm/statistics.py",
            "or self._last[0] is not x or self._last[1] != x._version:", "or self._last[0] is not x:",
-           (T_SCORING,)),
+           (f"{T_SCORING}::test_layers_sharing_an_input_see_its_in_place_changes",)),
     Mutant("statistics under the forward's autocast", "hf_uwm/statistics.py",
            "with torch.autocast(args[0].device.type, enabled=False):",
            "with torch.autocast(args[0].device.type, enabled=torch.is_autocast_enabled()):",
@@ -129,14 +133,16 @@ MUTANTS = [
            "                                                generator)",
            (f"{T_EDITOR}::test_random_draws_of_a_layer_depend_on_that_layer_only",)),
     Mutant("apply ignores alpha", "hf_uwm/editor.py",
-           "flat[idx] = flat[idx] * self.config.alpha", "flat[idx] = flat[idx] * -1.0", (T_EDITOR,)),
+           "flat[idx] = flat[idx] * self.config.alpha", "flat[idx] = flat[idx] * -1.0", (APPLY_TEST,)),
     Mutant("revert restores negated values", "hf_uwm/editor.py",
            "layers[name].weight.view(-1)[self.delta[name].to(values.device)] = values",
-           "layers[name].weight.view(-1)[self.delta[name].to(values.device)] = -values", (T_EDITOR,)),
+           "layers[name].weight.view(-1)[self.delta[name].to(values.device)] = -values", (APPLY_TEST,)),
     Mutant("with_settings keeps the old delta", "hf_uwm/editor.py",
-           "edited.delta = edited.select()", "edited.delta = dict(self.delta)", (T_EDITOR,)),
+           "edited.delta = edited.select()", "edited.delta = dict(self.delta)",
+           (f"{T_EDITOR}::test_reselection_from_cached_scores_equals_a_fresh_calibrate",)),
     Mutant("fixed selection ignored", "hf_uwm/editor.py",
-           'if cfg.selection == "fixed":', 'if cfg.selection == "never":', (T_EDITOR, T_BASELINES)),
+           'if cfg.selection == "fixed":', 'if cfg.selection == "never":',
+           (f"{T_BASELINES}::test_saved_baseline_delta_prunes_like_any_other",)),
     Mutant("gradient loss not averaged over pairs", "hf_uwm/editor.py",
            "loss = loss_fn(texts[:b], texts[b:], images[:b], images[b:]) / len(run.dataset)",
            "loss = loss_fn(texts[:b], texts[b:], images[:b], images[b:])", (T_BASELINES,)),
@@ -144,7 +150,8 @@ MUTANTS = [
            "(weight * grad).clamp(min=0)", "(weight * grad).abs()",
            (f"{T_SCORING}::test_attribution_matches_autograd_of_the_margin",)),
     Mutant("apply skips the fingerprint check", "hf_uwm/editor.py",
-           "if fingerprint(self.target_layers) != self.fingerprint:", "if False:", (T_EDITOR,)),
+           "if fingerprint(self.target_layers) != self.fingerprint:", "if False:",
+           (f"{T_EDITOR}::test_delta_on_a_different_base_is_refused",)),
     # --- evaluation ---------------------------------------------------------------------------------
     Mutant("zero-shot class means not renormalised", "hf_uwm/evaluation.py",
            "return torch.nn.functional.normalize(embeddings.mean(1), dim=-1)", "return embeddings.mean(1)",
@@ -169,7 +176,7 @@ MUTANTS = [
            (T_EVAL,)),
     Mutant("LLaVA: one layer too few reaches the language model", "hf_uwm/adapters.py",
            "return max(k % (n_layers + 1) for k in indices)", "return max(k % n_layers for k in indices)",
-           (T_EDITOR,)),
+           (f"{T_EDITOR}::test_llava_targets_only_layers_that_reach_the_language_model",)),
     # --- SafeGround metric --------------------------------------------------------------------------
     Mutant("bootstrap 90% instead of 95% interval", "hf_uwm/metrics/safeground/safeground.py",
            "[2.5, 97.5]", "[5.0, 95.0]", (T_METRIC,)),
@@ -188,7 +195,7 @@ MUTANTS = [
            "weight = layers[name].weight.detach().cpu().contiguous()",
            (f"{T_SCALE}::test_bf16_weights_give_close_scores_and_share_the_fingerprint",)),
     Mutant("unsorted indices accepted", "hf_uwm/delta.py",
-           "and bool((idx[1:] > idx[:-1]).all()))", "and True)", (T_EDITOR,)),
+           "and bool((idx[1:] > idx[:-1]).all()))", "and True)", (f"{T_EDITOR}::test_corrupted_indices_are_refused",)),
     Mutant("vision prior on by default", "hf_uwm/config.py",
            "vision_prior: bool = False", "vision_prior: bool = True",
            (f"{T_SCORING}::test_default_config_scores_match_literal_formula",)),
@@ -196,7 +203,7 @@ MUTANTS = [
            'return self.text_prior if tower == "text" else self.vision_prior', "return self.text_prior",
            (f"{T_SCORING}::test_default_config_scores_match_literal_formula",)),
     Mutant("tau range accepts 0 and 1", "hf_uwm/config.py",
-           "0 < self.tau < 1", "0 <= self.tau <= 1", (T_EDITOR,)),
+           "0 < self.tau < 1", "0 <= self.tau <= 1", (f"{T_EDITOR}::test_out_of_range_config_values_name_the_field",)),
     # --- baselines ----------------------------------------------------------------------------------
     Mutant("G-Unsafe vision term pulls the wrong way", "hf_uwm/baselines.py",
            "vision = -_cos(image_safe, image_unsafe.detach())", "vision = _cos(image_safe, image_unsafe.detach())",
@@ -290,8 +297,9 @@ class TestRun:
         self.missing = [t for t in tests if not (copy / t.split("::")[0]).is_file()]
         self.process, self.timed_out = None, False
         if not self.missing:
-            self.process = multiprocessing.get_context("fork").Process(target=_run_pytest, args=(copy, tuple(tests),
-                                                                                                 self.log))
+            # Daemonic: a run stopped half-way (Ctrl-C, kill) takes its test process with it.
+            self.process = multiprocessing.get_context("fork").Process(target=_run_pytest, daemon=True,
+                                                                       args=(copy, tuple(tests), self.log))
             self.process.start()
 
     def finished(self) -> bool:
@@ -371,6 +379,7 @@ def main(argv=None) -> int:
         return 0
 
     start = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the copies when killed
     preload()
     print(f"libraries imported once ({time.perf_counter() - start:.0f} s)", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="hf_uwm_mutants_"))

@@ -137,6 +137,8 @@ def test_retrieval_copies_and_exact_ties_by_hand():
     # Without keys every row is its own item: Ts0 ties between Is0 and Is1 and misses (the tie counts
     # against it), and Ts2's target Is2 ties with its copy Is3, a miss too.
     assert retrieval_recalls(dataclasses.replace(e, content_keys=None), ks=(1,))["R@1 Ts->Is"] == 0.0
+    with pytest.raises(ValueError, match="one key per item"):
+        dataclasses.replace(e, content_keys={"safe_text": ["a"] * 4})
 
 
 def copied_pairs(copies=2):
