@@ -23,9 +23,10 @@ HAND = [
     ((0.2, 0.5, 0.2, 0.1), (0, 1, 0, 1), (0, 0, 0, 1, 0)),  # P_s^v is a tie (0.2 vs 0.2)
     ((-0.1, -0.2, -0.3, -0.2), (1, 0, 1, 0), (0, 0, 1, 0, 0)),  # negatives; P_u^v is a tie (-0.2 vs -0.2)
     ((0.5, 0.6, 0.2, 0.1), (0, 1, 1, 1), (1, 0, 0, 1, 0)),  # Txt_s holds, Img_s does not
+    ((0.9, 0.2, 0.5, 0.3), (1, 1, 1, 0), (0, 1, 1, 0, 0)),  # all but P_u^v: GS fails on it alone
 ]
-# Column totals of the table above, out of 6 quadruples.
-HAND_COUNTS = {"P_s^t": 3, "P_u^t": 3, "P_s^v": 4, "P_u^v": 3, "Txt_s": 2, "Img_s": 1, "PS": 3, "PU": 3, "GS": 1}
+# Column totals of the table above, out of 7 quadruples.
+HAND_COUNTS = {"P_s^t": 4, "P_u^t": 4, "P_s^v": 5, "P_u^v": 3, "Txt_s": 2, "Img_s": 2, "PS": 4, "PU": 3, "GS": 1}
 
 
 def hand_columns():
@@ -46,7 +47,7 @@ def test_outcomes_per_quadruple_match_hand_answers():
 
 
 def test_percentages_match_hand_counts(metric):
-    expected = {name: pytest.approx(100 * HAND_COUNTS[name] / 6) for name in METRICS}
+    expected = {name: pytest.approx(100 * HAND_COUNTS[name] / len(HAND)) for name in METRICS}
     assert compute_safeground(**hand_columns()) == expected
     assert metric.compute(**hand_columns()) == expected
 
@@ -186,4 +187,4 @@ def test_space_app_loads_the_module(monkeypatch):
     monkeypatch.setattr(evaluate.utils, "launch_gradio_widget", launched.append)
     runpy.run_path(str(FOLDER / "app.py"))
     assert launched[0].name == "safeground"
-    assert launched[0].compute(**hand_columns())["GS"] == pytest.approx(100 / 6)
+    assert launched[0].compute(**hand_columns())["GS"] == pytest.approx(100 / len(HAND))

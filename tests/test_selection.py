@@ -102,6 +102,10 @@ def test_random_selection_is_seeded_sorted_and_distinct():
     a = select_random(100, 10, torch.Generator().manual_seed(0))
     b = select_random(100, 10, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.numel() == 10 and torch.all(a[1:] > a[:-1])
+    # Half of a layer: drawn with replacement, some index would surely repeat.
+    half = select_random(1000, 500, torch.Generator().manual_seed(1))
+    assert half.numel() == 500 and torch.all(half[1:] > half[:-1]) and 0 <= half[0] and half[-1] < 1000
+    assert torch.equal(select_random(50, 50, torch.Generator().manual_seed(2)), torch.arange(50))
 
 
 def test_shared_selection_ranks_all_layers_together():
