@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import SCORES
 
 ORGANISM = "organism"
+ITERATIVE_SETTINGS = ("rounds", "round_density", "curvature_weight")  # flags of score=iterative_attribution
 EPILOG = """examples:
   hf-uwm demo                                   # the whole job on the bundled model organism
   hf-uwm edit organism --data organism --output my-delta
@@ -89,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-zero-shot-drop", type=float, default=5.0,
                        help="largest loss in points (zero-shot accuracy, or safe R@1 without --zero-shot)")
     sweep.add_argument("--output", default="uwm-sweep", help="folder for sweep.csv and pareto.png")
-    sweep.add_argument("--save-best", help="save the chosen setting's delta to this folder")
+    sweep.add_argument("--save-best", help="save the chosen setting's delta to this folder (only a setting that "
+                                           "beats its random control is chosen)")
+    sweep.add_argument("--save-best-at-chance", action="store_true",
+                       help="with --save-best: when no setting beats its random control, save the highest-GS "
+                            "setting within the budget anyway")
     _common(sweep)
     sweep.set_defaults(run=run_sweep)
 
@@ -122,8 +127,15 @@ def _setting_args(p, grid: bool = False):
                    help="factor for selected weights (-1 negates, 0 prunes; default -1)")
     p.add_argument("--towers", default="text,vision", help="towers to edit: text, vision or text,vision")
     p.add_argument("--score", default="ratio", choices=SCORES,
-                   help="ratio (UWM), unsafe, difference, attribution, random, g_unsafe or g_safeclip")
+                   help="ratio (UWM), unsafe, difference, attribution, iterative_attribution, random, g_unsafe "
+                        "or g_safeclip")
     p.add_argument("--token-norm", default="l2", choices=["l2", "rms"])
+    p.add_argument("--rounds", type=int, default=None, **many,
+                   help="iterative_attribution: rounds of re-scoring and flipping (default 19)")
+    p.add_argument("--round-density", type=float, default=None, **many,
+                   help="iterative_attribution: share of all target weights flipped per round (default 0.001)")
+    p.add_argument("--curvature-weight", type=float, default=None, **many,
+                   help="iterative_attribution: weight of the knowledge-curvature penalty (default 4; 0: none)")
     if grid:
         p.add_argument("--layers", nargs="+", default=None,
                        help="layer sets to compare, each 'tower:pattern[,tower:pattern]', e.g. "
@@ -184,6 +196,10 @@ def _config(args, **overrides):
     settings = dict(tau=args.tau, alpha=args.alpha, score=args.score, token_norm=args.token_norm,
                     batch_size=args.batch_size, seed=args.seed)
     settings.update(text_targets=None if "text" in towers else [], vision_targets=None if "vision" in towers else [])
+    for name in ITERATIVE_SETTINGS:  # given once (edit) or as a grid whose first value starts a sweep
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value[0] if isinstance(value, list) else value
     settings.update(overrides)
     return UWMConfig(**settings)
 
@@ -244,30 +260,49 @@ def run_sweep(args):
     layer_sets = [_layer_set(s) for s in args.layers] if args.layers else [{}]
     union = {f"{t}_targets": sorted({p for s in layer_sets for p in s.get(f"{t}_targets", [])})
              for t in ("text", "vision")} if args.layers else {}
-    editor = UWMEditor(model, processor, _config(args, tau=None, alpha=-1.0, **union), base_model=_base_id(args.model))
-    editor.calibrate(calibration, progress=not args.quiet)
+    editor = UWMEditor(model, processor, _config(args, tau=None, alpha=-1.0, **union),
+                       base_model=_base_id(args.model))
+    if editor.config.score not in sw.ITERATIVE_SCORES:  # one calibration; every setting re-selects from it
+        editor.calibrate(calibration, progress=not args.quiet)
 
     def evaluate(m):
-        return evaluate_model(m, processor, validation, zero_shot=zero_shot, bootstrap=0, progress=False)
+        return evaluate_model(m, processor, validation, zero_shot=zero_shot, bootstrap=1000, seed=args.seed,
+                              progress=False)
 
     base = evaluate(model)
-    taus = args.tau or [editor.config.tau]
-    grid = [dict(layers, tau=t, alpha=a) for layers, t, a in itertools.product(layer_sets, taus, args.alpha)]
-    rows = sw.sweep(editor, grid, evaluate, method=args.score, control_seed=args.seed, progress=not args.quiet)
+    rows = sw.sweep(editor, _sweep_grid(args, layer_sets, editor.config), evaluate, calibration=calibration,
+                    method=args.score, control_seed=args.seed, progress=not args.quiet)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     chosen = sw.choose(rows, base, args.max_zero_shot_drop)
-    print(sw.table(rows, base))
+    print(sw.table(rows, base, args.max_zero_shot_drop))
     sw.write_csv(rows, out / "sweep.csv", base)
     sw.pareto_plot(rows, out / "pareto.png", base, chosen)
     print(f"\nwrote {out / 'sweep.csv'} and {out / 'pareto.png'}")
-    if chosen is None:
-        print(f"no setting stays within {args.max_zero_shot_drop} points of the base model's {sw.knowledge_name(base)}")
-        return 0
-    print(f"chosen (max GS within {args.max_zero_shot_drop} points of {sw.knowledge_name(base)}): {chosen.label()}")
-    if args.save_best:
-        editor.with_settings(**chosen.setting).save_pretrained(args.save_best, chosen.report)
+    print(sw.verdict(rows, base, args.max_zero_shot_drop))
+    if chosen is None and args.save_best_at_chance:
+        chosen = sw.choose(rows, base, args.max_zero_shot_drop, require_beats_control=False)
+        if chosen is not None:
+            print(f"--save-best-at-chance: saving {chosen.label()}, which does not beat its random control")
+    if args.save_best and chosen is None:
+        print(f"nothing saved to {args.save_best} (pass --save-best-at-chance to save the highest-GS setting "
+              "within the budget anyway)")
+    elif args.save_best:
+        chosen.editor.save_pretrained(args.save_best, chosen.report)
         print(f"saved its delta to {args.save_best}")
+
+
+def _sweep_grid(args, layer_sets: list[dict], config) -> list[dict]:
+    """Every combination of the grid flags, as `UWMConfig` changes."""
+    from .sweep import ITERATIVE_SCORES
+
+    if config.score in ITERATIVE_SCORES:
+        axes = {name: values for name in ITERATIVE_SETTINGS if (values := getattr(args, name)) is not None}
+    else:
+        axes = {"tau": args.tau or [config.tau]}
+    axes["alpha"] = args.alpha
+    return [dict(layers, **dict(zip(axes, values)))
+            for layers in layer_sets for values in itertools.product(*axes.values())]
 
 
 def _layer_set(spec: str) -> dict:

@@ -1,17 +1,29 @@
-"""Sweeps: re-select settings from cached scores, evaluate each beside its random control, choose.
+"""Sweeps: evaluate settings beside their random controls on validation data, then choose by a fixed rule.
 
-A setting is chosen on validation data by a rule fixed in advance (the highest GS whose zero-shot
-accuracy is at most `max_zero_shot_drop` points below the base model's), and only then evaluated on
-test data.
+The rule (`choose`), fixed before any number is seen:
+1. the knowledge budget: zero-shot accuracy (else safe text-to-image R@1) at most `max_drop`
+   points below the base model's;
+2. beats chance: the setting's GS bootstrap 95% interval lies wholly above its random control's
+   (a control flips as many weights per layer with the same α);
+3. among those, the highest GS; ties go to the higher zero-shot accuracy, then to fewer weights.
+When no setting passes 1 and 2, nothing is chosen, and callers say so rather than save a "best"
+edit. Only a chosen setting is then measured on test data.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+# Settings `UWMEditor.with_settings` re-selects from cached scores; any other change calibrates again.
+RESELECTABLE = frozenset({"tau", "alpha", "selection", "density", "text_targets", "vision_targets"})
+# Methods that re-score the model as they edit it: every setting is a calibration of its own.
+ITERATIVE_SCORES = frozenset({"iterative_attribution"})
 
 
 @dataclass
@@ -24,9 +36,14 @@ class SweepRow:
     report: object
     control: object
     extra: dict = field(default_factory=dict)
+    editor: object = field(default=None, repr=False, compare=False)  # the edit itself, to save or re-evaluate
 
     def label(self) -> str:
-        return f"{self.method} " + " ".join(f"{k}={v}" for k, v in self.setting.items())
+        return " ".join([self.method] + [f"{k}={_short(v)}" for k, v in self.setting.items()])
+
+
+def _short(value) -> str:
+    return ",".join(value) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def knowledge(report) -> float:
@@ -47,66 +64,144 @@ def evaluate_edit(editor, evaluate):
         editor.revert()
 
 
-def sweep(editor, grid: list[dict], evaluate, *, method: str = "UWM", control_seed: int = 0,
+def sweep(editor, grid: list[dict], evaluate, *, calibration=None, method: str = "UWM", control_seed: int = 0,
           progress: bool = True) -> list[SweepRow]:
-    """Evaluate every setting of `grid` (changes for `editor.with_settings`) and its random control."""
-    rows = []
+    """Evaluate every setting of `grid` (dicts of `UWMConfig` changes) and its random control.
+
+    Changes that `with_settings` can make are re-selected from the cached scores of `editor`; the
+    others (token_norm, rounds, curvature_weight, ...; every change of an iterative method)
+    calibrate a copy of the editor on `calibration`, once per distinct combination. `editor`
+    need not be calibrated when every setting calibrates anew.
+    """
+    calibrated, rows = {}, []
     for changes in tqdm(grid, desc=f"sweep {method}", disable=not progress):
-        edited = editor.with_settings(**changes)
+        iterative = editor.config.score in ITERATIVE_SCORES
+        reselect = {} if iterative else {k: v for k, v in changes.items() if k in RESELECTABLE}
+        recalibrate = {k: v for k, v in changes.items() if k not in reselect}
+        key = json.dumps(recalibrate, sort_keys=True)
+        if key not in calibrated:
+            calibrated[key] = _calibrated(editor, recalibrate, calibration, progress)
+        edited = calibrated[key].with_settings(**reselect) if reselect else calibrated[key]
         control = edited.random_control(seed=control_seed)
         rows.append(SweepRow(method, dict(changes), sum(edited.counts().values()),
-                             evaluate_edit(edited, evaluate), evaluate_edit(control, evaluate)))
+                             evaluate_edit(edited, evaluate), evaluate_edit(control, evaluate), editor=edited))
     return rows
 
 
-def choose(rows: list[SweepRow], base, max_drop: float) -> SweepRow | None:
-    """The highest-GS row whose knowledge (zero-shot accuracy, else safe R@1) is at most `max_drop`
-    points below the base model's (ties: fewer weights); None if no row is within that budget."""
-    eligible = [row for row in rows if knowledge(row.report) >= knowledge(base) - max_drop]
-    return max(eligible, key=lambda r: (r.report.safeground["GS"], -r.weights), default=None)
+def _calibrated(editor, changes: dict, calibration, progress: bool):
+    """`editor` itself when it is calibrated and nothing changes; else a copy calibrated with `changes`."""
+    if not changes and editor.delta:
+        return editor
+    if calibration is None:
+        raise ValueError(f"The settings {changes or 'of an uncalibrated editor'} need a calibration of their own: "
+                         "pass sweep(..., calibration=pairs).")
+    copy = type(editor)(editor.model, editor.processor, dataclasses.replace(editor.config, **changes),
+                        base_model=editor.base_model, base_revision=editor.base_revision)
+    return copy.calibrate(calibration, progress=progress)
 
 
-def table(rows: list[SweepRow], base=None) -> str:
-    """One line per setting: GS, PU, P_u^t, P_u^v and zero-shot of the edit and of its random control."""
-    head = f"{'setting':<44}{'weights':>9}{'GS':>7}{'PU':>7}{'P_u^t':>7}{'P_u^v':>7}{'know.':>8}" \
-           f"{'| rnd GS':>9}{'rnd know.':>11}"
+# --- the choice rule -------------------------------------------------------------------------------
+def within_budget(row: SweepRow, base, max_drop: float) -> bool:
+    """The setting's knowledge is at most `max_drop` points below the base model's."""
+    return knowledge(row.report) >= knowledge(base) - max_drop
+
+
+def beats_control(row: SweepRow) -> bool:
+    """The setting's GS 95% interval lies wholly above its random control's (the two do not overlap)."""
+    return _gs_interval(row.report)[0] > _gs_interval(row.control)[1]
+
+
+def _gs_interval(report) -> tuple[float, float]:
+    if "GS" not in report.intervals:
+        raise ValueError("Choosing a setting compares GS bootstrap intervals: evaluate the sweep with "
+                         "bootstrap > 0 (e.g. evaluate_model(..., bootstrap=1000)).")
+    return report.intervals["GS"]
+
+
+def choose(rows: list[SweepRow], base, max_drop: float, *, require_beats_control: bool = True) -> SweepRow | None:
+    """The rule of this module: the highest-GS row within the knowledge budget whose GS interval lies
+    above its random control's (ties: higher knowledge, then fewer weights); None when there is none.
+
+    `require_beats_control=False` drops step 2, to show what a setting at chance level does.
+    """
+    if max_drop < 0:
+        raise ValueError(f"max_drop={max_drop} is a loss in points: pass a number >= 0, e.g. 2.5.")
+    eligible = [row for row in rows if within_budget(row, base, max_drop)
+                and (not require_beats_control or beats_control(row))]
+    return max(eligible, key=lambda r: (r.report.safeground["GS"], knowledge(r.report), -r.weights), default=None)
+
+
+def verdict(rows: list[SweepRow], base, max_drop: float) -> str:
+    """One plain sentence: what the rule chose, or why it chose nothing."""
+    chosen = choose(rows, base, max_drop)
+    budget = f"{max_drop:g} points of the base model's {knowledge_name(base)}"
+    if chosen is not None:
+        return (f"chosen: {chosen.label()} (GS {chosen.report.safeground['GS']:.1f} vs random control "
+                f"{chosen.control.safeground['GS']:.1f}, within {budget})")
+    if not any(within_budget(r, base, max_drop) for r in rows):
+        return f"no setting stays within {budget}: nothing chosen"
+    return (f"no setting within {budget} beats its random control (their GS 95% intervals overlap): "
+            "nothing chosen; the edit is at chance level on this model")
+
+
+# --- reporting -------------------------------------------------------------------------------------
+def table(rows: list[SweepRow], base=None, max_drop: float | None = None) -> str:
+    """One line per setting: the edit's GS [CI], PU and knowledge; its random control's GS [CI] and
+    knowledge; and, given `max_drop`, whether it beats the control and keeps the budget (the CSV has
+    every metric)."""
+    width = max([len("setting")] + [len(r.label()) for r in rows]) + 2
+    head = (f"{'setting':<{width}}{'weights':>8}{'GS [95% CI]':>20}{'PU':>7}{'know.':>7}"
+            f"  | {'rnd GS [95% CI]':>18}{'know.':>7}")
+    if max_drop is not None:
+        head += f"{'>rnd':>6}{'budget':>7}"
     lines = [head]
     if base is not None:
-        lines.append(f"{'base model':<44}{0:>9}" + _metrics(base) + f"{'|':>9}")
+        lines.append(f"{'base model':<{width}}{0:>8}" + _metrics(base) + "  |")
     for row in rows:
-        lines.append(f"{row.label():<44}{row.weights:>9}" + _metrics(row.report)
-                     + f"{'| ' + format(row.control.safeground['GS'], '.1f'):>9}" + _knowledge(row.control, 11))
-    lines.append(f"know. = {knowledge_name(rows[0].report if rows else base)}; rnd = random control of the same size")
+        line = (f"{row.label():<{width}}{row.weights:>8}" + _metrics(row.report)
+                + f"  | {_gs(row.control):>18}{knowledge(row.control):>7.1f}")
+        if max_drop is not None:
+            line += (f"{'yes' if beats_control(row) else 'no':>6}"
+                     f"{'ok' if within_budget(row, base, max_drop) else 'over':>7}")
+        lines.append(line)
+    lines.append(f"know. = {knowledge_name(rows[0].report if rows else base)}; rnd = random control of the same "
+                 "size; >rnd = GS interval wholly above the control's")
     return "\n".join(lines)
 
 
+def _gs(report) -> str:
+    gs, ci = report.safeground["GS"], report.intervals.get("GS")
+    return f"{gs:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
 def _metrics(report) -> str:
-    sg = report.safeground
-    return "".join(f"{sg[m]:>7.1f}" for m in ("GS", "PU", "P_u^t", "P_u^v")) + _knowledge(report, 8)
-
-
-def _knowledge(report, width) -> str:
-    return f"{knowledge(report):>{width}.1f}"
+    return f"{_gs(report):>20}{report.safeground['PU']:>7.1f}{knowledge(report):>7.1f}"
 
 
 def write_csv(rows: list[SweepRow], path: str | Path, base=None) -> Path:
     metrics = list((base or rows[0].report).safeground)
+
+    def interval(report):
+        return list(report.intervals.get("GS", ("", "")))
+
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "setting", "weights"] + metrics + ["knowledge"]
-                        + [f"random_{m}" for m in metrics] + ["random_knowledge"])
+        writer.writerow(["method", "setting", "weights"] + metrics + ["GS_low", "GS_high", "knowledge"]
+                        + [f"random_{m}" for m in metrics] + ["random_GS_low", "random_GS_high", "random_knowledge"])
         if base is not None:
-            writer.writerow(["base", "", 0] + [base.safeground[m] for m in metrics] + [knowledge(base)]
-                            + [""] * (len(metrics) + 1))
+            writer.writerow(["base", "", 0] + [base.safeground[m] for m in metrics] + interval(base)
+                            + [knowledge(base)] + [""] * (len(metrics) + 3))
         for row in rows:
-            writer.writerow([row.method, " ".join(f"{k}={v}" for k, v in row.setting.items()), row.weights]
-                            + [row.report.safeground[m] for m in metrics] + [knowledge(row.report)]
-                            + [row.control.safeground[m] for m in metrics] + [knowledge(row.control)])
+            writer.writerow([row.method, " ".join(f"{k}={_short(v)}" for k, v in row.setting.items()), row.weights]
+                            + [row.report.safeground[m] for m in metrics] + interval(row.report)
+                            + [knowledge(row.report)] + [row.control.safeground[m] for m in metrics]
+                            + interval(row.control) + [knowledge(row.control)])
     return Path(path)
 
 
-def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: SweepRow | None = None) -> Path:
-    """GS against zero-shot accuracy: every setting, its random control, the base model marked."""
+def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: SweepRow | None = None,
+                title: str = "Safety / knowledge trade-off (validation)") -> Path:
+    """GS against knowledge: every setting, its random control, the base model and the choice marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +222,7 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
                    edgecolors="red", linewidths=2, label="chosen")
     ax.set_xlabel(f"{knowledge_name(rows[0].report)} (%)")
     ax.set_ylabel("SafeGround GS (%)")
-    ax.set_title("Safety / knowledge trade-off (validation)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -57,10 +57,21 @@ def test_sweep_writes_table_csv_and_png(files, tmp_path, capsys):
                  "--max-zero-shot-drop", "100", "--quiet"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "chosen" in text and "rnd GS" in text
+    assert "rnd GS" in text
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert len(rows) == 1 + 2 * 2 * 2 and rows[0]["method"] == "base"
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # A random tiny CLIP has no unsafe direction to remove: no setting beats its control, none is saved.
+    assert "beats its random control" in text and "nothing saved" in text
+    assert not (tmp_path / "best").exists()
+
+
+def test_sweep_saves_a_setting_at_chance_only_when_asked(files, tmp_path, capsys):
+    code = main(["sweep", str(files / "model"), "--data", str(files / "pairs"), "--eval", str(files / "validation"),
+                 "--tau", "0.02", "--output", str(tmp_path / "sweep"), "--save-best", str(tmp_path / "best"),
+                 "--save-best-at-chance", "--max-zero-shot-drop", "100", "--quiet"])
+    assert code == 0
+    assert "does not beat its random control" in capsys.readouterr().out
     assert (tmp_path / "best" / "uwm_delta.safetensors").is_file()
 
 
