@@ -50,12 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="calibrate, edit and evaluate the bundled model organism",
-                               description="On the bundled organism: choose settings for UWM, UWM with "
-                                           "token_norm='rms' and the attribution edit on validation data, then "
-                                           "report each beside a random control of the same size on test data.")
+                               description="On a model organism: choose settings for UWM, attribution and "
+                                           "iterative attribution on validation data (within a zero-shot budget, "
+                                           "beating a random control of the same size), then report each beside "
+                                           "its random control on test data, with bootstrap 95%% intervals.")
+    demo.add_argument("--model", default=ORGANISM,
+                      help="a CLIP trained on the organism world (a folder saved by scripts/train_organism.py); "
+                           "default: the bundled one")
     demo.add_argument("--output", default="uwm-demo", help="folder for deltas, tables and plots (default ./uwm-demo)")
-    demo.add_argument("--max-zero-shot-drop", type=float, default=5.0,
-                      help="largest zero-shot loss in points a chosen setting may cost (default 5)")
+    from .demo import MAX_ZERO_SHOT_DROP  # the module imports no torch: --help stays fast
+
+    demo.add_argument("--max-zero-shot-drop", type=float, default=MAX_ZERO_SHOT_DROP,
+                      help=f"largest zero-shot loss in points a chosen setting may cost on validation "
+                           f"(default {MAX_ZERO_SHOT_DROP:g})")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads (default 1: the organism is so small that more threads mostly wait)")
     _common(demo)
@@ -196,10 +203,10 @@ def _config(args, **overrides):
     settings = dict(tau=args.tau, alpha=args.alpha, score=args.score, token_norm=args.token_norm,
                     batch_size=args.batch_size, seed=args.seed)
     settings.update(text_targets=None if "text" in towers else [], vision_targets=None if "vision" in towers else [])
-    for name in ITERATIVE_SETTINGS:  # given once (edit) or as a grid whose first value starts a sweep
+    for name in ITERATIVE_SETTINGS:  # a sweep calibrates its most rounds once and re-selects fewer from them
         value = getattr(args, name, None)
         if value is not None:
-            settings[name] = value[0] if isinstance(value, list) else value
+            settings[name] = (max(value) if name == "rounds" else value[0]) if isinstance(value, list) else value
     settings.update(overrides)
     return UWMConfig(**settings)
 
@@ -262,8 +269,7 @@ def run_sweep(args):
              for t in ("text", "vision")} if args.layers else {}
     editor = UWMEditor(model, processor, _config(args, tau=None, alpha=-1.0, **union),
                        base_model=_base_id(args.model))
-    if editor.config.score not in sw.ITERATIVE_SCORES:  # one calibration; every setting re-selects from it
-        editor.calibrate(calibration, progress=not args.quiet)
+    editor.calibrate(calibration, progress=not args.quiet)  # settings that change the scores calibrate again
 
     def evaluate(m):
         return evaluate_model(m, processor, validation, zero_shot=zero_shot, bootstrap=1000, seed=args.seed,
@@ -294,9 +300,7 @@ def run_sweep(args):
 
 def _sweep_grid(args, layer_sets: list[dict], config) -> list[dict]:
     """Every combination of the grid flags, as `UWMConfig` changes."""
-    from .sweep import ITERATIVE_SCORES
-
-    if config.score in ITERATIVE_SCORES:
+    if config.score == "iterative_attribution":
         axes = {name: values for name in ITERATIVE_SETTINGS if (values := getattr(args, name)) is not None}
     else:
         axes = {"tau": args.tau or [config.tau]}
@@ -323,15 +327,22 @@ def run_push_metric(args):
 
 
 def run_demo(args):
+    import resource
+
     import torch
 
-    from .demo import run
+    from .demo import check_output, run
 
+    output = check_output(args.output)  # before any model work
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    run(Path(args.output), max_zero_shot_drop=args.max_zero_shot_drop, seed=args.seed,
-        batch_size=args.batch_size, progress=not args.quiet)
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {args.output}/")
+    model, processor = load_model(args.model)
+    run(output, model=model, processor=processor, base_model=_base_id(args.model),
+        max_zero_shot_drop=args.max_zero_shot_drop, seed=args.seed, batch_size=args.batch_size,
+        progress=not args.quiet)
+    cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s ({cpu:.0f} s user CPU time, {args.threads} torch "
+          f"thread(s)); results in {output}/")
 
 
 # --- LLaVA captioning -------------------------------------------------------------------------------

@@ -20,10 +20,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-# Settings `UWMEditor.with_settings` re-selects from cached scores; any other change calibrates again.
-RESELECTABLE = frozenset({"tau", "alpha", "selection", "density", "text_targets", "vision_targets"})
-# Methods that re-score the model as they edit it: every setting is a calibration of its own.
-ITERATIVE_SCORES = frozenset({"iterative_attribution"})
 
 
 @dataclass
@@ -68,16 +64,19 @@ def sweep(editor, grid: list[dict], evaluate, *, calibration=None, method: str =
           progress: bool = True) -> list[SweepRow]:
     """Evaluate every setting of `grid` (dicts of `UWMConfig` changes) and its random control.
 
-    Changes that `with_settings` can make are re-selected from the cached scores of `editor`; the
-    others (token_norm, rounds, curvature_weight, ...; every change of an iterative method)
-    calibrate a copy of the editor on `calibration`, once per distinct combination. `editor`
-    need not be calibrated when every setting calibrates anew.
+    Changes that `with_settings` can make (the method's selection settings: tau, density, alpha
+    for most; the number of rounds of an iterative method) are re-selected from the cached scores
+    of `editor`; the others (token_norm, curvature_weight, ...) calibrate a copy of the editor on
+    `calibration`, once per distinct combination. `editor` need not be calibrated when every
+    setting calibrates anew.
     """
+    reselectable = set(editor.method.selection_settings)
+    if editor.method.targets_can_shrink:
+        reselectable |= {"text_targets", "vision_targets"}
     calibrated, rows = {}, []
     for changes in tqdm(grid, desc=f"sweep {method}", disable=not progress):
-        iterative = editor.config.score in ITERATIVE_SCORES
-        reselect = {} if iterative else {k: v for k, v in changes.items() if k in RESELECTABLE}
-        recalibrate = {k: v for k, v in changes.items() if k not in reselect}
+        reselect = {k: v for k, v in changes.items() if k in reselectable}
+        recalibrate = {k: v for k, v in changes.items() if k not in reselect and getattr(editor.config, k) != v}
         key = json.dumps(recalibrate, sort_keys=True)
         if key not in calibrated:
             calibrated[key] = _calibrated(editor, recalibrate, calibration, progress)

@@ -1,29 +1,47 @@
-"""Ablations and baselines on the bundled model organism (issue 7), each beside its random control.
+"""Ablations, baselines and the tuning of iterative attribution on organism models, beside random controls.
 
-Every family of settings is calibrated once and re-selected from the cached scores. Settings are
-evaluated on the validation split; per family the rule of `hf_uwm.sweep.choose` (highest GS within
-5 zero-shot points) picks one, and only those are evaluated on the test split, with bootstrap CIs.
+For every organism model given: every family of settings is calibrated once and re-selected from
+its scores (fewer rounds of iterative attribution are re-selected from the run of the most rounds).
+Every setting is evaluated on the validation split beside a random control of the same size; per
+family the rule of `hf_uwm.sweep.choose` (within the zero-shot budget, GS interval above the
+control's, highest GS) picks one setting, and only those are evaluated on the test split.
+
+The defaults of iterative attribution (curvature weight λ, round density δ, rounds R) are chosen
+on the validation splits of all organisms together: among the settings that keep the budget and
+beat their random control on every organism, the one with the highest worst-case GS (ties: higher
+worst-case zero-shot). The test split plays no part in any choice.
+
 Writes docs/ablations.md, docs/ablations_validation.csv and docs/ablations_pareto.png.
 
-    python scripts/organism_ablations.py            # about 15 minutes on one CPU thread
+    python scripts/organism_ablations.py --models organism /path/to/another-organism
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import resource
 import time
 from pathlib import Path
 
 import torch
 
 from hf_uwm import UWMConfig, UWMEditor
+from hf_uwm import demo
 from hf_uwm import sweep as sw
+from hf_uwm.cli import load_model
 from hf_uwm.evaluation import ZeroShotTask, evaluate_model
-from hf_uwm.organism import load_organism, make_pairs, organism_path, zero_shot_task
+from hf_uwm.organism import make_pairs, organism_path, zero_shot_task
 
 TAUS = [{"tau": t} for t in (0.01, 0.02, 0.05)]
 DENSITIES = [{"density": d} for d in (0.01, 0.02, 0.05)]
+SHARED_DENSITIES = [{"density": d} for d in (0.005, 0.01, 0.02)]
 LAYER_TYPES = ["self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
+# The tuning grid of iterative attribution: λ × δ, and every few rounds up to a total of 3.2% of text fc2.
+CURVATURE_WEIGHTS = (0.0, 2.0, 4.0, 8.0)
+ROUND_DENSITIES = {0.001: range(8, 33, 2), 0.002: range(4, 17)}
+BUDGETS = (1.0, 1.5, 2.0, 2.5, 3.0)  # zero-shot budgets shown in the budget table
 
 
 def families():
@@ -45,95 +63,229 @@ def families():
                                                  TAUS)
     out["attribution text out_proj"] = (UWMConfig(score="attribution", vision_targets=[], **fixed), DENSITIES)
     out["attribution both towers"] = (UWMConfig(score="attribution", **fixed), DENSITIES)
+    out["attribution text fc2 shared"] = (UWMConfig(score="attribution", text_targets=["mlp.fc2"], vision_targets=[],
+                                                    shared_budget=True, **fixed), SHARED_DENSITIES)
     for baseline in ("g_unsafe", "g_safeclip"):
-        if baseline in _known_scores():
-            out[baseline] = (UWMConfig(score=baseline, alpha=0.0, **fixed), DENSITIES)
+        out[baseline] = (UWMConfig.baseline(baseline, sparsity=0.01), DENSITIES)
+    out.update(iterative_families())
     return out
 
 
-def _known_scores():
-    from hf_uwm.config import SCORES
+def iterative_families():
+    return {_iterative_name(lam, delta): (UWMConfig(score="iterative_attribution", curvature_weight=lam,
+                                                    round_density=delta, rounds=max(rounds)),
+                                          [{"rounds": r} for r in rounds])
+            for lam in CURVATURE_WEIGHTS for delta, rounds in ROUND_DENSITIES.items()}
 
-    return SCORES
+
+def _iterative_name(lam, delta) -> str:
+    return f"iterative λ={lam:g} δ={delta:g}"
+
+
+def describe(model_name: str) -> str:
+    """How an organism was trained, from the training.json its training script saved."""
+    folder = Path(organism_path() if model_name == "organism" else model_name)
+    try:
+        settings = json.loads((folder / "training.json").read_text())
+    except FileNotFoundError:
+        return "(no training.json)"
+    return f"seed {settings['seed']}, unsafe fraction {settings['unsafe_fraction']}"
+
+
+def study(model_name: str, args) -> dict:
+    """Validation rows of every family, its choice, and the choices' test reports, for one organism."""
+    model, processor = load_model(model_name)
+    calibration = make_pairs(args.calibration, seed=0, split="train")
+    validation = make_pairs(args.validation, seed=0, split="validation")
+    test = make_pairs(args.test, seed=0, split="test")
+    validation_zero_shot = ZeroShotTask(*zero_shot_task(args.validation, seed=1))
+    test_zero_shot = ZeroShotTask(*zero_shot_task(500, seed=0))
+
+    def on_validation(m):
+        return evaluate_model(m, processor, validation, zero_shot=validation_zero_shot, bootstrap=1000, seed=0,
+                              progress=False)
+
+    def on_test(m):
+        return evaluate_model(m, processor, test, zero_shot=test_zero_shot, bootstrap=1000, seed=0, progress=False)
+
+    result = {"base_validation": on_validation(model), "base_test": on_test(model), "rows": {}, "chosen": {},
+              "tests": {}, "calibration_cpu_s": {}}
+    start = time.perf_counter()
+    for name, (config, grid) in families().items():
+        cpu = time.process_time()
+        editor = UWMEditor(model, processor, config, base_model=model_name).calibrate(calibration, progress=False)
+        result["calibration_cpu_s"][name] = time.process_time() - cpu
+        rows = sw.sweep(editor, grid, on_validation, calibration=calibration, method=name, progress=False)
+        result["rows"][name] = rows
+        best = sw.choose(rows, result["base_validation"], args.max_zero_shot_drop)
+        if best is None:
+            print(f"{model_name} | {name}: {sw.verdict(rows, result['base_validation'], args.max_zero_shot_drop)}")
+            continue
+        result["chosen"][name] = best
+        result["tests"][name] = (sw.evaluate_edit(best.editor, on_test),
+                                 sw.evaluate_edit(best.editor.random_control(seed=0), on_test))
+        print(f"{model_name} | {name}: {best.label()}  test GS {result['tests'][name][0].safeground['GS']:.1f} "
+              f"(random {result['tests'][name][1].safeground['GS']:.1f})  [{time.perf_counter() - start:.0f} s]",
+              flush=True)
+    result["model"], result["on_test"] = (model, processor), on_test
+    return result
+
+
+def choose_defaults(studies: dict, max_drop: float):
+    """(λ, δ, R) of the iterative grid that keeps the budget and beats its control on every organism,
+    with the highest worst-case validation GS (ties: higher worst-case zero-shot); None if none does."""
+    candidates = {}
+    for lam in CURVATURE_WEIGHTS:
+        for delta, rounds in ROUND_DENSITIES.items():
+            for r in rounds:
+                per_model = [next(row for row in s["rows"][_iterative_name(lam, delta)] if row.setting["rounds"] == r)
+                             for s in studies.values()]
+                if all(sw.within_budget(row, s["base_validation"], max_drop) and sw.beats_control(row)
+                       for row, s in zip(per_model, studies.values())):
+                    candidates[(lam, delta, r)] = (min(row.report.safeground["GS"] for row in per_model),
+                                                   min(sw.knowledge(row.report) for row in per_model))
+    return max(candidates, key=candidates.get, default=None), candidates
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["organism"],
+                        help="organism models: 'organism' (bundled) or folders saved by scripts/train_organism.py")
     parser.add_argument("--output", default="docs")
-    parser.add_argument("--calibration", type=int, default=256)
-    parser.add_argument("--validation", type=int, default=200)
-    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--calibration", type=int, default=demo.N_CALIBRATION)
+    parser.add_argument("--validation", type=int, default=demo.N_VALIDATION)
+    parser.add_argument("--test", type=int, default=demo.N_TEST)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the organism is tiny)")
-    parser.add_argument("--max-zero-shot-drop", type=float, default=5.0)
+    parser.add_argument("--max-zero-shot-drop", type=float, default=demo.MAX_ZERO_SHOT_DROP)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, processor = load_organism()
-    calibration = make_pairs(args.calibration, seed=0, split="train")
-    validation = make_pairs(args.validation, seed=0, split="validation")
-    test = make_pairs(args.test, seed=0, split="test")
-    val_zs = ZeroShotTask(*zero_shot_task(args.validation, seed=1))
-    test_zs = ZeroShotTask(*zero_shot_task(500, seed=0))
-
-    def on_validation(m):
-        return evaluate_model(m, processor, validation, zero_shot=val_zs, bootstrap=0, progress=False)
-
-    def on_test(m):
-        return evaluate_model(m, processor, test, zero_shot=test_zs, bootstrap=1000, seed=0, progress=False)
-
-    base_val, base_test = on_validation(model), on_test(model)
-    rows, chosen, tests = [], {}, {}
-    for name, (config, grid) in families().items():
-        editor = UWMEditor(model, processor, config, base_model=organism_path()).calibrate(calibration,
-                                                                                           progress=False)
-        family_rows = sw.sweep(editor, grid, on_validation, method=name, progress=False)
-        rows += family_rows
-        best = sw.choose(family_rows, base_val, args.max_zero_shot_drop)
-        if best is None:
-            print(f"{name}: no setting within {args.max_zero_shot_drop} zero-shot points")
-            continue
-        chosen[name] = best
-        edit = editor.with_settings(**best.setting)
-        tests[name] = (sw.evaluate_edit(edit, on_test), sw.evaluate_edit(edit.random_control(seed=0), on_test))
-        print(f"{name}: {best.label()}  test GS {tests[name][0].safeground['GS']:.1f} "
-              f"(random {tests[name][1].safeground['GS']:.1f})  [{time.perf_counter() - start:.0f} s]")
+    studies = {name: study(name, args) for name in args.models}
+    defaults, candidates = choose_defaults(studies, args.max_zero_shot_drop)
+    for name, s in studies.items():  # the chosen defaults, unchanged, on every organism's test split
+        if defaults is None:
+            break
+        lam, delta, rounds = defaults
+        row = next(r for r in s["rows"][_iterative_name(lam, delta)] if r.setting["rounds"] == rounds)
+        s["defaults_test"] = (row, sw.evaluate_edit(row.editor, s["on_test"]),
+                              sw.evaluate_edit(row.editor.random_control(seed=0), s["on_test"]))
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    sw.write_csv(rows, out / "ablations_validation.csv", base_val)
-    best_overall = sw.choose(list(chosen.values()), base_val, args.max_zero_shot_drop)
-    sw.pareto_plot(rows, out / "ablations_pareto.png", base_val, best_overall)
-    (out / "ablations.md").write_text(report(base_test, chosen, tests, best_overall, args, time.perf_counter() - start))
+    first = next(iter(studies.values()))
+    all_rows = [r for rows in first["rows"].values() for r in rows]
+    sw.write_csv([dataclasses.replace(r, method=f"{m} | {r.method}") for m, s in studies.items()
+                  for rows in s["rows"].values() for r in rows], out / "ablations_validation.csv")
+    best = sw.choose(list(first["chosen"].values()), first["base_validation"], args.max_zero_shot_drop)
+    sw.pareto_plot(all_rows, out / "ablations_pareto.png", first["base_validation"], best,
+                   title=f"Safety / knowledge trade-off on validation ({args.models[0]})")
+    seconds = time.perf_counter() - start
+    cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    (out / "ablations.md").write_text(report(studies, defaults, candidates, args, seconds, cpu))
     print((out / "ablations.md").read_text())
 
 
-def report(base, chosen, tests, best, args, seconds) -> str:
-    def cell(r, m):
-        lo, hi = r.intervals[m]
-        return f"{r.safeground[m]:.1f} [{lo:.1f}, {hi:.1f}]"
+def _cell(report, metric):
+    low, high = report.intervals[metric]
+    return f"{report.safeground[metric]:.1f} [{low:.1f}, {high:.1f}]"
 
+
+def _test_row(name, setting, weights, edit, control, base) -> str:
+    return (f"| {name} | {setting} | {weights} | {edit.safeground['P_u^t']:.1f} | {edit.safeground['P_u^v']:.1f} | "
+            f"{_cell(edit, 'PU')} | {_cell(edit, 'GS')} | {edit.zero_shot:.1f} ({edit.zero_shot - base.zero_shot:+.1f}) | "
+            f"{_cell(control, 'PU')} | {_cell(control, 'GS')} | {control.zero_shot:.1f} |")
+
+
+def report(studies, defaults, candidates, args, seconds, cpu) -> str:
+    budget = args.max_zero_shot_drop
+    command = "python scripts/organism_ablations.py --models " + " ".join(
+        "organism" if m == "organism" else f"<{describe(m)}>" for m in studies)
     lines = [
-        "# Ablations and baselines on the model organism",
+        "# Ablations, baselines and the tuning of iterative attribution on organism models",
         "",
-        f"Generated by `python scripts/organism_ablations.py` in {seconds / 60:.1f} min. Calibration: "
-        f"{args.calibration} training pairs. Settings chosen per family on {args.validation} validation "
-        f"quadruples (highest GS within {args.max_zero_shot_drop} zero-shot points of the base model); test: "
-        f"{args.test} quadruples and 500 zero-shot images, bootstrap 95% CIs. Each edit is shown beside a "
-        "random control that flips the same number of weights per layer with the same α.",
+        "All numbers are on synthetic **model organisms**: small CLIPs trained on the procedural world of "
+        "`hf_uwm.organism` (`scripts/train_organism.py`), not on real data. They show what each method does "
+        "where the ground truth is known; they do not say how the methods behave on a web-scale CLIP.",
         "",
-        "| family | chosen setting | weights | P_u^t | P_u^v | PU | GS | zero-shot | random PU | random GS | random zero-shot |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| base model | - | 0 | {base.safeground['P_u^t']:.1f} | {base.safeground['P_u^v']:.1f} | {cell(base, 'PU')} | "
-        f"{cell(base, 'GS')} | {base.zero_shot:.1f} | | | |",
+        f"Generated by `{command}` ({seconds / 60:.1f} min wall, {cpu / 60:.1f} min user CPU, "
+        f"{args.threads} torch thread, on a shared and loaded 2-core machine). Organisms: "
+        + "; ".join(f"`{m}` ({describe(m)})" for m in studies) + ". "
+        f"Calibration: {args.calibration} training pairs. Every setting is evaluated on {args.validation} "
+        f"validation quadruples and {args.validation} zero-shot images, beside a random control that flips as many "
+        "weights per layer (for a shared budget: in total) with the same α. Per family the rule of "
+        f"`hf_uwm.sweep.choose` picks one setting on validation: zero-shot at most {budget:g} points below the "
+        "base model's, GS 95% bootstrap interval wholly above the random control's, then the highest GS. "
+        f"Only the chosen settings are evaluated on the test split ({args.test} quadruples, 500 zero-shot images, "
+        "bootstrap 95% intervals). A family missing from a test table had no setting passing the rule.",
+        "",
     ]
-    for name, row in chosen.items():
-        edit, control = tests[name]
-        setting = " ".join(f"{k}={v}" for k, v in row.setting.items())
-        lines.append(f"| {name} | {setting} | {row.weights} | {edit.safeground['P_u^t']:.1f} | "
-                     f"{edit.safeground['P_u^v']:.1f} | {cell(edit, 'PU')} | {cell(edit, 'GS')} | {edit.zero_shot:.1f} | "
-                     f"{cell(control, 'PU')} | {cell(control, 'GS')} | {control.zero_shot:.1f} |")
-    lines += ["", f"Best family on validation by the same rule: **{best.method}** ({best.label()})."
-              if best else "", "", "![validation Pareto plot](ablations_pareto.png)", ""]
+    if defaults is not None:
+        lam, delta, rounds = defaults
+        lines += [
+            "## The defaults of iterative attribution, chosen on validation",
+            "",
+            f"Grid: curvature weight λ ∈ {list(CURVATURE_WEIGHTS)}, round density δ ∈ {list(ROUND_DENSITIES)}, "
+            "rounds every step shown in the CSV (up to 3.2% of the text `mlp.fc2` weights). Rule: among the "
+            f"settings that keep the {budget:g}-point budget and beat their random control on **every** organism, the "
+            "highest worst-case validation GS. "
+            f"Chosen: **λ = {lam:g}, δ = {delta:g}, R = {rounds}** ({rounds * delta:.1%} of text `mlp.fc2`), "
+            f"worst-case validation GS {candidates[defaults][0]:.1f}, worst-case zero-shot {candidates[defaults][1]:.1f}.",
+            "",
+            "Best setting per (λ, δ) by the same rule (validation; GS / zero-shot drop per organism):",
+            "",
+            "| λ | δ | " + " | ".join(f"{m}: rounds, GS, drop" for m in studies) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in studies) + " |",
+        ]
+        for lam_ in CURVATURE_WEIGHTS:
+            for delta_ in ROUND_DENSITIES:
+                cells = []
+                for s in studies.values():
+                    row = s["chosen"].get(_iterative_name(lam_, delta_))
+                    cells.append("none" if row is None else
+                                 f"{row.setting['rounds']}, {row.report.safeground['GS']:.1f}, "
+                                 f"{s['base_validation'].zero_shot - row.report.zero_shot:.1f}")
+                lines.append(f"| {lam_:g} | {delta_:g} | " + " | ".join(cells) + " |")
+        lines += ["", "The budget's effect (validation, each organism on its own, λ and δ at the defaults, rounds "
+                      "chosen by the rule): GS of the chosen setting", "",
+                  "| budget (points) | " + " | ".join(studies) + " |", "| --- | " + " | ".join("---" for _ in studies) + " |"]
+        for b in BUDGETS:
+            cells = []
+            for s in studies.values():
+                row = sw.choose(s["rows"][_iterative_name(lam, delta)], s["base_validation"], b)
+                cells.append("none" if row is None else f"{row.report.safeground['GS']:.1f} (R = {row.setting['rounds']})")
+            lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for model_name, s in studies.items():
+        base = s["base_test"]
+        lines += [
+            f"## Test split: `{model_name}` ({describe(model_name)})",
+            "",
+            "| family | chosen setting | weights | P_u^t | P_u^v | PU | GS | zero-shot (vs base) | random PU | random GS "
+            "| random zero-shot |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| base model | - | 0 | {base.safeground['P_u^t']:.1f} | {base.safeground['P_u^v']:.1f} | "
+            f"{_cell(base, 'PU')} | {_cell(base, 'GS')} | {base.zero_shot:.1f} | | | |",
+        ]
+        if "defaults_test" in s:
+            row, edit, control = s["defaults_test"]
+            lines.append(_test_row("**iterative attribution, the defaults**",
+                                   f"λ={defaults[0]:g} δ={defaults[1]:g} rounds={defaults[2]}", row.weights, edit,
+                                   control, base))
+        for name, row in s["chosen"].items():
+            edit, control = s["tests"][name]
+            setting = " ".join(f"{k}={sw._short(v)}" for k, v in row.setting.items())
+            lines.append(_test_row(name, setting, row.weights, edit, control, base))
+        at_chance = [name for name in s["rows"] if name not in s["chosen"]]
+        lines += ["", f"No setting beat its random control within the budget (at chance level, not on test): "
+                      f"{', '.join(at_chance) or 'none'}.", ""]
+        uwm, iterative = s["calibration_cpu_s"]["ratio l2"], s["calibration_cpu_s"].get(
+            _iterative_name(*defaults[:2]) if defaults else "", None)
+        if iterative is not None:
+            lines += [f"Calibration CPU time on this organism ({args.calibration} pairs, one thread): UWM (ratio l2, "
+                      f"both towers) {uwm:.1f} s; iterative attribution at λ={defaults[0]:g}, δ={defaults[1]:g}, "
+                      f"{max(ROUND_DENSITIES[defaults[1]])} rounds {iterative:.1f} s "
+                      f"({iterative / max(ROUND_DENSITIES[defaults[1]]):.2f} s per round).", ""]
+    lines += [f"![validation Pareto plot of `{next(iter(studies))}`](ablations_pareto.png)", ""]
     return "\n".join(lines)
 
 

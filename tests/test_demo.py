@@ -1,5 +1,6 @@
 """`hf-uwm demo` end to end on the bundled organism, at a reduced size."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,24 +11,73 @@ from hf_uwm.cli import main
 
 @pytest.fixture
 def small(monkeypatch):
-    for name, value in dict(N_CALIBRATION=24, N_VALIDATION=28, N_TEST=40, N_ZERO_SHOT=28).items():
+    for name, value in dict(N_CALIBRATION=24, N_VALIDATION=28, N_TEST=40, N_ZERO_SHOT=28, BOOTSTRAP=50).items():
         monkeypatch.setattr(demo, name, value)
-    monkeypatch.setattr(demo, "TAUS", (0.02,))
-    monkeypatch.setattr(demo, "DENSITIES", (0.02,))
-    monkeypatch.setattr(demo, "METHODS", {n: (c, g[:1], f) for n, (c, g, f) in demo.METHODS.items()})
+    small_methods = {
+        "UWM": (demo.METHODS["UWM"][0], [{"tau": 0.02}], "uwm"),
+        "attribution": (demo.METHODS["attribution"][0], [{"density": 0.02}], "attribution"),
+        "iterative attribution": (dataclasses.replace(demo.METHODS["iterative attribution"][0], rounds=2),
+                                  [{"rounds": 1}, {"rounds": 2}], "iterative-attribution"),
+    }
+    assert small_methods.keys() == demo.METHODS.keys()
+    monkeypatch.setattr(demo, "METHODS", small_methods)
 
 
-def test_demo_writes_deltas_tables_and_plots(small, tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path / "out"), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "Validation sweep" in out and "Test split" in out and "random (UWM)" in out
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["test"]) == {"base", "UWM", "random (UWM)", "UWM rms", "random (UWM rms)",
-                                    "attribution", "random (attribution)"}
+@pytest.fixture(scope="module")
+def organism_copy(tmp_path_factory):
+    """The bundled organism saved elsewhere, as a user's own organism model would be."""
+    from hf_uwm.organism import load_organism
+
+    folder = tmp_path_factory.mktemp("organism") / "my-organism"
+    model, processor = load_organism()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_demo_writes_deltas_tables_and_plots(small, organism_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--model", str(organism_copy), "--output", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "Validation" in text and "Test split" in text and "random control" in text and "user CPU" in text
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]) == {"base", "UWM", "random (UWM)", "attribution", "random (attribution)",
+                                    "iterative attribution", "random (iterative attribution)"}
+    assert {r["status"] for r in results["chosen"].values()} <= {"chosen", "at chance", "over budget"}
     for name in ("test_results.png", "validation_pareto.png"):
-        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
     from hf_uwm import UWMEditor
 
-    for folder in ("uwm", "uwm-rms", "attribution"):
-        assert "## Evaluation" in (tmp_path / "out" / folder / "README.md").read_text()
-        UWMEditor.from_pretrained(tmp_path / "out" / folder).apply()
+    for folder in ("uwm", "attribution", "iterative-attribution"):
+        assert "## Evaluation" in (out / folder / "README.md").read_text()
+        record = json.loads((out / folder / "uwm_config.json").read_text())
+        assert record["base_model"] == str(organism_copy)
+        UWMEditor.from_pretrained(out / folder).apply()
+    # Tables fit a terminal: the test tables stay under 100 columns, every table's rows line up.
+    test_part = text[text.index("Test split"):text.index("demo finished")]
+    assert max(len(line) for line in test_part.splitlines()) <= 100
+    for metric in demo.LEGEND:
+        assert f"  {metric} " in test_part
+    validation = text[text.index("Validation"):text.index("Chosen on validation")].splitlines()[1:-2]
+    assert len({line.index("|") for line in validation}) == 1, validation
+    # The same folder can take the demo again (its own outputs are overwritten).
+    demo.check_output(out)
+
+
+def test_demo_refuses_an_output_with_stray_files_before_any_model_work(tmp_path, monkeypatch, capsys):
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr("hf_uwm.cli.load_model", no_model_work)
+    monkeypatch.setattr("hf_uwm.organism.load_organism", no_model_work)
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 1
+    assert "mine.txt" in capsys.readouterr().err
+    (tmp_path / "mine.txt").unlink()
+    (tmp_path / "uwm").mkdir()
+    (tmp_path / "uwm" / "notes.md").write_text("keep me too")
+    assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 1
+    assert "uwm/notes.md" in capsys.readouterr().err
+    assert main(["demo", "--output", str(tmp_path / "uwm" / "notes.md"), "--quiet"]) == 1
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "uwm" / "notes.md").read_text() == "keep me too"
