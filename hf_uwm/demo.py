@@ -111,7 +111,8 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
         control = chosen.editor.random_control(seed=seed)
         tests[name] = sw.evaluate_edit(chosen.editor, on_test)
         tests[f"random ({name})"] = sw.evaluate_edit(control, on_test)
-        chosen.editor.save_pretrained(output / folder, {"base": tests["base"], name: tests[name],
+        # The card calls the edited model's report "UWM" whatever the method (its config names the method).
+        chosen.editor.save_pretrained(output / folder, {"base": tests["base"], "UWM": tests[name],
                                                         "random control": tests[f"random ({name})"]})
 
     output.mkdir(parents=True, exist_ok=True)

@@ -92,3 +92,20 @@ def test_missing_required_argument_exits_2(capsys):
         main(["edit", "model"])
     assert exit_.value.code == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_sweep_of_iterative_attribution_calibrates_once_per_score_setting(files, tmp_path, capsys, monkeypatch):
+    from hf_uwm.editor import UWMEditor
+
+    calls = []
+    calibrate = UWMEditor.calibrate
+    monkeypatch.setattr(UWMEditor, "calibrate",
+                        lambda self, *a, **k: calls.append(self.config) or calibrate(self, *a, **k))
+    assert main(["sweep", str(files / "model"), "--data", str(files / "pairs"), "--eval", str(files / "validation"),
+                 "--score", "iterative_attribution", "--rounds", "1", "2", "--curvature-weight", "0", "4",
+                 "--output", str(tmp_path / "sweep"), "--max-zero-shot-drop", "100", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+    assert [r["setting"] for r in rows[1:]] == [f"rounds={r} curvature_weight={w} alpha=-1"
+                                                for r in (1, 2) for w in (0, 4)]
+    # The most rounds are calibrated once per curvature weight; fewer rounds are re-selected from that run.
+    assert [(c.rounds, c.curvature_weight) for c in calls] == [(2, 0.0), (2, 4.0)]
