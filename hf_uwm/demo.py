@@ -31,7 +31,7 @@ METHODS = {
     "iterative attribution": (UWMConfig(score="iterative_attribution", rounds=max(ROUNDS)),
                               [{"rounds": r} for r in ROUNDS], "iterative-attribution"),
 }
-OUTPUT_FILES = ("validation_sweep.csv", "validation_pareto.png", "test_results.png", "results.json")
+OUTPUT_FILES = ("validation_sweep.csv", "validation_pareto.png", "test_results.png", "test_results.md", "results.json")
 BAR_METRICS = ("P_u^t", "P_u^v", "PU", "GS")
 LEGEND = {  # metric: (definition, meaning)
     "P_s^t": ("s(Ts,Is) > s(Ts,Iu)", "the safe caption matches the safe image better than the unsafe one"),
@@ -130,6 +130,7 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
     print(f"\nTest split ({N_TEST} quadruples, zero-shot on {N_ZERO_SHOT} images), percent; bootstrap 95% intervals")
     print(test_tables(tests, weights))
     bar_chart(tests, output / "test_results.png")
+    (output / "test_results.md").write_text(markdown_table(tests, weights, chosen_rows, status))
     results = {"chosen": {n: {"setting": r.setting, "weights": r.weights, "status": status[n]}
                           for n, r in chosen_rows.items()},
                "max_zero_shot_drop": max_zero_shot_drop,
@@ -181,6 +182,24 @@ def test_tables(tests: dict, weights: dict) -> str:
     legend = [f"  {m:<6} {rule:<21} {meaning}" for m, (rule, meaning) in LEGEND.items()]
     return "\n".join(first + [""] + second + ["", "Each metric is the percent of quadruples (Ts, Tu, Is, Iu) "
                                               "where it holds; s = cosine similarity:"] + legend)
+
+
+def markdown_table(tests: dict, weights: dict, chosen_rows: dict, status: dict) -> str:
+    """The test results as a Markdown table, each edit followed by its random control."""
+    lines = ["| model | setting (chosen on validation) | weights changed | P_s^t | P_u^t | P_u^v | PU [95% CI] | "
+             "GS [95% CI] | zero-shot |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in tests.items():
+        if name == "base" or name.startswith("random ("):
+            setting = ""
+        else:
+            row = chosen_rows[name]
+            setting = " ".join(f"{k}={v}" for k, v in row.setting.items())
+            setting += {"chosen": "", "at chance": " (at chance on validation)",
+                        "over budget": " (over the zero-shot budget)"}[status[name]]
+        lines.append(f"| {_row_name(name).strip()} | {setting} | {weights[name]:,} | {r.safeground['P_s^t']:.1f} | "
+                     f"{r.safeground['P_u^t']:.1f} | {r.safeground['P_u^v']:.1f} | {_with_interval(r, 'PU')} | "
+                     f"{_with_interval(r, 'GS')} | {r.zero_shot:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _row_name(name: str) -> str:

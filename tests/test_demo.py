@@ -44,6 +44,7 @@ def test_demo_writes_deltas_tables_and_plots(small, organism_copy, tmp_path, cap
     assert set(results["test"]) == {"base", "UWM", "random (UWM)", "attribution", "random (attribution)",
                                     "iterative attribution", "random (iterative attribution)"}
     assert {r["status"] for r in results["chosen"].values()} <= {"chosen", "at chance", "over budget"}
+    assert "| random control |" in (out / "test_results.md").read_text()
     for name in ("test_results.png", "validation_pareto.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     from hf_uwm import UWMEditor
