@@ -23,15 +23,17 @@ MAX_ZERO_SHOT_DROP = 2.0  # points, on validation; see docs/ablations.md for how
 # already costs more on validation).
 TAUS = (0.005, 0.01, 0.02)
 DENSITIES = (0.0025, 0.005, 0.01)
-ROUNDS = (10, 13, 16, 19, 22)
+ROUNDS = (4, 7, 10, 13, 16, 19, 22)
+CURVATURE_WEIGHTS = (2.0, 4.0)
 METHODS = {
     # name: (config, grid of UWMConfig changes, folder)
     "UWM": (UWMConfig(), [{"tau": t} for t in TAUS], "uwm"),
     "attribution": (UWMConfig(score="attribution", selection="fixed", vision_targets=[]),
                     [{"density": d} for d in DENSITIES], "attribution"),
-    # Calibrated once for the most rounds; fewer rounds are re-selected from the same run.
+    # Calibrated once per λ for the most rounds; fewer rounds are re-selected from the same run.
     "iterative attribution": (UWMConfig(score="iterative_attribution", rounds=max(ROUNDS)),
-                              [{"rounds": r} for r in ROUNDS], "iterative-attribution"),
+                              [{"curvature_weight": w, "rounds": r} for w in CURVATURE_WEIGHTS for r in ROUNDS],
+                              "iterative-attribution"),
 }
 OUTPUT_FILES = ("validation_sweep.csv", "validation_pareto.png", "test_results.png", "test_results.md", "results.json")
 BAR_METRICS = ("P_u^t", "P_u^v", "PU", "GS")

@@ -35,7 +35,11 @@ class SweepRow:
     editor: object = field(default=None, repr=False, compare=False)  # the edit itself, to save or re-evaluate
 
     def label(self) -> str:
-        return " ".join([self.method] + [f"{k}={_short(v)}" for k, v in self.setting.items()])
+        return " ".join([self.method] + [f"{SYMBOLS.get(k, k)}={_short(v)}" for k, v in self.setting.items()])
+
+
+# Short names of settings in tables and plots (the CSV keeps the config's field names).
+SYMBOLS = {"tau": "τ", "alpha": "α", "curvature_weight": "λ", "round_density": "δ"}
 
 
 def _short(value) -> str:
