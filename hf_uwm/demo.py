@@ -196,9 +196,7 @@ def markdown_table(tests: dict, weights: dict, chosen_rows: dict, status: dict) 
         if name == "base" or name.startswith("random ("):
             setting = ""
         else:
-            row = chosen_rows[name]
-            setting = " ".join(f"{k}={v}" for k, v in row.setting.items())
-            setting += {"chosen": "", "at chance": " (at chance on validation)",
+            setting = chosen_rows[name].setting_label() + {"chosen": "", "at chance": " (at chance on validation)",
                         "over budget": " (over the zero-shot budget)"}[status[name]]
         lines.append(f"| {_row_name(name).strip()} | {setting} | {weights[name]:,} | {r.safeground['P_s^t']:.1f} | "
                      f"{r.safeground['P_u^t']:.1f} | {r.safeground['P_u^v']:.1f} | {_with_interval(r, 'PU')} | "

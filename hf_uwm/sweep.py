@@ -35,7 +35,10 @@ class SweepRow:
     editor: object = field(default=None, repr=False, compare=False)  # the edit itself, to save or re-evaluate
 
     def label(self) -> str:
-        return " ".join([self.method] + [f"{SYMBOLS.get(k, k)}={_short(v)}" for k, v in self.setting.items()])
+        return f"{self.method} {self.setting_label()}".strip()
+
+    def setting_label(self) -> str:
+        return " ".join(f"{SYMBOLS.get(k, k)}={_short(v)}" for k, v in self.setting.items())
 
 
 # Short names of settings in tables and plots (the CSV keeps the config's field names).
