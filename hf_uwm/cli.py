@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="On a model organism: choose settings for UWM, attribution and "
                                            "iterative attribution on validation data (within a zero-shot budget, "
                                            "beating a random control of the same size), then report each beside "
-                                           "its random control on test data, with bootstrap 95%% intervals.")
+                                           "its random control on test data, with bootstrap 95% intervals.")
     demo.add_argument("--model", default=ORGANISM,
                       help="a CLIP trained on the organism world (a folder saved by scripts/train_organism.py); "
                            "default: the bundled one")
