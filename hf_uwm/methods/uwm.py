@@ -57,6 +57,7 @@ class RunningScores:
         self._mask: torch.Tensor | None = None
         self._rows: list[int] = []
         self._last: tuple | None = None          # (input, its version, n, sigma) of the last hook
+        self._finite: list[tuple[str, torch.Tensor]] = []   # (layer, (B,) rows all finite) of this batch
 
     def _statistics(self, x: torch.Tensor):
         """token_statistics of a layer input, computed once for layers fed the same tensor (q, k, v)."""
@@ -78,17 +79,23 @@ class RunningScores:
         abs_weight = self._abs_weight[name].to(n.dtype)
         terms = pair_factors(self.score, (n[:half], sd[:half]), (n[half:], sd[half:]), abs_weight, self.eps)
         for sign, left, right in terms:
-            self._check_finite(name, left, right)
+            # Flags stay on the device: reading one per layer would stall a GPU once per layer.
+            self._finite.append((name, torch.isfinite(left).all(1) & torch.isfinite(right).all(1)))
             self.sums[name].addmm_(left.T.to(torch.float64), right.to(torch.float64), alpha=sign)
 
-    def _check_finite(self, name, left, right):
-        bad = ~(torch.isfinite(left).all(1) & torch.isfinite(right).all(1))
-        if bad.any():
-            row = self._rows[int(bad.nonzero()[0])]
-            raise FloatingPointError(
-                f"Non-finite statistic in layer {name!r} for calibration pair {row} (a NaN/inf activation): "
-                "check that image and text inputs are valid, or calibrate in float32 instead of float16."
-            )
+    def _check_finite(self):
+        """One read to the host per batch; names the first layer (forward order) and pair that failed."""
+        if not self._finite:
+            return
+        finite = torch.stack([flags for _, flags in self._finite])     # (layers × terms, B)
+        if bool(finite.all()):
+            return
+        term, item = (~finite).nonzero()[0].tolist()                 # row-major: earliest layer first
+        raise FloatingPointError(
+            f"Non-finite statistic in layer {self._finite[term][0]!r} for calibration pair {self._rows[item]} "
+            "(a NaN/inf activation): check that image and text inputs are valid, or calibrate in float32 "
+            "instead of float16."
+        )
 
     @contextmanager
     def hooked(self):
@@ -105,8 +112,9 @@ class RunningScores:
         try:
             with torch.no_grad():
                 run_forward(inputs)
+            self._check_finite()
         finally:
-            self._last = None                                   # frees the batch's activations
+            self._last, self._finite = None, []                 # frees the batch's activations
         self.n_pairs += len(rows)
 
     # --- distributed and resumable use --------------------------------------------------------
