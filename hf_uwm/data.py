@@ -5,7 +5,8 @@ A pair set is a `datasets.Dataset` with `safe_text`, `unsafe_text` (strings) and
 local dataset (`load_pairs`), ViSU-Text JSON files plus image folders (`load_visu`) and plain folders
 (`load_folder`), then sample and validate it, so that a bad set is refused before any model work.
 
-`datasets` is imported inside functions: `import hf_uwm` must work on machines without it.
+`datasets` is imported inside functions: `import hf_uwm` must work on machines without it, and
+`PreprocessedPairs` (pairs already turned into model inputs) calibrates without it.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def validate_pairs(dataset, columns, *, skip_bad_rows: bool = False):
     (`FileNotFoundError` for a missing image file, `ValueError` otherwise) unless `skip_bad_rows`,
     which drops every bad row and warns with a `SkippedRowsWarning` carrying the report.
     """
+    if isinstance(dataset, PreprocessedPairs):
+        return dataset.checked(columns)
     dataset = _as_pair_dataset(dataset, columns)
     report = _find_bad_rows(dataset, columns)
     if not report.bad:
@@ -457,3 +460,87 @@ def _read_captions(root: Path) -> dict[str, list] | None:
                          "(and optionally concept).")
     names = required + (("concept",) if any("concept" in r for r in rows) else ())
     return {name: [r.get(name) for r in rows] for name in names}
+
+
+class PreprocessedPairs:
+    """Calibration pairs already turned into model inputs: no `datasets`, PIL or processor needed.
+
+    `safe` and `unsafe` map each tower to edit ("text", "vision") to the keyword inputs of its
+    forward, one row per pair, e.g. `{"vision": {"pixel_values": (N, 3, H, W)}, "text":
+    {"input_ids": (N, T), "attention_mask": (N, T)}}`; safe and unsafe tensors have equal shapes
+    (pad texts to one length: only `attention_mask == 1` tokens count). Tensors may already be on
+    the model's device; then keep `num_workers=0`.
+
+    >>> editor.calibrate(PreprocessedPairs(safe, unsafe))   # doctest: +SKIP
+    """
+
+    def __init__(self, safe: dict, unsafe: dict):
+        import torch
+
+        if not isinstance(safe, Mapping) or not isinstance(unsafe, Mapping) or set(safe) != set(unsafe):
+            raise TypeError("safe and unsafe must be dicts with the same towers, e.g. {'vision': {'pixel_values': "
+                            "tensor}}.")
+        if not safe or not set(safe) <= {"text", "vision"}:
+            raise ValueError(f"Towers must be 'text' and/or 'vision', got {sorted(safe)}.")
+        lengths = set()
+        for tower in safe:
+            if set(safe[tower]) != set(unsafe[tower]):
+                raise ValueError(f"The {tower} inputs of safe and unsafe items differ in keys: "
+                                 f"{sorted(safe[tower])} vs {sorted(unsafe[tower])}.")
+            for key in safe[tower]:
+                s, u = safe[tower][key], unsafe[tower][key]
+                if not isinstance(s, torch.Tensor) or not isinstance(u, torch.Tensor):
+                    raise TypeError(f"{tower} input {key!r} must be a torch.Tensor, got {type(s).__name__}.")
+                if s.shape != u.shape:
+                    raise ValueError(f"{tower} input {key!r}: safe {tuple(s.shape)} and unsafe {tuple(u.shape)} "
+                                     "must have one shape (pad texts to one length).")
+                lengths.add(len(s))
+        if len(lengths) != 1:
+            raise ValueError(f"Every input needs one row per pair; got row counts {sorted(lengths)}.")
+        self.safe, self.unsafe = safe, unsafe
+
+    def __len__(self) -> int:
+        tower = next(iter(self.safe.values()))
+        return len(next(iter(tower.values())))
+
+    def __getitem__(self, rows: slice) -> "PreprocessedPairs":
+        if not isinstance(rows, slice):
+            raise TypeError("PreprocessedPairs are indexed by a slice of pairs, e.g. pairs[0:32].")
+        cut = lambda side: {t: {k: v[rows] for k, v in inputs.items()} for t, inputs in side.items()}  # noqa: E731
+        return PreprocessedPairs(cut(self.safe), cut(self.unsafe))
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(columns_for(tuple(self.safe)))
+
+    def inputs(self, tower: str) -> dict:
+        """The tower's inputs of [safe items; unsafe items]: 2 x len(self) rows."""
+        import torch
+
+        return {k: torch.cat([self.safe[tower][k], self.unsafe[tower][k]]) for k in self.safe[tower]}
+
+    def checked(self, columns) -> "PreprocessedPairs":
+        """self, if it holds the towers that `columns` need and at least one pair."""
+        missing = [c for c in columns if c not in self.column_names]
+        if missing:
+            raise ValueError(f"The pairs lack inputs for column(s) {missing}: give safe and unsafe inputs for "
+                             f"each tower to edit (they have {sorted(self.safe)}).")
+        if len(self) == 0:
+            raise ValueError("The pairs are empty: calibration needs at least one safe/unsafe pair.")
+        return self
+
+    @property
+    def _fingerprint(self) -> str:
+        """A hash of the inputs (as `datasets.Dataset._fingerprint`), for calibration checkpoints' keys."""
+        import hashlib
+
+        import torch
+
+        digest = hashlib.sha256()
+        for side in (self.safe, self.unsafe):
+            for tower in sorted(side):
+                for key in sorted(side[tower]):
+                    tensor = side[tower][key].detach().cpu().contiguous()
+                    digest.update(f"{tower}.{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+                    digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+        return digest.hexdigest()
