@@ -5,11 +5,13 @@ Only JSON and safetensors are ever read: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,19 +25,42 @@ DELTA_FILES = (CONFIG_NAME, DELTA_NAME, CARD_NAME)
 FORMAT_VERSION = 1
 
 
-def fingerprint(layers: dict) -> str:
+def fingerprint(layers: dict, streams: dict | None = None) -> str:
     """sha256 over the names, shapes and bfloat16-rounded bytes of the target weights, in name order.
 
     Rounding to bfloat16 lets a delta computed in float32 apply to the same checkpoint loaded in
     bfloat16 (and vice versa), while any real change of the weights still changes the hash.
+    `streams` (device -> CUDA stream) runs the rounding and copies off the current stream.
     """
     digest = hashlib.sha256()
     for name in sorted(layers):
-        # Rounded before the copy, so only half the bytes leave a GPU.
-        weight = layers[name].weight.detach().to(torch.bfloat16).cpu().contiguous()
+        weight = layers[name].weight.detach()
+        stream = (streams or {}).get(weight.device)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            # Rounded before the copy, so only half the bytes leave a GPU.
+            weight = weight.to(torch.bfloat16).cpu().contiguous()
         digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
-        digest.update(weight.view(torch.int16).numpy().tobytes())
+        digest.update(weight.view(torch.int16).numpy())       # hashlib reads the buffer, no copy
     return digest.hexdigest()
+
+
+def fingerprint_in_background(layers: dict) -> Future:
+    """`fingerprint(layers)` computed in a worker thread, overlapping the forward passes queued meanwhile.
+
+    On a GPU the copies run on a side stream that starts after the work queued so far (so they see
+    the weights as they are now) and runs beside later kernels. The target weights must not change
+    until the result is read.
+    """
+    streams = {}
+    for device in {layer.weight.device for layer in layers.values()}:
+        if device.type == "cuda":
+            streams[device] = torch.cuda.Stream(device)
+            streams[device].wait_stream(torch.cuda.current_stream(device))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_uwm-fingerprint")
+    try:
+        return pool.submit(fingerprint, dict(layers), streams)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):

@@ -11,7 +11,8 @@ from . import __version__
 from .adapters import Adapter
 from .config import UWMConfig
 from .data import columns_for, validate_pairs
-from .delta import FORMAT_VERSION, fingerprint, read_delta, save_file_atomic, write_delta
+from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, save_file_atomic,
+                    write_delta)
 from .hub import DEFAULT_DATASET, push_edit, render_card, resolve_delta_folder
 from .methods import Calibration, Method, method_for
 from .selection import layer_generator, select_random
@@ -134,7 +135,11 @@ class UWMEditor:
         if checkpoint_dir is not None and not method.resumable:
             raise ValueError(f"checkpoint_dir applies to UWM statistics and iterative attribution, not to "
                              f"score={self.config.score!r} (one pass over the pairs).")
-        self.fingerprint = fingerprint(self.target_layers)
+        # Hashed while the forward passes run, where the method only reads the weights and no
+        # checkpoint key needs it first.
+        pending_fingerprint = fingerprint_in_background(self.target_layers)
+        overlap = method.leaves_weights_untouched and checkpoint_dir is None
+        self.fingerprint = None if overlap else pending_fingerprint.result()
         # On CPU, accelerate only joins the processes of a launcher when told the model is on the CPU.
         state = PartialState(cpu=self.adapter.device.type == "cpu")
         columns = columns_for(method.data_towers(self))
@@ -146,6 +151,7 @@ class UWMEditor:
                           num_workers=num_workers, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           autocast=autocast)
         self.scores = method.scores(self, run)
+        self.fingerprint = pending_fingerprint.result()
         # Selection runs where the scores were summed (a GPU model selects on the GPU); the editor
         # then keeps scores and delta on the CPU.
         delta = [{name: idx.cpu() for name, idx in self.select().items()} if state.is_main_process else None]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from ..data import PreprocessedPairs
 from ..delta import save_file_atomic
 from ..selection import select_adaptive, select_fixed, select_shared
 
@@ -38,6 +40,8 @@ class Method:
     selection_settings: tuple[str, ...] = ("tau", "alpha", "selection", "density", "shared_budget")
     #: `with_settings` may shrink the targets to layers already scored
     targets_can_shrink = True
+    #: `scores` only reads the target weights, so their fingerprint may be hashed meanwhile
+    leaves_weights_untouched = False
 
     def check(self, adapter, config):
         """Refuse a model this method cannot score (called when the editor is made)."""
@@ -123,7 +127,10 @@ class Calibration:
             self._kept = kept
 
     def preprocess(self, tower: str):
-        """rows (a dict of columns) -> CPU inputs of [safe items; unsafe items] of one tower."""
+        """rows (a dict of columns) -> CPU inputs of [safe items; unsafe items] of one tower;
+        rows of `PreprocessedPairs` -> their inputs of that tower."""
+        if isinstance(self.dataset, PreprocessedPairs):
+            return partial(PreprocessedPairs.inputs, tower=tower)
         adapter = self.adapter
         if tower == "text":
             return _Columns(adapter.preprocess_text, "safe_text", "unsafe_text")

@@ -17,6 +17,7 @@ class UWMStatistics(Method):
     """score = "ratio" (the paper's), "unsafe" or "difference"."""
 
     resumable = True
+    leaves_weights_untouched = True
     score_settings = ("score", "token_norm", "eps", "text_targets", "vision_targets", "text_prior", "vision_prior")
 
     def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
