@@ -20,6 +20,7 @@ the median wall time and the largest peak memory of each, and the ratios b/a and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -95,8 +96,12 @@ def plain_forward(editor, dataset, batch, autocast, workers=0):
                     editor.adapter.run_tower(tower, inputs)
 
 
-def literal(editor, dataset, batch, autocast, workers=0):
-    """φ per item and per weight, as written in SPEC §2, summed on the CPU."""
+def literal(editor, tower_batches, autocast=contextlib.nullcontext()):
+    """φ per item and per weight, as written in SPEC §2, summed on the CPU.
+
+    tower_batches: (tower, device inputs of [safe; unsafe] items) per batch. Returns Σ_b ρᵇ per layer,
+    (out, in) float64 on the CPU (the scores before dividing by N and the magnitude prior).
+    """
     from hf_uwm.scoring import token_statistics
 
     eps, sums, handles, state = editor.config.eps, {}, [], {}
@@ -116,14 +121,14 @@ def literal(editor, dataset, batch, autocast, workers=0):
         for name, layer in editor.target_layers.items():
             handles.append(layer.register_forward_hook(hook(name, layer)))
         with torch.no_grad():
-            for tower in editor.towers:
-                for inputs in batches(editor, dataset, batch, tower, workers):
-                    state["mask"] = inputs.get("attention_mask")
-                    with autocast:
-                        editor.adapter.run_tower(tower, inputs)
+            for tower, inputs in tower_batches:
+                state["mask"] = inputs.get("attention_mask")
+                with autocast:
+                    editor.adapter.run_tower(tower, inputs)
     finally:
         for h in handles:
             h.remove()
+    return sums
 
 
 def phase(args):
@@ -147,7 +152,8 @@ def phase(args):
         editor.calibrate(dataset, progress=False, num_workers=args.workers,
                          autocast=None if dtype == torch.float32 else dtype)
     else:
-        literal(editor, dataset, args.batch, autocast, args.workers)
+        literal(editor, ((tower, inputs) for tower in editor.towers
+                         for inputs in batches(editor, dataset, args.batch, tower, args.workers)), autocast)
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
