@@ -96,11 +96,12 @@ def plain_forward(editor, dataset, batch, autocast, workers=0):
                     editor.adapter.run_tower(tower, inputs)
 
 
-def literal(editor, tower_batches, autocast=contextlib.nullcontext()):
+def literal(editor, tower_batches, autocast=contextlib.nullcontext(), dtype=torch.float32):
     """φ per item and per weight, as written in SPEC §2, summed on the CPU.
 
     tower_batches: (tower, device inputs of [safe; unsafe] items) per batch. Returns Σ_b ρᵇ per layer,
-    (out, in) float64 on the CPU (the scores before dividing by N and the magnitude prior).
+    (out, in) float64 on the CPU (the scores before dividing by N and the magnitude prior). `dtype`:
+    the precision of the statistics (float64 gives a reference for the same activations).
     """
     from hf_uwm.scoring import token_statistics
 
@@ -108,8 +109,8 @@ def literal(editor, tower_batches, autocast=contextlib.nullcontext()):
 
     def hook(name, layer):
         def run(module, args, output):
-            n, sd = token_statistics(args[0], state.get("mask"))
-            w = layer.weight.detach().abs().float()                           # (out, in)
+            n, sd = token_statistics(args[0].to(dtype), state.get("mask"))
+            w = layer.weight.detach().abs().to(dtype)                         # (out, in)
             a = n @ w.T / w.shape[1]                                          # (2B, out)
             phi = a[:, :, None] * (n * w.mean(0))[:, None, :] / (sd + eps)[:, None, :]   # (2B, out, in)
             half = phi.shape[0] // 2

@@ -127,8 +127,18 @@ def calibrate(editor, pairs, batch):
     return editor
 
 
-def literal_scores(editor, pairs, batch):
-    return literal(editor, tower_batches(editor.towers, pairs, batch))
+def literal_scores(editor, pairs, batch, dtype=torch.float32):
+    return literal(editor, tower_batches(editor.towers, pairs, batch), dtype=dtype)
+
+
+def precision_probe(model, pairs, batch) -> float:
+    """calibrate's scores against the literal formula in float64 on the same activations (one batch):
+    shows whether the statistics stay float32-or-better (e.g. not TF32) on this machine."""
+    from hf_uwm import UWMConfig, UWMEditor
+
+    pairs = pairs[:batch]
+    editor = UWMEditor(model, None, UWMConfig(batch_size=batch)).calibrate(pairs, progress=False)
+    return literal_agreement(editor, literal_scores(editor, pairs, batch, torch.float64), len(pairs))
 
 
 def literal_agreement(editor, sums, n_pairs) -> float:
@@ -145,21 +155,26 @@ def literal_agreement(editor, sums, n_pairs) -> float:
 
 
 class Clock:
-    """Wall time and peak device memory of one run; the device is synchronised at both ends."""
+    """Wall time and peak device memory of one run; the device is synchronised at both ends.
 
-    def __init__(self, device: str, resident: int):
-        self.cuda, self.resident = device.startswith("cuda"), resident
+    Peak memory = the model's weights + the most the run allocated beyond what was allocated when
+    it started, so the pre-made inputs and other models held on the device do not count.
+    """
+
+    def __init__(self, device: str, weight_bytes: int):
+        self.cuda, self.weight_bytes = device.startswith("cuda"), weight_bytes
 
     def run(self, fn):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         start = time.perf_counter()
         out = fn()
         if self.cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        peak = (torch.cuda.max_memory_allocated() - self.resident) / 2**30 if self.cuda else None
+        peak = (torch.cuda.max_memory_allocated() - before + self.weight_bytes) / 2**30 if self.cuda else None
         return seconds, peak, out
 
 
@@ -238,10 +253,11 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
     pairs = make_pairs(model, n_pairs, device, DTYPES[dtype_name])
     warm = pairs[:min(n_pairs, 2 * batch)]
     scale = n_pairs / len(warm)
-    resident = input_bytes(pairs)
-    clock = Clock(device, resident)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    clock = Clock(device, weight_bytes)
     case = {"size": size, "pairs": n_pairs, "dtype": dtype_name, "batch": batch,
-            "forward_tflop": forward_flops(model, n_pairs) / 1e12, "input_gib": resident / 2**30}
+            "forward_tflop": forward_flops(model, n_pairs) / 1e12, "input_gib": input_bytes(pairs) / 2**30,
+            "weights_gib": weight_bytes / 2**30}
     base = UWMEditor(model, None, UWMConfig(batch_size=batch))
 
     def rate(phase):  # seconds per pair already measured for this size and precision at fewer pairs
@@ -271,6 +287,12 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
         sums = run("literal", lambda: literal_scores(base, pairs, batch), lambda: literal_scores(base, warm, batch))
         if sums is not None and calibrated is not None:
             case["literal"]["max_rel_diff_vs_calibrate"] = literal_agreement(calibrated, sums, n_pairs)
+        try:
+            case["literal"]["max_rel_diff_vs_float64_literal"] = precision_probe(model, pairs, batch)
+        except Exception as error:  # noqa: BLE001
+            case["literal"]["precision_probe_error"] = f"{type(error).__name__}: {error}"[:500]
+        print(f"  {size} {n_pairs} {dtype_name} literal vs calibrate: "
+              f"{ {k: v for k, v in case['literal'].items() if k.startswith(('max_', 'precision'))} }", flush=True)
     else:
         case["literal"] = {"skipped": f"only at ≤ {args.literal_pairs} pairs"}
     del calibrated, editor
@@ -390,7 +412,8 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")            # TF32 matmuls in fp32
     report = {"machine": machine(args.device), "device": args.device, "args": vars(args), "targets": TARGETS,
               "float32_matmul_precision": torch.get_float32_matmul_precision(), "cases": [],
-              "memory_note": "peak_gib: max_memory_allocated during the run minus the pre-made inputs on the device"}
+              "memory_note": "peak_gib: the model's weights + max_memory_allocated during the run beyond what was "
+                             "allocated at its start (pre-made inputs and other models excluded)"}
     models = {}
     print(report["machine"], flush=True)
     for size in sizes:

@@ -57,6 +57,7 @@ def test_cpu_mode_of_the_gpu_check_runs_without_datasets(tmp_path):
             assert case[phase]["seconds"] > 0 and len(case[phase]["runs"]) == 3, (phase, case[phase])
         assert set(case["fixed"]) == {"fingerprint", "selection", "scores_to_cpu", "indices_to_cpu"}
         assert case["literal"]["max_rel_diff_vs_calibrate"] < 1e-4     # the baseline computes the same scores
+        assert case["literal"]["max_rel_diff_vs_float64_literal"] < 1e-4
         assert case["ratios"]["calibrate_vs_plain"] > 0
     assert "| tiny | 8 | bf16 |" in done.stdout and "calib/plain" in done.stdout
 
