@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_calibration import SIZES, literal  # noqa: E402  (scripts/ is not a package)
+# Runs from a checkout with nothing installed: this repo's hf_uwm, and scripts/ (not a package).
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from bench_calibration import SIZES, literal  # noqa: E402
 
 SIZES = {**SIZES, "tiny": dict(text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4),
@@ -49,6 +50,8 @@ TEXT_LENGTH = 40          # padded caption length; safe captions use 10-20 token
 # Leads for the plan printed before the run (dense matmul rates an H100/H200 reaches on a ViT):
 # the budget itself uses the rates measured during the run.
 PLAN_TFLOPS = {"bf16": 400.0, "fp32": 150.0}
+# Rough cost of a phase against the plain forward, to budget it before it was ever measured.
+GUESS_VS_PLAIN = {"plain": 1.0, "calibrate": 1.5, "literal": 6.0, "iterative": 4.0}
 TARGETS = {"calibrate_vs_plain": {"bf16": 1.10, "fp32": 1.05}, "peak_memory_vs_plain": 1.5,
            "literal_vs_calibrate": 5.0}
 
@@ -187,18 +190,23 @@ class Budget:
         return self.total - (time.perf_counter() - self.start)
 
 
-def measure(fn, warm_fn, clock, budget, repeats, scale, one_run=None):
-    """Warm up, estimate, then time `repeats` runs.
+def measure(fn, warm_fn, clock, budget, repeats, n_pairs, n_warm, own=None, guess=None):
+    """Warm up, then time `repeats` runs, unless the estimated time overruns the budget.
 
-    scale: full run / warm-up size; one_run: an estimate of one full run from a smaller case, if any.
+    own: seconds per pair of this phase measured at fewer pairs; guess: one from the plain forward's.
+    Before the warm-up, own or guess decides; after it, own or the warm-up's own rate.
     """
     try:
-        if budget.left <= 0:
-            return {"skipped": "no budget left"}
+        def over(seconds):
+            return {"skipped": f"would take ~{seconds:.0f} s; {max(budget.left, 0):.0f} s of the budget left"}
+
+        first = own if own is not None else guess
+        if budget.left <= 0 or (first is not None and first * (n_warm + repeats * n_pairs) > budget.left):
+            return over(0 if first is None else first * (n_warm + repeats * n_pairs))
         warm_seconds, _, _ = clock.run(warm_fn)
-        estimate = repeats * (one_run if one_run is not None else warm_seconds * scale)
+        estimate = repeats * n_pairs * (own if own is not None else warm_seconds / n_warm)
         if estimate > budget.left:
-            return {"skipped": f"would take ~{estimate:.0f} s; {max(budget.left, 0):.0f} s of the budget left"}
+            return over(estimate)
         runs, peaks, out = [], [], None
         for _ in range(repeats):
             seconds, peak, out = clock.run(fn)
@@ -252,7 +260,6 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
     device, batch, repeats = args.device, args.batch, args.repeats
     pairs = make_pairs(model, n_pairs, device, DTYPES[dtype_name])
     warm = pairs[:min(n_pairs, 2 * batch)]
-    scale = n_pairs / len(warm)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     clock = Clock(device, weight_bytes)
     case = {"size": size, "pairs": n_pairs, "dtype": dtype_name, "batch": batch,
@@ -260,12 +267,11 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
             "weights_gib": weight_bytes / 2**30}
     base = UWMEditor(model, None, UWMConfig(batch_size=batch))
 
-    def rate(phase):  # seconds per pair already measured for this size and precision at fewer pairs
-        known = rates.get((size, dtype_name, phase))
-        return None if known is None else known * n_pairs
-
     def run(phase, fn, warm_fn):
-        result = measure(fn, warm_fn, clock, budget, repeats, scale, rate(phase))
+        plain_rate = rates.get((size, dtype_name, "plain"))
+        guess = None if plain_rate is None else plain_rate * GUESS_VS_PLAIN[phase]
+        result = measure(fn, warm_fn, clock, budget, repeats, n_pairs, len(warm),
+                         rates.get((size, dtype_name, phase)), guess)
         if "seconds" in result:
             rates[(size, dtype_name, phase)] = result["seconds"] / n_pairs
         case[phase] = {k: v for k, v in result.items() if k != "_out"}
@@ -287,10 +293,11 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
         sums = run("literal", lambda: literal_scores(base, pairs, batch), lambda: literal_scores(base, warm, batch))
         if sums is not None and calibrated is not None:
             case["literal"]["max_rel_diff_vs_calibrate"] = literal_agreement(calibrated, sums, n_pairs)
-        try:
-            case["literal"]["max_rel_diff_vs_float64_literal"] = precision_probe(model, pairs, batch)
-        except Exception as error:  # noqa: BLE001
-            case["literal"]["precision_probe_error"] = f"{type(error).__name__}: {error}"[:500]
+        if sums is not None:
+            try:
+                case["literal"]["max_rel_diff_vs_float64_literal"] = precision_probe(model, pairs, batch)
+            except Exception as error:  # noqa: BLE001
+                case["literal"]["precision_probe_error"] = f"{type(error).__name__}: {error}"[:500]
         print(f"  {size} {n_pairs} {dtype_name} literal vs calibrate: "
               f"{ {k: v for k, v in case['literal'].items() if k.startswith(('max_', 'precision'))} }", flush=True)
     else:
@@ -377,6 +384,17 @@ def table(report: dict) -> str:
     return "\n".join([report["machine"], *lines, targets, *notes])
 
 
+def plan(model, pair_counts, dtypes) -> dict:
+    """Each case's forward FLOPs and its time at rates an H100/H200 reaches (printed before the run)."""
+    out = {}
+    for n in pair_counts:
+        for dtype in dtypes:
+            tflop = forward_flops(model, n) / 1e12
+            out[f"{n} {dtype}"] = (f"{tflop:.1f} TFLOP per forward: ~{tflop / PLAN_TFLOPS[dtype]:.2f} s on an "
+                                   f"H100/H200 at ~{PLAN_TFLOPS[dtype]:.0f} TFLOP/s")
+    return out
+
+
 def machine(device: str) -> str:
     import transformers
 
@@ -419,9 +437,7 @@ def main(argv=None):
     for size in sizes:
         fp32 = build(size, args.device)
         models[size] = {"fp32": fp32} | ({"bf16": copy.deepcopy(fp32).to(torch.bfloat16)} if "bf16" in dtypes else {})
-        report.setdefault("plan", {})[size] = {
-            f"{n} {d}": f"{forward_flops(fp32, n) / 1e12:.1f} TFLOP per forward, ~{forward_flops(fp32, n) / 1e12 / PLAN_TFLOPS[d]:.2f} s "
-                        f"at {PLAN_TFLOPS[d]:.0f} TFLOP/s" for n in pair_counts for d in dtypes}
+        report.setdefault("plan", {})[size] = plan(fp32, pair_counts, dtypes)
         report["attention"] = fp32.config._attn_implementation
     print(json.dumps(report["plan"], indent=1), flush=True)
     rates, out = {}, Path(args.out)

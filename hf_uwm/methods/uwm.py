@@ -88,7 +88,8 @@ class RunningScores:
         """One read to the host per batch; names the first layer (forward order) and pair that failed."""
         if not self._finite:
             return
-        finite = torch.stack([flags for _, flags in self._finite])     # (layers × terms, B)
+        device = self._finite[0][1].device                           # layers may sit on several GPUs
+        finite = torch.stack([flags.to(device) for _, flags in self._finite])    # (terms, B)
         if bool(finite.all()):
             return
         term, item = (~finite).nonzero()[0].tolist()                 # row-major: earliest layer first
