@@ -14,9 +14,10 @@ to `calibrate` as `hf_uwm.data.PreprocessedPairs`. For every size, number of pai
 
 Each phase runs once as warm-up on two batches (excluded), then --repeats times; the device is
 synchronised around each run and the median is kept. Peak GPU memory is reset before each run and
-reported without the pre-made input tensors (which a real run streams batch by batch). Phases are
-budgeted against --budget seconds for the whole command: a phase whose measured-rate estimate
-would overrun is skipped and the table says so. One JSON (--out) and one table are written.
+reported as the model's weights plus what the run allocated beyond what it started with, so the
+pre-made inputs (which a real run streams batch by batch) do not count. Phases are budgeted against
+--budget seconds for the whole command: a phase whose estimated time would overrun is skipped and
+the table says so. One JSON (--out) and one table are written.
 
     python scripts/gpu_check.py --out gpu_check.json         # on a GPU: the full check (≤ 5 min)
     python scripts/gpu_check.py --device cpu --tiny          # smoke test (seconds)
