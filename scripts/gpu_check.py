@@ -2,8 +2,9 @@
 
 Random-weight CLIPs of ViT-L/14 and ViT-B/32 size (both towers, default targets) are built from
 configs: no weights, no network, no `datasets`, no PIL in the timed part. Inputs are pre-made random
-tensors on the device (pixel values; token ids padded to one length, with an attention mask), given
-to `calibrate` as `hf_uwm.data.PreprocessedPairs`. For every size, number of pairs and precision
+tensors on the device (pixel values; token ids padded to one length, with an attention mask; with
+--inputs-on cpu they wait on the CPU and each batch is copied over), given to `calibrate` as
+`hf_uwm.data.PreprocessedPairs`. For every size, number of pairs and precision
 (bf16 = the model loaded in bfloat16; fp32 with TF32 matmuls on a GPU) it measures:
 
   plain       a forward of the targeted towers over the same batches, no hooks
@@ -114,15 +115,16 @@ def forward_flops(model, n_pairs: int) -> float:
 
 
 # --- the phases --------------------------------------------------------------------------------
-def tower_batches(towers, pairs, batch: int):
-    for tower in towers:
+def tower_batches(editor, pairs, batch: int):
+    """(tower, inputs of [safe; unsafe] items) per batch, moved to the model's device as calibrate does."""
+    for tower in editor.towers:
         for start in range(0, len(pairs), batch):
-            yield tower, pairs[start:start + batch].inputs(tower)
+            yield tower, editor.adapter.to_device(pairs[start:start + batch].inputs(tower))
 
 
 def plain(editor, pairs, batch):
     with torch.no_grad():
-        for tower, inputs in tower_batches(editor.towers, pairs, batch):
+        for tower, inputs in tower_batches(editor, pairs, batch):
             editor.adapter.run_tower(tower, inputs)
 
 
@@ -132,7 +134,7 @@ def calibrate(editor, pairs, batch):
 
 
 def literal_scores(editor, pairs, batch, dtype=torch.float32):
-    return literal(editor, tower_batches(editor.towers, pairs, batch), dtype=dtype)
+    return literal(editor, tower_batches(editor, pairs, batch), dtype=dtype)
 
 
 def precision_probe(model, pairs, batch) -> float:
@@ -259,7 +261,7 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
     from hf_uwm import UWMConfig, UWMEditor
 
     device, batch, repeats = args.device, args.batch, args.repeats
-    pairs = make_pairs(model, n_pairs, device, DTYPES[dtype_name])
+    pairs = make_pairs(model, n_pairs, device if args.inputs_on == "device" else "cpu", DTYPES[dtype_name])
     warm = pairs[:min(n_pairs, 2 * batch)]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     clock = Clock(device, weight_bytes)
@@ -416,6 +418,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=290.0, help="seconds for the whole command")
     parser.add_argument("--literal-pairs", type=int, default=1024, help="run the literal formula up to this size")
     parser.add_argument("--iterative-pairs", type=int, default=1024, help="run the iterative method up to this size")
+    parser.add_argument("--inputs-on", choices=("device", "cpu"), default="device",
+                        help="where the pre-made inputs wait: cpu times each batch's copy to the device too")
     parser.add_argument("--out", default="gpu_check.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     for name, default, tiny in (("sizes", "l14,b32", "tiny"), ("pairs", "1024,8192", "8"), ("batch", 128, 4)):
