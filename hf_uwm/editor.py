@@ -121,6 +121,7 @@ class UWMEditor:
 
         `dataset`: a pair set (see `hf_uwm.data`), or `hf_uwm.data.PreprocessedPairs` of ready model
         inputs, which needs neither `datasets` nor a processor.
+
         Under `accelerate launch` each process takes a disjoint shard of the pairs and the sums are
         all-reduced. With `checkpoint_dir` a run started again with the same arguments resumes where
         it stopped: UWM statistics save their running sums every `checkpoint_every` batches, the

@@ -15,7 +15,7 @@ from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.adapters import Adapter
 from hf_uwm.data import PreprocessedPairs
 from hf_uwm.delta import fingerprint, fingerprint_in_background
-from hf_uwm.statistics import RunningScores
+from hf_uwm.methods.uwm import RunningScores
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs code with the packages a bare GPU machine lacks made unimportable.
@@ -36,7 +36,7 @@ def run_blocked(code: str, tmp_path) -> subprocess.CompletedProcess:
 
 
 def test_editor_imports_without_datasets_or_evaluate(tmp_path):
-    done = run_blocked("from hf_uwm import UWMConfig, UWMEditor\nimport hf_uwm.data, hf_uwm.statistics\n"
+    done = run_blocked("from hf_uwm import UWMConfig, UWMEditor\nimport hf_uwm.data, hf_uwm.methods.uwm\n"
                        "UWMEditor.calibrate\nprint('imported')\n"
                        "try:\n    import datasets\nexcept ImportError:\n    print('datasets blocked')", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
