@@ -11,7 +11,7 @@ tensors on the device (pixel values; token ids padded to one length, with an att
   calibrate   UWMEditor.calibrate (fingerprint, statistics, selection, copies to the CPU)
   fixed       its fixed costs alone: fingerprint, selection (on the device), copies to the CPU
   literal     φ per item and per weight materialised (scripts/bench_calibration.py), ≤ --literal-pairs
-  iterative   one round of score="iterative_attribution", if this hf_uwm has it
+  iterative   one round of score="iterative_attribution", if this hf_uwm has it (after every case)
 
 Each phase runs once as warm-up on two batches (excluded), then --repeats times; the device is
 synchronised around each run and the median is kept. Peak GPU memory is reset before each run and
@@ -256,8 +256,9 @@ def fixed_costs(editor, clock, repeats):
         editor.scores = cpu_scores
 
 
-def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
-    """All phases of one (size, pairs, precision) case."""
+def check_case(model, size, n_pairs, dtype_name, args, budget, rates, case=None):
+    """The phases of one (size, pairs, precision) case; given its `case`, the iterative method's only
+    (a second pass, after every case's main phases)."""
     from hf_uwm import UWMConfig, UWMEditor
 
     device, batch, repeats = args.device, args.batch, args.repeats
@@ -265,9 +266,10 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
     warm = pairs[:min(n_pairs, 2 * batch)]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     clock = Clock(device, weight_bytes)
-    case = {"size": size, "pairs": n_pairs, "dtype": dtype_name, "batch": batch,
-            "forward_tflop": forward_flops(model, n_pairs) / 1e12, "input_gib": input_bytes(pairs) / 2**30,
-            "weights_gib": weight_bytes / 2**30}
+    second_pass = case is not None
+    case = case or {"size": size, "pairs": n_pairs, "dtype": dtype_name, "batch": batch,
+                    "forward_tflop": forward_flops(model, n_pairs) / 1e12, "input_gib": input_bytes(pairs) / 2**30,
+                    "weights_gib": weight_bytes / 2**30}
     base = UWMEditor(model, None, UWMConfig(batch_size=batch))
 
     def run(phase, fn, warm_fn):
@@ -281,6 +283,14 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
         print(f"  {size} {n_pairs} {dtype_name} {phase}: {_short(case[phase])}", flush=True)
         return result.get("_out")
 
+    if second_pass:
+        config, why_not = iterative_config(batch)
+        if config is None:
+            case["iterative"] = {"skipped": why_not}
+        else:
+            iterative = UWMEditor(model, None, config)
+            run("iterative", lambda: calibrate(iterative, pairs, batch), lambda: calibrate(iterative, warm, batch))
+        return case
     run("plain", lambda: plain(base, pairs, batch), lambda: plain(base, warm, batch))
     if "seconds" in case["plain"]:
         case["plain"]["tflop_per_s"] = case["forward_tflop"] / case["plain"]["seconds"]
@@ -305,17 +315,7 @@ def check_case(model, size, n_pairs, dtype_name, args, budget, rates):
               f"{ {k: v for k, v in case['literal'].items() if k.startswith(('max_', 'precision'))} }", flush=True)
     else:
         case["literal"] = {"skipped": f"only at ≤ {args.literal_pairs} pairs"}
-    del calibrated, editor
-    config, why_not = iterative_config(batch)
-    if config is None:
-        case["iterative"] = {"skipped": why_not}
-    elif n_pairs <= args.iterative_pairs:
-        iterative = UWMEditor(model, None, config)
-        run("iterative", lambda: calibrate(iterative, pairs, batch), lambda: calibrate(iterative, warm, batch))
-        del iterative
-    else:
-        case["iterative"] = {"skipped": f"only at ≤ {args.iterative_pairs} pairs"}
-    del pairs, warm
+    case["iterative"] = {"skipped": f"only at ≤ {args.iterative_pairs} pairs"}    # until the second pass
     return case
 
 
@@ -387,6 +387,14 @@ def table(report: dict) -> str:
     return "\n".join([report["machine"], *lines, targets, *notes])
 
 
+def save(report: dict, out: Path, device: str):
+    for case in report["cases"]:
+        case["ratios"] = ratios(case)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def plan(model, pair_counts, dtypes) -> dict:
     """Each case's forward FLOPs and its time at rates an H100/H200 reaches (printed before the run)."""
     out = {}
@@ -446,16 +454,15 @@ def main(argv=None):
         report["attention"] = fp32.config._attn_implementation
     print(json.dumps(report["plan"], indent=1), flush=True)
     rates, out = {}, Path(args.out)
-    # Small cases first, so that the budget, if short, cuts the largest ones.
-    for n_pairs in pair_counts:
-        for size in sizes:
-            for dtype in dtypes:
-                report["cases"].append(check_case(models[size][dtype], size, n_pairs, dtype, args, budget, rates))
-                for case in report["cases"]:
-                    case["ratios"] = ratios(case)
-                out.write_text(json.dumps(report, indent=1, default=str))
-                if args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+    # Small cases first, so that the budget, if short, cuts the largest ones; the iterative method last.
+    for n_pairs, size, dtype in [(n, s, d) for n in pair_counts for s in sizes for d in dtypes]:
+        report["cases"].append(check_case(models[size][dtype], size, n_pairs, dtype, args, budget, rates))
+        save(report, out, args.device)
+    for case in report["cases"]:
+        if case["pairs"] <= args.iterative_pairs:
+            check_case(models[case["size"]][case["dtype"]], case["size"], case["pairs"], case["dtype"], args,
+                       budget, rates, case)
+            save(report, out, args.device)
     report["seconds"] = args.budget - budget.left
     out.write_text(json.dumps(report, indent=1, default=str))
     print(table(report))

@@ -53,7 +53,7 @@ def test_cpu_mode_of_the_gpu_check_runs_without_datasets(tmp_path):
     report = json.loads(out.read_text())
     assert [(c["pairs"], c["dtype"]) for c in report["cases"]] == [(8, "bf16"), (8, "fp32")]
     for case in report["cases"]:
-        for phase in ("plain", "calibrate", "literal"):
+        for phase in ("plain", "calibrate", "literal", "iterative"):
             assert case[phase].get("seconds", 0) > 0 and len(case[phase]["runs"]) == 3, (phase, case[phase])
         assert set(case["fixed"]) == {"fingerprint", "selection", "scores_to_cpu", "indices_to_cpu"}
         assert case["literal"]["max_rel_diff_vs_calibrate"] < 1e-4     # the baseline computes the same scores
