@@ -46,7 +46,8 @@ def test_editor_imports_without_datasets_or_evaluate(tmp_path):
 def test_cpu_mode_of_the_gpu_check_runs_without_datasets(tmp_path):
     out = tmp_path / "check.json"
     code = (f"import runpy, sys, torch\ntorch.set_num_threads(1)\n"
-            f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--tiny', '--pairs', '8', '--budget', '3000', '--out', {str(out)!r}]\n"
+            f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--tiny', '--pairs', '8', '--budget', '3000',\n"
+            f"            '--out', {str(out)!r}]\n"
             f"runpy.run_path({str(ROOT / 'scripts' / 'gpu_check.py')!r}, run_name='__main__')")
     done = run_blocked(code, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
