@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,8 +14,9 @@ from .config import UWMConfig
 from .data import columns_for, validate_pairs
 from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, save_file_atomic,
                     write_delta)
-from .hub import DEFAULT_DATASET, push_edit, render_card, resolve_delta_folder
+from .hub import push_edit, render_card, resolve_delta_folder
 from .methods import Calibration, Method, method_for
+from .paths import check_local, model_location, portable_base_name
 from .selection import layer_generator, select_random
 
 
@@ -70,20 +72,26 @@ class UWMEditor:
     # --- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, config: UWMConfig | None = None, *, model=None,
-                        processor=None, revision: str | None = None, trust_remote_code: bool = False,
-                        **model_kwargs) -> "UWMEditor":
-        """An editor for a base model (local folder or Hub id), or a saved delta and its base model.
+                        processor=None, revision: str | None = None, subfolder: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, force_download: bool = False,
+                        trust_remote_code: bool = False, **model_kwargs) -> "UWMEditor":
+        """An editor for a base model (Hub id, local folder or `organism`), or a saved delta and its base model.
 
+        `revision` and `subfolder` locate `name_or_path` (the delta, when it is one; its base model is
+        then loaded at the revision the delta recorded). `token`, `cache_dir`, `local_files_only` and
+        `force_download` go to every download: the delta, the config, the weights and the processor.
         `model_kwargs` go to the model's `from_pretrained`: `device_map="auto"` and
         `dtype=torch.bfloat16` let a 13B LLaVA calibrate on one GPU. A `processor` you pass is used
         instead of the one saved with the model.
         """
-        from .organism_captioner import NAME as ORGANISM_CAPTIONER
-
-        folder = None if name_or_path == ORGANISM_CAPTIONER else resolve_delta_folder(name_or_path, revision)
+        download = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                        force_download=force_download)
+        folder = resolve_delta_folder(name_or_path, revision, subfolder=subfolder, **download)
         if folder is None:
             if model is None:
-                model, loaded = load_model(name_or_path, revision, trust_remote_code, **model_kwargs)
+                model, loaded = load_model(name_or_path, revision, trust_remote_code, subfolder=subfolder,
+                                           **download, **model_kwargs)
                 processor = processor or loaded
             return cls(model, processor, config, base_model=str(name_or_path), base_revision=revision)
         if config is not None:
@@ -91,8 +99,13 @@ class UWMEditor:
                              "load the base model and calibrate again to use other settings.")
         record, indices = read_delta(folder)
         if model is None:
+            if not record.get("base_model"):
+                raise ValueError(f"The delta {name_or_path} was made on a local model folder "
+                                 f"({record.get('base_model_folder') or 'name not recorded'!r}), whose path it does "
+                                 "not record: load that model and pass it, e.g. "
+                                 f"UWMEditor.from_pretrained({str(name_or_path)!r}, model=model, processor=processor).")
             model, loaded = load_model(record["base_model"], record.get("base_revision"), trust_remote_code,
-                                       **model_kwargs)
+                                       **download, **model_kwargs)
             processor = processor or loaded
         editor = cls(model, processor, UWMConfig.from_dict(record["config"]),
                      base_model=record["base_model"], base_revision=record.get("base_revision"))
@@ -108,6 +121,7 @@ class UWMEditor:
                              f"this {type(self.model).__name__} has; apply it to its base model "
                              f"{record['base_model']!r}.")
         self.delta, self.fingerprint = indices, record["fingerprint"]
+        self.check_base()  # before anyone spends time evaluating or calibrating the wrong model
 
     # --- calibration ---------------------------------------------------------------------------
     @property
@@ -260,10 +274,7 @@ class UWMEditor:
         if self._originals is not None:
             raise RuntimeError("The edit is already applied; applying it twice would compound it "
                                "(with alpha=-1 it would undo it). Call revert() first.")
-        if fingerprint(self.target_layers) != self.fingerprint:
-            raise ValueError("The target weights differ from the base model this delta was computed on "
-                             f"({self.base_model!r}; sha256 of its target weights rounded to bfloat16): load that "
-                             "exact checkpoint (float32 or bfloat16), or revert an edit already applied to it.")
+        self.check_base()
         layers, originals = self.target_layers, {}
         with torch.no_grad():
             for name, idx in self.delta.items():
@@ -285,6 +296,14 @@ class UWMEditor:
         self._originals = None
         return self.model
 
+    def check_base(self):
+        """Raise ValueError unless the model's target weights are those the delta was computed on."""
+        if fingerprint(self.target_layers) != self.fingerprint:
+            raise ValueError("The target weights differ from the base model this delta was computed on "
+                             f"({self.base_model or 'a local model folder'!r}; sha256 of its target weights rounded "
+                             "to bfloat16): load that exact checkpoint (float32 or bfloat16), or revert an edit "
+                             "already applied to it.")
+
     @property
     def is_applied(self) -> bool:
         return self._originals is not None
@@ -296,13 +315,20 @@ class UWMEditor:
                 for tower in self.towers}
 
     def record(self) -> dict:
-        """The content of `uwm_config.json`."""
+        """The content of `uwm_config.json`.
+
+        The base model is recorded as a Hub id or `organism`; a local folder only by its name
+        (`base_model_folder`), since its path means nothing on another machine.
+        """
         layers = self.target_layers
+        base = portable_base_name(self.base_model)
+        local_folder = None if base or not self.base_model else Path(str(self.base_model)).expanduser().name
         return {
             "format_version": FORMAT_VERSION,
             "hf_uwm_version": __version__,
             "model_class": type(self.model).__name__,
-            "base_model": self.base_model,
+            "base_model": base,
+            **({"base_model_folder": local_folder} if local_folder else {}),
             "base_revision": self.base_revision,
             "config": self.config.to_dict(),
             "fingerprint": self.fingerprint,
@@ -313,53 +339,105 @@ class UWMEditor:
             "counts": self.counts(),
         }
 
-    def save_pretrained(self, save_directory: str | Path, report=None) -> Path:
-        """Save the delta (not the base model) to a folder: config, indices and a model card."""
+    def save_pretrained(self, save_directory: str | Path, report=None, *, is_main_process: bool = True,
+                        dataset_name: str | None = None, zero_shot_dataset: str | None = None) -> Path:
+        """Save the delta (not the base model) to a folder: config, indices and a model card.
+
+        Under several processes, pass `is_main_process=state.is_main_process` (as with peft): only
+        that one writes. `report`, `dataset_name` and `zero_shot_dataset` fill the card's evaluation.
+        """
         if not self.delta:
             raise ValueError("Nothing to save: call calibrate(dataset) first.")
+        if self.config.alpha == 1:
+            warnings.warn("alpha=1 multiplies the selected weights by 1: this delta changes nothing.", stacklevel=2)
+        if not is_main_process:
+            return Path(save_directory)
         record = self.record()
-        return write_delta(save_directory, record, self.delta, render_card(record, report))
+        card = render_card(record, report, dataset_name=dataset_name, zero_shot_dataset=zero_shot_dataset,
+                           base_folder=self._local_base_folder())
+        return write_delta(save_directory, record, self.delta, card)
+
+    def _local_base_folder(self) -> str | None:
+        folder = Path(model_location(self.base_model)).expanduser() if self.base_model else None
+        return str(folder) if folder is not None and folder.is_dir() else None
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-                    commit_message: str | None = None, merged: bool = False, token: str | None = None,
-                    report=None, license: str | None = None, dataset_name: str = DEFAULT_DATASET,
-                    overwrite: bool = False):
+                    commit_message: str | None = None, commit_description: str | None = None,
+                    create_pr: bool = False, merged: bool = False, token: str | None = None, report=None,
+                    license: str | None = None, dataset_name: str | None = None,
+                    zero_shot_dataset: str | None = None, overwrite: bool = False):
         """Upload the delta and its model card (with `merged`, also the edited checkpoint) in one commit.
 
-        `report`: an EvaluationReport, or {"base": r0, "UWM": r1, ...} for a before/after table.
-        A repo holding anything but an hf_uwm delta of the same base model is refused unless
-        `overwrite=True`. Returns the `CommitInfo`; see `hf_uwm.hub.push_edit`.
+        `report`: an EvaluationReport, or {"base": r0, "UWM": r1, ...} for a before/after table, on
+        `dataset_name` (and `zero_shot_dataset`), Hub dataset ids or display names. `create_pr=True`
+        opens a pull request instead of committing to the branch. A repo holding anything but an
+        hf_uwm delta of the same base model is refused unless `overwrite=True`. Returns the
+        `CommitInfo` (its `pr_url` with `create_pr`); see `hf_uwm.hub.push_edit`.
         """
         return push_edit(self, repo_id, private=private, revision=revision, commit_message=commit_message,
-                         merged=merged, token=token, report=report, license=license, dataset_name=dataset_name,
-                         overwrite=overwrite)
+                         commit_description=commit_description, create_pr=create_pr, merged=merged, token=token,
+                         report=report, license=license, dataset_name=dataset_name,
+                         zero_shot_dataset=zero_shot_dataset, overwrite=overwrite)
 
 
-def load_model(name_or_path, revision=None, trust_remote_code: bool = False, **model_kwargs):
-    """(model, processor) for a CLIP, SigLIP or LLaVA checkpoint (local folder or Hub id)."""
+def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, subfolder: str | None = None,
+               token=None, cache_dir=None, local_files_only: bool = False, force_download: bool = False,
+               **model_kwargs):
+    """(model, processor) for a CLIP, SigLIP or LLaVA checkpoint (Hub id, local folder or `organism`).
+
+    `subfolder`, `token`, `cache_dir`, `local_files_only` and `force_download` reach the config, the
+    weights and the processor alike. The processor is None only when the checkpoint has no processor
+    files; one that exists but fails to load raises.
+    """
     import transformers
 
     from .adapters import FAMILIES
 
     if not name_or_path:
         raise ValueError("The delta names no base model: pass model= and processor= to from_pretrained.")
-    from .organism_captioner import NAME as ORGANISM_CAPTIONER, load_captioner
-
-    if name_or_path == ORGANISM_CAPTIONER:
-        return load_captioner()
-    local = Path(str(name_or_path)).expanduser()
+    check_local(name_or_path)
+    location = model_location(name_or_path)
+    local = Path(location).expanduser() / (subfolder or "")
     if local.exists() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{name_or_path} is neither a delta folder (no uwm_config.json) nor a model folder "
                                 "(no config.json): give a folder saved by save_pretrained or a Hub id.")
-    config = transformers.AutoConfig.from_pretrained(name_or_path, revision=revision,
-                                                     trust_remote_code=trust_remote_code)
+    options = dict(revision=revision, trust_remote_code=trust_remote_code, token=token, cache_dir=cache_dir,
+                   local_files_only=local_files_only, force_download=force_download,
+                   **({"subfolder": subfolder} if subfolder else {}))
+    config = transformers.AutoConfig.from_pretrained(location, **options)
     architecture = next((a for a in (config.architectures or []) if a in FAMILIES), None)
     model_class = getattr(transformers, architecture) if architecture else transformers.AutoModel
-    model = model_class.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
-                                        **model_kwargs).eval()
+    model = model_class.from_pretrained(location, **options, **model_kwargs).eval()
     try:
-        processor = transformers.AutoProcessor.from_pretrained(name_or_path, revision=revision,
-                                                               trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        processor = None  # weights-only checkpoints: the caller passes processor= when it needs one
+        processor = transformers.AutoProcessor.from_pretrained(location, **options)
+    except Exception as err:  # a broken processor must not pass silently as "no processor"
+        if _has_processor_files(location, options):
+            raise OSError(f"The processor of {name_or_path} failed to load ({type(err).__name__}: {err}); fix its "
+                          "files or pass processor= to from_pretrained.") from err
+        processor = None  # a weights-only checkpoint: the caller passes processor= when it needs one
     return model, processor
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def _has_processor_files(location: str, options: dict) -> bool:
+    """Whether the checkpoint holds any processor file (True when that cannot be told, e.g. offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    folder = Path(location).expanduser() / (options.get("subfolder") or "")
+    if folder.is_dir():
+        return any((folder / name).is_file() for name in PROCESSOR_FILES)
+    download = {k: options.get(k) for k in ("revision", "subfolder", "token", "cache_dir", "local_files_only")}
+    for name in PROCESSOR_FILES:
+        try:
+            hf_hub_download(location, name, **download)
+            return True
+        except LocalEntryNotFoundError:
+            return True  # unknown: the error of the processor itself is more useful than silence
+        except EntryNotFoundError:
+            continue
+        except Exception:
+            return True
+    return False

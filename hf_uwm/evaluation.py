@@ -129,24 +129,35 @@ class EvaluationReport:
         """The `model-index` list of a model card: `[{"name": model_name, "results": [...]}]`.
 
         SafeGround and retrieval results are on `dataset_name`; zero-shot accuracy on
-        `zero_shot_dataset` (defaults to `dataset_name`).
+        `zero_shot_dataset` (defaults to `dataset_name`). Each is a Hub dataset id, which becomes the
+        dataset's `type`, or a display name. Every task type is one the Hub knows: SafeGround and
+        retrieval pick, for an image, the matching text among candidates, as zero-shot
+        classification does.
         """
-        def result(task_type, task_name, dataset, metrics):
-            return {"task": {"type": task_type, "name": task_name},
-                    "dataset": {"type": dataset, "name": dataset},
+        def result(task_name, dataset, metrics):
+            return {"task": {"type": "zero-shot-image-classification", "name": task_name},
+                    "dataset": _model_index_dataset(dataset),
                     "metrics": [{"type": kind, "name": name, "value": round(value, 2)}
                                 for kind, name, value in metrics]}
 
         results = [
-            result("image-text-retrieval", "SafeGround", dataset_name,
-                   [("safeground", name, value) for name, value in self.safeground.items()]),
-            result("image-text-retrieval", "Retrieval", dataset_name,
+            result("SafeGround", dataset_name, [("safeground", name, value) for name, value in self.safeground.items()]),
+            result("Retrieval", dataset_name,
                    [(f"recall@{name.split()[0][2:]}", name, value) for name, value in self.retrieval.items()]),
         ]
         if self.zero_shot is not None:
-            results.append(result("zero-shot-image-classification", "Zero-shot classification",
-                                  zero_shot_dataset or dataset_name, [("accuracy", "accuracy", self.zero_shot)]))
+            results.append(result("Zero-shot classification", zero_shot_dataset or dataset_name,
+                                  [("accuracy", "accuracy", self.zero_shot)]))
         return [{"name": model_name, "results": [r for r in results if r["metrics"]]}]
+
+
+def _model_index_dataset(name: str) -> dict:
+    """{"type": the Hub dataset id, or a slug of a display name, "name": for display}."""
+    import re
+
+    from .paths import is_hub_id
+
+    return {"type": name if is_hub_id(name) else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), "name": name}
 
 
 # --- embedding -------------------------------------------------------------------------------

@@ -17,16 +17,16 @@ from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, M
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
 from .delta import CARD_NAME, CONFIG_NAME, DELTA_FILES
+from .paths import BUNDLED, ORGANISM, check_local, is_hub_id, organism_path
 
 logger = logging.getLogger(__name__)
 
 CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "model_card.md"
 EDITED = "UWM"  # the name of this edit's report in report={...}; its numbers fill the model-index
-DEFAULT_DATASET = "SafeGround quadruples"
+DEFAULT_DATASET = "SafeGround quadruples"  # the card's dataset name when none is given
 # model class -> (card tag, pipeline tag of the merged checkpoint)
 FAMILY_TAGS = {"CLIPModel": ("clip", "zero-shot-image-classification"),
                "SiglipModel": ("siglip", "zero-shot-image-classification"),
@@ -40,21 +40,29 @@ class PushError(RuntimeError):
 
 
 # --- resolving -------------------------------------------------------------------------------------
-def resolve_delta_folder(name_or_path, revision: str | None = None) -> Path | None:
+def resolve_delta_folder(name_or_path, revision: str | None = None, *, subfolder: str | None = None,
+                         **download) -> Path | None:
     """The local folder of a delta (a folder, or a Hub repo downloaded or found in the cache).
 
-    None means "not a delta": a base model folder or repo, which the caller loads as a model.
+    None means "not a delta": a base model folder or repo (or the bundled `organism`), which the
+    caller loads as a model. `download` (token, cache_dir, local_files_only, force_download) goes to
+    every `huggingface_hub` download; `subfolder` is where the delta lies inside the folder or repo.
     """
-    local = Path(str(name_or_path)).expanduser()
+    check_local(name_or_path)
+    if name_or_path in BUNDLED:
+        return None
+    local = Path(str(name_or_path)).expanduser() / (subfolder or "")
     if local.is_dir():
         return local if (local / CONFIG_NAME).is_file() else None
     repo_id = str(name_or_path)
-    if not _is_hub_id(repo_id):
+    if not is_hub_id(repo_id):
         return None
     try:
-        hf_hub_download(repo_id, CONFIG_NAME, revision=revision)
+        hf_hub_download(repo_id, CONFIG_NAME, revision=revision, subfolder=subfolder, **download)
     except LocalEntryNotFoundError as err:  # offline or unreachable Hub, and the file is not cached
-        if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        cached = try_to_load_from_cache(repo_id, f"{subfolder}/config.json" if subfolder else "config.json",
+                                        cache_dir=download.get("cache_dir"), revision=revision)
+        if isinstance(cached, str):
             return None  # a base model cached earlier: transformers loads it from the cache
         raise OSError(f"{repo_id!r} is not a local folder nor in the Hugging Face cache, and the Hub could not be "
                       f"reached ({_first_line(err)}). Download it once with network access (HF_HUB_OFFLINE "
@@ -71,19 +79,14 @@ def resolve_delta_folder(name_or_path, revision: str | None = None) -> Path | No
     except RevisionNotFoundError as err:
         raise OSError(f"The Hub repo {repo_id!r} has no revision {revision!r}: give an existing branch, tag or "
                       "commit hash, or leave revision=None for the default branch.") from err
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(DELTA_FILES)))
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + f for f in DELTA_FILES],
+                                     **download)
     except OSError as err:
         raise OSError(f"{repo_id!r} is an hf_uwm delta, but its files could not be downloaded "
                       f"({_first_line(err)}): check the connection and try again.") from err
-
-
-def _is_repo_id(name: str) -> bool:
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return Path(snapshot) / (subfolder or "")
 
 
 def _first_line(err: Exception) -> str:
@@ -92,46 +95,82 @@ def _first_line(err: Exception) -> str:
 
 
 # --- model card ------------------------------------------------------------------------------------
+# What each score means, as the card's first paragraph says it: a new method is one entry here.
+METHODS = {
+    "ratio": ("UWM", "**Unsafe Weights Manipulation (UWM)**: on pairs of safe and unsafe inputs, each weight of "
+              "the targeted layers is scored by how much more of its input signal comes from unsafe than from safe "
+              "inputs (the ratio of the two statistics, times |W| where the prior is on)"),
+    "unsafe": ("UWM (unsafe statistic)", "a UWM variant: each weight of the targeted layers is scored by its input "
+               "signal on unsafe inputs alone (no division by the safe statistic)"),
+    "difference": ("UWM (difference statistic)", "a UWM variant: each weight of the targeted layers is scored by "
+                   "its input signal on unsafe inputs minus that on safe inputs"),
+    "attribution": ("attribution", "**attribution**: each weight of the targeted layers is scored by W ⊙ ∂m/∂W, its "
+                    "first-order share of the model's preference m for the unsafe over the safe item of each "
+                    "calibration pair (kept where positive)"),
+    "iterative_attribution": ("iterative attribution", "**iterative, knowledge-guarded attribution**: attribution "
+                              "(W ⊙ ∂m/∂W of the unsafe-over-safe preference m) re-scored on the model as edited so "
+                              "far over several rounds, each round taking a small share of weights from one budget "
+                              "shared across layers, with a curvature penalty that spares weights the model's "
+                              "knowledge of safe captions depends on"),
+    "random": ("random control", "**a random control**: weights drawn uniformly at random, as many per layer as the "
+               "edit it is compared with, to show what an edit of that size does by chance; it is not a safety edit"),
+    "g_unsafe": ("G-Unsafe", "**G-Unsafe**, a gradient baseline: each weight is scored by |∂L/∂W| of a loss that "
+                 "pulls safe embeddings towards their unsafe versions"),
+    "g_safeclip": ("G-Safe-CLIP", "**G-Safe-CLIP**, a gradient baseline: each weight is scored by |∂L/∂W| of a "
+                   "contrastive loss at the model's own temperature over the calibration pairs"),
+}
+ORGANISM_DATASETS = ("hf_uwm organism world (quadruples)", "hf_uwm organism world (14-class zero-shot)")
+
+
 def render_card(record: dict, report=None, *, repo_id: str | None = None, merged: bool = False,
-                license: str | None = None, dataset_name: str = DEFAULT_DATASET) -> str:
+                license: str | None = None, dataset_name: str | None = None, zero_shot_dataset: str | None = None,
+                base_folder: str | Path | None = None) -> str:
     """The README.md of a delta: YAML metadata and what was edited, how well, how to load it, its limits.
 
     `report` is an `EvaluationReport`, or a dict of them by column name such as
     {"base": r0, "UWM": r1, "random control": r2}; the "UWM" entry (or the only one) fills the model-index.
-    `license` defaults to the base model's, when its folder holds a card that says it.
+    `dataset_name` (SafeGround and retrieval) and `zero_shot_dataset` are Hub dataset ids or display
+    names; a Hub id becomes the model-index dataset `type`. `license` defaults to the base model's,
+    when its folder (`base_folder`, or the organism's) holds a card that says it.
     """
     reports = _named_reports(report)
     base = record.get("base_model")
-    model_name = repo_id or f"{base or record['model_class']} + UWM"
+    on_hub = is_hub_id(base)
+    if base == ORGANISM:
+        dataset_name, zero_shot_dataset = dataset_name or ORGANISM_DATASETS[0], zero_shot_dataset or ORGANISM_DATASETS[1]
+    dataset_name = dataset_name or DEFAULT_DATASET
+    method_name, method = METHODS.get(record["config"]["score"], (record["config"]["score"], None))
+    model_name = repo_id or f"{base or record.get('base_model_folder') or record['model_class']} + {method_name}"
     family_tag, pipeline_tag = FAMILY_TAGS.get(record["model_class"], (None, None))
     data = ModelCardData(
-        base_model=base if _is_hub_id(base) else None,
+        base_model=base if on_hub else None,
+        # A delta-only repo is an adapter of its base (the Hub's model tree); a merged checkpoint is left to the Hub.
+        base_model_relation="adapter" if on_hub and not merged else None,
         library_name="hf_uwm",
-        license=license or _base_license(record),
+        license=license or _base_license(record, folder=base_folder),
         tags=[t for t in ("hf_uwm", "uwm", "safety", family_tag) if t],
-        pipeline_tag=pipeline_tag if merged else None,  # only a merged checkpoint runs in Hub widgets
+        pipeline_tag=pipeline_tag if merged or pipeline_tag == "zero-shot-image-classification" else None,
         model_name=model_name if reports else None,
-        eval_results=_eval_results(reports, model_name, dataset_name),
+        eval_results=_eval_results(reports, model_name, dataset_name, zero_shot_dataset),
     )
     card = ModelCard.from_template(data, template_path=str(CARD_TEMPLATE), **_card_context(record, reports),
                                    repo_id=repo_id or "<this folder or repo id>", merged=merged,
-                                   dataset_name=dataset_name, version=__version__)
+                                   method_name=method_name, method=method or f"the score `{method_name}`",
+                                   dataset_name=dataset_name, zero_shot_dataset=zero_shot_dataset or "a zero-shot set",
+                                   version=__version__)
     return str(card).rstrip("\n") + "\n"  # jinja drops the template's final newline
 
 
-def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and not Path(name).expanduser().exists() and _is_repo_id(name)
-
-
-def _base_license(record: dict, api: HfApi | None = None) -> str | None:
+def _base_license(record: dict, api: HfApi | None = None, folder: str | Path | None = None) -> str | None:
     """The license in the base model's card: a local folder's README.md, or (given `api`) its Hub card."""
     base = record.get("base_model")
+    folder = organism_path() if base == ORGANISM else folder
     try:
-        if base and Path(base).expanduser().is_dir():
-            readme = Path(base).expanduser() / CARD_NAME
+        if folder and Path(folder).expanduser().is_dir():
+            readme = Path(folder).expanduser() / CARD_NAME
             has_metadata = readme.is_file() and readme.read_text(errors="replace").startswith("---")
             return ModelCard.load(readme).data.license if has_metadata else None
-        if api is not None and _is_hub_id(base):
+        if api is not None and is_hub_id(base):
             card_data = api.model_info(base, revision=record.get("base_revision")).card_data
             return card_data.license if card_data else None
     except (OSError, ValueError):  # no readable card (missing, private, malformed): the card just omits it
@@ -149,11 +188,11 @@ def _named_reports(report) -> dict:
     return reports
 
 
-def _eval_results(reports: dict, model_name: str, dataset_name: str):
+def _eval_results(reports: dict, model_name: str, dataset_name: str, zero_shot_dataset: str | None):
     if not reports:
         return None
     edited = reports.get(EDITED, next(iter(reports.values())))
-    return model_index_to_eval_results(edited.to_model_index(model_name, dataset_name))[1]
+    return model_index_to_eval_results(edited.to_model_index(model_name, dataset_name, zero_shot_dataset))[1]
 
 
 def _card_context(record: dict, reports: dict) -> dict:
@@ -171,11 +210,13 @@ def _card_context(record: dict, reports: dict) -> dict:
         towers.append({"name": tower, "layers": len(mine), "selected": selected, "total": total,
                        "percent": 100 * selected / total})
     return {
-        "title": base or f"a {record['model_class']}",
+        "title": base or record.get("base_model_folder") or f"a {record['model_class']}",
         "base_model": base,
-        "base_on_hub": _is_hub_id(base),
-        "base_link": (f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base)
-                      else f"`{base or record['model_class']}`"),
+        "base_on_hub": is_hub_id(base),
+        "base_is_organism": base == ORGANISM,
+        "base_folder": record.get("base_model_folder"),
+        "base_link": (f"[{base}](https://huggingface.co/{base})" if is_hub_id(base)
+                      else f"`{base or record.get('base_model_folder') or record['model_class']}`"),
         "base_revision": record.get("base_revision"),
         "model_class": record["model_class"],
         "config": cfg,
@@ -217,13 +258,15 @@ def _percent(value, interval=None) -> str:
 
 # --- publishing an edit ----------------------------------------------------------------------------
 def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-              commit_message: str | None = None, merged: bool = False, token: str | None = None, report=None,
-              license: str | None = None, dataset_name: str = DEFAULT_DATASET, overwrite: bool = False):
+              commit_message: str | None = None, commit_description: str | None = None, create_pr: bool = False,
+              merged: bool = False, token: str | None = None, report=None, license: str | None = None,
+              dataset_name: str | None = None, zero_shot_dataset: str | None = None, overwrite: bool = False):
     """Upload an editor's delta and model card (and, with `merged`, the edited checkpoint) in one commit.
 
     The repo then holds exactly this edit: files of an earlier push that this one does not write are
     deleted in the same commit. A repo holding anything but an hf_uwm delta of the same base model is
-    refused unless `overwrite=True`. Returns the `CommitInfo` (its `commit_url` links the commit).
+    refused unless `overwrite=True`. With `create_pr` the commit opens a pull request. Returns the
+    `CommitInfo` (its `commit_url` links the commit, `pr_url` the pull request).
     """
     token = _token(token)
     api = HfApi(token=token)
@@ -238,7 +281,8 @@ def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: st
         folder = Path(tmp) / "upload"
         editor.save_pretrained(folder)
         # The pushed card knows the repo id, the license and whether merged weights come along.
-        card = render_card(record, report, repo_id=repo_id, merged=merged, license=license, dataset_name=dataset_name)
+        card = render_card(record, report, repo_id=repo_id, merged=merged, license=license, dataset_name=dataset_name,
+                           zero_shot_dataset=zero_shot_dataset, base_folder=editor._local_base_folder())
         (folder / CARD_NAME).write_text(card)
         if merged:
             _save_merged(editor, folder)
@@ -248,6 +292,7 @@ def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: st
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             return api.create_commit(repo_id, _operations(folder, remote_files), revision=revision,
                                      commit_message=commit_message or _default_message(record, merged),
+                                     commit_description=commit_description, create_pr=create_pr,
                                      parent_commit=parent)
 
 
@@ -276,10 +321,10 @@ def _hub_failures(action: str, repo_id: str, token: str):
 
 
 def _warn_if_base_not_on_hub(record: dict):
-    if not _is_hub_id(record.get("base_model")):
-        logger.warning("The delta names its base model as %r, not a Hub id: others must pass model= and processor= "
+    if not is_hub_id(record.get("base_model")) and record.get("base_model") != ORGANISM:
+        logger.warning("The delta's base model (%s) is not a Hub id: others must pass model= and processor= "
                        "to UWMEditor.from_pretrained. Set editor.base_model = '<org>/<name>' before pushing to fix it.",
-                       record.get("base_model"))
+                       record.get("base_model") or f"a local folder {record.get('base_model_folder')!r}")
 
 
 def _remote_files(api: HfApi, repo_id: str, revision: str | None) -> tuple[list[str], str | None]:
@@ -359,7 +404,8 @@ def _operations(folder: Path, remote_files: list[str]) -> list:
 
 def _default_message(record: dict, merged: bool) -> str:
     cfg, changed = record["config"], sum(record["counts"].values())
-    return (f"Upload UWM edit of {record.get('base_model') or record['model_class']} ({changed:,} weights, "
+    method = METHODS.get(cfg["score"], (cfg["score"],))[0]
+    return (f"Upload {method} edit of {record.get('base_model') or record['model_class']} ({changed:,} weights, "
             f"α={cfg['alpha']}){' with merged weights' if merged else ''}")
 
 

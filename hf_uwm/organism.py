@@ -19,10 +19,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .paths import ORGANISM, organism_path  # noqa: F401  (the bundled model's name and folder)
 
 SIZE = 32
 SCALE = 4  # glyphs are drawn at 4x and box-downsampled, for anti-aliased edges
@@ -356,11 +357,6 @@ def zero_shot_task(n: int, seed: int = 0):
         images.append(render(scene, unsafe=False))
         labels.append(label)
     return images, labels, list(NOUNS)
-
-
-def organism_path() -> str:
-    """The folder of the bundled organism model (loadable with AutoModel/AutoProcessor.from_pretrained)."""
-    return str(Path(__file__).parent / "organism_model")
 
 
 def load_organism():

@@ -8,6 +8,7 @@ import torch
 from conftest import make_clip, make_llava, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.delta import CONFIG_NAME, DELTA_NAME
+from hf_uwm.editor import load_model
 
 
 def weights(editor):
@@ -96,9 +97,8 @@ def test_double_apply_is_refused(data):
 
 def test_delta_on_a_different_base_is_refused(data, tmp_path):
     UWMEditor(*make_clip(seed=0)).calibrate(data, progress=False).save_pretrained(tmp_path / "d")
-    other = UWMEditor.from_pretrained(tmp_path / "d", model=make_clip(seed=1)[0], processor=make_clip()[1])
-    with pytest.raises(ValueError, match="differ from the base model"):
-        other.apply()
+    with pytest.raises(ValueError, match="differ from the base model"):  # refused on loading, before any use
+        UWMEditor.from_pretrained(tmp_path / "d", model=make_clip(seed=1)[0], processor=make_clip()[1])
 
 
 def test_delta_loaded_twice_onto_an_edited_model_is_refused(data, tmp_path):
@@ -125,9 +125,13 @@ def test_delta_from_a_model_folder_loads_its_base(data, tmp_path):
     editor = UWMEditor.from_pretrained(tmp_path / "base", UWMConfig()).calibrate(data, progress=False)
     editor.save_pretrained(tmp_path / "delta")
     record = json.loads((tmp_path / "delta" / CONFIG_NAME).read_text())
-    assert record["base_model"] == str(tmp_path / "base") and record["config"]["tau"] == 0.02
+    # A path means nothing elsewhere: the record keeps the folder's name only, and loading asks for model=.
+    assert record["base_model"] is None and record["base_model_folder"] == "base" and record["config"]["tau"] == 0.02
+    assert str(tmp_path) not in (tmp_path / "delta" / CONFIG_NAME).read_text() + (tmp_path / "delta" / "README.md").read_text()
     assert record["counts"] == editor.counts() and sum(record["counts"].values()) > 0
-    reloaded = UWMEditor.from_pretrained(tmp_path / "delta")
+    with pytest.raises(ValueError, match="model=model, processor=processor"):
+        UWMEditor.from_pretrained(tmp_path / "delta")
+    reloaded = UWMEditor.from_pretrained(tmp_path / "delta", model=load_model(tmp_path / "base")[0], processor=processor)
     assert reloaded.config == editor.config
     assert all(torch.equal(reloaded.delta[n], editor.delta[n]) for n in editor.delta)
     a, b = editor.apply().state_dict(), reloaded.apply().state_dict()

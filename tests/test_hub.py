@@ -182,7 +182,8 @@ def test_push_uploads_the_delta_and_its_card_in_one_commit(editor, hub, saved):
     assert record == saved_record and same(indices, saved_indices)
     card = ModelCard((hub.root / "README.md").read_text())
     assert card.data.base_model == BASE and card.data.library_name == "hf_uwm" and card.data.license == "mit"
-    assert {"hf_uwm", "uwm", "safety", "clip"} <= set(card.data.tags) and card.data.pipeline_tag is None
+    assert {"hf_uwm", "uwm", "safety", "clip"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "zero-shot-image-classification" and card.data.base_model_relation == "adapter"
     assert 'UWMEditor.from_pretrained("me/clip-uwm")' in card.text and "CLIPModel.from_pretrained" not in card.text
 
 
@@ -309,7 +310,9 @@ def test_base_model_that_is_not_a_hub_id_is_flagged(editor, hub, caplog):
     editor.push_to_hub("me/clip-uwm", token=TOKEN)
     assert "not a Hub id" in caplog.text and "model_info" not in hub.calls
     card = ModelCard((hub.root / "README.md").read_text())
-    assert card.data.base_model is None and "pass\n`model=` and `processor=`" in card.text
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+    assert "/home/me" not in card.text and "/home/me" not in (hub.root / CONFIG_NAME).read_text()
+    assert 'load_model("path/to/clip")' in card.text and "model=model, processor=processor" in card.text
 
 
 # --- downloading -------------------------------------------------------------------------------------
@@ -342,7 +345,9 @@ def test_hub_lookup_errors_say_what_to_fix(monkeypatch, error, match):
 def test_a_repo_without_uwm_config_is_a_base_model(hub, tmp_path):
     (hub.root / "config.json").write_text("{}")
     assert resolve_delta_folder("org/clip-base") is None
-    assert resolve_delta_folder(tmp_path / "not" / "there") is None  # a missing local path is left to the loader
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):  # a missing path never asks the Hub
+        resolve_delta_folder(tmp_path / "not" / "there")
+    assert hub.revisions == [None]
 
 
 def test_offline_mode_uses_the_cache_and_says_when_it_cannot(saved, tmp_path, monkeypatch):

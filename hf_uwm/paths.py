@@ -1,0 +1,84 @@
+"""What a name given for a model, a delta or a data set means: the bundled organism, a local path or a Hub id.
+
+A name that can only be a local path (it starts with `.`, `~` or `/`, holds a backslash or more than
+one `/`, or ends in a data-file suffix) and does not exist is a `FileNotFoundError` at once, before
+anything asks the Hub: a typo should not wait for network retries and then blame the Hub.
+A delta records its base model by a name that means the same on every machine: a Hub id, or
+`organism` for the bundled model; never a path of the machine that made it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+ORGANISM = "organism"  # the bundled model organism, accepted wherever a model name is
+# Models shipped inside the package, by the name that means them on every machine -> their folder.
+BUNDLED = {ORGANISM: "organism_model", "organism-captioner": "organism_captioner_model"}
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".safetensors")
+
+
+def looks_like_path(name) -> bool:
+    """True for a name that only a local path could mean (a Hub id is `name` or `org/name`)."""
+    if isinstance(name, os.PathLike):
+        return True
+    text = str(name)
+    return (text.startswith((".", "~", "/")) or "\\" in text or text.count("/") > 1
+            or re.match(r"^[A-Za-z]:", text) is not None or text.lower().endswith(DATA_SUFFIXES))
+
+
+def check_local(name) -> None:
+    """Raise FileNotFoundError for a path-looking name with nothing behind it."""
+    if looks_like_path(name) and not Path(os.fspath(name)).expanduser().exists():
+        raise FileNotFoundError(f"no such file or folder: {os.fspath(name)} (it looks like a local path, so the "
+                                "Hub was not asked; a Hub id looks like 'org/name').")
+
+
+def is_hub_id(name) -> bool:
+    """A name that can only mean a Hub repo: not the organism, nothing local, a valid repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or not isinstance(name, str) or name in BUNDLED or looks_like_path(name):
+        return False
+    if Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def bundled_path(name: str) -> str:
+    """The folder of a bundled model (loadable with its class's or AutoProcessor's from_pretrained)."""
+    return str(Path(__file__).parent / BUNDLED[name])
+
+
+def organism_path() -> str:
+    """The folder of the bundled organism model (loadable with AutoModel/AutoProcessor.from_pretrained)."""
+    return bundled_path(ORGANISM)
+
+
+def model_location(name) -> str:
+    """Where `from_pretrained` reads a model named `name`: a bundled model's folder for its name."""
+    return bundled_path(name) if name in BUNDLED else os.fspath(name)
+
+
+def portable_base_name(name) -> str | None:
+    """The base model as a delta records it: a Hub id or a bundled name; None for a local folder or unknown.
+
+    A path means nothing on another machine (nor after the folder moves), so it is never recorded.
+    """
+    if not name:
+        return None
+    text = os.fspath(name)
+    bundled = next((b for b in BUNDLED if text == b or _same_folder(text, bundled_path(b))), None)
+    return bundled or (text if is_hub_id(text) else None)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).resolve()
+    except OSError:
+        return False
