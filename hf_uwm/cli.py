@@ -7,11 +7,12 @@ import itertools
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import SCORES
+from .paths import ORGANISM
 
-ORGANISM = "organism"
 ITERATIVE_SETTINGS = ("rounds", "round_density", "curvature_weight")  # flags of score=iterative_attribution
 EPILOG = """examples:
   hf-uwm demo                                   # the whole job on the bundled model organism
@@ -22,7 +23,9 @@ EPILOG = """examples:
 
 DATA is a Hub dataset id, a local dataset folder or data file with the columns safe_text,
 unsafe_text, safe_image, unsafe_image (rename others with --columns), or 'organism' for the
-procedural world the bundled model was trained on. MODEL is a Hub id, a local folder, or 'organism'.
+procedural world the bundled model was trained on. MODEL is a Hub id, a local folder, or 'organism'
+(the bundled model). A name that looks like a path (./x, ~/x, /x, a/b/c, x.csv) is never looked up
+on the Hub.
 """
 
 
@@ -32,8 +35,11 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from .data import command_line_hints
+
     try:
-        return args.run(args) or 0
+        with command_line_hints(), _progress_bars(not getattr(args, "quiet", False)):
+            return args.run(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -73,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(edit, "--data", "calibration pairs", "train")
     _setting_args(edit)
     edit.add_argument("--output", required=True, help="folder for the delta (uwm_config.json, uwm_delta.safetensors)")
+    edit.add_argument("--checkpoint-dir", help="save the running statistics here; a rerun resumes from them")
+    _hub_args(edit)
+    _threads(edit)
     _common(edit)
     edit.set_defaults(run=run_edit)
 
@@ -83,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="'organism', or a dataset folder with image and ClassLabel label columns")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     evaluate.add_argument("--json", dest="json_path", help="also write the report(s) as JSON here")
+    evaluate.add_argument("--base", help="for a delta made on a local model folder: that folder")
+    _hub_args(evaluate)
+    _threads(evaluate)
     _common(evaluate)
     evaluate.set_defaults(run=run_eval)
 
@@ -108,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     metric = commands.add_parser("push-metric", help="publish the SafeGround metric as a Space for evaluate.load")
     metric.add_argument("repo_id", metavar="NAMESPACE/safeground")
     metric.add_argument("--private", action="store_true")
+    metric.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
     metric.set_defaults(run=run_push_metric, quiet=True)
     _captioning_commands(commands)
     return parser
@@ -119,11 +132,35 @@ def _common(p):
     p.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
 
 
+def _hub_args(p):
+    p.add_argument("--revision", help="branch, tag or commit of MODEL on the Hub (default: the main branch)")
+    p.add_argument("--token", help="Hugging Face token for gated or private models and data "
+                                   "(default: HF_TOKEN or `hf auth login`)")
+
+
+def _threads(p, default=None):
+    p.add_argument("--threads", type=_positive, default=default, help="torch CPU threads (default: torch's)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def _data_args(p, flag, what, split):
     p.add_argument(flag, required=True, dest="data", metavar="DATA", help=what)
     p.add_argument("--split", default=split, help=f"dataset split (default {split})")
-    p.add_argument("--samples", type=int, default=None, help="use this many pairs, drawn with --seed")
+    p.add_argument("--samples", type=_positive, default=None,
+                   help="use this many pairs, drawn with --seed (default: all rows of a dataset; 512 calibration "
+                        "and 1000 evaluation pairs of the organism world)")
     p.add_argument("--columns", default=None, help="column mapping, e.g. safe_text=caption,unsafe_text=nsfw")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="drop rows with empty texts or unreadable images (and say which) instead of stopping")
 
 
 def _setting_args(p, grid: bool = False):
@@ -159,14 +196,16 @@ def _columns(spec: str | None) -> dict | None:
         raise ValueError(f"--columns must look like safe_text=caption,unsafe_text=nsfw; got {spec!r}.") from None
 
 
-def load_data(source: str, split: str, samples: int | None, seed: int, columns: str | None = None, default=512):
+def load_data(source: str, split: str, samples: int | None, seed: int, columns: str | None = None, default=512,
+              skip_bad_rows: bool = False, token: str | None = None):
     if source == ORGANISM:
         from .organism import make_pairs
 
-        return make_pairs(samples or default, seed=seed, split=split)
+        return make_pairs(default if samples is None else samples, seed=seed, split=split)
     from .data import load_pairs
 
-    return load_pairs(source, split=split, samples=samples, seed=seed, columns=_columns(columns))
+    return load_pairs(source, split=split, samples=samples, seed=seed, columns=_columns(columns),
+                      skip_bad_rows=skip_bad_rows, **({"token": token} if token else {}))
 
 
 def load_zero_shot(source: str | None, n: int = 500, seed: int = 0):
@@ -184,14 +223,10 @@ def load_zero_shot(source: str | None, n: int = 500, seed: int = 0):
     return ZeroShotTask.from_dataset(dataset)
 
 
-def load_model(name: str):
+def load_model(name: str, revision: str | None = None, token: str | None = None):
     from .editor import load_model as load
 
-    if name == ORGANISM:
-        from .organism import load_organism
-
-        return load_organism()
-    return load(name)
+    return load(name, revision, token=token)
 
 
 def _config(args, **overrides):
@@ -213,12 +248,22 @@ def _config(args, **overrides):
 
 # --- commands ---------------------------------------------------------------------------------------
 def run_edit(args):
+    from .delta import check_output_folder
     from .editor import UWMEditor
+    from .hub import resolve_delta_folder
 
-    data = load_data(args.data, args.split, args.samples, args.seed, args.columns)
-    model, processor = load_model(args.model)
-    editor = UWMEditor(model, processor, _config(args), base_model=_base_id(args.model))
-    editor.calibrate(data, progress=not args.quiet)
+    if args.alpha == 1:
+        raise ValueError("--alpha 1 multiplies the selected weights by 1 and changes nothing: use -1 (negate) or "
+                         "0 (prune), or any other factor.")
+    check_output_folder(args.output)  # before any work: a full calibration must not end in "folder not empty"
+    if resolve_delta_folder(args.model, args.revision, token=args.token) is not None:
+        raise ValueError(f"{args.model} is a saved delta: edit its base model instead (its uwm_config.json names "
+                         "it), or evaluate the delta with `hf-uwm eval`.")
+    _set_threads(args)
+    data = load_data(args.data, args.split, args.samples, args.seed, args.columns,
+                     skip_bad_rows=args.skip_bad_rows, token=args.token)
+    editor = UWMEditor.from_pretrained(args.model, _config(args), revision=args.revision, token=args.token)
+    editor.calibrate(data, progress=not args.quiet, checkpoint_dir=args.checkpoint_dir)
     folder = editor.save_pretrained(args.output)
     print(f"saved the delta to {folder}: {editor.counts()} weights selected (τ={editor.config.tau}, "
           f"α={editor.config.alpha})")
@@ -230,28 +275,73 @@ def _base_id(name: str) -> str:
     return organism_path() if name == ORGANISM else name
 
 
+def _set_threads(args):
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+@contextmanager
+def _progress_bars(enabled: bool):
+    """--quiet silences every bar: ours (tqdm, off by argument) and those of `datasets` and `huggingface_hub`."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub_utils
+
+    datasets_were_on, hub_was_on = datasets.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if datasets_were_on:
+            datasets.enable_progress_bars()
+        if hub_was_on:
+            hub_utils.enable_progress_bars()
+
+
 def run_eval(args):
     from .evaluation import compare, evaluate_model
     from .hub import resolve_delta_folder
 
-    data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=1000)
+    if args.json_path and not Path(args.json_path).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--json {args.json_path}: the folder {Path(args.json_path).parent} does not exist.")
+    _set_threads(args)
+    delta = resolve_delta_folder(args.model, args.revision, token=args.token) is not None
+    # Everything that can be refused is checked before the first forward pass: the data, then the
+    # model, and for a delta the fingerprint of its base (from_pretrained refuses other weights).
+    data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=1000,
+                     skip_bad_rows=args.skip_bad_rows, token=args.token)
     zero_shot = load_zero_shot(args.zero_shot or (ORGANISM if args.data == ORGANISM else None))
     run = dict(zero_shot=zero_shot, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet,
                batch_size=args.batch_size)
-    if args.model != ORGANISM and resolve_delta_folder(args.model) is not None:
+    if delta:
         from .editor import UWMEditor
 
-        editor = UWMEditor.from_pretrained(args.model)
+        model, processor = load_model(args.base, token=args.token) if args.base else (None, None)
+        editor = UWMEditor.from_pretrained(args.model, model=model, processor=processor, revision=args.revision,
+                                           token=args.token)
         reports = {"base": evaluate_model(editor.model, editor.processor, data, **run)}
         editor.apply()
         reports["edited"] = evaluate_model(editor.model, editor.processor, data, **run)
         print(compare(reports))
+        print(_intervals(reports))
     else:
-        model, processor = load_model(args.model)
+        model, processor = load_model(args.model, args.revision, args.token)
         reports = {"model": evaluate_model(model, processor, data, **run)}
         print(reports["model"])
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+
+
+def _intervals(reports: dict) -> str:
+    """The bootstrap 95% intervals of each report, one line per model ('' when none were computed)."""
+    lines = [f"  {name:<10}" + "   ".join(f"{m} [{low:.2f}, {high:.2f}]" for m, (low, high) in r.intervals.items())
+             for name, r in reports.items() if r.intervals]
+    return "\n".join(["bootstrap 95% intervals (percent):", *lines]) if lines else ""
 
 
 def run_sweep(args):
@@ -322,7 +412,7 @@ def _layer_set(spec: str) -> dict:
 def run_push_metric(args):
     from .hub import push_metric
 
-    info = push_metric(args.repo_id, private=args.private or None)
+    info = push_metric(args.repo_id, private=args.private or None, token=args.token)
     print(f"pushed the SafeGround metric to the Space {args.repo_id}: evaluate.load({args.repo_id!r})\n{info}")
 
 

@@ -11,6 +11,7 @@ local dataset (`load_pairs`), ViSU-Text JSON files plus image folders (`load_vis
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import io
 import json
@@ -18,8 +19,11 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .paths import check_local
 
 TEXT_COLUMNS = ("safe_text", "unsafe_text")
 IMAGE_COLUMNS = ("safe_image", "unsafe_image")
@@ -28,8 +32,32 @@ SCHEMA_COLUMNS = TEXT_COLUMNS + IMAGE_COLUMNS + EXTRA_COLUMNS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VISU_SAMPLES = 8192  # the paper's calibration set: 8,192 ViSU training pairs drawn with seed 0
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
-_SKIP_HINT = ("Fix the data, or drop bad rows with a report: pass skip_bad_rows=True to the loader or to "
-              "hf_uwm.data.validate_pairs.")
+_COMMAND_LINE = contextvars.ContextVar("hf_uwm_command_line", default=False)
+
+
+@contextmanager
+def command_line_hints():
+    """Inside this block, error hints name `hf-uwm` flags instead of Python arguments."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def hint(python: str, flag: str) -> str:
+    """`python` in Python, `flag` inside `command_line_hints()`: how to fix something, in the user's terms."""
+    return flag if _COMMAND_LINE.get() else python
+
+
+def _skip_hint() -> str:
+    return "Fix the data, or drop bad rows with a report: " + hint(
+        "pass skip_bad_rows=True to the loader or to hf_uwm.data.validate_pairs.", "add --skip-bad-rows.")
+
+
+def _columns_hint(column: str = "safe_text") -> str:
+    return hint(f"map the source's names with columns={{{column!r}: '<its name>', ...}}",
+                 f"map the source's names with --columns {column}=<its name>,...")
 
 
 def columns_for(towers) -> tuple[str, ...]:
@@ -60,7 +88,7 @@ class BadRow:
 
     def error(self, others: int = 0) -> Exception:
         more = f" ({others} more bad row(s) after it)" if others else ""
-        return (FileNotFoundError if self.missing_file else ValueError)(f"{self}{more}. {_SKIP_HINT}")
+        return (FileNotFoundError if self.missing_file else ValueError)(f"{self}{more}. {_skip_hint()}")
 
 
 @dataclass
@@ -121,8 +149,11 @@ def validate_pairs(dataset, columns, *, skip_bad_rows: bool = False):
     return dataset.select(report.good_rows)
 
 
-def _as_pair_dataset(dataset, columns):
-    """Check the set as a whole: its type, the columns, its length; image columns become `datasets.Image`."""
+def _as_pair_dataset(dataset, columns, source_columns=None):
+    """Check the set as a whole: its type, the columns, its length; image columns become `datasets.Image`.
+
+    `source_columns` are the columns of the file or dataset it was read from, named in errors.
+    """
     import datasets
 
     if isinstance(dataset, Mapping):
@@ -134,10 +165,12 @@ def _as_pair_dataset(dataset, columns):
         raise TypeError(f"Expected a datasets.Dataset (or a dict of columns), got {type(dataset).__name__}.")
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"The dataset lacks column(s) {missing} (it has {dataset.column_names}); rename "
-                         "columns with dataset.rename_column or use hf_uwm.data loaders with a column mapping.")
+        has = dataset.column_names if source_columns is None else source_columns
+        raise ValueError(f"The dataset lacks column(s) {missing} (it has {has}); " + hint(
+            "rename columns with dataset.rename_column, or load it with hf_uwm.data.load_pairs(source, "
+            "columns={...}).", f"map the source's names with --columns {missing[0]}=<its name>,..."))
     if len(dataset) == 0:
-        raise ValueError("The dataset is empty: calibration needs at least one safe/unsafe pair.")
+        raise ValueError("The dataset has no rows: calibration and evaluation need at least one safe/unsafe pair.")
     for column in columns:
         if column in IMAGE_COLUMNS and not isinstance(dataset.features[column], datasets.Image):
             dataset = _cast_to_image(dataset, column)
@@ -230,11 +263,12 @@ def load_pairs(source, *, split: str | None = None, columns: Mapping[str, str] |
     `datasets.load_dataset` (e.g. `name=`, `token=`).
     """
     dataset, base = read_source(source, split, revision, load_kwargs)
+    source_columns = dataset.column_names
     dataset = _map_columns(dataset, dict(columns or {}))
     if base is not None:
         dataset = _absolute_image_paths(dataset, base)
     what = str(source) if isinstance(source, (str, os.PathLike)) else "the given dataset"
-    return _finish(dataset, samples, seed, skip_bad_rows, what)
+    return _finish(dataset, samples, seed, skip_bad_rows, what, source_columns)
 
 
 def load_visu(json_path, safe_image_dir=None, unsafe_image_dir=None, *, samples: int | None = VISU_SAMPLES,
@@ -292,10 +326,13 @@ def load_folder(root, *, samples: int | None = None, seed: int = 0, skip_bad_row
     return _finish(_dataset_from_dict(data), samples, seed, skip_bad_rows, what=str(root))
 
 
-def _finish(dataset, samples, seed, skip_bad_rows, what):
+def _finish(dataset, samples, seed, skip_bad_rows, what, source_columns=None):
     # Sample before validating, so only the drawn images are opened; skipped rows are not replaced.
+    columns = _pair_columns(dataset, source_columns)
+    if len(dataset) == 0:
+        raise ValueError(f"The dataset {what} has no rows: it needs at least one safe/unsafe pair.")
     dataset = _sample(dataset, samples, seed, what)
-    return validate_pairs(dataset, _pair_columns(dataset), skip_bad_rows=skip_bad_rows)
+    return validate_pairs(dataset, columns, skip_bad_rows=skip_bad_rows)
 
 
 def _sample(dataset, samples, seed, what):
@@ -315,18 +352,19 @@ def _sample(dataset, samples, seed, what):
     return dataset.select(rows.tolist())
 
 
-def _pair_columns(dataset) -> tuple[str, ...]:
-    """The pair columns present, refusing half a pair or none."""
+def _pair_columns(dataset, source_columns=None) -> tuple[str, ...]:
+    """The pair columns present, refusing half a pair or none (naming the source's own columns)."""
     present = tuple(c for c in TEXT_COLUMNS + IMAGE_COLUMNS if c in dataset.column_names)
     for pair in (TEXT_COLUMNS, IMAGE_COLUMNS):
         half = [c for c in pair if c in present]
         if len(half) == 1:
             other = pair[1 - pair.index(half[0])]
             raise ValueError(f"The dataset has {half[0]!r} but not {other!r}: every pair needs both "
-                             f"(load_pairs maps a source column with columns={{{other!r}: '<its name>'}}).")
+                             f"({_columns_hint(other)}).")
     if not present:
+        has = dataset.column_names if source_columns is None else source_columns
         raise ValueError(f"The dataset has none of the pair columns {list(TEXT_COLUMNS + IMAGE_COLUMNS)} (it has "
-                         f"{dataset.column_names}); map yours with columns={{'safe_text': '<its name>', ...}}.")
+                         f"{has}); {_columns_hint()}.")
     return present
 
 
@@ -342,17 +380,33 @@ def read_source(source, split, revision, load_kwargs):
 
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         return _pick_split(source, split, "The given dataset"), None
+    check_local(source)  # a mistyped path is not a Hub id
     path = Path(source)
     if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
         return _pick_split(datasets.load_from_disk(str(path)), split, source), path
     if path.is_file():
         if path.suffix.lower() not in _FILE_BUILDERS:
             raise ValueError(f"Cannot read {path}: data files must end in {sorted(_FILE_BUILDERS)}.")
-        loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split=split,
-                                       **load_kwargs)
+        if path.stat().st_size == 0:
+            raise ValueError(f"The dataset {source} has no rows: the file is empty.")
+        with _no_rows_is_clear(source):
+            loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split=split,
+                                           **load_kwargs)
         return _pick_split(loaded, split, source), path.parent
-    loaded = datasets.load_dataset(str(source), split=split, revision=revision, **load_kwargs)
+    with _no_rows_is_clear(source):
+        loaded = datasets.load_dataset(str(source), split=split, revision=revision, **load_kwargs)
     return _pick_split(loaded, split, source), path if path.is_dir() else None
+
+
+@contextmanager
+def _no_rows_is_clear(source):
+    """`datasets` says 'Instruction "train" corresponds to no data!' for a split without rows."""
+    try:
+        yield
+    except ValueError as err:
+        if "corresponds to no data" in str(err):
+            raise ValueError(f"The dataset {source} has no rows.") from None
+        raise
 
 
 def _pick_split(loaded, split, what):

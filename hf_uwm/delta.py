@@ -63,19 +63,44 @@ def fingerprint_in_background(layers: dict) -> Future:
         pool.shutdown(wait=False)
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
+    """safetensors `save_file`, byte-reproducible and readable as the umask allows.
+
+    safetensors writes its metadata in hash-map order, which differs between runs; the header is
+    rewritten with sorted keys (the same bytes reordered, so its length and the data offsets stay).
+    """
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > size:  # never: the same keys and values, reordered
+            raise RuntimeError(f"Cannot write a canonical safetensors header for {path}.")
+        f.seek(8)
+        f.write(canonical.ljust(size, b" "))
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
-    """safetensors `save_file` via a sibling temporary file: a kill at any point leaves `path` as it was."""
+    """`save_safetensors` via a sibling temporary file: a kill at any point leaves `path` as it was."""
     staging = path.with_name(path.name + ".tmp")
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, staging, metadata=metadata)
+    save_safetensors(tensors, staging, metadata)
     os.replace(staging, path)
 
 
-def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Tensor], card: str) -> Path:
-    """Write the three files into a temporary sibling folder, then move it into place.
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    An existing folder is replaced only if it holds nothing but delta files, so a failure leaves no
-    half-written delta and nothing else the user saved is lost.
-    """
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 for a layer of fewer than 2³¹ weights (half the bytes), int64 otherwise."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def check_output_folder(directory: str | Path) -> Path:
+    """Raise unless `directory` is new, empty or an earlier delta: checked before any expensive work."""
     directory = Path(directory)
     if directory.exists():
         if not directory.is_dir():
@@ -84,12 +109,25 @@ def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Te
         if foreign:
             raise FileExistsError(f"{directory} already holds other files {foreign[:5]}; save the delta to "
                                   "an empty or new folder (an existing delta folder is overwritten).")
+    return directory
+
+
+def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Tensor], card: str) -> Path:
+    """Write the three files into a temporary sibling folder, then move it into place.
+
+    An existing folder is replaced only if it holds nothing but delta files, so a failure leaves no
+    half-written delta and nothing else the user saved is lost. Indices are int32 where the layer
+    allows; files and folder get the permissions of any other file the user creates.
+    """
+    directory = check_output_folder(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        tensors = {name: idx.to("cpu", torch.int64).contiguous() for name, idx in indices.items()}
-        save_file(tensors, staging / DELTA_NAME, metadata={"format": "hf_uwm.delta",
-                                                           "alpha": repr(record["config"]["alpha"])})
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        tensors = {name: idx.to("cpu", index_dtype(_numel(record["layers"][name]["shape"])))
+                   for name, idx in indices.items()}
+        save_safetensors(tensors, staging / DELTA_NAME, {"format": "hf_uwm.delta",
+                                                        "alpha": repr(record["config"]["alpha"])})
         (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (staging / CARD_NAME).write_text(card)
         _swap_into_place(staging, directory)
@@ -97,6 +135,10 @@ def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Te
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _numel(shape) -> int:
+    return int(shape[0]) * int(shape[1])
 
 
 def _swap_into_place(staging: Path, directory: Path):
@@ -135,7 +177,10 @@ def read_delta(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {DELTA_NAME}: the delta is incomplete.")
     try:
         with safe_open(delta_path, framework="pt") as f:
-            indices = {name: f.get_tensor(name) for name in f.keys()}
+            stored = {name: f.get_tensor(name) for name in f.keys()}
+        # int32 on disk (int64 in older deltas, and for layers of 2³¹ weights or more); int64 in memory.
+        indices = {name: idx.long() if idx.dtype in (torch.int32, torch.int64) else idx
+                   for name, idx in stored.items()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{delta_path} is corrupted or truncated ({err}); save or download the delta again.") from None
     _check_indices(record, indices, delta_path)
@@ -147,7 +192,7 @@ def _check_indices(record: dict, indices: dict[str, torch.Tensor], path: Path):
         raise ValueError(f"{path} holds layers {sorted(indices)} but its config lists {sorted(record['layers'])}.")
     for name, idx in indices.items():
         info = record["layers"][name]
-        numel = info["shape"][0] * info["shape"][1]
+        numel = _numel(info["shape"])
         ok = (idx.dtype == torch.int64 and idx.dim() == 1 and idx.numel() == info["selected"]
               and (idx.numel() == 0 or (int(idx[0]) >= 0 and int(idx[-1]) < numel))
               and bool((idx[1:] > idx[:-1]).all()))

@@ -11,7 +11,7 @@ import torch
 from . import __version__
 from .adapters import Adapter
 from .config import UWMConfig
-from .data import columns_for, validate_pairs
+from .data import columns_for, hint, validate_pairs
 from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, save_file_atomic,
                     write_delta)
 from .hub import push_edit, render_card, resolve_delta_folder
@@ -102,8 +102,10 @@ class UWMEditor:
             if not record.get("base_model"):
                 raise ValueError(f"The delta {name_or_path} was made on a local model folder "
                                  f"({record.get('base_model_folder') or 'name not recorded'!r}), whose path it does "
-                                 "not record: load that model and pass it, e.g. "
-                                 f"UWMEditor.from_pretrained({str(name_or_path)!r}, model=model, processor=processor).")
+                                 "not record: " + hint(
+                                     "load that model and pass it, e.g. UWMEditor.from_pretrained("
+                                     f"{str(name_or_path)!r}, model=model, processor=processor).",
+                                     "give its folder with --base PATH."))
             model, loaded = load_model(record["base_model"], record.get("base_revision"), trust_remote_code,
                                        **download, **model_kwargs)
             processor = processor or loaded

@@ -35,9 +35,11 @@ def test_edit_then_eval_a_delta(files, tmp_path, capsys):
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(delta),
                  "--tau", "0.05", "--quiet"]) == 0
     record = json.loads((delta / "uwm_config.json").read_text())
-    assert record["config"]["tau"] == 0.05 and record["base_model"] == str(files / "model")
-    assert main(["eval", str(delta), "--data", str(files / "validation"), "--bootstrap", "0", "--quiet",
-                 "--json", str(tmp_path / "r.json")]) == 0
+    assert record["config"]["tau"] == 0.05 and record["base_model"] is None and record["base_model_folder"] == "model"
+    assert main(["eval", str(delta), "--data", str(files / "validation"), "--bootstrap", "0", "--quiet"]) == 1
+    assert "--base PATH" in capsys.readouterr().err  # a local base is not recorded by path: the CLI says how
+    assert main(["eval", str(delta), "--base", str(files / "model"), "--data", str(files / "validation"),
+                 "--bootstrap", "0", "--quiet", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "base" in out and "edited" in out and "GS" in out
     assert set(json.loads((tmp_path / "r.json").read_text())) == {"base", "edited"}
