@@ -327,7 +327,7 @@ def evaluate_model(model, processor, dataset, *, zero_shot: ZeroShotTask | None 
     `dataset` is a `datasets.Dataset` (or dict of columns) with safe_text, unsafe_text, safe_image,
     unsafe_image; it is validated before any model work.
     """
-    from .metrics.safeground.safeground import check_bootstrap_args, compute_safeground
+    from .metrics.safeground.safeground_core import check_bootstrap_args, compute_safeground
 
     check_bootstrap_args(bootstrap, seed)
     if zero_shot is not None and not isinstance(zero_shot, ZeroShotTask):

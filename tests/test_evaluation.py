@@ -14,7 +14,7 @@ from hf_uwm.adapters import Adapter
 from hf_uwm.evaluation import (QuadrupleEmbeddings, ZeroShotTask, compare, embed_quadruples, evaluate_model,
                                retrieval_recalls, zero_shot_accuracy)
 from hf_uwm.metrics import safeground_path
-from hf_uwm.metrics.safeground.safeground import INPUTS, METRICS
+from hf_uwm.metrics.safeground.safeground_core import INPUTS, METRICS
 
 
 @pytest.fixture(scope="module", autouse=True)

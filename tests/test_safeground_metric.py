@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hf_uwm.metrics import safeground_path
-from hf_uwm.metrics.safeground.safeground import INPUTS, METRICS, compute_safeground, quadruple_outcomes
+from hf_uwm.metrics.safeground.safeground_core import INPUTS, METRICS, compute_safeground, quadruple_outcomes
 
 FOLDER = Path(safeground_path())
 
@@ -112,7 +112,7 @@ def test_bootstrap_off_by_default_and_degenerate_for_constant_outcomes():
 
 
 def test_bootstrap_in_chunks_equals_one_draw(monkeypatch):
-    import hf_uwm.metrics.safeground.safeground as module
+    import hf_uwm.metrics.safeground.safeground_core as module
 
     columns = random_columns(n=50)
     whole = compute_safeground(**columns, bootstrap=40, seed=0)["confidence_intervals"]
@@ -168,6 +168,18 @@ def test_card_examples_run_as_doctests():
     assert runner.summarize(verbose=False).failed == 0
 
 
+def test_module_docstring_example_runs(metric):
+    """The example `evaluate.load` shows (help(metric), the Hub page) is one that works as written."""
+    import hf_uwm.metrics.safeground.safeground as module
+
+    examples = module._KWARGS_DESCRIPTION.split("Examples:")[1]
+    assert 'evaluate.load("safeground")' not in examples  # the bare name is Hugging Face's namespace, not ours
+    test = doctest.DocTestParser().get_doctest(examples, {}, "safeground.py", str(FOLDER / "safeground.py"), 0)
+    runner = doctest.DocTestRunner()
+    runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 4
+
+
 def test_card_front_matter_and_module_files():
     import yaml
     from evaluate.loading import get_imports
@@ -176,8 +188,10 @@ def test_card_front_matter_and_module_files():
     assert front["title"] == "SafeGround" and front["app_file"] == "app.py" and "metric" in front["tags"]
     requirements = {line.split(">")[0] for line in (FOLDER / "requirements.txt").read_text().split()}
     assert requirements == {"datasets", "evaluate", "numpy"}
-    libraries = {imp[1] for imp in get_imports(str(FOLDER / "safeground.py"))}
-    assert libraries == {"datasets", "evaluate", "numpy"}  # never hf_uwm: it also runs as a Space
+    imports = {(kind, name) for kind, name, *_ in get_imports(str(FOLDER / "safeground.py"))}
+    # never hf_uwm: it also runs as a Space; the numpy maths travel with it as a relative import
+    assert imports == {("library", "datasets"), ("library", "evaluate"), ("internal", "safeground_core")}
+    assert {name for _, name, *_ in get_imports(str(FOLDER / "safeground_core.py"))} == {"numpy"}
 
 
 def test_space_app_loads_the_module(monkeypatch):
