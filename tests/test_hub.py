@@ -90,7 +90,8 @@ class FakeHub:
             else:
                 target.unlink()
         self.commits.append(dict(repo_id=repo_id, message=commit_message, revision=revision, parent=parent_commit,
-                                 added=added, deleted=deleted))
+                                 added=added, deleted=deleted, description=_.get("commit_description"),
+                                 create_pr=_.get("create_pr")))
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{'1' * 40}",
                           commit_message=commit_message, commit_description="", oid="1" * 40)
 
@@ -213,6 +214,45 @@ def test_card_with_before_and_after_reports_fills_table_and_model_index(editor):
     assert single.data.eval_results[0].metric_value == 13.0 and "| metric | UWM |" in single.text
     with pytest.raises(ValueError, match="call this edit's report 'UWM'"):
         render_card(editor.record(), {"before": report(0), "after": report(3)})
+
+
+def test_card_metadata_is_what_the_hub_expects(editor):
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    reports = {"base": report(0), "UWM": report(3), "random control": report(1)}
+    text = render_card(editor.record(), reports, repo_id="me/clip-uwm", dataset_name="me/visu-test",
+                       zero_shot_dataset="ImageNet-1k validation")
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data["base_model"] == BASE and data["base_model_relation"] == "adapter"
+    assert data["pipeline_tag"] == "zero-shot-image-classification"
+    _, results = model_index_to_eval_results(data["model-index"])
+    assert {r.task_type for r in results} == {"zero-shot-image-classification"}  # a task the Hub knows
+    by_task = {r.task_name: (r.dataset_type, r.dataset_name) for r in results}
+    assert by_task["SafeGround"] == ("me/visu-test", "me/visu-test")  # a Hub dataset id is the type
+    assert by_task["Zero-shot classification"] == ("imagenet-1k-validation", "ImageNet-1k validation")
+    assert "zero-shot classification accuracy on ImageNet-1k validation" in " ".join(card.text.split())
+    merged = ModelCard(render_card(editor.record(), merged=True)).data.to_dict()
+    assert merged["base_model"] == BASE and "base_model_relation" not in merged
+
+
+@pytest.mark.parametrize("score, words", [
+    ("ratio", "Unsafe Weights Manipulation (UWM)"), ("attribution", "**attribution**"),
+    ("iterative_attribution", "iterative, knowledge-guarded attribution"), ("random", "a random control"),
+    ("g_unsafe", "G-Unsafe"), ("g_safeclip", "G-Safe-CLIP")])
+def test_card_describes_the_method_actually_used(editor, score, words):
+    record = editor.record()
+    record["config"]["score"] = score
+    text = " ".join(ModelCard(render_card(record)).text.split())
+    assert words in text
+    if score != "ratio":
+        assert "Unsafe Weights Manipulation" not in text
+
+
+def test_push_can_open_a_pull_request_with_a_description(editor, hub):
+    editor.push_to_hub("me/clip-uwm", token=TOKEN, create_pr=True, commit_description="why this edit")
+    [commit] = hub.commits
+    assert commit["create_pr"] is True and commit["description"] == "why this edit"
 
 
 def test_merged_push_uploads_loadable_weights_and_leaves_the_model_as_it_was(editor, hub):
