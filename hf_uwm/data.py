@@ -1,4 +1,4 @@
-"""The calibration/evaluation schema (SPEC §5), its loaders and its validation.
+"""The calibration/evaluation schema, its loaders and its validation.
 
 A pair set is a `datasets.Dataset` with `safe_text`, `unsafe_text` (strings) and/or `safe_image`,
 `unsafe_image` (`datasets.Image`), optionally `concept` and `id`. The loaders build it from a Hub or

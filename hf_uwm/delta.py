@@ -1,4 +1,4 @@
-"""The delta format (SPEC §6): `uwm_config.json` + `uwm_delta.safetensors` (+ `README.md`).
+"""The delta format: `uwm_config.json` + `uwm_delta.safetensors` (+ `README.md`).
 
 Only JSON and safetensors are ever read: nothing is unpickled.
 """

@@ -1,4 +1,4 @@
-"""`UWMEditor`: calibrate, select, apply, revert and save a UWM edit (SPEC §6)."""
+"""`UWMEditor`: calibrate, select, apply, revert and save a UWM edit."""
 
 from __future__ import annotations
 

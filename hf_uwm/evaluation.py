@@ -140,11 +140,10 @@ class EvaluationReport:
                     "metrics": [{"type": kind, "name": name, "value": round(value, 2)}
                                 for kind, name, value in metrics]}
 
-        results = [
-            result("SafeGround", dataset_name, [("safeground", name, value) for name, value in self.safeground.items()]),
-            result("Retrieval", dataset_name,
-                   [(f"recall@{name.split()[0][2:]}", name, value) for name, value in self.retrieval.items()]),
-        ]
+        # One result per (task, dataset): the Hub merges results that share them, whatever their names.
+        results = [result("SafeGround and retrieval", dataset_name,
+                          [("safeground", name, value) for name, value in self.safeground.items()]
+                          + [(f"recall@{name.split()[0][2:]}", name, value) for name, value in self.retrieval.items()])]
         if self.zero_shot is not None:
             results.append(result("Zero-shot classification", zero_shot_dataset or dataset_name,
                                   [("accuracy", "accuracy", self.zero_shot)]))

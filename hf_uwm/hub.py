@@ -19,6 +19,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEnt
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from . import __version__
+from .data import hint
 from .delta import CARD_NAME, CONFIG_NAME, DELTA_FILES
 from .paths import BUNDLED, ORGANISM, check_local, is_hub_id, organism_path
 
@@ -299,7 +300,8 @@ def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: st
 def _token(token: str | None) -> str:
     token = token or get_token()
     if not token:
-        raise PushError("No Hugging Face token found: pass token=, set HF_TOKEN, or run `hf auth login`. "
+        raise PushError(f"No Hugging Face token found: {hint('pass token=', 'pass --token')}, set HF_TOKEN, or run "
+                        "`hf auth login`. "
                         "Nothing was uploaded and nothing local was changed.")
     return token
 

@@ -229,8 +229,9 @@ def test_card_metadata_is_what_the_hub_expects(editor):
     _, results = model_index_to_eval_results(data["model-index"])
     assert {r.task_type for r in results} == {"zero-shot-image-classification"}  # a task the Hub knows
     by_task = {r.task_name: (r.dataset_type, r.dataset_name) for r in results}
-    assert by_task["SafeGround"] == ("me/visu-test", "me/visu-test")  # a Hub dataset id is the type
-    assert by_task["Zero-shot classification"] == ("imagenet-1k-validation", "ImageNet-1k validation")
+    assert by_task == {"SafeGround and retrieval": ("me/visu-test", "me/visu-test"),  # a Hub dataset id is the type
+                       "Zero-shot classification": ("imagenet-1k-validation", "ImageNet-1k validation")}
+    assert {r.task_name for r in results if r.metric_name.startswith("R@")} == {"SafeGround and retrieval"}
     assert "zero-shot classification accuracy on ImageNet-1k validation" in " ".join(card.text.split())
     merged = ModelCard(render_card(editor.record(), merged=True)).data.to_dict()
     assert merged["base_model"] == BASE and "base_model_relation" not in merged
