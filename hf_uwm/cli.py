@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting_args(edit)
     edit.add_argument("--output", required=True, help="folder for the delta (uwm_config.json, uwm_delta.safetensors)")
     edit.add_argument("--checkpoint-dir", help="save the running statistics here; a rerun resumes from them")
+    _skip_bad_rows(edit)
     _hub_args(edit)
     _threads(edit)
     _common(edit)
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     evaluate.add_argument("--json", dest="json_path", help="also write the report(s) as JSON here")
     evaluate.add_argument("--base", help="for a delta made on a local model folder: that folder")
+    _skip_bad_rows(evaluate)
     _hub_args(evaluate)
     _threads(evaluate)
     _common(evaluate)
@@ -159,6 +161,9 @@ def _data_args(p, flag, what, split):
                    help="use this many pairs, drawn with --seed (default: all rows of a dataset; 512 calibration "
                         "and 1000 evaluation pairs of the organism world)")
     p.add_argument("--columns", default=None, help="column mapping, e.g. safe_text=caption,unsafe_text=nsfw")
+
+
+def _skip_bad_rows(p):
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop rows with empty texts or unreadable images (and say which) instead of stopping")
 
