@@ -140,8 +140,8 @@ def _hub_args(p):
                                    "(default: HF_TOKEN or `hf auth login`)")
 
 
-def _threads(p, default=None):
-    p.add_argument("--threads", type=_positive, default=default, help="torch CPU threads (default: torch's)")
+def _threads(p):
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
 
 
 def _positive(text: str) -> int:
