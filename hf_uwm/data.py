@@ -170,7 +170,7 @@ def _as_pair_dataset(dataset, columns, source_columns=None):
             "rename columns with dataset.rename_column, or load it with hf_uwm.data.load_pairs(source, "
             "columns={...}).", f"map the source's names with --columns {missing[0]}=<its name>,..."))
     if len(dataset) == 0:
-        raise ValueError("The dataset has no rows: calibration and evaluation need at least one safe/unsafe pair.")
+        raise ValueError("The dataset has no rows (it is empty): calibration and evaluation need at least one pair.")
     for column in columns:
         if column in IMAGE_COLUMNS and not isinstance(dataset.features[column], datasets.Image):
             dataset = _cast_to_image(dataset, column)
