@@ -343,10 +343,16 @@ def run_eval(args):
 
 
 def _intervals(reports: dict) -> str:
-    """The bootstrap 95% intervals of each report, one line per model ('' when none were computed)."""
-    lines = [f"  {name:<10}" + "   ".join(f"{m} [{low:.2f}, {high:.2f}]" for m, (low, high) in r.intervals.items())
-             for name, r in reports.items() if r.intervals]
-    return "\n".join(["bootstrap 95% intervals (percent):", *lines]) if lines else ""
+    """The bootstrap 95% intervals as a table: one row per metric, one column per model ('' when none)."""
+    with_intervals = {name: r for name, r in reports.items() if r.intervals}
+    if not with_intervals:
+        return ""
+    metrics = next(iter(with_intervals.values())).intervals
+    lines = ["bootstrap 95% intervals (%)" + "".join(f"{name:>18}" for name in with_intervals)]
+    for metric in metrics:
+        cells = [r.intervals.get(metric) for r in with_intervals.values()]
+        lines.append(f"{metric:<27}" + "".join(f"{f'[{c[0]:.1f}, {c[1]:.1f}]' if c else '-':>18}" for c in cells))
+    return "\n".join(lines)
 
 
 def run_sweep(args):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def test_organism_delta_records_a_stable_name_and_loads_after_moving(organism_de
     # every CLI command accepts the name; eval of a delta prints the bootstrap intervals it computed
     assert main(["eval", str(moved), "--data", "organism", "--samples", "20", "--bootstrap", "50", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "bootstrap 95% intervals" in out and "GS [" in out and "edited" in out
+    assert "bootstrap 95% intervals" in out and "edited" in out
+    assert re.search(r"^GS\s+\[[\d.]+, [\d.]+\]\s+\[[\d.]+, [\d.]+\]$", out, flags=re.M)  # base and edited
 
 
 def test_a_delta_of_the_organism_path_records_the_name(tmp_path):
@@ -331,8 +333,6 @@ print(sorted(m for m in sys.modules if m == "evaluate" or m.startswith("evaluate
 
 # --- 13. the README stands alone and its Python runs as written ---------------------------------------
 def test_readme_python_runs_as_written(tmp_path, monkeypatch):
-    import re
-
     text = (ROOT / "README.md").read_text()
     assert "SPEC" not in text  # an internal document users do not have
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
