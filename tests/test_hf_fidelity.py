@@ -50,6 +50,7 @@ def test_organism_delta_records_a_stable_name_and_loads_after_moving(organism_de
     editor = UWMEditor.from_pretrained(str(moved.relative_to(tmp_path)))
     assert editor.base_model == "organism" and editor.apply() is editor.model
     # every CLI command accepts the name; eval of a delta prints the bootstrap intervals it computed
+    monkeypatch.setattr("hf_uwm.cli.load_zero_shot", lambda *args, **kwargs: None)  # not what is tested: saves time
     assert main(["eval", str(moved), "--data", "organism", "--samples", "20", "--bootstrap", "50", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "bootstrap 95% intervals" in out and "edited" in out
