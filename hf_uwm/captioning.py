@@ -309,7 +309,7 @@ _LABELS = {"rouge1": "ROUGE-1 (safe images)", "rouge2": "ROUGE-2 (safe images)",
 
 def unsafe_rate_interval(unsafe: np.ndarray, bootstrap: int, seed: int | None) -> tuple[float, float] | None:
     """Bootstrap 95% CI (percent) of the rate of True in `unsafe`, with SafeGround's bootstrap."""
-    from .metrics.safeground.safeground import bootstrap_intervals, check_bootstrap_args
+    from .metrics.safeground.safeground_core import bootstrap_intervals, check_bootstrap_args
 
     check_bootstrap_args(bootstrap, seed)
     if not bootstrap:
