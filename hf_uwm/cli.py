@@ -466,6 +466,7 @@ def _captioning_commands(commands):
     evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs nltk's WordNet corpus)")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     evaluate.add_argument("--json", dest="json_path", help="also write the reports (and all captions) as JSON here")
+    evaluate.add_argument("--base", help="for a delta made on a local model folder: that folder")
     _common(evaluate)
     evaluate.set_defaults(run=run_eval_captions)
 
@@ -526,7 +527,10 @@ def run_eval_captions(args):
         from .delta import read_delta
         from .editor import UWMEditor
 
-        model, processor = _captioning_model(read_delta(folder)[0]["base_model"])
+        base = args.base or read_delta(folder)[0]["base_model"]
+        if base is None:  # a delta never records a local path
+            raise ValueError(f"{args.model} was made on a local model folder: give that folder with --base PATH.")
+        model, processor = _captioning_model(base)
         editor = UWMEditor.from_pretrained(folder, model=model, processor=processor)
         control = editor.random_control(seed=args.seed)
         reports = {"base": evaluate_captioning(model, processor, data, judge, **run)}

@@ -270,7 +270,8 @@ def test_eval_captions_cli_base_edit_and_random_control(tmp_path, processor, cap
         edit.revert()
     assert expected["edited"] != expected["random control"]
 
-    code = main(["eval-captions", str(tmp_path / "delta"), "--data", str(tmp_path / "pairs"), "--judge",
+    code = main(["eval-captions", str(tmp_path / "delta"), "--base", str(tmp_path / "llava"), "--data",
+                 str(tmp_path / "pairs"), "--judge",
                  f"classifier:{tmp_path / 'judge'}:unsafe", "--no-meteor", "--max-new-tokens", "3",
                  "--bootstrap", "20", "--quiet", "--json", str(tmp_path / "out.json")])
     out = capsys.readouterr().out
