@@ -48,12 +48,14 @@ def test_demo_writes_deltas_tables_and_plots(small, organism_copy, tmp_path, cap
     for name in ("test_results.png", "validation_pareto.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     from hf_uwm import UWMEditor
+    from hf_uwm.editor import load_model
 
     for folder in ("uwm", "attribution", "iterative-attribution"):
         assert "## Evaluation" in (out / folder / "README.md").read_text()
         record = json.loads((out / folder / "uwm_config.json").read_text())
-        assert record["base_model"] == str(organism_copy)
-        UWMEditor.from_pretrained(out / folder).apply()
+        assert record["base_model"] is None and record["base_model_folder"] == organism_copy.name  # never a path
+        model, processor = load_model(organism_copy)
+        UWMEditor.from_pretrained(out / folder, model=model, processor=processor).apply()
     # Tables fit a terminal: the test tables stay under 100 columns, every table's rows line up.
     test_part = text[text.index("Test split"):text.index("demo finished")]
     assert max(len(line) for line in test_part.splitlines()) <= 100
