@@ -220,8 +220,8 @@ MUTANTS = [
            "return grad.abs()", "return (weight * grad).abs()", (T_BASELINES,)),
     # --- sweep --------------------------------------------------------------------------------------
     Mutant("sweep picks the worst setting", "hf_uwm/sweep.py",
-           'return max(eligible, key=lambda r: (r.report.safeground["GS"], -r.weights), default=None)',
-           'return min(eligible, key=lambda r: (r.report.safeground["GS"], -r.weights), default=None)',
+           'return max(eligible, key=lambda r: (r.report.safeground["GS"], knowledge(r.report), -r.weights),',
+           'return min(eligible, key=lambda r: (r.report.safeground["GS"], knowledge(r.report), -r.weights),',
            ("tests/test_sweep.py",)),
 ]
 
