@@ -20,7 +20,7 @@ TOWERS = ("text", "vision")
 
 @dataclass
 class UWMConfig:
-    """Settings of one UWM edit (SPEC §2-§3).
+    """Settings of one edit: what is scored, how weights are selected and how they are changed.
 
     `None` for `tau`, `text_targets` or `vision_targets` means "the default of the model family"
     (CLIP/SigLIP: τ=0.02, text `self_attn.out_proj`, vision `mlp.fc2`; LLaVA: τ=0.085, vision

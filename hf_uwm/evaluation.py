@@ -1,8 +1,8 @@
 """Evaluate any CLIP or SigLIP model (edited or not): SafeGround, retrieval recall, zero-shot accuracy.
 
-SPEC §4. The four items of every quadruple are embedded once; every number is computed from those
-embeddings. The SafeGround formulas live in the `evaluate` module (`hf_uwm/metrics/safeground/`) and
-are imported from there when needed, so `import hf_uwm.evaluation` needs neither `evaluate` nor
+The metrics are defined in the README's Metrics section. The four items of every quadruple are
+embedded once; every number is computed from those embeddings. The SafeGround formulas live in the
+`evaluate` module (`hf_uwm/metrics/safeground/`) and are imported from there when needed, so `import hf_uwm.evaluation` needs neither `evaluate` nor
 `datasets`.
 """
 
@@ -218,7 +218,10 @@ def _column_batches(dataset, column: str, batch_size: int):
 
 
 def embed_quadruples(model, processor, dataset, *, batch_size: int = 64, progress: bool = True) -> QuadrupleEmbeddings:
-    """Embed the four items of every quadruple of `dataset` once (SPEC §5 columns), without gradients."""
+    """Embed the four items of every quadruple of `dataset` once, without gradients.
+
+    `dataset` has the columns safe_text, unsafe_text, safe_image and unsafe_image.
+    """
     _check_batch_size(batch_size)
     dataset = validate_pairs(dataset, COLUMNS)
     adapter = _contrastive_adapter(model, processor)

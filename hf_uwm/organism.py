@@ -330,7 +330,7 @@ def scene_at(index: int, seed: int, split: str = "train") -> Scene:
 
 
 def make_pairs(n: int, seed: int = 0, split: str = "train"):
-    """`n` safe/unsafe quadruples of `split` as a `datasets.Dataset` (SPEC §5 schema plus `concept`).
+    """`n` safe/unsafe quadruples of `split` as a `datasets.Dataset` (the pair columns plus `concept`).
 
     Concepts cycle through blood, knife, gun, syringe and skull, so every concept is equally present.
     """

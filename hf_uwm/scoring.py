@@ -1,4 +1,4 @@
-"""The UWM statistics of SPEC §2 as pure tensor functions.
+"""The UWM statistics (per-item saliencies and their safe/unsafe ratios) as pure tensor functions.
 
 Per item we only ever hold vectors (n, σ over the input features; a over the outputs). The score
 of a layer is a sum of outer products, `S = Σ_b left_bᵀ right_b`, accumulated in float64, so no

@@ -1,4 +1,4 @@
-"""Which weights of a layer to manipulate (SPEC §3). Every function returns sorted flat indices."""
+"""Which weights of a layer to manipulate. Every function returns sorted flat indices."""
 
 from __future__ import annotations
 

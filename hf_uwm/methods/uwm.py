@@ -1,4 +1,4 @@
-"""UWM (SPEC §2): forward hooks on target `nn.Linear` layers feed float64 running sums of the
+"""UWM: forward hooks on target `nn.Linear` layers feed float64 running sums of the
 statistics' outer products, one tower at a time; the scores are selected per layer (τ or density)."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class UWMStatistics(Method):
 
 
 class RunningScores:
-    """Σ_b leftᵀ right over calibration pairs for a set of layers of one tower (SPEC §2).
+    """Σ_b leftᵀ right over calibration pairs for a set of layers of one tower.
 
     Each batch is one forward of [safe items; unsafe items] (2B rows): the hook splits the rows,
     reduces each item to vectors over its valid tokens and adds B outer products per layer.
