@@ -2,8 +2,8 @@
 
 The metrics are defined in the README's Metrics section. The four items of every quadruple are
 embedded once; every number is computed from those embeddings. The SafeGround formulas live in the
-`evaluate` module (`hf_uwm/metrics/safeground/`) and are imported from there when needed, so `import hf_uwm.evaluation` needs neither `evaluate` nor
-`datasets`.
+`evaluate` module (`hf_uwm/metrics/safeground/`) and are imported from there when needed, so
+`import hf_uwm.evaluation` needs neither `evaluate` nor `datasets`.
 """
 
 from __future__ import annotations
