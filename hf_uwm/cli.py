@@ -504,12 +504,6 @@ def _judge(args):
     raise ValueError(f"--judge {spec!r}: use 'exact', 'classifier:MODEL:UNSAFE_LABEL' or 'lm:MODEL'.")
 
 
-def _captioning_model(name: str):
-    from .organism_captioner import NAME, load_captioner
-
-    return load_captioner() if name == NAME else load_model(name)
-
-
 def run_eval_captions(args):
     from .captioning import compare_captioning, evaluate_captioning
     from .hub import resolve_delta_folder
@@ -521,7 +515,7 @@ def run_eval_captions(args):
                meteor=not args.no_meteor, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet)
     folder = None if args.model in (ORGANISM, NAME) else resolve_delta_folder(args.model)
     if folder is None:
-        model, processor = _captioning_model(args.model)
+        model, processor = load_model(args.model)
         reports, extra = {"model": evaluate_captioning(model, processor, data, judge, **run)}, {}
     else:
         from .delta import read_delta
@@ -530,7 +524,7 @@ def run_eval_captions(args):
         base = args.base or read_delta(folder)[0]["base_model"]
         if base is None:  # a delta never records a local path
             raise ValueError(f"{args.model} was made on a local model folder: give that folder with --base PATH.")
-        model, processor = _captioning_model(base)
+        model, processor = load_model(base)
         editor = UWMEditor.from_pretrained(folder, model=model, processor=processor)
         control = editor.random_control(seed=args.seed)
         reports = {"base": evaluate_captioning(model, processor, data, judge, **run)}
