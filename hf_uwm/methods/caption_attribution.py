@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Calibration, Method, all_reduce_
-from .gradients import accumulation_dtype, gradients_on
+from .base import Calibration, Method
+from .gradients import gradient_sums
 
 
 class CaptionAttribution(Method):
@@ -30,19 +30,14 @@ class CaptionAttribution(Method):
     def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
         from ..captioning import DEFAULT_PROMPT
 
-        layers = editor.target_layers
-        weights = [layer.weight for layer in layers.values()]
-        sums = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
+        def batch_loss(inputs, b: int) -> torch.Tensor:
+            with run.autocast():
+                return caption_margin(editor.model, inputs, b)
+
         preprocess = _MarginInputs(editor.processor, editor.config.extra.get("prompt", DEFAULT_PROMPT))
-        with gradients_on(editor.model, weights):
-            for _, rows, inputs in run.batches(preprocess, "UWM caption attribution"):
-                with run.autocast():
-                    margin = caption_margin(editor.model, inputs, len(rows)) / len(run.dataset)
-                for total, grad in zip(sums, torch.autograd.grad(margin, weights)):
-                    total += grad
-        all_reduce_(sums)
-        return {name: (-layer.weight.detach() * grad).clamp(min=0).double()
-                for (name, layer), grad in zip(layers.items(), sums)}
+        grads = gradient_sums(editor, run, preprocess, batch_loss, "UWM caption attribution")
+        return {name: (-layer.weight.detach() * grads[name]).clamp(min=0).double()
+                for name, layer in editor.target_layers.items()}
 
 
 def caption_margin(model, inputs: dict, b: int) -> torch.Tensor:

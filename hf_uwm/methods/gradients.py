@@ -34,27 +34,35 @@ class GradientScore(Method):
         return grad.abs()
 
     def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
-        layers = editor.target_layers
-        grads = gradient_sums(editor, run, self.loss(editor), f"UWM {editor.config.score}")
-        return {name: self.transform(layer.weight.detach(), grads[name]).double() for name, layer in layers.items()}
+        adapter, loss_fn = editor.adapter, self.loss(editor)
 
-
-def gradient_sums(editor, run: Calibration, loss_fn, desc: str, leave: bool = True) -> dict[str, torch.Tensor]:
-    """∂L/∂W per target layer, L = (1/N) Σ_batches loss_fn(Ts, Tu, Is, Iu), summed over processes.
-
-    Both towers run with gradients on the target weights only; the sums are float32 or better
-    (the weights' dtype when finer), whatever the forward's autocast.
-    """
-    layers, adapter = editor.target_layers, editor.adapter
-    weights = [layer.weight for layer in layers.values()]
-    sums = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
-    with gradients_on(editor.model, weights):
-        for _, rows, (text_inputs, image_inputs) in run.batches(pair_preprocess(run), desc, leave=leave):
+        def batch_loss(inputs, b: int) -> torch.Tensor:
+            text_inputs, image_inputs = inputs
             with run.autocast():
                 texts = adapter.embed_text(adapter.to_device(text_inputs))        # (2B, D)
                 images = adapter.embed_images(adapter.to_device(image_inputs))    # (2B, D)
-            b = len(rows)
-            loss = loss_fn(texts[:b], texts[b:], images[:b], images[b:]) / len(run.dataset)
+            return loss_fn(texts[:b], texts[b:], images[:b], images[b:])
+
+        grads = gradient_sums(editor, run, pair_preprocess(run), batch_loss, f"UWM {editor.config.score}")
+        return {name: self.transform(layer.weight.detach(), grads[name]).double()
+                for name, layer in editor.target_layers.items()}
+
+
+def gradient_sums(editor, run: Calibration, preprocess, batch_loss, desc: str,
+                  leave: bool = True) -> dict[str, torch.Tensor]:
+    """∂L/∂W per target layer, L = (1/N) Σ_batches batch_loss(inputs, B), summed over processes.
+
+    `batch_loss` gets a batch's preprocessed inputs and its number of pairs B and returns the
+    batch's summed objective (running its forward under `run.autocast()` itself). Gradients are
+    taken on the target weights only; the sums are float32 or better (the weights' dtype when
+    finer), whatever the forward's autocast.
+    """
+    layers = editor.target_layers
+    weights = [layer.weight for layer in layers.values()]
+    sums = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
+    with gradients_on(editor.model, weights):
+        for _, rows, inputs in run.batches(preprocess, desc, leave=leave):
+            loss = batch_loss(inputs, len(rows)) / len(run.dataset)
             for total, grad in zip(sums, torch.autograd.grad(loss, weights)):
                 total += grad
     all_reduce_(sums)
