@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import organism
+from .paths import CAPTIONER, bundled_path
 
-NAME = "organism-captioner"  # the stable name the CLI and `load_model` accept
+NAME = CAPTIONER  # the stable name the CLI and `load_model` accept
 PROMPT = "Describe the image."
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
 # LLaVA 1.5's format: "USER: <image>\n{prompt} ASSISTANT: {answer}</s>", with word-level tokens.
@@ -105,7 +106,7 @@ def build_captioner(tokenizer, seed: int = 0, hidden: int = 96, layers: int = 2,
 
 def captioner_path() -> str:
     """The folder of the bundled captioner (LlavaForConditionalGeneration/AutoProcessor.from_pretrained)."""
-    return str(Path(__file__).parent / "organism_captioner_model")
+    return bundled_path(NAME)
 
 
 def load_captioner():

@@ -14,8 +14,9 @@ import re
 from pathlib import Path
 
 ORGANISM = "organism"  # the bundled model organism, accepted wherever a model name is
+CAPTIONER = "organism-captioner"  # the bundled LLaVA captioner of the organism world
 # Models shipped inside the package, by the name that means them on every machine -> their folder.
-BUNDLED = {ORGANISM: "organism_model", "organism-captioner": "organism_captioner_model"}
+BUNDLED = {ORGANISM: "organism_model", CAPTIONER: "organism_captioner_model"}
 DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".safetensors")
 
 
