@@ -30,10 +30,14 @@ class UWMConfig:
     `shared_budget`: select over all target layers jointly (one ranking, n = all their weights)
     instead of per layer; `None` means on for "iterative_attribution", off otherwise.
 
-    score="iterative_attribution" flips weights in `rounds` rounds, each taking the top
+    score="iterative_attribution" flips weights in at most `rounds` rounds, each taking the top
     ⌈round_density · n⌉ not yet flipped by W⊙∂m/∂W − curvature_weight · (knowledge curvature),
     re-scored on the model as edited so far; `curvature_probes` random probes estimate the
-    curvature. tau, selection and density do not apply to it.
+    curvature. tau, selection and density do not apply to it. It sets its own strength: a seeded
+    `holdout` fraction of the calibration pairs never feeds a gradient, and after each round the
+    edit stops once their GS reaches `goal` (percent) or their knowledge measure has lost more than
+    `knowledge_budget` points (the round that crossed it is not kept). `goal=None` and
+    `knowledge_budget=None` switch either half off; with both off and `holdout=0` every round runs.
     """
 
     tau: float | None = None
@@ -50,8 +54,11 @@ class UWMConfig:
     batch_size: int = 32
     seed: int = 0
     shared_budget: bool | None = None
-    rounds: int = 19
+    rounds: int = 40
     round_density: float = 0.001
+    goal: float | None = 95.0
+    knowledge_budget: float | None = 2.0
+    holdout: float = 0.2
     curvature_weight: float = 4.0
     curvature_probes: int = 8
     extra: dict = field(default_factory=dict)
@@ -95,6 +102,17 @@ class UWMConfig:
                "(there are no more weights to flip)")
         _check("curvature_weight", _is_number(self.curvature_weight) and math.isfinite(self.curvature_weight)
                and self.curvature_weight >= 0, "curvature_weight must be a finite number ≥ 0 (0: no penalty)")
+        _check("goal", self.goal is None or (_is_number(self.goal) and 0 < self.goal <= 100),
+               "goal must be a percentage in (0, 100] (the held-out GS at which the edit stops) or None")
+        _check("knowledge_budget", self.knowledge_budget is None or (_is_number(self.knowledge_budget)
+                                                                     and self.knowledge_budget >= 0),
+               "knowledge_budget must be a number of points ≥ 0 (what the held-out knowledge measure may lose) "
+               "or None")
+        _check("holdout", _is_number(self.holdout) and 0 <= self.holdout < 1,
+               "holdout must be a fraction in [0, 1) of the calibration pairs kept out of the gradients")
+        _check("holdout", self.holdout > 0 or (self.goal is None and self.knowledge_budget is None),
+               "holdout=0 leaves nothing to measure the stopping rule on: set goal=None and "
+               "knowledge_budget=None too, or a holdout such as 0.2")
         _check("curvature_probes", _is_int(self.curvature_probes) and self.curvature_probes >= 1,
                "curvature_probes must be a positive integer (random probes of the knowledge curvature)")
         _check("extra", isinstance(self.extra, dict), "extra must be a dict of JSON values")
