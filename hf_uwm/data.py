@@ -563,6 +563,15 @@ class PreprocessedPairs:
         cut = lambda side: {t: {k: v[rows] for k, v in inputs.items()} for t, inputs in side.items()}  # noqa: E731
         return PreprocessedPairs(cut(self.safe), cut(self.unsafe))
 
+    def select(self, rows) -> "PreprocessedPairs":
+        """The pairs at the given row indices, in that order (as `datasets.Dataset.select`)."""
+        import torch
+
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        cut = lambda side: {t: {k: v[index.to(v.device)] for k, v in inputs.items()}  # noqa: E731
+                            for t, inputs in side.items()}
+        return PreprocessedPairs(cut(self.safe), cut(self.unsafe))
+
     @property
     def column_names(self) -> list[str]:
         return list(columns_for(tuple(self.safe)))

@@ -15,6 +15,7 @@ unedited model (round 0).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 
 GOAL_REACHED = "goal reached"
@@ -61,3 +62,24 @@ def summary(trajectory: list[Step], kept: int, reason: str | None, max_rounds: i
     """One line for a model card or the CLI: 'stopped after 11 of 40 rounds: knowledge budget reached'."""
     text = f"stopped after {kept} of {max_rounds} rounds"
     return f"{text}: {reason}" if reason else text
+
+
+def holdout_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(rows that feed gradients, held-out rows) of n calibration pairs, both sorted.
+
+    ⌈fraction · n⌉ rows are held out (none when fraction is 0), drawn by a permutation keyed by
+    `seed` alone, so every process and every resumed run holds out the same rows.
+    """
+    import math
+
+    import torch
+
+    count = math.ceil(fraction * n) if fraction > 0 else 0
+    if count and count >= n:
+        raise ValueError(f"Holding out {count} of {n} calibration pairs leaves none for the gradients: give more "
+                         "pairs or a smaller holdout.")
+    digest = hashlib.sha256(f"hf_uwm.holdout/{seed}".encode()).digest()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
+    held = sorted(order[:count].tolist())
+    kept = sorted(order[count:].tolist())
+    return kept, held
