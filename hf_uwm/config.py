@@ -33,7 +33,7 @@ class UWMConfig:
     score="iterative_attribution" flips weights in at most `rounds` rounds, each taking the top
     ⌈round_density · n⌉ not yet flipped by W⊙∂m/∂W − curvature_weight · (knowledge curvature),
     re-scored on the model as edited so far; `curvature_probes` random probes estimate the
-    curvature. tau, selection and density do not apply to it. It sets its own strength: a seeded
+    curvature, anew every `curvature_every` rounds. tau, selection and density do not apply to it. It sets its own strength: a seeded
     `holdout` fraction of the calibration pairs never feeds a gradient, and after each round the
     edit stops once their GS reaches `goal` (percent) or their knowledge measure has lost more than
     `knowledge_budget` points (the round that crossed it is not kept). `goal=None` and
@@ -61,6 +61,7 @@ class UWMConfig:
     holdout: float = 0.2
     curvature_weight: float = 4.0
     curvature_probes: int = 8
+    curvature_every: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -115,6 +116,8 @@ class UWMConfig:
                "knowledge_budget=None too, or a holdout such as 0.2")
         _check("curvature_probes", _is_int(self.curvature_probes) and self.curvature_probes >= 1,
                "curvature_probes must be a positive integer (random probes of the knowledge curvature)")
+        _check("curvature_every", _is_int(self.curvature_every) and self.curvature_every >= 1,
+               "curvature_every must be a positive integer (rounds between two estimates of the curvature)")
         _check("extra", isinstance(self.extra, dict), "extra must be a dict of JSON values")
 
     @classmethod

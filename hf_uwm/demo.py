@@ -1,9 +1,10 @@
 """`hf-uwm demo`: the whole job on a model organism, with honest controls.
 
-For each method (UWM as published, attribution, iterative knowledge-guarded attribution) a small
-grid of settings is evaluated on the validation split, each beside a random control of the same
-size, and `hf_uwm.sweep.choose` picks one by a rule fixed in advance (within a zero-shot budget,
-GS interval above the control's, highest GS). Only then is the chosen edit measured once on the
+For UWM as published and attribution a small grid of settings is evaluated on the validation
+split, each beside a random control of the same size, and `hf_uwm.sweep.choose` picks one by a
+rule fixed in advance (within a zero-shot budget, GS interval above the control's, highest GS).
+Iterative, knowledge-guarded attribution has no grid: it runs with its defaults and stops by
+itself on a held-out slice of the calibration pairs; the validation split only reports on it. Only then is the chosen edit measured once on the
 test split beside its random control, with bootstrap 95% intervals. A method with no setting that
 beats its control is still shown on test (the setting the rule picks when the control check is
 dropped), marked as being at chance level.
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 
 from .config import UWMConfig
+from .methods.stopping import summary
 
 N_CALIBRATION, N_VALIDATION, N_TEST, N_ZERO_SHOT = 256, 300, 1000, 500
 BOOTSTRAP = 1000
@@ -23,17 +25,13 @@ MAX_ZERO_SHOT_DROP = 2.0  # points, on validation; see docs/ablations.md for how
 # already costs more on validation).
 TAUS = (0.005, 0.01, 0.02)
 DENSITIES = (0.0025, 0.005, 0.01)
-ROUNDS = (4, 7, 10, 13, 16, 19, 22)
-CURVATURE_WEIGHTS = (2.0, 4.0)
 METHODS = {
     # name: (config, grid of UWMConfig changes, folder)
     "UWM": (UWMConfig(), [{"tau": t} for t in TAUS], "uwm"),
     "attribution": (UWMConfig(score="attribution", selection="fixed", vision_targets=[]),
                     [{"density": d} for d in DENSITIES], "attribution"),
-    # Calibrated once per λ for the most rounds; fewer rounds are re-selected from the same run.
-    "iterative attribution": (UWMConfig(score="iterative_attribution", rounds=max(ROUNDS)),
-                              [{"curvature_weight": w, "rounds": r} for w in CURVATURE_WEIGHTS for r in ROUNDS],
-                              "iterative-attribution"),
+    # No grid: the method sets its own strength on a held-out slice of the calibration pairs.
+    "iterative attribution": (UWMConfig(score="iterative_attribution"), [{}], "iterative-attribution"),
 }
 OUTPUT_FILES = ("validation_sweep.csv", "validation_pareto.png", "test_results.png", "test_results.md", "results.json")
 BAR_METRICS = ("P_u^t", "P_u^v", "PU", "GS")
@@ -109,6 +107,9 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
                            base_model=base_model).calibrate(calibration, progress=progress)
         method_rows = sw.sweep(editor, grid, on_validation, calibration=calibration, method=name,
                                control_seed=seed, progress=progress)
+        for row in method_rows:
+            if row.editor.stop is not None and not row.setting:   # say where the edit stopped by itself
+                row.setting = {"self-set": summary(*row.editor.stop, row.editor.config.rounds)}
         rows += method_rows
         chosen, status[name] = _choose(method_rows, base_validation, max_zero_shot_drop)
         chosen_rows[name] = chosen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read
                     write_delta)
 from .hub import push_edit, render_card, resolve_delta_folder
 from .methods import Calibration, Method, method_for
+from .methods.base import broadcast_from_main, scale_
+from .methods.stopping import Step
 from .paths import check_local, model_location, portable_base_name
 from .selection import layer_generator, select_random
 
@@ -42,9 +45,11 @@ class UWMEditor:
         self.base_model = base_model or getattr(model.config, "_name_or_path", "") or None
         self.base_revision = base_revision or getattr(model.config, "_commit_hash", None)
         self.scores: dict[str, torch.Tensor] = {}
+        self.trajectory: list[Step] | None = None   # per round, for methods that edit in rounds
         self.delta: dict[str, torch.Tensor] = {}
         self.fingerprint: str | None = None
         self._originals: dict[str, torch.Tensor] | None = None
+        self._recorded_stop: dict | None = None   # a loaded delta's `stop` (it carries no scores)
 
     # --- configuration ---------------------------------------------------------------------
     def _resolved(self, config: UWMConfig) -> UWMConfig:
@@ -123,6 +128,8 @@ class UWMEditor:
                              f"this {type(self.model).__name__} has; apply it to its base model "
                              f"{record['base_model']!r}.")
         self.delta, self.fingerprint = indices, record["fingerprint"]
+        self.trajectory = [Step.from_dict(s) for s in record["trajectory"]] if record.get("trajectory") else None
+        self._recorded_stop = record.get("stop")
         self.check_base()  # before anyone spends time evaluating or calibrating the wrong model
 
     # --- calibration ---------------------------------------------------------------------------
@@ -170,15 +177,12 @@ class UWMEditor:
                           num_workers=num_workers, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           autocast=autocast)
         self.scores = method.scores(self, run)
+        self.trajectory = run.trajectory
         self.fingerprint = pending_fingerprint.result()
         # Selection runs where the scores were summed (a GPU model selects on the GPU); the editor
         # then keeps scores and delta on the CPU.
-        delta = [{name: idx.cpu() for name, idx in self.select().items()} if state.is_main_process else None]
-        if state.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(delta)
-        self.delta = delta[0]
+        self.delta = broadcast_from_main({name: idx.cpu() for name, idx in self.select().items()}
+                                         if state.is_main_process else None)
         self.scores = {name: s.cpu() for name, s in self.scores.items()}
         return self
 
@@ -187,7 +191,15 @@ class UWMEditor:
         """The delta (sorted flat indices per layer) that the current config selects from `scores`."""
         if not self.scores:
             raise ValueError("No scores yet: call calibrate(dataset) first.")
-        return self.method.select(self.scores, self.config)
+        return self.method.select(self.scores, self.config, self.trajectory)
+
+    @property
+    def stop(self) -> tuple[int, str | None] | None:
+        """(rounds kept, why the edit stopped) for a method that edits in rounds, else None."""
+        kept_rounds = getattr(self.method, "kept_rounds", None)
+        if kept_rounds is None or not self.scores:
+            return None
+        return kept_rounds(self.scores, self.config, self.trajectory)
 
     def with_settings(self, **changes) -> "UWMEditor":
         """An editor of the same model re-selected from the cached scores: no forward pass.
@@ -212,6 +224,7 @@ class UWMEditor:
             raise ValueError(f"No cached scores for {missing[:3]}: targets can only shrink to layers already "
                              "scored; calibrate with those targets to score them.")
         edited.scores = {name: self.scores[name] for name in edited.target_layers}
+        edited.trajectory = self.trajectory
         if set(edited.target_layers) == set(self.target_layers):
             edited.fingerprint = self.fingerprint
         elif self.is_applied or fingerprint(self.target_layers) != self.fingerprint:
@@ -228,7 +241,8 @@ class UWMEditor:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "hf_uwm.scores", "config": self.config.to_json_string(), "fingerprint": self.fingerprint,
-                "model_class": type(self.model).__name__}
+                "model_class": type(self.model).__name__,
+                **({"trajectory": json.dumps([s.to_dict() for s in self.trajectory])} if self.trajectory else {})}
         save_file_atomic(self.scores, path, meta)
         return path
 
@@ -252,6 +266,8 @@ class UWMEditor:
         if meta.get("fingerprint") != fingerprint(self.target_layers):
             raise ValueError(f"The cached scores in {path} belong to other model weights.")
         self.scores, self.fingerprint = scores, meta["fingerprint"]
+        self.trajectory = ([Step.from_dict(s) for s in json.loads(meta["trajectory"])] if "trajectory" in meta
+                           else None)
         self.delta = self.select()
         return self
 
@@ -277,14 +293,8 @@ class UWMEditor:
             raise RuntimeError("The edit is already applied; applying it twice would compound it "
                                "(with alpha=-1 it would undo it). Call revert() first.")
         self.check_base()
-        layers, originals = self.target_layers, {}
-        with torch.no_grad():
-            for name, idx in self.delta.items():
-                flat = layers[name].weight.view(-1)
-                idx = idx.to(flat.device)
-                originals[name] = flat[idx].clone()
-                flat[idx] = flat[idx] * self.config.alpha
-        self._originals = originals
+        layers = self.target_layers
+        self._originals = {name: scale_(layers[name].weight, idx, self.config.alpha) for name, idx in self.delta.items()}
         return self.model
 
     def revert(self):
@@ -339,7 +349,19 @@ class UWMEditor:
                               "tower": next(t for t in self.towers if name in self.layers[t])}
                        for name, idx in self.delta.items()},
             "counts": self.counts(),
+            **self._stop_record(),
         }
+
+    def _stop_record(self) -> dict:
+        """`trajectory` (the held-out measures per round) and `stop` of a method that edits in rounds."""
+        stop = self.stop
+        if stop is None and self._recorded_stop is None:
+            return {}
+        record = {"stop": self._recorded_stop if stop is None else
+                  {"rounds": stop[0], "reason": stop[1], "max_rounds": self.config.rounds}}
+        if self.trajectory:
+            record["trajectory"] = [step.to_dict() for step in self.trajectory]
+        return record
 
     def save_pretrained(self, save_directory: str | Path, report=None, *, is_main_process: bool = True,
                         dataset_name: str | None = None, zero_shot_dataset: str | None = None) -> Path:

@@ -21,6 +21,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from . import __version__
 from .data import hint
 from .delta import CARD_NAME, CONFIG_NAME, DELTA_FILES
+from .methods.stopping import summary
 from .paths import BUNDLED, ORGANISM, check_local, is_hub_id, organism_path
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _card_context(record: dict, reports: dict) -> dict:
         "model_class": record["model_class"],
         "config": cfg,
         "alpha": cfg["alpha"],
-        "selection": _selection_text(cfg),
+        "selection": _selection_text(cfg, record.get("stop")),
         "towers": towers,
         "layers": layers,
         "total_selected": f"{sum(t['selected'] for t in towers):,}",
@@ -231,9 +232,13 @@ def _card_context(record: dict, reports: dict) -> dict:
     }
 
 
-def _selection_text(cfg: dict) -> str:
+def _selection_text(cfg: dict, stop: dict | None = None) -> str:
     if cfg["score"] == "iterative_attribution":
-        return (f"iterative, {cfg['rounds']} rounds of {cfg['round_density']:g} of the target weights "
+        rounds = (summary(stop["rounds"], stop["reason"], stop["max_rounds"]) if stop
+                  else f"{cfg['rounds']} rounds")
+        rule = (f" (held-out {cfg.get('holdout', 0):g} of the calibration pairs: goal GS ≥ {cfg.get('goal')}, "
+                f"knowledge budget {cfg.get('knowledge_budget')} points)" if stop and stop.get("reason") else "")
+        return (f"iterative, {rounds}{rule}; rounds of {cfg['round_density']:g} of the target weights "
                 f"({'one budget over all layers' if cfg['shared_budget'] else 'per layer'}), "
                 f"curvature weight λ = {cfg['curvature_weight']:g}, {cfg['curvature_probes']} probes")
     rule = f"adaptive, τ = {cfg['tau']}" if cfg["selection"] == "adaptive" else f"fixed, density = {cfg['density']}"

@@ -16,8 +16,8 @@ def small(monkeypatch):
     small_methods = {
         "UWM": (demo.METHODS["UWM"][0], [{"tau": 0.02}], "uwm"),
         "attribution": (demo.METHODS["attribution"][0], [{"density": 0.02}], "attribution"),
-        "iterative attribution": (dataclasses.replace(demo.METHODS["iterative attribution"][0], rounds=2),
-                                  [{"rounds": 1}, {"rounds": 2}], "iterative-attribution"),
+        "iterative attribution": (dataclasses.replace(demo.METHODS["iterative attribution"][0], rounds=2), [{}],
+                                  "iterative-attribution"),
     }
     assert small_methods.keys() == demo.METHODS.keys()
     monkeypatch.setattr(demo, "METHODS", small_methods)
@@ -44,6 +44,7 @@ def test_demo_writes_deltas_tables_and_plots(small, organism_copy, tmp_path, cap
     assert set(results["test"]) == {"base", "UWM", "random (UWM)", "attribution", "random (attribution)",
                                     "iterative attribution", "random (iterative attribution)"}
     assert {r["status"] for r in results["chosen"].values()} <= {"chosen", "at chance", "over budget"}
+    assert results["chosen"]["iterative attribution"]["setting"]["self-set"].startswith("stopped after")
     assert "| random control |" in (out / "test_results.md").read_text()
     for name in ("test_results.png", "validation_pareto.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

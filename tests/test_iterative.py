@@ -25,7 +25,9 @@ def data():
 
 
 def iterative(**settings):
-    return UWMConfig(score="iterative_attribution", **settings)
+    """The method with every round run (no held-out slice, no stopping rule), as its definition."""
+    return UWMConfig(score="iterative_attribution", **{"goal": None, "knowledge_budget": None, "holdout": 0,
+                                                      **settings})
 
 
 def state_of(model):
@@ -167,15 +169,15 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path, m
     reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
     before = state_of(model)
     rounds_run = []
-    original_round = IterativeAttribution._round
+    original_round = IterativeAttribution.round_scores
 
-    def dying_round(self, editor, run, round_index, flipped):
+    def dying_round(self, editor, run, round_index):
         rounds_run.append(round_index)
         if len(rounds_run) == kill_at:
             raise Killed
-        return original_round(self, editor, run, round_index, flipped)
+        return original_round(self, editor, run, round_index)
 
-    monkeypatch.setattr(IterativeAttribution, "_round", dying_round)
+    monkeypatch.setattr(IterativeAttribution, "round_scores", dying_round)
     with pytest.raises(Killed):
         UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
     assert_same_state(model, before)          # the rounds done before the kill are undone too

@@ -1,5 +1,6 @@
 """Distributed, resumable and mixed-precision calibration (issue 6)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -39,15 +40,21 @@ def read(path):
 
 @pytest.mark.parametrize("config", [UWMConfig(batch_size=2), UWMConfig(batch_size=2, score="attribution"),
                                     UWMConfig(batch_size=2, score="iterative_attribution", rounds=3,
-                                              round_density=0.005, curvature_probes=2)],
-                         ids=["ratio", "attribution", "iterative_attribution"])
+                                              round_density=0.005, curvature_probes=2),
+                                    UWMConfig(batch_size=2, score="iterative_attribution", rounds=6,
+                                              round_density=0.005, curvature_probes=2, goal=None,
+                                              knowledge_budget=10.0)],   # stops at round 3 of 6
+                         ids=["ratio", "attribution", "iterative_attribution", "iterative_attribution_stopping"])
 def test_two_processes_match_one_process(tmp_path, config):
     run_two_processes(tmp_path / "run", config)
     ranks = [read(tmp_path / f"run.rank{r}.safetensors") for r in (0, 1)]
     assert ranks[0][1]["processes"] == "2"
     model, processor = make_clip(dtype=torch.float64)
     single = UWMEditor(model, processor, config).calibrate(make_pairs(7, seed=5), progress=False)
-    for tensors, _ in ranks:
+    for tensors, meta in ranks:
+        # the same held-out measures, and the same round at which the edit stopped
+        assert json.loads(meta["stop"]) == (list(single.stop) if single.stop else None)
+        assert json.loads(meta["trajectory"]) == [s.to_dict() for s in single.trajectory or []]
         for name, scores in single.scores.items():
             torch.testing.assert_close(tensors[f"score/{name}"], scores, rtol=1e-10, atol=1e-300)
             assert torch.equal(tensors[f"delta/{name}"], single.delta[name])

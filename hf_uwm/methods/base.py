@@ -56,8 +56,11 @@ class Method:
     def scores(self, editor, run: "Calibration") -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def select(self, scores: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-        """Adaptive (τ) or fixed (density) selection, per layer or over the shared budget."""
+    def select(self, scores: dict[str, torch.Tensor], config, trajectory=None) -> dict[str, torch.Tensor]:
+        """Adaptive (τ) or fixed (density) selection, per layer or over the shared budget.
+
+        `trajectory`: what an iterative method recorded per round (`stopping.Step`s), else None.
+        """
         def one(s, name):
             if config.selection == "fixed":
                 return select_fixed(s, config.density, name)
@@ -84,6 +87,15 @@ class Calibration:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every, self.autocast_dtype = checkpoint_every, autocast
         self._kept: list | None = None
+        self.trajectory: list | None = None   # filled by iterative methods: one `stopping.Step` per round
+        self.image_embeddings: list | None = None   # kept by methods whose images do not change
+        self.curvature: dict | None = None   # kept by iterative attribution between its refreshes
+
+    def subset(self, rows: list[int]) -> "Calibration":
+        """The same run on the pairs at `rows` only."""
+        return Calibration(self.dataset.select(rows), self.state, self.adapter, self.batch_size,
+                           progress=self.progress, num_workers=self.num_workers, checkpoint_dir=self.checkpoint_dir,
+                           checkpoint_every=self.checkpoint_every, autocast=self.autocast_dtype)
 
     def autocast(self):
         return torch.autocast(self.adapter.device.type, dtype=self.autocast_dtype,
@@ -151,6 +163,41 @@ class Calibration:
                      settings=settings, processes=self.state.num_processes, rank=rank)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
         return self.checkpoint_dir / f"{name}-rank{rank}.safetensors", key
+
+
+def broadcast_from_main(value):
+    """The main process's `value` on every process (a dict of tensors comes back on each one's device)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    devices = _devices(value)
+    shared = [_to_cpu(value)]
+    dist.broadcast_object_list(shared, src=0)
+    return _to_devices(shared[0], devices)
+
+
+def _devices(value):
+    return {k: v.device for k, v in value.items()} if isinstance(value, dict) and all(
+        isinstance(v, torch.Tensor) for v in value.values()) else None
+
+
+def _to_cpu(value):
+    return {k: v.cpu() for k, v in value.items()} if _devices(value) is not None else value
+
+
+def _to_devices(value, devices):
+    return {k: v.to(devices[k]) for k, v in value.items()} if devices is not None else value
+
+
+def scale_(weight: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
+    """W.flat[idx] *= α in place, without autograd; returns the values before the change."""
+    with torch.no_grad():
+        flat = weight.view(-1)
+        idx = idx.to(flat.device)
+        before = flat[idx].clone()
+        flat[idx] = before * alpha
+    return before
 
 
 def all_reduce_(tensors):

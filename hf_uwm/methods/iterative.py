@@ -1,5 +1,6 @@
 """Iterative, knowledge-guarded attribution (beyond the paper): flip weights in rounds, re-scoring
-the model as edited so far, with a second-order penalty for what the flips cost the safe captions.
+the model as edited so far, with a second-order penalty for what the flips cost the safe captions,
+until a held-out slice of the calibration pairs says the edit has gone far enough.
 
 Each round r, with the margin m = (1/N) Σ_b [2·s(Tu,Iu) − s(Tu,Is) − s(Ts,Iu)] of attribution:
 
@@ -13,11 +14,15 @@ and h the second-order change of T when w becomes αw. The top ⌈δ·n⌉ weigh
 all target layers jointly with a shared budget, else per layer) are multiplied by α; the delta is
 the union of the rounds. The scores kept are the round in which each weight was flipped (0: never),
 so any number of rounds up to the calibrated one is re-selected without a forward pass.
+
+`IterativeEdit` is the round loop any such method shares: the held-out slice, flipping and
+restoring, checkpoints, the trajectory and the stopping rule of `stopping.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import torch
@@ -25,77 +30,149 @@ from tqdm.auto import tqdm
 
 from ..selection import select_shared, select_top
 from .attribution import preference_margin
-from .base import Calibration, Method, all_reduce_, read_checkpoint, save_checkpoint
-from .gradients import accumulation_dtype, gradients_on, pair_preprocess
+from .base import Calibration, Method, all_reduce_, broadcast_from_main, read_checkpoint, save_checkpoint, scale_
+from .gradients import accumulation_dtype, cosine, gradients_on, pair_preprocess
+from .stopping import Step, holdout_rows, stopping_round
 
 
-class IterativeAttribution(Method):
-    needs_both_towers = True
+class IterativeEdit(Method):
+    """Edits in rounds on the model as edited so far; subclasses score one round and measure the slice."""
+
     resumable = True
     shared_budget_default = True
-    score_settings = ("score", "text_targets", "vision_targets", "alpha", "round_density", "curvature_weight",
-                      "curvature_probes", "shared_budget", "seed")
-    selection_settings = ("rounds",)
+    selection_settings = ("rounds", "goal", "knowledge_budget")
     targets_can_shrink = False   # the rounds ranked all target layers together
+    #: what every round's choice depends on (not goal, knowledge_budget or rounds: they say when to stop)
+    score_settings = ("score", "text_targets", "vision_targets", "alpha", "round_density", "shared_budget", "seed",
+                      "holdout")
 
-    def check(self, adapter, config):
-        if "text" not in adapter.towers:
-            raise ValueError(f"score='iterative_attribution' needs a text tower for its margin and its knowledge "
-                             f"curvature; {type(adapter.model).__name__} has none (a captioning objective for "
-                             "LLaVA is not implemented): use a UWM score such as 'ratio' on its vision tower.")
+    def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
+        """Per-weight scores of this round on the model as edited so far (higher: flip first)."""
+        raise NotImplementedError
 
-    def default_targets(self, adapter, tower: str) -> tuple[str, ...]:
-        return ("mlp.fc2",) if tower == "text" else ()
+    def start_measuring(self, editor, holdout):
+        """What `measure` needs from the unedited model (called before any flip)."""
+        raise NotImplementedError
 
-    def select(self, scores: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-        """The weights flipped in rounds 1..config.rounds."""
+    def measure(self, editor, holdout, state) -> tuple[float, float, dict]:
+        """(goal %, knowledge points lost, other measures) on the held-out pairs, as edited so far."""
+        raise NotImplementedError
+
+    # --- selection -----------------------------------------------------------------------------
+    def select(self, scores: dict[str, torch.Tensor], config, trajectory=None) -> dict[str, torch.Tensor]:
+        """The weights flipped in the rounds that `kept_rounds` keeps."""
+        kept, _ = self.kept_rounds(scores, config, trajectory)
+        return {name: ((s.flatten() > 0) & (s.flatten() <= kept)).nonzero().squeeze(1) for name, s in scores.items()}
+
+    def kept_rounds(self, scores, config, trajectory) -> tuple[int, str | None]:
+        """(rounds kept, why it stopped): by the stopping rule when a trajectory was recorded, else `rounds`."""
         calibrated = max(int(s.max()) for s in scores.values())
-        if config.rounds > calibrated:
-            raise ValueError(f"rounds={config.rounds} but only {calibrated} rounds were calibrated: calibrate again "
-                             "with more rounds (a checkpoint_dir lets a run continue where it stopped).")
-        return {name: ((s.flatten() > 0) & (s.flatten() <= config.rounds)).nonzero().squeeze(1)
-                for name, s in scores.items()}
+        if trajectory is None:
+            if config.rounds > calibrated:
+                raise ValueError(f"rounds={config.rounds} but only {calibrated} rounds were calibrated: calibrate "
+                                 "again with more rounds (a checkpoint_dir lets a run continue where it stopped).")
+            return config.rounds, None
+        kept, reason = stopping_round(trajectory, config.goal, config.knowledge_budget, config.rounds)
+        if kept == 0:
+            raise ValueError(f"The first round already costs {trajectory[1].cost:.2f} knowledge points on the held-out "
+                             f"pairs, more than knowledge_budget={config.knowledge_budget}: raise the budget, or "
+                             "lower round_density to edit in smaller steps.")
+        if reason is None:
+            raise ValueError(f"The calibration stopped after round {trajectory[-1].round}, before these settings "
+                             f"(rounds={config.rounds}, goal={config.goal}, knowledge_budget="
+                             f"{config.knowledge_budget}) would stop: calibrate again with them.")
+        return kept, reason
 
+    # --- the round loop ------------------------------------------------------------------------
     def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
         cfg, weights = editor.config, {name: layer.weight for name, layer in editor.target_layers.items()}
+        kept_rows, held_rows = holdout_rows(len(run.dataset), cfg.holdout, cfg.seed)
+        train = run.subset(kept_rows) if held_rows else run
+        holdout = run.dataset.select(held_rows) if held_rows else None
         flipped = {name: torch.zeros(w.numel(), dtype=torch.int32, device=w.device) for name, w in weights.items()}
-        path, key = run.checkpoint("iterative", editor.fingerprint,
-                                   {k: getattr(cfg, k) for k in self.score_settings + ("batch_size",)})
-        done = self._resume(path, key, flipped, cfg.rounds)
+        path, key = train.checkpoint("iterative", editor.fingerprint,
+                                     {k: getattr(cfg, k) for k in self.score_settings + ("batch_size",)})
+        done, trajectory = self._resume(path, key, flipped, cfg.rounds)
         originals = {name: w.detach().clone() for name, w in weights.items()}
         try:
+            state = self.start_measuring(editor, holdout) if holdout is not None else None
+            if holdout is not None and not trajectory:   # round 0: the unedited model
+                trajectory = [self._step(editor, holdout, state, 0, flipped)]
             for name, w in weights.items():
-                _flip_(w, (flipped[name] > 0).nonzero().squeeze(1), cfg.alpha)
-            bar = tqdm(range(done + 1, cfg.rounds + 1), desc="iterative attribution", initial=done,
-                       total=cfg.rounds, unit="round", disable=not (run.progress and run.state.is_main_process))
+                scale_(w, (flipped[name] > 0).nonzero().squeeze(1), cfg.alpha)
+            bar = tqdm(range(done + 1, cfg.rounds + 1), desc="rounds", initial=done, total=cfg.rounds,
+                       unit="round", disable=not (run.progress and run.state.is_main_process))
             for r in bar:
-                chosen = self._round(editor, run, r, flipped)
-                for name, idx in chosen.items():
+                if trajectory and stopping_round(trajectory, cfg.goal, cfg.knowledge_budget, cfg.rounds)[1]:
+                    break
+                for name, idx in self._choose(editor, train, r, flipped).items():
                     flipped[name][idx] = r
-                    _flip_(weights[name], idx, cfg.alpha)
+                    scale_(weights[name], idx, cfg.alpha)
+                if holdout is not None:
+                    trajectory.append(self._step(editor, holdout, state, r, flipped))
+                    bar.set_postfix(goal=f"{trajectory[-1].goal:.1f}", cost=f"{trajectory[-1].cost:.2f}")
                 if path:
-                    save_checkpoint(path, key, flipped, rounds_done=r)
-                bar.set_postfix(flipped=sum(int((f > 0).sum()) for f in flipped.values()))
+                    save_checkpoint(path, key, flipped, rounds_done=r,
+                                    trajectory=json.dumps([s.to_dict() for s in trajectory or []]))
         finally:
             with torch.no_grad():
                 for name, w in weights.items():
                     w.copy_(originals[name])
+        run.trajectory = trajectory
         return {name: f.view(weights[name].shape) for name, f in flipped.items()}
 
-    def _resume(self, path, key, flipped: dict[str, torch.Tensor], rounds: int) -> int:
-        """Restore the rounds a checkpoint holds (at most `rounds`); returns how many are done."""
+    def _step(self, editor, holdout, state, round_index: int, flipped) -> Step:
+        """The slice's measures after `round_index` rounds, the main process's on every process."""
+        with torch.no_grad():
+            goal, cost, measures = self.measure(editor, holdout, state)
+        step = Step(round_index, float(goal), float(cost), sum(int((f > 0).sum()) for f in flipped.values()),
+                    measures)
+        return broadcast_from_main(step)
+
+    def _resume(self, path, key, flipped: dict[str, torch.Tensor], rounds: int) -> tuple[int, list | None]:
+        """Restore the rounds a checkpoint holds (at most `rounds`); (rounds done, trajectory so far)."""
         saved = read_checkpoint(path, key)
         if saved is None:
-            return 0
+            return 0, None
         tensors, meta = saved
         done = min(int(meta["rounds_done"]), rounds)
         for name, f in flipped.items():
             restored = tensors[name].to(f.device)
             f.copy_(torch.where(restored <= done, restored, 0))
-        return done
+        steps = [Step.from_dict(s) for s in json.loads(meta.get("trajectory", "[]"))]
+        return done, [s for s in steps if s.round <= done] or None
 
-    def _round(self, editor, run: Calibration, round_index: int, flipped) -> dict[str, torch.Tensor]:
+    def _choose(self, editor, run: Calibration, round_index: int, flipped) -> dict[str, torch.Tensor]:
         """The indices per layer that round `round_index` flips, the same on every process."""
+        cfg = editor.config
+        scores = self.round_scores(editor, run, round_index)
+        for name, s in scores.items():
+            s.view(-1)[flipped[name] > 0] = -math.inf
+        if cfg.shared_budget:
+            count = math.ceil(cfg.round_density * sum(s.numel() for s in scores.values()))
+            chosen = select_shared(scores, lambda s, name: select_top(s, count, name))
+        else:
+            chosen = {name: select_top(s, math.ceil(cfg.round_density * s.numel()), name)
+                      for name, s in scores.items()}
+        return broadcast_from_main(chosen)
+
+
+class IterativeAttribution(IterativeEdit):
+    """The CLIP/SigLIP form: margin on both towers' embeddings, curvature of the safe-caption embeddings."""
+
+    needs_both_towers = True
+    score_settings = IterativeEdit.score_settings + ("curvature_weight", "curvature_probes", "curvature_every")
+
+    def check(self, adapter, config):
+        if "text" not in adapter.towers:
+            raise ValueError(f"score='iterative_attribution' needs a text tower for its margin and its knowledge "
+                             f"curvature; {type(adapter.model).__name__} has none: for LLaVA use "
+                             "score='caption_attribution', or a UWM score such as 'ratio' on its vision tower.")
+
+    def default_targets(self, adapter, tower: str) -> tuple[str, ...]:
+        return ("mlp.fc2",) if tower == "text" else ()
+
+    def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
         cfg, weights = editor.config, {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
         margin_grads, curvature = margin_and_curvature(editor, run, round_index)
         n_total = sum(w.numel() for w in weights.values())
@@ -112,55 +189,128 @@ class IterativeAttribution(Method):
             if cost_scale > 0:   # 0 when α = 1 (nothing changes) or the captions ignore the targets
                 for name, c in cost.items():
                     scores[name] -= cfg.curvature_weight * c / cost_scale
-        for name, s in scores.items():
-            s.view(-1)[flipped[name] > 0] = -math.inf
-        if cfg.shared_budget:
-            count = math.ceil(cfg.round_density * n_total)
-            chosen = select_shared(scores, lambda s, name: select_top(s, count, name))
-        else:
-            chosen = {name: select_top(s, math.ceil(cfg.round_density * s.numel()), name)
-                      for name, s in scores.items()}
-        return _same_on_every_process(run, chosen)
+        return scores
+
+    # --- the held-out slice ----------------------------------------------------------------------
+    def start_measuring(self, editor, holdout) -> dict:
+        """Inputs of the slice (kept on the CPU), the unedited model's safe-caption embeddings, and the
+        image embeddings when no vision weight is edited (they cannot change)."""
+        run = Calibration(holdout, _AllRows, editor.adapter, editor.config.batch_size, progress=False)
+        state = {"text": _slice_inputs(run, "text"), "vision": _slice_inputs(run, "vision")}
+        state["images"] = None if "vision" in editor.towers else _embed_slice(editor.adapter, state["vision"], "vision")
+        state["base"] = _embed_slice(editor.adapter, state["text"], "text")   # (2H, D)
+        return state
+
+    def measure(self, editor, holdout, state) -> tuple[float, float, dict]:
+        texts = _embed_slice(editor.adapter, state["text"], "text")                               # (2H, D)
+        images = state["images"] if state["images"] is not None else _embed_slice(editor.adapter, state["vision"],
+                                                                                    "vision")  # (2H, D)
+        measures = slice_measures(texts, images, state["base"])
+        return measures["GS"], measures["drift"], measures
+
+
+def slice_measures(texts: torch.Tensor, images: torch.Tensor, base_texts: torch.Tensor) -> dict[str, float]:
+    """SafeGround and knowledge measures of the held-out slice, in percent.
+
+    texts, images, base_texts: (2H, D) normalised embeddings of [safe; unsafe] items; base_texts are
+    the unedited model's. `drift` is 100·(1 − mean cosine of each safe caption with its unedited
+    embedding); `agreement` the percent of safe images whose most similar safe caption is the one
+    the unedited model picks (and `agreement_text` the same from the captions' side).
+    """
+    from ..metrics.safeground.safeground_core import compute_safeground
+
+    h = texts.shape[0] // 2
+    ts, tu, is_, iu = texts[:h].double(), texts[h:].double(), images[:h].double(), images[h:].double()
+    sims = [cosine(a, b).numpy() for a, b in ((ts, is_), (ts, iu), (tu, is_), (tu, iu))]
+    measures = compute_safeground(*sims)
+    base_ts = base_texts[:h].double()
+    measures["drift"] = float(100 * (1 - cosine(ts, base_ts).mean()))
+    edited, base = is_ @ ts.T, is_ @ base_ts.T                                               # (H, H) image × caption
+    measures["agreement"] = float(100 * (edited.argmax(1) == base.argmax(1)).double().mean())
+    measures["agreement_text"] = float(100 * (edited.argmax(0) == base.argmax(0)).double().mean())
+    return measures
+
+
+class _AllRows:
+    """One process's view of a slice that every process measures whole (no sharding)."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+
+def _slice_inputs(run: Calibration, tower: str) -> list:
+    """CPU inputs of [safe; unsafe] items of each batch of the slice."""
+    return [inputs for _, _, inputs in run.batches(run.preprocess(tower), "held-out pairs", leave=False)]
+
+
+def _embed_slice(adapter, batches: list, tower: str) -> torch.Tensor:
+    """(2H, D) float32 CPU embeddings of [safe; unsafe] items, from per-batch [safe_b; unsafe_b] inputs."""
+    embed = adapter.embed_text if tower == "text" else adapter.embed_images
+    with torch.no_grad():
+        parts = [embed(adapter.to_device(inputs)).float().cpu() for inputs in batches]        # each (2B, D)
+    safe = torch.cat([p[: len(p) // 2] for p in parts])
+    unsafe = torch.cat([p[len(p) // 2:] for p in parts])
+    return torch.cat([safe, unsafe])
 
 
 def margin_and_curvature(editor, run: Calibration, round_index: int):
     """(g, G) per target layer in one pass over the pairs; G is None when curvature_weight = 0.
 
     g = ∂m/∂W; G = (1/P) Σ_p (∂/∂W Σ_b r_{p,b}·T(Ts_b))². The probe gradients are summed over all
-    pairs (and processes) before they are squared; sums are float32 or better.
+    pairs (and processes) before they are squared; sums are float32 or better. The safe-caption
+    embeddings of the margin's forward serve the probes too. When no vision weight is a target,
+    images are embedded once per run. G is computed in round 1 and then every `curvature_every`
+    rounds, and reused in between (kept on the run).
     """
     cfg, adapter = editor.config, editor.adapter
     weights = [layer.weight for layer in editor.target_layers.values()]
-    with_curvature = cfg.curvature_weight > 0
-    margin = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
-    probes = [[torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
-              for _ in range(cfg.curvature_probes if with_curvature else 0)]
-    with gradients_on(editor.model, weights):
-        for _, rows, (text_inputs, image_inputs) in run.batches(pair_preprocess(run), f"round {round_index}",
-                                                                leave=False, keep=True):
-            b, text_inputs = len(rows), adapter.to_device(text_inputs)
-            with run.autocast():
-                texts = adapter.embed_text(text_inputs)                                   # (2B, D)
-                images = adapter.embed_images(adapter.to_device(image_inputs))            # (2B, D)
-            m = preference_margin(texts[:b], texts[b:], images[:b], images[b:]) / len(run.dataset)
-            for total, grad in zip(margin, torch.autograd.grad(m, weights)):
-                total += grad
-            if not with_curvature:
-                continue
-            with run.autocast():   # the safe captions alone: half the rows of `texts`
-                safe = adapter.embed_text({k: v[:b] for k, v in text_inputs.items()})     # (B, D)
-            directions = probe_directions(cfg.seed, round_index, rows, len(probes), safe.shape[-1])  # (P, B, D)
-            for p, totals in enumerate(probes):
-                grads = torch.autograd.grad(safe, weights, grad_outputs=directions[p].to(safe),
-                                            retain_graph=p + 1 < len(probes))
-                for total, grad in zip(totals, grads):
-                    total += grad
-    all_reduce_(margin + [t for totals in probes for t in totals])
     names = list(editor.target_layers)
-    if not with_curvature:
+    fresh = cfg.curvature_weight > 0 and (round_index - 1) % cfg.curvature_every == 0
+    probes = cfg.curvature_probes if fresh else 0
+    margin = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
+    curvature_sums = [[torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights] for _ in range(probes)]
+    images = _fixed_images(editor, run)
+    preprocess = run.preprocess("text") if images is not None else pair_preprocess(run)
+    with gradients_on(editor.model, weights):
+        for i, rows, inputs in run.batches(preprocess, f"round {round_index}", leave=False, keep=True):
+            b = len(rows)
+            with run.autocast():
+                if images is None:
+                    texts = adapter.embed_text(adapter.to_device(inputs[0]))                  # (2B, D)
+                    batch_images = adapter.embed_images(adapter.to_device(inputs[1]))         # (2B, D)
+                else:
+                    texts, batch_images = adapter.embed_text(adapter.to_device(inputs)), images[i]
+            m = preference_margin(texts[:b], texts[b:], batch_images[:b], batch_images[b:]) / len(run.dataset)
+            for total, grad in zip(margin, torch.autograd.grad(m, weights, retain_graph=probes > 0)):
+                total += grad
+            if probes:
+                safe = texts[:b]                                                              # (B, D)
+                directions = probe_directions(cfg.seed, round_index, rows, probes, safe.shape[-1])  # (P, B, D)
+                # One backward per probe: on CPU a loop is ~1.5x faster than is_grads_batched (measured).
+                for p, totals in enumerate(curvature_sums):
+                    grads = torch.autograd.grad(safe, weights, grad_outputs=directions[p].to(safe),
+                                                retain_graph=p + 1 < probes)
+                    for total, grad in zip(totals, grads):
+                        total += grad
+    all_reduce_(margin + [t for totals in curvature_sums for t in totals])
+    if cfg.curvature_weight == 0:
         return dict(zip(names, margin)), None
-    curvature = [sum(totals[i].square() for totals in probes) / len(probes) for i in range(len(weights))]
-    return dict(zip(names, margin)), dict(zip(names, curvature))
+    if fresh:
+        run.curvature = dict(zip(names, [sum(totals[i].square() for totals in curvature_sums) / probes
+                                         for i in range(len(weights))]))
+    return dict(zip(names, margin)), run.curvature
+
+
+def _fixed_images(editor, run: Calibration) -> list | None:
+    """Per batch, the (2B, D) image embeddings when no vision weight is edited (computed once per
+    run and kept on it); None when images change with the edit."""
+    if "vision" in editor.towers:
+        return None
+    if getattr(run, "image_embeddings", None) is None:
+        adapter = editor.adapter
+        with torch.no_grad(), run.autocast():
+            run.image_embeddings = [adapter.embed_images(adapter.to_device(inputs))
+                                    for _, _, inputs in run.batches(run.preprocess("vision"), "images", leave=False)]
+    return run.image_embeddings
 
 
 def probe_directions(seed: int, round_index: int, rows: list[int], count: int, dim: int) -> torch.Tensor:
@@ -171,21 +321,3 @@ def probe_directions(seed: int, round_index: int, rows: list[int], count: int, d
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
     return torch.stack([torch.randn(count, dim, generator=generator(row)) for row in rows], 1)
-
-
-def _flip_(weight: torch.Tensor, idx: torch.Tensor, alpha: float):
-    with torch.no_grad():
-        flat = weight.view(-1)
-        flat[idx] = flat[idx] * alpha
-
-
-def _same_on_every_process(run: Calibration, chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The main process's selection everywhere, so every process edits its model alike."""
-    if run.state.num_processes == 1:
-        return chosen
-    from accelerate.utils import broadcast_object_list
-
-    device = next(iter(chosen.values())).device
-    shared = [{name: idx.cpu() for name, idx in chosen.items()}]
-    broadcast_object_list(shared)
-    return {name: idx.to(device) for name, idx in shared[0].items()}

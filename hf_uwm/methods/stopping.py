@@ -58,7 +58,7 @@ def stopping_round(trajectory: list[Step], goal: float | None, knowledge_budget:
     return done, (MAX_ROUNDS if done >= max_rounds else None)
 
 
-def summary(trajectory: list[Step], kept: int, reason: str | None, max_rounds: int) -> str:
+def summary(kept: int, reason: str | None, max_rounds: int) -> str:
     """One line for a model card or the CLI: 'stopped after 11 of 40 rounds: knowledge budget reached'."""
     text = f"stopped after {kept} of {max_rounds} rounds"
     return f"{text}: {reason}" if reason else text

@@ -1,5 +1,6 @@
 """Run under two processes: calibrate on an uneven shard split and save scores and delta from rank 0."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,8 +24,9 @@ def main(out: str, config_json: str):
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items()), "model left edited"
     tensors = {f"score/{k}": v for k, v in editor.scores.items()}
     tensors.update({f"delta/{k}": v for k, v in editor.delta.items()})
+    stop = {"stop": json.dumps(editor.stop), "trajectory": json.dumps([s.to_dict() for s in editor.trajectory or []])}
     save_file(tensors, f"{out}.rank{state.process_index}.safetensors",
-              metadata={"processes": str(state.num_processes)})
+              metadata={"processes": str(state.num_processes), **stop})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,244 @@
+"""The self-setting strength of iterative attribution: held-out slice, trajectory, stopping rule."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_clip, make_pairs, make_siglip
+from hf_uwm import UWMConfig, UWMEditor
+from hf_uwm.methods.iterative import IterativeAttribution, slice_measures
+from hf_uwm.methods.stopping import BUDGET_REACHED, GOAL_REACHED, MAX_ROUNDS, Step, holdout_rows, stopping_round
+
+
+def steps(*rows):
+    """Step(round, goal, cost) from (goal, cost) per round, round 0 first."""
+    return [Step(r, goal, cost, 10 * r) for r, (goal, cost) in enumerate(rows)]
+
+
+# --- the rule, on hand-built trajectories --------------------------------------------------------
+def test_the_rule_keeps_the_round_before_the_first_that_spends_more_than_the_budget():
+    trajectory = steps((0, 0), (10, 0.5), (20, 1.0), (30, 2.5), (40, 1.0), (99, 9.0))
+    assert stopping_round(trajectory, goal=None, knowledge_budget=2.0, max_rounds=40) == (2, BUDGET_REACHED)
+    # exactly the budget is within it; the first round above it stops
+    assert stopping_round(trajectory, goal=None, knowledge_budget=2.5, max_rounds=40) == (4, BUDGET_REACHED)
+
+
+def test_the_rule_keeps_the_first_round_that_reaches_the_goal_unless_the_budget_stops_first():
+    trajectory = steps((0, 0), (50, 0.5), (95, 1.0), (99, 3.0))
+    assert stopping_round(trajectory, goal=95, knowledge_budget=2.0, max_rounds=40) == (2, GOAL_REACHED)
+    assert stopping_round(trajectory, goal=99, knowledge_budget=2.0, max_rounds=40) == (2, BUDGET_REACHED)
+    assert stopping_round(trajectory, goal=95, knowledge_budget=0.7, max_rounds=40) == (1, BUDGET_REACHED)
+    # the first round over budget stops, even if it reaches the goal too
+    assert stopping_round(steps((0, 0), (100, 5.0)), goal=95, knowledge_budget=2.0, max_rounds=40) == \
+        (0, BUDGET_REACHED)
+
+
+def test_the_rule_runs_to_the_maximum_or_says_it_has_not_stopped():
+    trajectory = steps((0, 0), (10, 0.1), (20, 0.2))
+    assert stopping_round(trajectory, goal=95, knowledge_budget=2.0, max_rounds=2) == (2, MAX_ROUNDS)
+    assert stopping_round(trajectory, goal=95, knowledge_budget=2.0, max_rounds=1) == (1, MAX_ROUNDS)
+    assert stopping_round(trajectory, goal=95, knowledge_budget=2.0, max_rounds=5) == (2, None)
+    assert stopping_round(trajectory, goal=None, knowledge_budget=None, max_rounds=5) == (2, None)
+
+
+def test_held_out_rows_are_seeded_sorted_disjoint_and_cover_every_pair():
+    kept, held = holdout_rows(50, 0.2, seed=3)
+    assert len(held) == 10 and sorted(kept + held) == list(range(50))
+    assert (kept, held) == holdout_rows(50, 0.2, seed=3) and held != holdout_rows(50, 0.2, seed=4)[1]
+    assert holdout_rows(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+    with pytest.raises(ValueError, match="leaves none for the gradients"):
+        holdout_rows(1, 0.5, seed=0)
+
+
+# --- the slice's measures against their definitions ----------------------------------------------
+def test_slice_measures_equal_their_definitions():
+    torch.manual_seed(0)
+    h, d = 7, 5
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    texts, images, base = unit(torch.randn(2 * h, d)), unit(torch.randn(2 * h, d)), unit(torch.randn(2 * h, d))
+    m = slice_measures(texts, images, base)
+    ts, tu, is_, iu, bs = texts[:h], texts[h:], images[:h], images[h:], base[:h]
+    gs = [float(ts[b] @ is_[b] > ts[b] @ iu[b]) * float(tu[b] @ is_[b] > tu[b] @ iu[b])
+          * float(ts[b] @ is_[b] > tu[b] @ is_[b]) * float(ts[b] @ iu[b] > tu[b] @ iu[b]) for b in range(h)]
+    assert m["GS"] == pytest.approx(100 * sum(gs) / h)
+    assert m["drift"] == pytest.approx(100 * (1 - sum(float(ts[b] @ bs[b]) for b in range(h)) / h))
+    same = [max(range(h), key=lambda c: float(is_[i] @ ts[c])) == max(range(h), key=lambda c: float(is_[i] @ bs[c]))
+            for i in range(h)]
+    assert m["agreement"] == pytest.approx(100 * sum(same) / h)
+    same = [max(range(h), key=lambda i: float(is_[i] @ ts[c])) == max(range(h), key=lambda i: float(is_[i] @ bs[c]))
+            for c in range(h)]
+    assert m["agreement_text"] == pytest.approx(100 * sum(same) / h)
+
+
+# --- calibration with the rule -----------------------------------------------------------------------
+def unique_pairs(n, seed=0):
+    """Pairs whose captions are all distinct, so a caption tells its row."""
+    names = ("apple banana cherry grape lemon mango olive peach pear plum melon kiwi lime fig date guava berry "
+             "onion carrot potato tomato pepper radish turnip").split()
+    data = make_pairs(n, seed=seed)
+    safe = [f"a photo of a {names[i]}" for i in range(n)]
+    return data.map(lambda row, i: {"safe_text": safe[i], "unsafe_text": safe[i] + " with a bloody knife"},
+                    with_indices=True)
+
+
+def self_setting(**settings):
+    return UWMConfig(score="iterative_attribution", **{"round_density": 0.01, "rounds": 6, "curvature_probes": 2,
+                                                      "batch_size": 4, **settings})
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return make_clip(dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return unique_pairs(20)
+
+
+def test_the_held_out_slice_never_enters_a_backward_pass(monkeypatch, clip, data):
+    model, processor = clip
+    from hf_uwm.adapters import Adapter
+
+    seen, embed = [], Adapter.embed_text
+
+    def recording(self, inputs):
+        out = embed(self, inputs)
+        if out.requires_grad:   # only the margin's forward builds a graph
+            seen.extend(processor.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True))
+        return out
+
+    monkeypatch.setattr(Adapter, "embed_text", recording)
+    editor = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=2))
+    editor.calibrate(data, progress=False)
+    kept, held = holdout_rows(len(data), 0.2, seed=0)
+    captions = {c for c in seen}
+    held_captions = {data[i][c] for i in held for c in ("safe_text", "unsafe_text")}
+    kept_captions = {data[i][c] for i in kept for c in ("safe_text", "unsafe_text")}
+    assert captions == kept_captions and not captions & held_captions
+    assert len(seen) == 2 * 2 * len(kept)    # two rounds, safe and unsafe captions of every kept row
+    assert [s.round for s in editor.trajectory] == [0, 1, 2]
+
+
+def test_images_are_embedded_once_when_no_vision_weight_is_edited(monkeypatch, clip, data):
+    from hf_uwm.adapters import Adapter
+
+    model, processor = clip
+    calls = []
+    embed = Adapter.embed_images
+    monkeypatch.setattr(Adapter, "embed_images", lambda self, inputs: calls.append(len(inputs["pixel_values"]))
+                        or embed(self, inputs))
+    UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=3)).calibrate(data, progress=False)
+    kept, held = holdout_rows(len(data), 0.2, seed=0)
+    assert sum(calls) == 2 * len(kept) + 2 * len(held)     # once for the gradients' pairs, once for the slice
+
+
+def first_over(costs, budget):
+    """The first round (≥ 1) whose cost exceeds the budget, written out."""
+    return next(r for r in range(1, len(costs)) if costs[r] > budget)
+
+
+def test_calibration_stops_by_the_rule_and_records_why(clip, data):
+    model, processor = clip
+    full = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None)).calibrate(data, progress=False)
+    costs = [s.cost for s in full.trajectory]
+    assert costs[0] == pytest.approx(0, abs=1e-4) and len(costs) == 7 and max(costs[1:]) > costs[1] > 0
+    budget = costs[1]                             # round 1 is within it; the first round above it stops
+    over = first_over(costs, budget)
+    stopped = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=budget)).calibrate(
+        data, progress=False)
+    assert stopped.stop == (over - 1, BUDGET_REACHED)
+    assert [s.round for s in stopped.trajectory] == list(range(over + 1))   # `over` was run, measured, not kept
+    assert all(torch.equal(stopped.delta[n], full.with_settings(rounds=over - 1).delta[n]) for n in full.delta)
+    # re-selection from the recorded trajectory, without a forward pass
+    assert full.with_settings(knowledge_budget=budget).stop == stopped.stop
+    goal = max(s.goal for s in full.trajectory[1:])
+    first = next(s.round for s in full.trajectory[1:] if s.goal >= goal)
+    assert full.with_settings(goal=goal).stop == (first, GOAL_REACHED)
+    with pytest.raises(ValueError, match="calibrate again"):
+        stopped.with_settings(knowledge_budget=max(costs) + 1)
+
+
+def test_a_resumed_run_stops_at_the_same_round(tmp_path, monkeypatch, clip, data):
+    model, processor = clip
+    steady = dict(round_density=0.002, rounds=8)
+    full = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, **steady))
+    goals = [s.goal for s in full.calibrate(data, progress=False).trajectory]
+    goal = max(goals[1:4])
+    first = next(r for r in range(1, len(goals)) if goals[r] >= goal)
+    assert first >= 3                             # so the run is killed before it stops
+    cfg = self_setting(goal=goal, knowledge_budget=None, **steady)
+    reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    original, rounds_run = IterativeAttribution.round_scores, []
+
+    def dying(self, editor, run, round_index):
+        rounds_run.append(round_index)
+        if round_index == 2 and rounds_run.count(2) == 1:
+            raise KeyboardInterrupt
+        return original(self, editor, run, round_index)
+
+    monkeypatch.setattr(IterativeAttribution, "round_scores", dying)
+    with pytest.raises(KeyboardInterrupt):
+        UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    resumed = UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    assert rounds_run == [1, 2, 2] + list(range(3, first + 1))
+    assert resumed.stop == reference.stop == (first, GOAL_REACHED)
+    assert [s.to_dict() for s in resumed.trajectory] == [s.to_dict() for s in reference.trajectory]
+    assert all(torch.equal(resumed.delta[n], reference.delta[n]) for n in reference.delta)
+    # a finished run read back from its checkpoint runs no round at all
+    rounds_run.clear()
+    again = UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    assert rounds_run == [] and again.stop == reference.stop
+
+
+def test_the_trajectory_and_the_stop_travel_with_the_delta(tmp_path, clip, data):
+    model, processor = clip
+    editor = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=2))
+    editor.calibrate(data, progress=False)
+    editor.save_pretrained(tmp_path / "delta")
+    record = json.loads((tmp_path / "delta" / "uwm_config.json").read_text())
+    assert record["stop"] == {"rounds": 2, "reason": MAX_ROUNDS, "max_rounds": 2}
+    assert [s["round"] for s in record["trajectory"]] == [0, 1, 2]
+    card = (tmp_path / "delta" / "README.md").read_text()
+    assert "stopped after 2 of 2 rounds: maximum rounds reached" in card
+    loaded = UWMEditor.from_pretrained(tmp_path / "delta", model=model, processor=processor)
+    assert [s.to_dict() for s in loaded.trajectory] == [s.to_dict() for s in editor.trajectory]
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "uwm_config.json").read_text())["stop"] == record["stop"]
+    # the score cache keeps the trajectory, so a new budget re-selects after loading it
+    editor.save_scores(tmp_path / "scores.safetensors")
+    cached = UWMEditor(model, processor, editor.config).load_scores(tmp_path / "scores.safetensors")
+    assert [s.to_dict() for s in cached.trajectory] == [s.to_dict() for s in editor.trajectory]
+
+
+def test_siglip_stops_by_the_same_rule(data):
+    model, processor = make_siglip()
+    full = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None)).calibrate(data, progress=False)
+    costs = [s.cost for s in full.trajectory]
+    over = first_over(costs, costs[1])
+    editor = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=costs[1]))
+    editor.calibrate(data, progress=False)
+    assert editor.stop == (over - 1, BUDGET_REACHED) and len(editor.trajectory) == over + 1
+    assert editor.trajectory[1].measures["GS"] == editor.trajectory[1].goal
+
+
+def test_a_budget_the_first_round_already_spends_is_a_clear_error(clip, data):
+    model, processor = clip
+    full = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=2))
+    full.calibrate(data, progress=False)
+    with pytest.raises(ValueError, match="first round already"):
+        full.with_settings(knowledge_budget=full.trajectory[1].cost / 2)
+
+
+@pytest.mark.parametrize("field,value", [("goal", 0), ("goal", 101), ("knowledge_budget", -1), ("holdout", 1.0),
+                                         ("holdout", -0.1)])
+def test_bad_rule_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"UWMConfig.{field}"):
+        UWMConfig(score="iterative_attribution", **{field: value})
+
+
+def test_no_holdout_needs_the_rule_switched_off():
+    with pytest.raises(ValueError, match="holdout=0 leaves nothing"):
+        UWMConfig(score="iterative_attribution", holdout=0)
+    UWMConfig(score="iterative_attribution", holdout=0, goal=None, knowledge_budget=None)
