@@ -7,8 +7,9 @@ Each method calibrates from scratch on the same pairs, in turn, `--repeats` time
 that drifts of a shared machine hit both alike; the table gives the median wall and CPU time of each
 (CPU time: all threads of this process; on a loaded machine it drifts less than wall time), the
 time per round of the iterative method and its ratios to UWM. Settings are the defaults of each
-method (UWM: ratio on text out_proj and vision fc2; iterative: text fc2, 19 rounds of 0.1%, λ = 4,
-8 probes) unless `--rounds` is given.
+method (UWM: ratio on text out_proj and vision fc2; iterative: text fc2, rounds of 0.1%, λ = 4,
+8 probes, stopping by itself on a held-out slice of the pairs) unless `--rounds` is given, which
+runs exactly that many rounds with the stopping rule off (a random model has nothing to stop for).
 """
 
 from __future__ import annotations
@@ -45,29 +46,33 @@ def main():
     torch.set_num_threads(args.threads)
     pairs = args.pairs or (256 if args.target == "organism" else 32)
     model, processor, data = pairs_and_model(args.target, pairs)
-    iterative = UWMConfig(score="iterative_attribution", batch_size=args.batch,
-                          **({"rounds": args.rounds} if args.rounds else {}))
+    fixed = {"rounds": args.rounds, "goal": None, "knowledge_budget": None} if args.rounds else {}
+    iterative = UWMConfig(score="iterative_attribution", batch_size=args.batch, **fixed)
     configs = {"UWM": UWMConfig(batch_size=args.batch), "iterative": iterative}
     # Warm-up: the first calibration of a process pays for lazy imports and allocator growth.
     UWMEditor(model, processor, configs["UWM"]).calibrate(data.select(range(min(len(data), args.batch))),
                                                           progress=False)
-    wall, cpu = {name: [] for name in configs}, {name: [] for name in configs}
+    wall, cpu, rounds = {name: [] for name in configs}, {name: [] for name in configs}, set()
     for _ in range(args.repeats):
         for name, config in configs.items():
             start, start_cpu = time.perf_counter(), time.process_time()
-            UWMEditor(model, processor, config).calibrate(data, progress=False)
+            editor = UWMEditor(model, processor, config).calibrate(data, progress=False)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
+            if editor.stop is not None:   # rounds run (the last one measured, kept or not)
+                rounds.add((editor.trajectory[-1].round if editor.trajectory else editor.stop[0], editor.stop))
     print(f"\n{args.target}, {pairs} pairs, batch {args.batch}, CPU, {torch.get_num_threads()} torch threads, "
           f"median of {args.repeats}")
     print(f"{'method':<10} {'wall s':>9} {'CPU s':>9}   all runs (wall s)")
     for name in configs:
         print(f"{name:<10} {statistics.median(wall[name]):>9.2f} {statistics.median(cpu[name]):>9.2f}   "
               + " ".join(f"{x:.2f}" for x in wall[name]))
+    (ran, (kept, reason)), = rounds   # the same in every repeat
+    print(f"iterative: ran {ran} rounds, kept {kept} ({reason or 'fixed number of rounds'})")
     for label, t in (("wall", wall), ("CPU", cpu)):
         it, uwm = statistics.median(t["iterative"]), statistics.median(t["UWM"])
-        print(f"{label}: iterative {iterative.rounds} rounds, {it / iterative.rounds:.2f} s per round "
-              f"({it / iterative.rounds / uwm:.1f}x one UWM calibration); iterative / UWM {it / uwm:.1f}x")
+        print(f"{label}: {it / ran:.2f} s per round ({it / ran / uwm:.1f}x one UWM calibration); "
+              f"iterative / UWM {it / uwm:.1f}x")
 
 
 if __name__ == "__main__":

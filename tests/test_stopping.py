@@ -242,3 +242,37 @@ def test_no_holdout_needs_the_rule_switched_off():
     with pytest.raises(ValueError, match="holdout=0 leaves nothing"):
         UWMConfig(score="iterative_attribution", holdout=0)
     UWMConfig(score="iterative_attribution", holdout=0, goal=None, knowledge_budget=None)
+
+
+def test_a_curvature_kept_between_refreshes_equals_its_first_estimate_and_survives_a_resume(tmp_path, monkeypatch,
+                                                                                           clip, data):
+    from hf_uwm.methods import iterative
+
+    model, processor = clip
+    cfg = self_setting(goal=None, knowledge_budget=None, rounds=4, curvature_every=2)
+    fresh_rounds, original = [], iterative.probe_directions
+
+    def counting(seed, round_index, *args):
+        fresh_rounds.append(round_index)
+        return original(seed, round_index, *args)
+
+    monkeypatch.setattr(iterative, "probe_directions", counting)
+    reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    assert sorted(set(fresh_rounds)) == [1, 3]          # estimated in rounds 1 and 3, reused in 2 and 4
+    every = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=4))
+    every.calibrate(data, progress=False)
+    assert all(torch.equal(reference.scores[n] == 1, every.scores[n] == 1) for n in every.scores)   # round 1 alike
+    assert any(not torch.equal(reference.scores[n], every.scores[n]) for n in every.scores)   # then reused
+    original_round = IterativeAttribution.round_scores
+
+    def dying(self, editor, run, round_index):
+        if round_index == 2 and not hasattr(dying, "done"):
+            dying.done = True
+            raise KeyboardInterrupt
+        return original_round(self, editor, run, round_index)
+
+    monkeypatch.setattr(IterativeAttribution, "round_scores", dying)
+    with pytest.raises(KeyboardInterrupt):
+        UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    resumed = UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    assert all(torch.equal(resumed.scores[n], reference.scores[n]) for n in reference.scores)

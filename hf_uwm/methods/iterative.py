@@ -92,7 +92,7 @@ class IterativeEdit(Method):
         flipped = {name: torch.zeros(w.numel(), dtype=torch.int32, device=w.device) for name, w in weights.items()}
         path, key = train.checkpoint("iterative", editor.fingerprint,
                                      {k: getattr(cfg, k) for k in self.score_settings + ("batch_size",)})
-        done, trajectory = self._resume(path, key, flipped, cfg.rounds)
+        done, trajectory = self._resume(path, key, flipped, cfg.rounds, train)
         originals = {name: w.detach().clone() for name, w in weights.items()}
         try:
             state = self.start_measuring(editor, holdout) if holdout is not None else None
@@ -112,7 +112,9 @@ class IterativeEdit(Method):
                     trajectory.append(self._step(editor, holdout, state, r, flipped))
                     bar.set_postfix(goal=f"{trajectory[-1].goal:.1f}", cost=f"{trajectory[-1].cost:.2f}")
                 if path:
-                    save_checkpoint(path, key, flipped, rounds_done=r,
+                    kept_state = {f"curvature/{n}": c for n, c in (train.curvature or {}).items()
+                                  if cfg.curvature_every > 1}
+                    save_checkpoint(path, key, {**flipped, **kept_state}, rounds_done=r,
                                     trajectory=json.dumps([s.to_dict() for s in trajectory or []]))
         finally:
             with torch.no_grad():
@@ -129,15 +131,23 @@ class IterativeEdit(Method):
                     measures)
         return broadcast_from_main(step)
 
-    def _resume(self, path, key, flipped: dict[str, torch.Tensor], rounds: int) -> tuple[int, list | None]:
-        """Restore the rounds a checkpoint holds (at most `rounds`); (rounds done, trajectory so far)."""
+    def _resume(self, path, key, flipped: dict[str, torch.Tensor], rounds: int, run: Calibration
+                ) -> tuple[int, list | None]:
+        """Restore the rounds a checkpoint holds (at most `rounds`); (rounds done, trajectory so far).
+
+        The curvature kept between its refreshes is restored on `run` (a run that stops earlier
+        than the checkpoint runs no further round, so it never needs it).
+        """
         saved = read_checkpoint(path, key)
         if saved is None:
             return 0, None
         tensors, meta = saved
         done = min(int(meta["rounds_done"]), rounds)
+        curvature = {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith("curvature/")}
+        if curvature:
+            run.curvature = {name: t.to(flipped[name].device) for name, t in curvature.items()}
         for name, f in flipped.items():
-            restored = tensors[name].to(f.device)
+            restored = tensors[name].to(f.device)   # the round of each weight's flip
             f.copy_(torch.where(restored <= done, restored, 0))
         steps = [Step.from_dict(s) for s in json.loads(meta.get("trajectory", "[]"))]
         return done, [s for s in steps if s.round <= done] or None

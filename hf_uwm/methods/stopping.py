@@ -83,3 +83,39 @@ def holdout_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[in
     held = sorted(order[:count].tolist())
     kept = sorted(order[count:].tolist())
     return kept, held
+
+
+def plot_trajectory(trajectory: list[Step], path, *, goal: float | None = None, knowledge_budget: float | None = None,
+                    kept: int | None = None, reason: str | None = None, title: str = "Iterative edit"):
+    """A PNG of the held-out goal and knowledge cost per round, with the goal, the budget and the round kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [s.round for s in trajectory]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(rounds, [s.goal for s in trajectory], marker=".", color="tab:blue", label="held-out GS (goal measure)")
+    if goal is not None:
+        ax.axhline(goal, color="tab:blue", linestyle=":", linewidth=1, label=f"goal {goal:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out GS (%)", color="tab:blue")
+    ax.set_ylim(-2, 102)
+    cost = ax.twinx()
+    cost.plot(rounds, [s.cost for s in trajectory], marker=".", color="tab:red", label="knowledge cost")
+    if knowledge_budget is not None:
+        cost.axhline(knowledge_budget, color="tab:red", linestyle=":", linewidth=1,
+                     label=f"knowledge budget {knowledge_budget:g}")
+    cost.set_ylabel("knowledge points lost (held-out)", color="tab:red")
+    cost.set_ylim(bottom=min(0.0, *[s.cost for s in trajectory]))
+    if kept is not None:
+        ax.axvline(kept, color="black", linewidth=1, label=f"kept: {kept} rounds" + (f" ({reason})" if reason else ""))
+    lines = ax.get_legend_handles_labels()[0] + cost.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + cost.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, fontsize=7, loc="center right")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
