@@ -35,8 +35,10 @@ class UWMConfig:
     re-scored on the model as edited so far; `curvature_probes` random probes estimate the
     curvature, anew every `curvature_every` rounds. tau, selection and density do not apply to it. It sets its own strength: a seeded
     `holdout` fraction of the calibration pairs never feeds a gradient, and after each round the
-    edit stops once their GS reaches `goal` (percent) or their knowledge measure has lost more than
-    `knowledge_budget` points (the round that crossed it is not kept). `goal=None` and
+    edit stops once their GS reaches `goal` (percent) or more than `knowledge_budget` percent of
+    their safe images match another safe caption best than the unedited model's choice (the round
+    that crossed it is not kept). The defaults were chosen on validation splits of three organisms
+    (`scripts/stopping_defaults.py`). `goal=None` and
     `knowledge_budget=None` switch either half off; with both off and `holdout=0` every round runs.
     """
 
@@ -56,8 +58,8 @@ class UWMConfig:
     shared_budget: bool | None = None
     rounds: int = 40
     round_density: float = 0.001
-    goal: float | None = 95.0
-    knowledge_budget: float | None = 2.0
+    goal: float | None = 98.0
+    knowledge_budget: float | None = 8.0
     holdout: float = 0.2
     curvature_weight: float = 4.0
     curvature_probes: int = 8

@@ -40,10 +40,11 @@ def read(path):
 
 @pytest.mark.parametrize("config", [UWMConfig(batch_size=2), UWMConfig(batch_size=2, score="attribution"),
                                     UWMConfig(batch_size=2, score="iterative_attribution", rounds=3,
-                                              round_density=0.005, curvature_probes=2),
-                                    UWMConfig(batch_size=2, score="iterative_attribution", rounds=6,
                                               round_density=0.005, curvature_probes=2, goal=None,
-                                              knowledge_budget=10.0)],   # stops at round 3 of 6
+                                              knowledge_budget=None),
+                                    UWMConfig(batch_size=2, score="iterative_attribution", rounds=6,
+                                              round_density=0.005, curvature_probes=2, goal=50.0,
+                                              knowledge_budget=None)],   # stops at round 1 of 6
                          ids=["ratio", "attribution", "iterative_attribution", "iterative_attribution_stopping"])
 def test_two_processes_match_one_process(tmp_path, config):
     run_two_processes(tmp_path / "run", config)

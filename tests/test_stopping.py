@@ -87,6 +87,24 @@ def self_setting(**settings):
                                                       "batch_size": 4, **settings})
 
 
+@pytest.fixture
+def counted_cost(monkeypatch):
+    """The knowledge cost replaced by the percent of target weights changed so far (1 point per round
+    at round_density 0.01), so a budget names the round it stops at; the goal stays the slice's GS."""
+    start, measure = IterativeAttribution.start_measuring, IterativeAttribution.measure
+
+    def start_measuring(self, editor, holdout):
+        return start(self, editor, holdout), {n: l.weight.detach().clone() for n, l in editor.target_layers.items()}
+
+    def counted(self, editor, holdout, state):
+        goal, _, measures = measure(self, editor, holdout, state[0])
+        changed = sum(int((l.weight != state[1][n]).sum()) for n, l in editor.target_layers.items())
+        return goal, 100 * changed / sum(w.numel() for w in state[1].values()), measures
+
+    monkeypatch.setattr(IterativeAttribution, "start_measuring", start_measuring)
+    monkeypatch.setattr(IterativeAttribution, "measure", counted)
+
+
 @pytest.fixture(scope="module")
 def clip():
     return make_clip(dtype=torch.float64)
@@ -134,41 +152,29 @@ def test_images_are_embedded_once_when_no_vision_weight_is_edited(monkeypatch, c
     assert sum(calls) == 2 * len(kept) + 2 * len(held)     # once for the gradients' pairs, once for the slice
 
 
-def first_over(costs, budget):
-    """The first round (≥ 1) whose cost exceeds the budget, written out."""
-    return next(r for r in range(1, len(costs)) if costs[r] > budget)
-
-
-def test_calibration_stops_by_the_rule_and_records_why(clip, data):
+def test_calibration_stops_by_the_rule_and_records_why(counted_cost, clip, data):
     model, processor = clip
     full = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None)).calibrate(data, progress=False)
     costs = [s.cost for s in full.trajectory]
-    assert costs[0] == pytest.approx(0, abs=1e-4) and len(costs) == 7 and max(costs[1:]) > costs[1] > 0
-    budget = costs[1]                             # round 1 is within it; the first round above it stops
-    over = first_over(costs, budget)
-    stopped = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=budget)).calibrate(
+    assert costs == pytest.approx([r * 100 * 47 / 4608 for r in range(7)])   # 47 of 3 × 32 × 48 weights a round
+    stopped = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=3.5)).calibrate(
         data, progress=False)
-    assert stopped.stop == (over - 1, BUDGET_REACHED)
-    assert [s.round for s in stopped.trajectory] == list(range(over + 1))   # `over` was run, measured, not kept
-    assert all(torch.equal(stopped.delta[n], full.with_settings(rounds=over - 1).delta[n]) for n in full.delta)
+    assert stopped.stop == (3, BUDGET_REACHED)
+    assert [s.round for s in stopped.trajectory] == [0, 1, 2, 3, 4]      # round 4 was run, measured, not kept
+    assert all(torch.equal(stopped.delta[n], full.with_settings(rounds=3).delta[n]) for n in full.delta)
     # re-selection from the recorded trajectory, without a forward pass
-    assert full.with_settings(knowledge_budget=budget).stop == stopped.stop
+    assert full.with_settings(knowledge_budget=3.5).stop == stopped.stop
+    assert full.with_settings(knowledge_budget=1.5).stop == (1, BUDGET_REACHED)
     goal = max(s.goal for s in full.trajectory[1:])
     first = next(s.round for s in full.trajectory[1:] if s.goal >= goal)
     assert full.with_settings(goal=goal).stop == (first, GOAL_REACHED)
     with pytest.raises(ValueError, match="calibrate again"):
-        stopped.with_settings(knowledge_budget=max(costs) + 1)
+        stopped.with_settings(knowledge_budget=5.0)
 
 
-def test_a_resumed_run_stops_at_the_same_round(tmp_path, monkeypatch, clip, data):
+def test_a_resumed_run_stops_at_the_same_round(tmp_path, monkeypatch, counted_cost, clip, data):
     model, processor = clip
-    steady = dict(round_density=0.002, rounds=8)
-    full = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, **steady))
-    goals = [s.goal for s in full.calibrate(data, progress=False).trajectory]
-    goal = max(goals[1:4])
-    first = next(r for r in range(1, len(goals)) if goals[r] >= goal)
-    assert first >= 3                             # so the run is killed before it stops
-    cfg = self_setting(goal=goal, knowledge_budget=None, **steady)
+    cfg, first = self_setting(goal=None, knowledge_budget=3.5), 3
     reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
     original, rounds_run = IterativeAttribution.round_scores, []
 
@@ -182,8 +188,8 @@ def test_a_resumed_run_stops_at_the_same_round(tmp_path, monkeypatch, clip, data
     with pytest.raises(KeyboardInterrupt):
         UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
     resumed = UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
-    assert rounds_run == [1, 2, 2] + list(range(3, first + 1))
-    assert resumed.stop == reference.stop == (first, GOAL_REACHED)
+    assert rounds_run == [1, 2, 2, 3, 4]          # round 4 crossed the budget
+    assert resumed.stop == reference.stop == (first, BUDGET_REACHED)
     assert [s.to_dict() for s in resumed.trajectory] == [s.to_dict() for s in reference.trajectory]
     assert all(torch.equal(resumed.delta[n], reference.delta[n]) for n in reference.delta)
     # a finished run read back from its checkpoint runs no round at all
@@ -212,23 +218,19 @@ def test_the_trajectory_and_the_stop_travel_with_the_delta(tmp_path, clip, data)
     assert [s.to_dict() for s in cached.trajectory] == [s.to_dict() for s in editor.trajectory]
 
 
-def test_siglip_stops_by_the_same_rule(data):
-    model, processor = make_siglip()
-    full = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None)).calibrate(data, progress=False)
-    costs = [s.cost for s in full.trajectory]
-    over = first_over(costs, costs[1])
-    editor = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=costs[1]))
+def test_siglip_stops_by_the_same_rule(counted_cost, data):
+    editor = UWMEditor(*make_siglip(), self_setting(goal=None, knowledge_budget=2.5))
     editor.calibrate(data, progress=False)
-    assert editor.stop == (over - 1, BUDGET_REACHED) and len(editor.trajectory) == over + 1
+    assert editor.stop == (2, BUDGET_REACHED) and len(editor.trajectory) == 4
     assert editor.trajectory[1].measures["GS"] == editor.trajectory[1].goal
 
 
-def test_a_budget_the_first_round_already_spends_is_a_clear_error(clip, data):
+def test_a_budget_the_first_round_already_spends_is_a_clear_error(counted_cost, clip, data):
     model, processor = clip
     full = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=2))
     full.calibrate(data, progress=False)
     with pytest.raises(ValueError, match="first round already"):
-        full.with_settings(knowledge_budget=full.trajectory[1].cost / 2)
+        full.with_settings(knowledge_budget=0.5)
 
 
 @pytest.mark.parametrize("field,value", [("goal", 0), ("goal", 101), ("knowledge_budget", -1), ("holdout", 1.0),

@@ -216,7 +216,7 @@ class IterativeAttribution(IterativeEdit):
         images = state["images"] if state["images"] is not None else _embed_slice(editor.adapter, state["vision"],
                                                                                     "vision")  # (2H, D)
         measures = slice_measures(texts, images, state["base"])
-        return measures["GS"], measures["drift"], measures
+        return measures["GS"], 100 - measures["agreement"], measures
 
 
 def slice_measures(texts: torch.Tensor, images: torch.Tensor, base_texts: torch.Tensor) -> dict[str, float]:
