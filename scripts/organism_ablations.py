@@ -234,6 +234,11 @@ def report(studies, defaults, candidates, args, seconds, cpu) -> str:
         f"Only the chosen settings are evaluated on the test split ({args.test} quadruples, 500 zero-shot images, "
         "bootstrap 95% intervals). A family missing from a test table had no setting passing the rule.",
         "",
+        "The fixed round counts of iterative attribution tuned below are superseded: the method now stops by "
+        "itself on a held-out slice of its calibration pairs (held-out GS reaches a goal, or a knowledge measure "
+        "spends its budget). What that rule measures, how its defaults were chosen and its trajectory plot: "
+        "[stopping.md](stopping.md).",
+        "",
     ]
     lines += [
         "## Tuning iterative attribution on validation",

@@ -107,7 +107,8 @@ def plot_trajectory(trajectory: list[Step], path, *, goal: float | None = None, 
         cost.axhline(knowledge_budget, color="tab:red", linestyle=":", linewidth=1,
                      label=f"knowledge budget {knowledge_budget:g}")
     cost.set_ylabel("knowledge points lost (held-out)", color="tab:red")
-    cost.set_ylim(bottom=min(0.0, *[s.cost for s in trajectory]))
+    top = max([1.2 * s.cost for s in trajectory] + [1.5 * (knowledge_budget or 0), 1.0])
+    cost.set_ylim(min(0.0, *[s.cost for s in trajectory]), top)   # the budget line below the goal line
     if kept is not None:
         ax.axvline(kept, color="black", linewidth=1, label=f"kept: {kept} rounds" + (f" ({reason})" if reason else ""))
     lines = ax.get_legend_handles_labels()[0] + cost.get_legend_handles_labels()[0]

@@ -1,0 +1,100 @@
+"""The self-setting default on models nobody tuned it on: one command per model, as a user runs it.
+
+For every model: `hf-uwm edit MODEL --data DATA --score iterative_attribution --output OUT/NAME`
+(no other setting), then the test split (1,000 quadruples, 500 zero-shot images, bootstrap 95%
+intervals) for the base model, the edit, and a random control flipping as many weights per layer.
+
+    python scripts/self_set_check.py organism zoo_cache/world2-seed1-unsafe0.25 ... --out self_set
+
+Prints one table and writes OUT/self_set.json and OUT/self_set.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_uwm import UWMEditor  # noqa: E402
+from hf_uwm.cli import load_data, load_zero_shot, main as cli  # noqa: E402
+from hf_uwm.evaluation import evaluate_model  # noqa: E402
+from hf_uwm.sweep import evaluate_edit  # noqa: E402
+
+
+def data_name(model: str) -> str:
+    """The organism world the model was trained on, as a DATA argument."""
+    from hf_uwm import organism
+
+    world = organism.world_of(model) if hasattr(organism, "world_of") else 2
+    return "organism" if world == 2 else "organism-hard"
+
+
+def check(model: str, out: Path, threads: int) -> dict:
+    name = Path(model).name
+    data = data_name(model)
+    start = time.perf_counter()
+    assert cli(["edit", model, "--data", data, "--score", "iterative_attribution", "--output", str(out / name),
+                "--quiet", "--threads", str(threads)]) == 0
+    edit_s = time.perf_counter() - start
+    from hf_uwm.editor import load_model
+
+    base_model, processor = load_model(model)
+    editor = UWMEditor.from_pretrained(out / name, model=base_model, processor=processor)
+    test = load_data(data, "test", None, 0, default=1000)
+    zero_shot = load_zero_shot(data)
+
+    def evaluate(m):
+        return evaluate_model(m, processor, test, zero_shot=zero_shot, bootstrap=1000, seed=0, progress=False)
+
+    reports = {"base": evaluate(base_model), "edit": evaluate_edit(editor, evaluate),
+               "random control": evaluate_edit(editor.random_control(), evaluate)}
+    record = json.loads((out / name / "uwm_config.json").read_text())
+    return {"model": name, "data": data, "edit_wall_s": edit_s, "stop": record["stop"],
+            "weights": sum(record["counts"].values()), "test": {k: r.to_dict() for k, r in reports.items()}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | stopped after (of 40) | why | weights | GS [95% CI] | control GS [95% CI] | zero-shot base → edit "
+             "(drop) | control zero-shot |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        base, edit, control = (r["test"][k] for k in ("base", "edit", "random control"))
+
+        def gs(rep):
+            low, high = rep["intervals"]["GS"]
+            return f"{rep['safeground']['GS']:.1f} [{low:.1f}, {high:.1f}]"
+
+        lines.append(f"| {r['model']} | {r['stop']['rounds']} | {r['stop']['reason']} | {r['weights']:,} | {gs(edit)} | "
+                     f"{gs(control)} | {base['zero_shot']:.1f} → {edit['zero_shot']:.1f} "
+                     f"({edit['zero_shot'] - base['zero_shot']:+.1f}) | {control['zero_shot']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--out", default="self_set")
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args()
+
+
+def run():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rows = [check(model, out, args.threads) for model in args.models]
+    (out / "self_set.json").write_text(json.dumps(rows, indent=1))
+    (out / "self_set.md").write_text(table(rows))
+    print(table(rows))
+    print(f"whole script: {(time.perf_counter() - start) / 60:.1f} min wall, {args.threads} torch thread(s)")
+
+
+if __name__ == "__main__":
+    run()
