@@ -18,11 +18,14 @@ class Family:
     text_targets: tuple[str, ...]
     vision_targets: tuple[str, ...]
     tau: float
+    #: texts are padded to the model's fixed length, not to the longest text of the run (see
+    #: `Adapter.text_length`)
+    fixed_text_length: bool = False
 
 
 FAMILIES = {
     "CLIPModel": Family("clip", ("self_attn.out_proj",), ("mlp.fc2",), 0.02),
-    "SiglipModel": Family("siglip", ("self_attn.out_proj",), ("mlp.fc2",), 0.02),
+    "SiglipModel": Family("siglip", ("self_attn.out_proj",), ("mlp.fc2",), 0.02, fixed_text_length=True),
     "LlavaForConditionalGeneration": Family("llava", (), ("mlp.fc2",), 0.085),
 }
 
@@ -122,16 +125,50 @@ class Adapter:
             raise ValueError("This needs a processor: pass processor=AutoProcessor.from_pretrained(<model>).")
         return self.processor
 
-    def preprocess_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenised texts on the CPU (safe to call in DataLoader workers), padded to the model's
-        fixed text length as CLIP and SigLIP were trained: SigLIP pools the last position, and a
-        fixed shape makes an item's embedding independent of the batch it is in (padding to the
-        longest caption changes it by float noise, enough to flip exact ties)."""
-        tokenizer = getattr(self._require_processor(), "tokenizer", self.processor)
+    def _tokenizer(self):
+        return getattr(self._require_processor(), "tokenizer", self.processor)
+
+    @property
+    def max_text_length(self) -> int:
+        """The model's fixed text length (77 for CLIP, 64 for SigLIP): the most positions it embeds."""
         text_config = getattr(self.model.config, "text_config", None)
-        max_length = getattr(text_config, "max_position_embeddings", None) or tokenizer.model_max_length
-        batch = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                          return_tensors="pt")
+        return getattr(text_config, "max_position_embeddings", None) or self._tokenizer().model_max_length
+
+    def _tokens(self, texts) -> dict[str, list[list[int]]]:
+        """Unpadded token ids (and mask) per text, cut at the model's fixed length."""
+        return self._tokenizer()(list(texts), truncation=True, max_length=self.max_text_length)
+
+    def _padded_length(self, tokens) -> int:
+        if self.family.fixed_text_length:
+            return self.max_text_length
+        return max(len(ids) for ids in tokens["input_ids"])
+
+    def text_length(self, texts) -> int:
+        """The one length to pad every text of a run to, given all the texts the run embeds together.
+
+        SigLIP: the model's fixed length, as it was trained (it pools the last position, which
+        padding to the longest text would make a real token). CLIP: the longest of `texts`; its
+        causal mask and end-of-text pooling make the positions after a text's end irrelevant, so
+        its embedding equals the fixed-length one up to float rounding. One length for the whole
+        run, not per batch: an item's input, hence its embedding, never depends on its batch.
+        """
+        return self._padded_length(self._tokens(texts))
+
+    def preprocess_text(self, texts: list[str], length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenised texts on the CPU (safe to call in DataLoader workers), padded to `length`.
+
+        Default: `text_length(texts)`, right for texts embedded all at once. A run that tokenises
+        its texts batch by batch passes the `text_length` of all of them, so that every batch has
+        one length.
+        """
+        tokens = self._tokens(texts)
+        length = self._padded_length(tokens) if length is None else length
+        longest = max(len(ids) for ids in tokens["input_ids"])
+        if not longest <= length <= self.max_text_length:
+            raise ValueError(f"length={length} cannot hold these texts: it must be between their longest "
+                             f"({longest} tokens) and the model's {self.max_text_length}; pass "
+                             "adapter.text_length(<every text the run embeds>).")
+        batch = self._tokenizer().pad(tokens, padding="max_length", max_length=length, return_tensors="pt")
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
 
     def preprocess_images(self, images) -> dict[str, torch.Tensor]:

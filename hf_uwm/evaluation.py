@@ -186,23 +186,32 @@ def _check_batch_size(batch_size):
 
 
 def _content_keys(inputs: dict[str, torch.Tensor]) -> list[str]:
-    """One hash per item of a batch of CPU model inputs: equal for items the model sees identically."""
+    """One hash per item of a batch of CPU model inputs: equal for items the model sees identically.
+
+    A text's padding positions (`attention_mask` 0), which the model ignores, are left out: a copy
+    is recognised whatever length the texts of its run are padded to.
+    """
+    mask = inputs.get("attention_mask")
     keys = []
     for row in range(len(next(iter(inputs.values())))):
         digest = hashlib.blake2b(digest_size=16)
         for name in sorted(inputs):
-            digest.update(inputs[name][row].contiguous().numpy().tobytes())
+            value = inputs[name][row] if mask is None else inputs[name][row][mask[row].bool()]
+            digest.update(value.contiguous().numpy().tobytes())
         keys.append(digest.hexdigest())
     return keys
 
 
-def _embed(adapter: Adapter, items: list, kind: str, batch_size: int, bar) -> tuple[torch.Tensor, list[str]]:
+def _embed(adapter: Adapter, items: list, kind: str, batch_size: int, bar,
+           text_length: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """(len(items), D) float32 CPU embeddings of texts (kind="text") or PIL images (kind="image"),
-    and their content keys."""
+    and their content keys. Texts are padded to `text_length`, the `Adapter.text_length` of every
+    text embedded with them."""
     chunks, keys = [], []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        inputs = adapter.preprocess_text(batch) if kind == "text" else adapter.preprocess_images(batch)
+        inputs = (adapter.preprocess_text(batch, text_length) if kind == "text"
+                  else adapter.preprocess_images(batch))
         embed = adapter.embed_text if kind == "text" else adapter.embed_images
         chunks.append(embed(adapter.to_device(inputs)).float().cpu())  # (B, D)
         keys += _content_keys(inputs)
@@ -225,11 +234,13 @@ def embed_quadruples(model, processor, dataset, *, batch_size: int = 64, progres
     _check_batch_size(batch_size)
     dataset = validate_pairs(dataset, COLUMNS)
     adapter = _contrastive_adapter(model, processor)
+    # One padding length for both text columns: a caption in both gets one embedding.
+    text_length = adapter.text_length([text for column in TEXT_COLUMNS for text in dataset[column]])
     embeddings, keys = {}, {}
     with _eval_mode(model), tqdm(total=4 * len(dataset), desc="Embedding quadruples", disable=not progress) as bar:
         for column in COLUMNS:
             kind = "text" if column in TEXT_COLUMNS else "image"
-            parts = [_embed(adapter, batch, kind, batch_size, bar)
+            parts = [_embed(adapter, batch, kind, batch_size, bar, text_length)
                      for batch in _column_batches(dataset, column, batch_size)]
             embeddings[column] = torch.cat([part[0] for part in parts])  # (N, D)
             keys[column] = [key for part in parts for key in part[1]]
@@ -298,7 +309,7 @@ def retrieval_recalls(embeddings: QuadrupleEmbeddings, ks=RECALL_KS) -> dict[str
 def _class_embeddings(adapter: Adapter, task: ZeroShotTask, batch_size: int, bar) -> torch.Tensor:
     """(C, D): per class, the mean of its normalised template embeddings, renormalised."""
     prompts = [template.format(name) for name in task.class_names for template in task.templates]
-    texts, _ = _embed(adapter, prompts, "text", batch_size, bar)  # (C * T, D)
+    texts, _ = _embed(adapter, prompts, "text", batch_size, bar, adapter.text_length(prompts))  # (C * T, D)
     return _mean_directions(texts.view(len(task.class_names), len(task.templates), -1))
 
 

@@ -3,7 +3,8 @@
 Random-weight CLIPs at ViT-B/32 or ViT-L/14 size are built from configs (no download). For the same
 N pairs and batch size the script measures, each phase in a fresh process so peak memory is its own:
 
-  (a) forward   a plain forward of the targeted towers over the same inputs, no hooks
+  (a) forward   a plain forward of the targeted towers over the same pairs and batches, no hooks,
+                texts tokenised with the tokenizer's padding=True (to each batch's longest)
   (b) calibrate UWMEditor.calibrate
   (c) literal   per item and per weight φ materialised as a (B, out, in) tensor per layer per batch,
                 sums moved to the CPU (the style of the official code)
@@ -76,22 +77,36 @@ def make_data(n: int):
                                     "safe_image": datasets.Image(), "unsafe_image": datasets.Image()}))
 
 
-def batches(editor, dataset, batch: int, tower: str, workers: int):
-    """Device inputs of [safe; unsafe] items, preprocessed in DataLoader workers as calibrate does."""
+def batches(editor, dataset, batch: int, tower: str, workers: int, plain: bool = False):
+    """Device inputs of [safe; unsafe] items, preprocessed in DataLoader workers as calibrate does
+    (`plain`: texts tokenised as a plain forward would, padded to each batch's longest)."""
     from accelerate import PartialState
 
     from hf_uwm.methods import Calibration
 
     run = Calibration(dataset, PartialState(cpu=editor.adapter.device.type == "cpu"), editor.adapter, batch,
                       progress=False, num_workers=workers)
-    for _, _, inputs in run.batches(run.preprocess(tower), tower):
+    preprocess = _PlainTexts(editor.processor.tokenizer) if plain and tower == "text" else run.preprocess(tower)
+    for _, _, inputs in run.batches(preprocess, tower):
         yield editor.adapter.to_device(inputs)
+
+
+class _PlainTexts:
+    """rows -> [safe; unsafe] texts, tokenizer(..., padding=True) (picklable for DataLoader workers)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, rows):
+        tokens = self.tokenizer(rows["safe_text"] + rows["unsafe_text"], padding=True, truncation=True,
+                                return_tensors="pt")
+        return {k: tokens[k] for k in ("input_ids", "attention_mask")}
 
 
 def plain_forward(editor, dataset, batch, autocast, workers=0):
     with torch.no_grad():
         for tower in editor.towers:
-            for inputs in batches(editor, dataset, batch, tower, workers):
+            for inputs in batches(editor, dataset, batch, tower, workers, plain=True):
                 with autocast:
                     editor.adapter.run_tower(tower, inputs)
 

@@ -51,6 +51,7 @@ T_EVAL = "tests/test_evaluation.py"
 T_METRIC = "tests/test_safeground_metric.py"
 T_BASELINES = "tests/test_baselines.py"
 T_SCALE = "tests/test_scale.py"
+T_PADDING = "tests/test_padding.py"
 LITERAL = f"{T_SCORING}::test_scores_match_literal_formula"
 EPS_TEST = f"{T_SCORING}::test_zero_safe_activation_is_clamped_at_eps"
 APPLY_TEST = f"{T_EDITOR}::test_apply_scales_selected_weights_and_revert_is_bit_exact"
@@ -86,7 +87,7 @@ MUTANTS = [
     # --- statistics: hooks and running sums -------------------------------------------------------
     Mutant("attention mask ignored", "hf_uwm/methods/uwm.py",
            'self._mask, self._rows = inputs.get("attention_mask"), rows', "self._mask, self._rows = None, rows",
-           (f"{T_EDITOR}::test_padding_does_not_change_text_scores",)),
+           (T_PADDING,)),
     Mutant("safe and unsafe halves swapped", "hf_uwm/methods/uwm.py",
            "(n[:half], sd[:half]), (n[half:], sd[half:])", "(n[half:], sd[half:]), (n[:half], sd[:half])",
            (LITERAL,)),
@@ -177,9 +178,16 @@ MUTANTS = [
     Mutant("similarity s(Ts, Iu) uses the unsafe text", "hf_uwm/evaluation.py",
            '"safe_text_unsafe_image": cos(self.safe_text, self.unsafe_image)',
            '"safe_text_unsafe_image": cos(self.unsafe_text, self.unsafe_image)', (T_EVAL,)),
-    Mutant("text padded to the longest caption (SigLIP pools a real token)", "hf_uwm/adapters.py",
-           'batch = tokenizer(list(texts), padding="max_length"', 'batch = tokenizer(list(texts), padding="longest"',
-           (T_EVAL,)),
+    Mutant("SigLIP padded to the longest text (it pools a real token)", "hf_uwm/adapters.py",
+           "0.02, fixed_text_length=True)", "0.02)", (T_PADDING,)),
+    Mutant("calibration texts padded per batch", "hf_uwm/methods/base.py",
+           "partial(adapter.preprocess_text, length=self.text_length)", "adapter.preprocess_text", (T_PADDING,)),
+    Mutant("evaluation texts padded per batch", "hf_uwm/evaluation.py",
+           "_embed(adapter, batch, kind, batch_size, bar, text_length)", "_embed(adapter, batch, kind, batch_size, bar)",
+           (T_PADDING,)),
+    Mutant("content keys hash the padding", "hf_uwm/evaluation.py",
+           "inputs[name][row] if mask is None else inputs[name][row][mask[row].bool()]", "inputs[name][row]",
+           (T_PADDING,)),
     Mutant("LLaVA: one layer too few reaches the language model", "hf_uwm/adapters.py",
            "return max(k % (n_layers + 1) for k in indices)", "return max(k % n_layers for k in indices)",
            (f"{T_EDITOR}::test_llava_targets_only_layers_that_reach_the_language_model",)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -145,8 +145,14 @@ class Calibration:
             return partial(PreprocessedPairs.inputs, tower=tower)
         adapter = self.adapter
         if tower == "text":
-            return _Columns(adapter.preprocess_text, "safe_text", "unsafe_text")
+            return _Columns(partial(adapter.preprocess_text, length=self.text_length), "safe_text", "unsafe_text")
         return _Columns(adapter.preprocess_images, "safe_image", "unsafe_image")
+
+    @cached_property
+    def text_length(self) -> int:
+        """The length every text of the run is padded to, from all the pairs (every process's shard
+        alike), computed once: a text's padding never depends on its batch or shard."""
+        return self.adapter.text_length(list(self.dataset["safe_text"]) + list(self.dataset["unsafe_text"]))
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self, name: str, weights_fingerprint: str, settings: dict):
