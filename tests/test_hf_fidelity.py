@@ -345,5 +345,5 @@ def test_readme_python_runs_as_written(tmp_path, monkeypatch):
     namespace = {}
     for block in offline:  # in order, in one namespace, as a reader pastes them
         exec(compile(block, "README.md", "exec"), namespace)
-    assert json.loads((tmp_path / "organism-uwm" / CONFIG_NAME).read_text())["base_model"] == "organism"
+    assert json.loads((tmp_path / "organism-edit" / CONFIG_NAME).read_text())["base_model"] == "organism"
     assert namespace["edited"].n_quadruples == 100
