@@ -229,13 +229,16 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
     fig, ax = plt.subplots(figsize=(11, 5.5))
     left, right = (offset_copy(ax.transData, fig=fig, x=dx, units="points") for dx in (-3, 3))
     colours, markers = plt.get_cmap("tab10").colors, "osD^v<>ph"
+    reports = [r.report for r in rows] + [r.control for r in rows] + ([base] if base is not None else [])
+    top = max([10.0] + [r.intervals.get("GS", (0, r.safeground["GS"]))[1] for r in reports])
+    span = max(knowledge(r) for r in reports) - min(knowledge(r) for r in reports)
     for i, method in enumerate(dict.fromkeys(r.method for r in rows)):
         mine = [r for r in rows if r.method == method]
         colour = colours[i % len(colours)]
         _with_intervals(ax, [r.report for r in mine], label=method, color=colour, marker=markers[i % len(markers)],
                         alpha=0.85, zorder=3, transform=left)
-        for (x, y), labels in _labels_by_point(mine).items():
-            ax.annotate("\n".join(labels), (x, y), xytext=(-6, 0), textcoords="offset points", fontsize=6,
+        for (x, y), labels in _labels_by_point(mine, near=(0.04 * span, 0.04 * top)).items():
+            ax.annotate("\n".join(labels), (x, y), xytext=(-9, 0), textcoords="offset points", fontsize=6,
                         color=colour, ha="right", va="center")
     _with_intervals(ax, [r.control for r in rows], label="random control (same size)", color="dimgrey", marker="x",
                     zorder=4, transform=right)
@@ -245,8 +248,6 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
     if chosen is not None:
         ax.scatter([knowledge(chosen.report)], [chosen.report.safeground["GS"]], s=220, facecolors="none",
                    edgecolors="red", linewidths=2, label="chosen", zorder=6, transform=left)
-    reports = [r.report for r in rows] + [r.control for r in rows] + ([base] if base is not None else [])
-    top = max([10.0] + [r.intervals.get("GS", (0, r.safeground["GS"]))[1] for r in reports])
     ax.set_ylim(-0.04 * top, 1.1 * top)  # all GS at 0 sit on the floor of a 0-10 axis, not mid-air
     limit = None if base is None or max_drop is None else knowledge(base) - max_drop
     _knowledge_axis(ax, [knowledge(r) for r in reports], limit, max_drop)
@@ -261,11 +262,14 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
     return Path(path)
 
 
-def _labels_by_point(rows: list[SweepRow]) -> dict[tuple[float, float], list[str]]:
-    """The setting labels of each distinct (knowledge, GS) point, so settings on one point share a label."""
+def _labels_by_point(rows: list[SweepRow], near: tuple[float, float]) -> dict[tuple[float, float], list[str]]:
+    """The setting labels by point, settings within `near` (knowledge, GS) of a labelled point joining its
+    label, so that labels of (nearly) coinciding settings do not print over each other."""
     points = {}
     for r in rows:
-        points.setdefault((knowledge(r.report), r.report.safeground["GS"]), []).append(r.setting_label())
+        x, y = knowledge(r.report), r.report.safeground["GS"]
+        anchor = next((p for p in points if abs(p[0] - x) <= near[0] and abs(p[1] - y) <= near[1]), (x, y))
+        points.setdefault(anchor, []).append(r.setting_label())
     return points
 
 
