@@ -151,9 +151,9 @@ def verdict(rows: list[SweepRow], base, max_drop: float) -> str:
 
 
 # --- reporting -------------------------------------------------------------------------------------
-# Column widths that hold the widest value of each column (100% everywhere) with two spaces before it.
-GS_WIDTH = len("100.0 [100.0, 100.0]") + 2
-RATE_WIDTH = len("100.0") + 2
+# Column widths that hold the widest value of each column (100% everywhere) and a space before it.
+GS_WIDTH = len(" 100.0 [100.0, 100.0]")
+RATE_WIDTH = len(" 100.0")
 
 
 def table(rows: list[SweepRow], base=None, max_drop: float | None = None) -> str:
@@ -161,20 +161,20 @@ def table(rows: list[SweepRow], base=None, max_drop: float | None = None) -> str
     knowledge; and, given `max_drop`, whether it beats the control and keeps the budget (the CSV has
     every metric)."""
     width = max([len("setting")] + [len(r.label()) for r in rows]) + 2
-    counts = max([len("weights")] + [len(str(r.weights)) for r in rows]) + 2
+    counts = max([len("weights")] + [len(str(r.weights)) for r in rows]) + 1
     head = (f"{'setting':<{width}}{'weights':>{counts}}{'GS [95% CI]':>{GS_WIDTH}}{'PU':>{RATE_WIDTH}}"
-            f"{'know.':>{RATE_WIDTH}}  | {'rnd GS [95% CI]':>{GS_WIDTH}}{'know.':>{RATE_WIDTH}}")
+            f"{'know.':>{RATE_WIDTH}} |{'rnd GS [95% CI]':>{GS_WIDTH}}{'know.':>{RATE_WIDTH}}")
     if max_drop is not None:
-        head += f"{'>rnd':>6}{'budget':>8}"
+        head += f"{'>rnd':>6}{'budget':>7}"
     lines = [head]
     if base is not None:
-        lines.append(f"{'base model':<{width}}{0:>{counts}}" + _metrics(base) + "  |")
+        lines.append(f"{'base model':<{width}}{0:>{counts}}" + _metrics(base) + " |")
     for row in rows:
         line = (f"{row.label():<{width}}{row.weights:>{counts}}" + _metrics(row.report)
-                + f"  | {_gs(row.control):>{GS_WIDTH}}{knowledge(row.control):>{RATE_WIDTH}.1f}")
+                + f" |{_gs(row.control):>{GS_WIDTH}}{knowledge(row.control):>{RATE_WIDTH}.1f}")
         if max_drop is not None:
             line += (f"{'yes' if beats_control(row) else 'no':>6}"
-                     f"{'ok' if within_budget(row, base, max_drop) else 'over':>8}")
+                     f"{'ok' if within_budget(row, base, max_drop) else 'over':>7}")
         lines.append(line)
     lines.append(f"know. = {knowledge_name(rows[0].report if rows else base)}; rnd = random control of the same "
                  "size; >rnd = GS interval wholly above the control's")

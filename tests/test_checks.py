@@ -121,3 +121,8 @@ def test_unknown_top_level_keys_are_refused_and_older_files_load(editor, tmp_pat
     loaded = UWMEditor.from_pretrained(folder, model=editor.model, processor=editor.processor)
     assert loaded.config.score == "ratio" and loaded.counts() == editor.counts()
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))
+
+
+def test_eval_checks_its_json_path_before_any_model_is_loaded(read_only, no_model_work, capsys):
+    assert main(["eval", "organism", "--data", "organism", "--json", str(read_only / "r.json"), "--quiet"]) == 1
+    assert f"the folder {read_only} is not writable" in capsys.readouterr().err

@@ -178,6 +178,14 @@ def test_trajectory_is_summarised_and_plotted_when_the_editor_has_one(files, tmp
     assert plots == [((steps, tmp_path / "d" / "trajectory.png"), {"kept": 1, "reason": stopping.BUDGET_REACHED})]
 
 
+def test_text_only_pairs_with_the_default_method_say_how_to_edit_by_texts(files, tmp_path, capsys):
+    (tmp_path / "texts.csv").write_text("safe_text,unsafe_text\na red cat,a dead red cat\na blue dog,a dead blue dog\n")
+    assert main(["edit", str(files / "model"), "--data", str(tmp_path / "texts.csv"), "--output",
+                 str(tmp_path / "d"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no image columns" in err and "--score ratio --towers text" in err
+
+
 # --- a user's own single-file data ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def csv_pairs(files):

@@ -30,10 +30,10 @@ def test_compare_keeps_two_spaces_between_columns_at_100_percent():
 def test_sweep_table_keeps_its_columns_apart_at_100_percent():
     rows = [sw.SweepRow("UWM", {"tau": 0.02}, 1_234_567, report(100.0, 100.0, 100.0, 100.0),
                         report(100.0, 100.0, 100.0, 100.0))]
-    table = sw.table(rows, report(0.0, 100.0), max_drop=2.0)
-    assert cells(table.splitlines()[2]) == ["UWM τ=0.02", "1234567", "100.0 [100.0, 100.0]", "100.0", "100.0", "|",
-                                            "100.0 [100.0, 100.0]", "100.0", "no", "ok"]
-    assert len({line.index("|") for line in table.splitlines()[:-1]}) == 1
+    lines = sw.table(rows, report(0.0, 100.0), max_drop=2.0).splitlines()
+    gs = r"100\.0 \[100\.0, 100\.0\]"
+    assert re.fullmatch(rf"UWM τ=0\.02 +1234567 +{gs} +100\.0 +100\.0 \| +{gs} +100\.0 +no +ok", lines[2]), lines[2]
+    assert len({line.index("|") for line in lines[:-1]}) == 1
 
 
 @pytest.fixture
