@@ -509,11 +509,10 @@ def _intervals(reports: dict) -> str:
 
 def run_sweep(args):
     from . import sweep as sw
-    from .editor import UWMEditor
-    from .evaluation import evaluate_model
-
     from .data import command_line_hints
     from .delta import check_output_folder, check_writable
+    from .editor import UWMEditor
+    from .evaluation import evaluate_model
 
     _check_method_flags(args)
     check_writable(args.output)  # before any work, like the folder of --save-best
