@@ -10,10 +10,30 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import SCORES
+from .config import SCORES, UWMConfig
 from .paths import ORGANISM
 
-ITERATIVE_SETTINGS = ("rounds", "round_density", "curvature_weight")  # flags of score=iterative_attribution
+# Flags of score=iterative_attribution: its grid (a sweep takes several values) and its stopping rule.
+ITERATIVE_SETTINGS = ("rounds", "round_density", "curvature_weight")
+STOPPING_SETTINGS = ("goal", "knowledge_budget", "holdout")
+SWEEP_ORGANISM_SAMPLES = 300  # validation quadruples a sweep draws from the organism world
+DEFAULT_METHOD = "iterative_attribution"  # of `hf-uwm edit`; see "Which method for my model?" in the README
+# What each --score does, in one line (its defaults are the flags').
+METHOD_HELP = {
+    "iterative_attribution": "recommended for CLIP/SigLIP: attribution re-scored over rounds on the model as edited "
+                             "so far, sparing weights the safe captions need; sets its own strength on held-out "
+                             "pairs (--goal, --knowledge-budget, --holdout, at most --rounds)",
+    "ratio": "UWM as published (reproduces the paper): per layer, the weights whose input signal is larger for "
+             "unsafe than for safe inputs, up to the share --tau of the score mass; also LLaVA's vision tower",
+    "unsafe": "UWM variant: the unsafe inputs' signal alone",
+    "difference": "UWM variant: unsafe minus safe inputs' signal",
+    "attribution": "one pass of W * dm/dW, the weights' share of the unsafe-over-safe preference m",
+    "random": "random weights of the same selection: a control, not a safety edit",
+    "g_unsafe": "paper baseline: |dL/dW| of a loss pulling safe embeddings to unsafe ones",
+    "g_safeclip": "paper baseline: |dL/dW| of a contrastive loss over the pairs",
+    "caption_attribution": "LLaVA only: attribution of the captioner's safe-over-unsafe caption preference on "
+                           "unsafe images, vision tower",
+}
 EPILOG = """examples:
   hf-uwm demo                                   # the whole job on the bundled model organism
   hf-uwm edit organism --data organism --output my-delta
@@ -25,8 +45,20 @@ DATA is a Hub dataset id, a local dataset folder or data file with the columns s
 unsafe_text, safe_image, unsafe_image (rename others with --columns), or 'organism' for the
 procedural world the bundled model was trained on. MODEL is a Hub id, a local folder, or 'organism'
 (the bundled model). A name that looks like a path (./x, ~/x, /x, a/b/c, x.csv) is never looked up
-on the Hub.
+on the Hub. A single data file is its own split: --split does not apply to it.
 """
+
+
+def methods_epilog(default: str) -> str:
+    """Every --score with its purpose, the default first and marked."""
+    import textwrap
+
+    lines = ["methods (--score):"]
+    for name in sorted(SCORES, key=lambda n: n != default):
+        mark = " (default)" if name == default else ""
+        lines.append(textwrap.fill(f"{name}{mark}: {METHOD_HELP[name]}", width=100, initial_indent="  ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -38,7 +70,7 @@ def main(argv=None) -> int:
     from .data import command_line_hints
 
     try:
-        with command_line_hints(), _progress_bars(not getattr(args, "quiet", False)):
+        with command_line_hints(), _progress_bars(not getattr(args, "quiet", False)), _one_line_warnings(args.command):
             return args.run(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -46,6 +78,19 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as err:
         print(f"hf-uwm {args.command}: error: {err}", file=sys.stderr)
         return 1
+
+
+@contextmanager
+def _one_line_warnings(command: str):
+    """Warnings read like the errors, without the source line of hf_uwm that raised them."""
+    import warnings
+
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kwargs: f"hf-uwm {command}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,11 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.set_defaults(run=run_demo)
 
-    edit = commands.add_parser("edit", help="calibrate UWM on DATA and save the delta")
+    edit = commands.add_parser("edit", help="calibrate an edit on DATA and save the delta",
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog=methods_epilog(DEFAULT_METHOD))
     edit.add_argument("model", metavar="MODEL")
     _data_args(edit, "--data", "calibration pairs", "train")
-    _setting_args(edit)
+    _setting_args(edit, default_score=DEFAULT_METHOD)
     edit.add_argument("--output", required=True, help="folder for the delta (uwm_config.json, uwm_delta.safetensors)")
+    _overwrite(edit, "--output")
     edit.add_argument("--checkpoint-dir", help="save the running statistics here; a rerun resumes from them")
     _skip_bad_rows(edit)
     _hub_args(edit)
@@ -100,12 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate)
     evaluate.set_defaults(run=run_eval)
 
-    sweep = commands.add_parser("sweep", help="evaluate a grid of settings beside random controls; pick the best")
+    sweep = commands.add_parser("sweep", help="evaluate a grid of settings beside random controls; pick the best",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=methods_epilog("ratio"))
     sweep.add_argument("model", metavar="MODEL")
     _data_args(sweep, "--data", "calibration pairs", "train")
     sweep.add_argument("--eval", required=True, dest="eval_data", help="validation quadruples (never the test set)")
-    sweep.add_argument("--eval-split", default="validation")
-    sweep.add_argument("--eval-samples", type=int, default=300)
+    sweep.add_argument("--eval-split", default="validation", help="split of --eval (default validation; a single "
+                                                                   "data file is its own split)")
+    sweep.add_argument("--eval-samples", type=_positive, default=None,
+                       help=f"use this many validation quadruples (default: all rows; {SWEEP_ORGANISM_SAMPLES} of the "
+                            "organism world)")
     sweep.add_argument("--zero-shot", default=None, help="as for eval; needed for --max-zero-shot-drop")
     _setting_args(sweep, grid=True)
     sweep.add_argument("--max-zero-shot-drop", type=float, default=5.0,
@@ -116,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--save-best-at-chance", action="store_true",
                        help="with --save-best: when no setting beats its random control, save the highest-GS "
                             "setting within the budget anyway")
+    _overwrite(sweep, "--save-best")
     _common(sweep)
     sweep.set_defaults(run=run_sweep)
 
@@ -126,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     metric.set_defaults(run=run_push_metric, quiet=True)
     _captioning_commands(commands)
     return parser
+
+
+def _overwrite(p, flag):
+    p.add_argument("--overwrite", action="store_true", help=f"replace a delta already in {flag} (refused otherwise)")
 
 
 def _common(p):
@@ -168,27 +226,62 @@ def _skip_bad_rows(p):
                    help="drop rows with empty texts or unreadable images (and say which) instead of stopping")
 
 
-def _setting_args(p, grid: bool = False):
+def _setting_args(p, grid: bool = False, default_score: str = "ratio"):
     many = {"nargs": "+"} if grid else {}
+    defaults = UWMConfig()
+    p.add_argument("--score", default=default_score, choices=SCORES, metavar="METHOD",
+                   help=f"the editing method, one of {', '.join(SCORES)} (default {default_score}; each is "
+                        "described below)")
     p.add_argument("--tau", type=float, default=None, **many,
-                   help="share of each layer's score mass to select (default: family's, 0.02 for CLIP)")
+                   help="UWM scores: share of each layer's score mass to select (default: family's, 0.02 for CLIP)")
     p.add_argument("--alpha", type=float, default=[-1.0] if grid else -1.0, **many,
                    help="factor for selected weights (-1 negates, 0 prunes; default -1)")
     p.add_argument("--towers", default="text,vision", help="towers to edit: text, vision or text,vision")
-    p.add_argument("--score", default="ratio", choices=SCORES,
-                   help="ratio (UWM), unsafe, difference, attribution, iterative_attribution, random, g_unsafe "
-                        "or g_safeclip")
     p.add_argument("--token-norm", default="l2", choices=["l2", "rms"])
-    p.add_argument("--rounds", type=int, default=None, **many,
-                   help="iterative_attribution: rounds of re-scoring and flipping (default 19)")
+    p.add_argument("--rounds", type=_positive, default=None, **many,
+                   help=f"iterative_attribution: the most rounds of re-scoring and flipping (default "
+                        f"{defaults.rounds}" + ("; a sweep calibrates the most and re-selects fewer)" if grid else
+                                                 "; the stopping rule usually ends it sooner)"))
     p.add_argument("--round-density", type=float, default=None, **many,
-                   help="iterative_attribution: share of all target weights flipped per round (default 0.001)")
+                   help=f"iterative_attribution: share of all target weights flipped per round (default "
+                        f"{defaults.round_density:g})")
     p.add_argument("--curvature-weight", type=float, default=None, **many,
-                   help="iterative_attribution: weight of the knowledge-curvature penalty (default 4; 0: none)")
+                   help=f"iterative_attribution: weight of the knowledge-curvature penalty (default "
+                        f"{defaults.curvature_weight:g}; 0: none)")
     if grid:
         p.add_argument("--layers", nargs="+", default=None,
                        help="layer sets to compare, each 'tower:pattern[,tower:pattern]', e.g. "
                             "text:self_attn.out_proj vision:mlp.fc2 text:mlp.fc1,vision:mlp.fc2")
+        return
+    p.add_argument("--goal", type=_percent_or_none, default=None,
+                   help=f"iterative_attribution: stop once the held-out pairs' GS reaches this percent (default "
+                        f"{defaults.goal:g}; 'none': never for the goal)")
+    p.add_argument("--knowledge-budget", type=_points_or_none, default=None,
+                   help=f"iterative_attribution: stop before the held-out pairs' knowledge measure loses more than "
+                        f"this many points (default {defaults.knowledge_budget:g}; 'none': no budget)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help=f"iterative_attribution: share of the calibration pairs held out of the gradients to measure "
+                        f"the stopping rule on (default {defaults.holdout:g})")
+
+
+_NONE = "none"
+
+
+def _percent_or_none(text: str):
+    return _number_or_none(text, "a percentage such as 95")
+
+
+def _points_or_none(text: str):
+    return _number_or_none(text, "a number of points such as 2")
+
+
+def _number_or_none(text: str, example: str):
+    if text.lower() == _NONE:
+        return _NONE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {example}, or 'none'; got {text!r}") from None
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -235,8 +328,6 @@ def load_model(name: str, revision: str | None = None, token: str | None = None)
 
 
 def _config(args, **overrides):
-    from .config import UWMConfig
-
     towers = {t.strip() for t in args.towers.split(",")}
     if not towers or towers - {"text", "vision"}:
         raise ValueError(f"--towers takes text, vision or text,vision; got {args.towers!r}.")
@@ -247,8 +338,26 @@ def _config(args, **overrides):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = (max(value) if name == "rounds" else value[0]) if isinstance(value, list) else value
+    for name in STOPPING_SETTINGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = None if value == _NONE else value
     settings.update(overrides)
     return UWMConfig(**settings)
+
+
+def _check_method_flags(args):
+    """Refuse flags the chosen method would ignore: `--tau 0.05` must not pass silently into another method."""
+    iterative = args.score == "iterative_attribution"
+    given = [name for name in ITERATIVE_SETTINGS + STOPPING_SETTINGS if getattr(args, name, None) is not None]
+    if iterative and args.tau is not None:
+        raise ValueError("--tau selects weights of UWM and the other one-pass scores; iterative_attribution (the "
+                         "default method of `hf-uwm edit`) sets its own strength: drop --tau, or add --score ratio "
+                         "for UWM as published.")
+    if given and not iterative:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: only for --score iterative_attribution (its rounds and stopping rule), not for "
+                         f"--score {args.score}.")
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -260,18 +369,52 @@ def run_edit(args):
     if args.alpha == 1:
         raise ValueError("--alpha 1 multiplies the selected weights by 1 and changes nothing: use -1 (negate) or "
                          "0 (prune), or any other factor.")
-    check_output_folder(args.output)  # before any work: a full calibration must not end in "folder not empty"
+    _check_method_flags(args)
+    config = _config(args)
+    # Before any work: a full calibration must not end in "folder not empty" or "permission denied".
+    check_output_folder(args.output, overwrite=args.overwrite)
     if resolve_delta_folder(args.model, args.revision, token=args.token) is not None:
         raise ValueError(f"{args.model} is a saved delta: edit its base model instead (its uwm_config.json names "
                          "it), or evaluate the delta with `hf-uwm eval`.")
     _set_threads(args)
     data = load_data(args.data, args.split, args.samples, args.seed, args.columns,
                      skip_bad_rows=args.skip_bad_rows, token=args.token)
-    editor = UWMEditor.from_pretrained(args.model, _config(args), revision=args.revision, token=args.token)
+    _check_columns_for_method(data, config.score)
+    editor = UWMEditor.from_pretrained(args.model, config, revision=args.revision, token=args.token)
     editor.calibrate(data, progress=not args.quiet, checkpoint_dir=args.checkpoint_dir)
-    folder = editor.save_pretrained(args.output)
-    print(f"saved the delta to {folder}: {editor.counts()} weights selected (τ={editor.config.tau}, "
-          f"α={editor.config.alpha})")
+    folder = editor.save_pretrained(args.output, overwrite=args.overwrite)
+    print(f"saved the delta to {folder}: {edit_summary(editor)}")
+    if getattr(editor, "trajectory", None):
+        from .methods.stopping import plot_trajectory
+
+        kept, reason = editor.stop
+        plot_trajectory(editor.trajectory, folder / "trajectory.png", kept=kept, reason=reason)
+        print(f"wrote {folder / 'trajectory.png'}: the held-out measures after each round")
+
+
+def _check_columns_for_method(data, score: str):
+    from .data import IMAGE_COLUMNS
+    from .methods import method_for
+
+    if method_for(score).needs_both_towers and not set(IMAGE_COLUMNS) <= set(data.column_names):
+        raise ValueError(f"--score {score} compares texts with images, and the data has no image columns "
+                         f"{list(IMAGE_COLUMNS)}: give them, or edit the text tower by its texts alone with "
+                         "--score ratio --towers text.")
+
+
+def edit_summary(editor) -> str:
+    """One line of what the calibration chose, in the method's own terms (no τ where the method has none)."""
+    config, counts = editor.config, editor.counts()
+    weights = f"{sum(counts.values()):,} weights ({', '.join(f'{t} {n:,}' for t, n in counts.items())})"
+    if getattr(editor, "stop", None) is not None:
+        from .methods.stopping import summary
+
+        kept, reason = editor.stop
+        return f"{config.score}, {summary(editor.trajectory, kept, reason, config.rounds)}; {weights} flipped"
+    if config.score == "iterative_attribution":
+        return f"{config.score}, {config.rounds} rounds of {config.round_density:g}; {weights} flipped"
+    strength = f"density={config.density:g}" if config.selection == "fixed" else f"τ={config.tau:g}"
+    return f"{config.score}, {strength}, α={config.alpha:g}; {weights} selected"
 
 
 def _base_id(name: str) -> str:
@@ -312,8 +455,8 @@ def run_eval(args):
     from .evaluation import compare, evaluate_model
     from .hub import resolve_delta_folder
 
-    if args.json_path and not Path(args.json_path).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--json {args.json_path}: the folder {Path(args.json_path).parent} does not exist.")
+    if args.json_path:
+        _check_json_path(args.json_path)
     _set_threads(args)
     delta = resolve_delta_folder(args.model, args.revision, token=args.token) is not None
     # Everything that can be refused is checked before the first forward pass: the data, then the
@@ -342,6 +485,15 @@ def run_eval(args):
         Path(args.json_path).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
 
 
+def _check_json_path(path: str):
+    from .delta import check_writable
+
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--json {path}: the folder {Path(path).parent} does not exist.")
+    check_writable(folder)
+
+
 def _intervals(reports: dict) -> str:
     """The bootstrap 95% intervals as a table: one row per metric, one column per model ('' when none)."""
     with_intervals = {name: r for name, r in reports.items() if r.intervals}
@@ -357,13 +509,21 @@ def _intervals(reports: dict) -> str:
 
 def run_sweep(args):
     from . import sweep as sw
+    from .data import command_line_hints
+    from .delta import check_output_folder, check_writable
     from .editor import UWMEditor
     from .evaluation import evaluate_model
 
+    _check_method_flags(args)
+    check_writable(args.output)  # before any work, like the folder of --save-best
+    if args.save_best:
+        check_output_folder(args.save_best, overwrite=args.overwrite)
     calibration = load_data(args.data, args.split, args.samples, args.seed, args.columns)
-    validation = load_data(args.eval_data, args.eval_split, args.eval_samples, args.seed + 1)
+    with command_line_hints(split_flag="--eval-split"):
+        validation = load_data(args.eval_data, args.eval_split, args.eval_samples, args.seed + 1,
+                               default=SWEEP_ORGANISM_SAMPLES)
     zero_shot = load_zero_shot(args.zero_shot or (ORGANISM if args.eval_data == ORGANISM else None),
-                               n=args.eval_samples, seed=args.seed + 1)
+                               n=args.eval_samples or SWEEP_ORGANISM_SAMPLES, seed=args.seed + 1)
     model, processor = load_model(args.model)
     layer_sets = [_layer_set(s) for s in args.layers] if args.layers else [{}]
     union = {f"{t}_targets": sorted({p for s in layer_sets for p in s.get(f"{t}_targets", [])})
@@ -384,7 +544,7 @@ def run_sweep(args):
     chosen = sw.choose(rows, base, args.max_zero_shot_drop)
     print(sw.table(rows, base, args.max_zero_shot_drop))
     sw.write_csv(rows, out / "sweep.csv", base)
-    sw.pareto_plot(rows, out / "pareto.png", base, chosen)
+    sw.pareto_plot(rows, out / "pareto.png", base, chosen, max_drop=args.max_zero_shot_drop)
     print(f"\nwrote {out / 'sweep.csv'} and {out / 'pareto.png'}")
     print(sw.verdict(rows, base, args.max_zero_shot_drop))
     if chosen is None and args.save_best_at_chance:
@@ -395,7 +555,7 @@ def run_sweep(args):
         print(f"nothing saved to {args.save_best} (pass --save-best-at-chance to save the highest-GS setting "
               "within the budget anyway)")
     elif args.save_best:
-        chosen.editor.save_pretrained(args.save_best, chosen.report)
+        chosen.editor.save_pretrained(args.save_best, chosen.report, overwrite=args.overwrite)
         print(f"saved its delta to {args.save_best}")
 
 

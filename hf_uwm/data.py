@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -32,13 +33,14 @@ SCHEMA_COLUMNS = TEXT_COLUMNS + IMAGE_COLUMNS + EXTRA_COLUMNS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VISU_SAMPLES = 8192  # the paper's calibration set: 8,192 ViSU training pairs drawn with seed 0
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
-_COMMAND_LINE = contextvars.ContextVar("hf_uwm_command_line", default=False)
+_COMMAND_LINE = contextvars.ContextVar("hf_uwm_command_line", default=None)  # the flag that names a split
 
 
 @contextmanager
-def command_line_hints():
-    """Inside this block, error hints name `hf-uwm` flags instead of Python arguments."""
-    token = _COMMAND_LINE.set(True)
+def command_line_hints(split_flag: str = "--split"):
+    """Inside this block, error hints name `hf-uwm` flags instead of Python arguments (`split_flag` for the
+    split of the data being read)."""
+    token = _COMMAND_LINE.set(split_flag)
     try:
         yield
     finally:
@@ -50,6 +52,10 @@ def hint(python: str, flag: str) -> str:
     return flag if _COMMAND_LINE.get() else python
 
 
+def split_flag() -> str:
+    return _COMMAND_LINE.get() or "--split"
+
+
 def _skip_hint() -> str:
     return "Fix the data, or drop bad rows with a report: " + hint(
         "pass skip_bad_rows=True to the loader or to hf_uwm.data.validate_pairs.", "add --skip-bad-rows.")
@@ -58,6 +64,15 @@ def _skip_hint() -> str:
 def _columns_hint(column: str = "safe_text") -> str:
     return hint(f"map the source's names with columns={{{column!r}: '<its name>', ...}}",
                  f"map the source's names with --columns {column}=<its name>,...")
+
+
+def warn(message):
+    """`warnings.warn` attributed to the first caller outside hf_uwm: the warning names the user's line."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def columns_for(towers) -> tuple[str, ...]:
@@ -145,7 +160,7 @@ def validate_pairs(dataset, columns, *, skip_bad_rows: bool = False):
         raise report.bad[0].error(len(report.bad_rows) - 1)
     if not report.good_rows:
         raise ValueError(f"Every row is bad, nothing is left to use. {report}")
-    warnings.warn(SkippedRowsWarning(report), stacklevel=2)
+    warn(SkippedRowsWarning(report))
     return dataset.select(report.good_rows)
 
 
@@ -219,7 +234,9 @@ def _duplicate_ids(ids) -> list[BadRow]:
 def _text_problem(text) -> tuple[str | None, bool]:
     if isinstance(text, str) and text.strip():
         return None, False
-    return f"expected a non-empty string, got {text!r}", False
+    if text is None or isinstance(text, str):  # an empty cell of a CSV or JSON file reads as None
+        return "the text is empty" + (f" ({text!r})" if text else ""), False
+    return f"expected a text (a non-empty string), got {type(text).__name__} {text!r}", False
 
 
 def _image_problems(dataset, column, batch_size: int = 256):
@@ -344,8 +361,7 @@ def _sample(dataset, samples, seed, what):
         raise ValueError(f"samples must be a positive number of pairs (or None for all), got {samples}.")
     if samples >= len(dataset):
         if samples > len(dataset):
-            warnings.warn(f"Asked for {samples} pairs but {what} has only {len(dataset)}: using all of them.",
-                          stacklevel=3)
+            warn(f"Asked for {samples} pairs but {what} has only {len(dataset)}: using all of them.")
         return dataset
     # Sorted, so the drawn pairs keep the source's order; the draw itself depends only on the seed.
     rows = np.sort(np.random.default_rng(seed).choice(len(dataset), samples, replace=False))
@@ -375,7 +391,10 @@ def _dataset_from_dict(data):
 
 
 def read_source(source, split, revision, load_kwargs):
-    """The source as one `Dataset`, and the folder relative image paths are read from (None if remote)."""
+    """The source as one `Dataset`, and the folder relative image paths are read from (None if remote).
+
+    A single data file is its own split: whatever `split` asks for, its rows are the data.
+    """
     import datasets
 
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
@@ -389,24 +408,35 @@ def read_source(source, split, revision, load_kwargs):
             raise ValueError(f"Cannot read {path}: data files must end in {sorted(_FILE_BUILDERS)}.")
         if path.stat().st_size == 0:
             raise ValueError(f"The dataset {source} has no rows: the file is empty.")
-        with _no_rows_is_clear(source):
-            loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split=split,
+        with _clear_load_errors(source, split):
+            # `datasets` calls the rows of a lone file "train"; here they answer to any split.
+            loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train",
                                            **load_kwargs)
-        return _pick_split(loaded, split, source), path.parent
-    with _no_rows_is_clear(source):
+        return loaded, path.parent
+    with _clear_load_errors(source, split):
         loaded = datasets.load_dataset(str(source), split=split, revision=revision, **load_kwargs)
     return _pick_split(loaded, split, source), path if path.is_dir() else None
 
 
 @contextmanager
-def _no_rows_is_clear(source):
-    """`datasets` says 'Instruction "train" corresponds to no data!' for a split without rows."""
+def _clear_load_errors(source, split):
+    """`datasets` says 'Instruction "train" corresponds to no data!' for a split without rows, and
+    'Unknown split "test". Should be one of [...]' without saying how to choose one."""
     try:
         yield
     except ValueError as err:
         if "corresponds to no data" in str(err):
             raise ValueError(f"The dataset {source} has no rows.") from None
+        known = re.search(r"Unknown split .*Should be one of \[(.*)\]", str(err))
+        if known:
+            raise _no_such_split(source, split, re.findall(r"'([^']*)'", known.group(1))) from None
         raise
+
+
+def _no_such_split(what, split, splits) -> ValueError:
+    choice = splits[0] if splits else "train"
+    return ValueError(f"{what} has no split {split!r}; its splits are {list(splits)}: " + hint(
+        f"pass split={choice!r} (or another of them).", f"choose one with {split_flag()} {choice}."))
 
 
 def _pick_split(loaded, split, what):
@@ -416,7 +446,7 @@ def _pick_split(loaded, split, what):
         return loaded
     if split is not None:
         if split not in loaded:
-            raise ValueError(f"{what} has no split {split!r}; its splits are {list(loaded)}.")
+            raise _no_such_split(what, split, list(loaded))
         return loaded[split]
     if len(loaded) != 1:
         raise ValueError(f"{what} has splits {list(loaded)}: pass split= to choose one.")

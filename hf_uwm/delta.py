@@ -18,11 +18,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .data import hint
+
 CONFIG_NAME = "uwm_config.json"
 DELTA_NAME = "uwm_delta.safetensors"
 CARD_NAME = "README.md"
 DELTA_FILES = (CONFIG_NAME, DELTA_NAME, CARD_NAME)
 FORMAT_VERSION = 1
+# The top-level keys of uwm_config.json: what UWMEditor.record() writes, and the stopping trajectory of
+# the iterative methods. A file of an older version has fewer; an unknown key is refused, not ignored.
+RECORD_KEYS = ("format_version", "hf_uwm_version", "model_class", "base_model", "base_model_folder", "base_revision",
+               "config", "fingerprint", "fingerprint_dtype", "layers", "counts", "trajectory", "stop")
 
 
 def fingerprint(layers: dict, streams: dict | None = None) -> str:
@@ -99,27 +105,63 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def check_output_folder(directory: str | Path) -> Path:
-    """Raise unless `directory` is new, empty or an earlier delta: checked before any expensive work."""
+def check_writable(folder: str | Path, what: str | Path | None = None) -> Path:
+    """Raise unless files can be made in `folder` or, when it does not exist yet, in the folder it goes under.
+
+    A probe file is created and removed: permissions, read-only mounts and immutable folders all
+    show up here, before any model is loaded, instead of as a raw errno after the work is done.
+    `what` names the path the user gave, in the message (default `folder`).
+    """
+    folder = Path(folder)
+    what = folder if what is None else what
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(f"Cannot write {what}: {existing} is a file, so no folder can be made under it; "
+                              "choose a path that is not under a file.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".hf_uwm-probe-", dir=existing)
+    except OSError as err:
+        raise PermissionError(f"Cannot write {what}: the folder {existing} is not writable ({err.strerror}); "
+                              "choose a folder you can write to.") from None
+    os.close(handle)
+    os.unlink(probe)
+    return folder
+
+
+def check_output_folder(directory: str | Path, overwrite: bool = False) -> Path:
+    """Raise unless a delta can be written to `directory`: checked before any expensive work.
+
+    The folder must be new or empty, or hold a delta and nothing else with `overwrite`; a delta is
+    written beside it first and moved into place, so its parent must be writable.
+    """
     directory = Path(directory)
     if directory.exists():
         if not directory.is_dir():
             raise FileExistsError(f"{directory} exists and is a file; choose a folder path for the delta.")
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in DELTA_FILES)
+        names = {p.name for p in directory.iterdir()}
+        foreign = sorted(names - set(DELTA_FILES))
         if foreign:
             raise FileExistsError(f"{directory} already holds other files {foreign[:5]}; save the delta to "
-                                  "an empty or new folder (an existing delta folder is overwritten).")
+                                  "an empty or new folder.")
+        if names & {CONFIG_NAME, DELTA_NAME} and not overwrite:
+            raise FileExistsError(f"{directory} already holds a delta; " + hint(
+                "pass overwrite=True to replace it", "add --overwrite to replace it") + ", or choose a new folder.")
+    check_writable(directory.parent, directory)
     return directory
 
 
-def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Tensor], card: str) -> Path:
+def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Tensor], card: str, *,
+                overwrite: bool = False) -> Path:
     """Write the three files into a temporary sibling folder, then move it into place.
 
-    An existing folder is replaced only if it holds nothing but delta files, so a failure leaves no
-    half-written delta and nothing else the user saved is lost. Indices are int32 where the layer
+    An existing folder is replaced only if it holds nothing but delta files and `overwrite` is set
+    (see `check_output_folder`), so a failure leaves no half-written delta and nothing else the
+    user saved is lost. Indices are int32 where the layer
     allows; files and folder get the permissions of any other file the user creates.
     """
-    directory = check_output_folder(directory)
+    directory = check_output_folder(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -173,6 +215,10 @@ def read_delta(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if record["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{config_path} has delta format {record['format_version']}; this hf_uwm reads up to "
                          f"{FORMAT_VERSION}: upgrade hf_uwm.")
+    unknown = sorted(set(record) - set(RECORD_KEYS))
+    if unknown:
+        raise ValueError(f"{config_path} has unknown top-level key(s) {unknown} (known: {list(RECORD_KEYS)}): it was "
+                         "written by a newer hf_uwm (upgrade it) or edited by hand (remove them).")
     if not delta_path.is_file():
         raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {DELTA_NAME}: the delta is incomplete.")
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import Adapter
+from .adapters import FAMILIES, Adapter
 from .config import UWMConfig
 from .data import columns_for, hint, validate_pairs
 from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, save_file_atomic,
@@ -120,6 +120,11 @@ class UWMEditor:
         return editor
 
     def _adopt_delta(self, record: dict, indices: dict[str, torch.Tensor]):
+        made_on = FAMILIES.get(record.get("model_class"))  # None: an older record, or a class hf_uwm can't tell
+        if made_on is not None and made_on != self.adapter.family:
+            raise ValueError(f"The delta was made on a {record['model_class']} ({made_on.name}) and this model is a "
+                             f"{type(self.model).__name__} ({self.adapter.family.name}): apply it to its base model "
+                             f"{record.get('base_model') or record.get('base_model_folder') or ''!r}.")
         layers = self.target_layers
         shapes = {name: list(layer.weight.shape) for name, layer in layers.items()}
         expected = {name: info["shape"] for name, info in record["layers"].items()}
@@ -364,8 +369,12 @@ class UWMEditor:
         return record
 
     def save_pretrained(self, save_directory: str | Path, report=None, *, is_main_process: bool = True,
-                        dataset_name: str | None = None, zero_shot_dataset: str | None = None) -> Path:
+                        dataset_name: str | None = None, zero_shot_dataset: str | None = None,
+                        overwrite: bool = False) -> Path:
         """Save the delta (not the base model) to a folder: config, indices and a model card.
+
+        The folder must be new or empty; one that holds a delta is replaced only with `overwrite=True`,
+        and one that holds anything else never is.
 
         Under several processes, pass `is_main_process=state.is_main_process` (as with peft): only
         that one writes. `report`, `dataset_name` and `zero_shot_dataset` fill the card's evaluation.
@@ -379,7 +388,7 @@ class UWMEditor:
         record = self.record()
         card = render_card(record, report, dataset_name=dataset_name, zero_shot_dataset=zero_shot_dataset,
                            base_folder=self._local_base_folder())
-        return write_delta(save_directory, record, self.delta, card)
+        return write_delta(save_directory, record, self.delta, card, overwrite=overwrite)
 
     def _local_base_folder(self) -> str | None:
         folder = Path(model_location(self.base_model)).expanduser() if self.base_model else None

@@ -369,10 +369,13 @@ def compare(reports: dict[str, EvaluationReport]) -> str:
     rows += [(metric, [r.retrieval.get(metric) for r in reports.values()]) for metric in reports[names[0]].retrieval]
     if any(r.zero_shot is not None for r in reports.values()):
         rows.append(("zero-shot acc", [r.zero_shot for r in reports.values()]))
-    width = max(16, *(len(n) + 2 for n in names))
-    lines = [f"{'metric (%)':<20}" + "".join(f"{n:>{width}}" for n in names)]
+    # Fixed widths that hold the widest cell, "100.00 (+100.00)", and keep two spaces between columns.
+    width = max(len(_cell(100.0, 0.0, True)), *(len(n) for n in names)) + 2
+    first = max(len("metric (%)"), *(len(metric) for metric, _ in rows)) + 2
+    lines = [f"{'metric (%)':<{first}}" + "".join(f"{n:>{width}}" for n in names)]
     for metric, values in rows:
-        lines.append(f"{metric:<20}" + "".join(f"{_cell(v, values[0], i > 0):>{width}}" for i, v in enumerate(values)))
+        lines.append(f"{metric:<{first}}" + "".join(f"{_cell(v, values[0], i > 0):>{width}}"
+                                                    for i, v in enumerate(values)))
     return "\n".join(lines)
 
 

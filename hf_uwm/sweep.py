@@ -151,21 +151,27 @@ def verdict(rows: list[SweepRow], base, max_drop: float) -> str:
 
 
 # --- reporting -------------------------------------------------------------------------------------
+# Column widths that hold the widest value of each column (100% everywhere) and a space before it.
+GS_WIDTH = len(" 100.0 [100.0, 100.0]")
+RATE_WIDTH = len(" 100.0")
+
+
 def table(rows: list[SweepRow], base=None, max_drop: float | None = None) -> str:
     """One line per setting: the edit's GS [CI], PU and knowledge; its random control's GS [CI] and
     knowledge; and, given `max_drop`, whether it beats the control and keeps the budget (the CSV has
     every metric)."""
     width = max([len("setting")] + [len(r.label()) for r in rows]) + 2
-    head = (f"{'setting':<{width}}{'weights':>8}{'GS [95% CI]':>20}{'PU':>7}{'know.':>7}"
-            f"  | {'rnd GS [95% CI]':>18}{'know.':>7}")
+    counts = max([len("weights")] + [len(str(r.weights)) for r in rows]) + 1
+    head = (f"{'setting':<{width}}{'weights':>{counts}}{'GS [95% CI]':>{GS_WIDTH}}{'PU':>{RATE_WIDTH}}"
+            f"{'know.':>{RATE_WIDTH}} |{'rnd GS [95% CI]':>{GS_WIDTH}}{'know.':>{RATE_WIDTH}}")
     if max_drop is not None:
         head += f"{'>rnd':>6}{'budget':>7}"
     lines = [head]
     if base is not None:
-        lines.append(f"{'base model':<{width}}{0:>8}" + _metrics(base) + "  |")
+        lines.append(f"{'base model':<{width}}{0:>{counts}}" + _metrics(base) + " |")
     for row in rows:
-        line = (f"{row.label():<{width}}{row.weights:>8}" + _metrics(row.report)
-                + f"  | {_gs(row.control):>18}{knowledge(row.control):>7.1f}")
+        line = (f"{row.label():<{width}}{row.weights:>{counts}}" + _metrics(row.report)
+                + f" |{_gs(row.control):>{GS_WIDTH}}{knowledge(row.control):>{RATE_WIDTH}.1f}")
         if max_drop is not None:
             line += (f"{'yes' if beats_control(row) else 'no':>6}"
                      f"{'ok' if within_budget(row, base, max_drop) else 'over':>7}")
@@ -181,7 +187,7 @@ def _gs(report) -> str:
 
 
 def _metrics(report) -> str:
-    return f"{_gs(report):>20}{report.safeground['PU']:>7.1f}{knowledge(report):>7.1f}"
+    return f"{_gs(report):>{GS_WIDTH}}{report.safeground['PU']:>{RATE_WIDTH}.1f}{knowledge(report):>{RATE_WIDTH}.1f}"
 
 
 def write_csv(rows: list[SweepRow], path: str | Path, base=None) -> Path:
@@ -206,28 +212,47 @@ def write_csv(rows: list[SweepRow], path: str | Path, base=None) -> Path:
 
 
 def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: SweepRow | None = None,
-                title: str = "Safety / knowledge trade-off (validation)") -> Path:
-    """GS against knowledge: every setting, its random control, the base model and the choice marked."""
+                title: str = "Safety / knowledge trade-off (validation)", max_drop: float | None = None) -> Path:
+    """GS against knowledge: every setting (labelled) beside its random control, with GS bootstrap 95%
+    intervals, the base model, the knowledge budget `max_drop` points below it, and the choice marked.
+
+    Markers are drawn so that none hides another: the base model is a hollow star over everything,
+    settings and their controls are dodged a few points left and right of their knowledge value (a
+    display offset, the data stay exact), settings that land on one point share one label.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import offset_copy
 
-    fig, ax = plt.subplots(figsize=(10, 5))
-    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>ph"
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    left, right = (offset_copy(ax.transData, fig=fig, x=dx, units="points") for dx in (-3, 3))
+    colours, markers = plt.get_cmap("tab10").colors, "osD^v<>ph"
+    reports = [r.report for r in rows] + [r.control for r in rows] + ([base] if base is not None else [])
+    top = max([10.0] + [r.intervals.get("GS", (0, r.safeground["GS"]))[1] for r in reports])
+    span = max(knowledge(r) for r in reports) - min(knowledge(r) for r in reports)
     for i, method in enumerate(dict.fromkeys(r.method for r in rows)):
         mine = [r for r in rows if r.method == method]
-        ax.scatter([knowledge(r.report) for r in mine], [r.report.safeground["GS"] for r in mine], label=method,
-                   color=colours[i % len(colours)], marker=markers[i % len(markers)])
-    ax.scatter([knowledge(r.control) for r in rows], [r.control.safeground["GS"] for r in rows], marker="x",
-               color="grey", label="random control (same size)")
+        colour = colours[i % len(colours)]
+        _with_intervals(ax, [r.report for r in mine], label=method, color=colour, marker=markers[i % len(markers)],
+                        alpha=0.85, zorder=3, transform=left)
+        for (x, y), labels in _labels_by_point(mine, near=(0.04 * span, 0.04 * top)).items():
+            ax.annotate("\n".join(labels), (x, y), xytext=(-9, 0), textcoords="offset points", fontsize=6,
+                        color=colour, ha="right", va="center")
+    _with_intervals(ax, [r.control for r in rows], label="random control (same size)", color="dimgrey", marker="x",
+                    zorder=4, transform=right)
     if base is not None:
-        ax.scatter([knowledge(base)], [base.safeground["GS"]], marker="*", s=200, color="black", label="base model")
+        ax.scatter([knowledge(base)], [base.safeground["GS"]], marker="*", s=260, facecolors="none",
+                   edgecolors="black", linewidths=1.3, label="base model", zorder=5)
     if chosen is not None:
-        ax.scatter([knowledge(chosen.report)], [chosen.report.safeground["GS"]], s=160, facecolors="none",
-                   edgecolors="red", linewidths=2, label="chosen")
+        ax.scatter([knowledge(chosen.report)], [chosen.report.safeground["GS"]], s=220, facecolors="none",
+                   edgecolors="red", linewidths=2, label="chosen", zorder=6, transform=left)
+    ax.set_ylim(-0.04 * top, 1.1 * top)  # all GS at 0 sit on the floor of a 0-10 axis, not mid-air
+    limit = None if base is None or max_drop is None else knowledge(base) - max_drop
+    _knowledge_axis(ax, [knowledge(r) for r in reports], limit, max_drop)
     ax.set_xlabel(f"{knowledge_name(rows[0].report)} (%)")
-    ax.set_ylabel("SafeGround GS (%)")
+    ax.set_ylabel("SafeGround GS (%), bootstrap 95% intervals")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -235,3 +260,39 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _labels_by_point(rows: list[SweepRow], near: tuple[float, float]) -> dict[tuple[float, float], list[str]]:
+    """The setting labels by point, settings within `near` (knowledge, GS) of a labelled point joining its
+    label, so that labels of (nearly) coinciding settings do not print over each other."""
+    points = {}
+    for r in rows:
+        x, y = knowledge(r.report), r.report.safeground["GS"]
+        anchor = next((p for p in points if abs(p[0] - x) <= near[0] and abs(p[1] - y) <= near[1]), (x, y))
+        points.setdefault(anchor, []).append(r.setting_label())
+    return points
+
+
+def _with_intervals(ax, reports, label, **style):
+    """Points of GS against knowledge with their GS 95% intervals as vertical error bars."""
+    gs = [r.safeground["GS"] for r in reports]
+    intervals = [r.intervals.get("GS", (g, g)) for r, g in zip(reports, gs)]
+    errors = [[g - low for g, (low, _) in zip(gs, intervals)], [high - g for g, (_, high) in zip(gs, intervals)]]
+    ax.errorbar([knowledge(r) for r in reports], gs, yerr=errors, linestyle="none", capsize=2, elinewidth=0.8,
+                label=label, **style)
+
+
+def _knowledge_axis(ax, values: list[float], limit: float | None, max_drop: float | None):
+    """An x axis around the points and the budget line (the region beyond it shaded). A budget at or
+    below 0% excludes nothing: it is only named in the legend, and the axis stays on the points."""
+    pad = max(0.5, 0.08 * (max(values) - min(values)))
+    if limit is not None and limit <= 0:
+        ax.plot([], [], color="red", ls="--", lw=1, label=f"knowledge budget: base − {max_drop:g} points "
+                                                           "(below 0: every setting is within it)")
+        limit = None
+    low = min(values + ([limit] if limit is not None else []))
+    pad = max(pad, 0.08 * (max(values) - low))
+    ax.set_xlim(low - pad, max(values) + pad)
+    if limit is not None:
+        ax.axvspan(low - pad, limit, color="red", alpha=0.06, zorder=0, label="over the budget")
+        ax.axvline(limit, color="red", ls="--", lw=1, label=f"knowledge budget: base − {max_drop:g} points", zorder=0)

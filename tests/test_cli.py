@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_help_explains_the_commands(capsys):
 def test_edit_then_eval_a_delta(files, tmp_path, capsys):
     delta = tmp_path / "delta"
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(delta),
-                 "--tau", "0.05", "--quiet"]) == 0
+                 "--score", "ratio", "--tau", "0.05", "--quiet"]) == 0
     record = json.loads((delta / "uwm_config.json").read_text())
     assert record["config"]["tau"] == 0.05 and record["base_model"] is None and record["base_model_folder"] == "model"
     assert main(["eval", str(delta), "--data", str(files / "validation"), "--bootstrap", "0", "--quiet"]) == 1
@@ -111,3 +112,125 @@ def test_sweep_of_iterative_attribution_calibrates_once_per_score_setting(files,
                                                 for r in (1, 2) for w in (0, 4)]
     # The most rounds are calibrated once per curvature weight; fewer rounds are re-selected from that run.
     assert [(c.rounds, c.curvature_weight) for c in calls] == [(2, 0.0), (2, 4.0)]
+
+
+# --- the default method and its flags ---------------------------------------------------------------
+def test_edit_help_gives_every_method_its_purpose_and_marks_the_default(capsys):
+    from hf_uwm.cli import METHOD_HELP
+    from hf_uwm.config import SCORES
+
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "iterative_attribution (default): recommended" in out
+    for score in SCORES:
+        assert f"{score}{' (default)' if score == 'iterative_attribution' else ''}: {METHOD_HELP[score]}" in out
+    assert "reproduces the paper" in METHOD_HELP["ratio"]
+
+
+def test_edit_runs_iterative_attribution_by_default_and_says_what_it_did(files, tmp_path, capsys):
+    assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "d"),
+                 "--rounds", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "d" / "uwm_config.json").read_text())["config"]["score"] == "iterative_attribution"
+    assert "iterative_attribution" in out and "flipped" in out and "τ" not in out  # it has no τ
+    assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "u"),
+                 "--score", "ratio", "--quiet"]) == 0
+    assert "ratio, τ=0.02, α=-1" in capsys.readouterr().out
+
+
+def test_the_stopping_flags_reach_the_config_and_foreign_flags_are_refused(files, tmp_path, capsys):
+    assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "d"),
+                 "--goal", "none", "--knowledge-budget", "3", "--holdout", "0.25", "--rounds", "2", "--quiet"]) == 0
+    config = json.loads((tmp_path / "d" / "uwm_config.json").read_text())["config"]
+    assert (config["goal"], config["knowledge_budget"], config["holdout"], config["rounds"]) == (None, 3.0, 0.25, 2)
+    base = ["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "x"), "--quiet"]
+    assert main(base + ["--tau", "0.05"]) == 1
+    assert "add --score ratio for UWM as published" in capsys.readouterr().err
+    assert main(base + ["--score", "ratio", "--goal", "90", "--holdout", "0.1"]) == 1
+    assert "--goal, --holdout: only for --score iterative_attribution" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--knowledge-budget", "lots"])
+    assert "expected a number of points such as 2, or 'none'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_trajectory_is_summarised_and_plotted_when_the_editor_has_one(files, tmp_path, capsys, monkeypatch):
+    # The stopping rule's trajectory (editor.trajectory / editor.stop), as the iterative method records it.
+    from hf_uwm.editor import UWMEditor
+    from hf_uwm.methods import stopping
+
+    calibrate = UWMEditor.calibrate
+    steps = [stopping.Step(0, 0.0, 0.0, 0), stopping.Step(1, 40.0, 0.5, 5), stopping.Step(2, 60.0, 2.5, 10)]
+
+    def with_trajectory(self, *args, **kwargs):
+        calibrate(self, *args, **kwargs)
+        self.trajectory, self.stop = steps, (1, stopping.BUDGET_REACHED)
+        return self
+
+    plots = []
+    monkeypatch.setattr(UWMEditor, "calibrate", with_trajectory)
+    monkeypatch.setattr(stopping, "plot_trajectory", lambda *a, **k: plots.append((a, k)), raising=False)
+    assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "d"),
+                 "--rounds", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped after 1 of 2 rounds: knowledge budget reached" in out and "τ" not in out
+    assert plots == [((steps, tmp_path / "d" / "trajectory.png"), {"kept": 1, "reason": stopping.BUDGET_REACHED})]
+
+
+def test_text_only_pairs_with_the_default_method_say_how_to_edit_by_texts(files, tmp_path, capsys):
+    (tmp_path / "texts.csv").write_text("safe_text,unsafe_text\na red cat,a dead red cat\na blue dog,a dead blue dog\n")
+    assert main(["edit", str(files / "model"), "--data", str(tmp_path / "texts.csv"), "--output",
+                 str(tmp_path / "d"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no image columns" in err and "--score ratio --towers text" in err
+
+
+# --- a user's own single-file data ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def csv_pairs(files):
+    """The saved pairs as one CSV of texts and relative image paths, as a user writes them."""
+    import datasets
+
+    pairs = datasets.load_from_disk(str(files / "validation"))
+    (files / "img").mkdir(exist_ok=True)
+    with open(files / "pairs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["safe_text", "unsafe_text", "safe_image", "unsafe_image"])
+        for i, row in enumerate(pairs):
+            row["safe_image"].save(files / "img" / f"s{i}.png")
+            row["unsafe_image"].save(files / "img" / f"u{i}.png")
+            writer.writerow([row["safe_text"], row["unsafe_text"], f"img/s{i}.png", f"img/u{i}.png"])
+    return files / "pairs.csv"
+
+
+def test_single_file_data_is_its_own_split_for_eval_and_sweep(files, csv_pairs, tmp_path, capsys):
+    delta = tmp_path / "delta"
+    assert main(["edit", str(files / "model"), "--data", str(csv_pairs), "--output", str(delta), "--score", "ratio",
+                 "--quiet"]) == 0
+    # eval's default split is test, sweep's --eval-split validation: the file's rows answer to both.
+    assert main(["eval", str(delta), "--base", str(files / "model"), "--data", str(csv_pairs), "--bootstrap", "0",
+                 "--quiet"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["sweep", str(files / "model"), "--data", str(csv_pairs), "--eval", str(csv_pairs), "--tau",
+                     "0.02", "--output", str(tmp_path / "sweep"), "--quiet"]) == 0
+    assert not [w for w in caught if "Asked for" in str(w.message)]  # nobody asked for a number of pairs
+    assert "GS" in capsys.readouterr().out and (tmp_path / "sweep" / "pareto.png").is_file()
+
+
+def test_warnings_are_one_line_of_the_command(files, csv_pairs, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import hf_uwm
+
+    root = str(Path(hf_uwm.__file__).parents[1])
+    run = subprocess.run([sys.executable, "-m", "hf_uwm.cli", "edit", str(files / "model"), "--data", str(csv_pairs),
+                          "--samples", "300", "--score", "ratio", "--output", str(tmp_path / "d"), "--quiet"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    assert run.returncode == 0, run.stderr
+    assert "hf-uwm edit: warning: Asked for 300 pairs but" in run.stderr
+    assert "UserWarning" not in run.stderr and "data.py" not in run.stderr and "return _finish" not in run.stderr

@@ -150,6 +150,71 @@ def test_load_pairs_maps_columns_of_a_csv_with_relative_image_paths(tmp_path):
         load_pairs(tmp_path / "pairs.csv")
 
 
+def write_pair_file(path, rows):
+    """rows (dicts of the four columns, images as relative paths) as a .csv, .json, .jsonl or .parquet file."""
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        datasets.Dataset.from_list(rows).to_parquet(path)
+    return path
+
+
+def pair_rows(root, n=3):
+    rows = []
+    for i in range(n):
+        write_image(root / "img" / f"s{i}.png", shade=i)
+        write_image(root / "img" / f"u{i}.png", shade=100 + i)
+        rows.append({"safe_text": f"a cat {i}", "unsafe_text": f"a dead cat {i}", "safe_image": f"img/s{i}.png",
+                     "unsafe_image": f"img/u{i}.png"})
+    return rows
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl", ".parquet"])
+def test_a_single_data_file_is_its_own_split(tmp_path, suffix):
+    path = write_pair_file(tmp_path / f"pairs{suffix}", pair_rows(tmp_path))
+    for split in ("train", "test", "validation", None):
+        data = load_pairs(path, split=split)
+        assert data["safe_text"] == ["a cat 0", "a cat 1", "a cat 2"], split
+        assert data[2]["unsafe_image"].getpixel((0, 0)) == (102, 64, 128)
+
+
+def test_a_missing_split_names_the_split_to_choose(tmp_path):
+    from hf_uwm.data import command_line_hints
+
+    (tmp_path / "folder").mkdir()
+    write_pair_file(tmp_path / "folder" / "pairs.csv", pair_rows(tmp_path / "folder"))
+    datasets.DatasetDict({"train": make_pairs(2)}).save_to_disk(tmp_path / "saved")
+    for source in (tmp_path / "folder", tmp_path / "saved"):
+        with pytest.raises(ValueError, match=r"has no split 'test'; its splits are \['train'\]: pass split='train'"):
+            load_pairs(source, split="test")
+        with command_line_hints(), pytest.raises(ValueError, match="choose one with --split train"):
+            load_pairs(source, split="test")
+        with command_line_hints(split_flag="--eval-split"), pytest.raises(ValueError, match="--eval-split train"):
+            load_pairs(source, split="test")
+
+
+def test_warnings_name_the_callers_line(tmp_path):
+    # Not a line inside hf_uwm ("data.py:271: ... return _finish(...)"): the user's own call.
+    rows = pair_rows(tmp_path)
+    path = write_pair_file(tmp_path / "pairs.csv", rows)
+    bad = write_pair_file(tmp_path / "bad.csv", rows[:2] + [{**rows[2], "safe_text": ""}])
+    with pytest.warns(UserWarning, match="Asked for 300 pairs but .* has only 3") as asked:
+        load_pairs(path, samples=300)
+    with pytest.warns(SkippedRowsWarning) as skipped:
+        load_pairs(bad, skip_bad_rows=True)
+    with pytest.warns(SkippedRowsWarning) as direct:
+        validate_pairs({"safe_text": ["a", ""], "unsafe_text": ["b", "c"]}, columns_for(["text"]), skip_bad_rows=True)
+    for caught in (asked, skipped, direct):
+        assert [w.filename for w in caught] == [__file__]
+
+
 def test_load_pairs_from_a_dataset_and_a_parquet_folder(tmp_path):
     pairs = make_pairs(3, images=False)
     assert load_pairs(pairs)["unsafe_text"] == pairs["unsafe_text"]
@@ -178,8 +243,19 @@ def test_validate_pairs_accepts_dicts_and_refuses_bad_sets():
 def test_empty_text_names_column_row_and_id(visu):
     records = visu_records()
     records[3]["nsfw"] = "  "
-    with pytest.raises(ValueError, match=r"Column 'unsafe_text', row 3 \(id 13\): expected a non-empty string"):
+    with pytest.raises(ValueError, match=r"Column 'unsafe_text', row 3 \(id 13\): the text is empty \('  '\)"):
         visu_load(visu, records, samples=None)
+
+
+@pytest.mark.parametrize("text,problem", [(None, "the text is empty."), ("", "the text is empty."),
+                                          (" ", "the text is empty (' ')"),
+                                          (3, "expected a text (a non-empty string), got int 3")])
+def test_an_empty_text_is_called_empty(text, problem):
+    # An empty CSV cell reads as None: the user reads "empty", not "got None".
+    data = {"safe_text": [text], "unsafe_text": ["a dead dog"]}
+    with pytest.raises(ValueError) as error:
+        validate_pairs(data, columns_for(["text"]))
+    assert f"Column 'safe_text', row 0: {problem}" in str(error.value)
 
 
 def test_missing_image_is_a_file_not_found_naming_the_file(visu):

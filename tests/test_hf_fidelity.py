@@ -150,7 +150,7 @@ def test_command_line_hints_name_flags_and_show_the_files_columns(tmp_path, caps
     (tmp_path / "bad.csv").write_text("safe_text,unsafe_text\na red cat on grass,a dead red cat on grass\n"
                                       "a blue dog on sand,\n")
     argv = ["edit", "organism", "--data", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "d"),
-            "--towers", "text", "--quiet"]
+            "--score", "ratio", "--towers", "text", "--quiet"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "--skip-bad-rows" in err and "skip_bad_rows=True" not in err
@@ -203,8 +203,8 @@ def test_quiet_silences_the_datasets_bars(tmp_path, capfd):
     import datasets
 
     (tmp_path / "fresh.csv").write_text("safe_text,unsafe_text\na red cat on grass,a dead red cat on grass\n")
-    assert main(["edit", "organism", "--data", str(tmp_path / "fresh.csv"), "--towers", "text", "--quiet",
-                 "--output", str(tmp_path / "d")]) == 0
+    assert main(["edit", "organism", "--data", str(tmp_path / "fresh.csv"), "--score", "ratio", "--towers", "text",
+                 "--quiet", "--output", str(tmp_path / "d")]) == 0
     err = capfd.readouterr().err
     assert "Generating train split" not in err and "examples/s" not in err
     assert datasets.is_progress_bar_enabled()  # restored for the rest of the process
@@ -345,5 +345,5 @@ def test_readme_python_runs_as_written(tmp_path, monkeypatch):
     namespace = {}
     for block in offline:  # in order, in one namespace, as a reader pastes them
         exec(compile(block, "README.md", "exec"), namespace)
-    assert json.loads((tmp_path / "organism-uwm" / CONFIG_NAME).read_text())["base_model"] == "organism"
+    assert json.loads((tmp_path / "organism-edit" / CONFIG_NAME).read_text())["base_model"] == "organism"
     assert namespace["edited"].n_quadruples == 100
