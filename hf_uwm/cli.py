@@ -385,11 +385,14 @@ def run_edit(args):
     folder = editor.save_pretrained(args.output, overwrite=args.overwrite)
     print(f"saved the delta to {folder}: {edit_summary(editor)}")
     if getattr(editor, "trajectory", None):
+        from .delta import TRAJECTORY_NAME
         from .methods.stopping import plot_trajectory
 
         kept, reason = editor.stop
-        plot_trajectory(editor.trajectory, folder / "trajectory.png", kept=kept, reason=reason)
-        print(f"wrote {folder / 'trajectory.png'}: the held-out measures after each round")
+        plot_trajectory(editor.trajectory, folder / TRAJECTORY_NAME, goal=config.goal,
+                        knowledge_budget=config.knowledge_budget, kept=kept, reason=reason,
+                        title=f"{args.model}: held-out pairs after each round")
+        print(f"wrote {folder / TRAJECTORY_NAME}: the held-out measures after each round")
 
 
 def _check_columns_for_method(data, score: str):
@@ -410,7 +413,7 @@ def edit_summary(editor) -> str:
         from .methods.stopping import summary
 
         kept, reason = editor.stop
-        return f"{config.score}, {summary(editor.trajectory, kept, reason, config.rounds)}; {weights} flipped"
+        return f"{config.score}, {summary(kept, reason, config.rounds)}; {weights} flipped"
     if config.score == "iterative_attribution":
         return f"{config.score}, {config.rounds} rounds of {config.round_density:g}; {weights} flipped"
     strength = f"density={config.density:g}" if config.selection == "fixed" else f"τ={config.tau:g}"

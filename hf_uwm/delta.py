@@ -23,7 +23,8 @@ from .data import hint
 CONFIG_NAME = "uwm_config.json"
 DELTA_NAME = "uwm_delta.safetensors"
 CARD_NAME = "README.md"
-DELTA_FILES = (CONFIG_NAME, DELTA_NAME, CARD_NAME)
+TRAJECTORY_NAME = "trajectory.png"   # the plot `hf-uwm edit` adds beside a delta that stopped by itself
+DELTA_FILES = (CONFIG_NAME, DELTA_NAME, CARD_NAME, TRAJECTORY_NAME)
 FORMAT_VERSION = 1
 # The top-level keys of uwm_config.json: what UWMEditor.record() writes, and the stopping trajectory of
 # the iterative methods. A file of an older version has fewer; an unknown key is refused, not ignored.

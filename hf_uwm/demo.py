@@ -117,15 +117,16 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
         tests[name] = sw.evaluate_edit(chosen.editor, on_test)
         tests[f"random ({name})"] = sw.evaluate_edit(control, on_test)
         # The card calls the edited model's report "UWM" whatever the method (its config names the method).
-        chosen.editor.save_pretrained(output / folder, {"base": tests["base"], "UWM": tests[name],
-                                                        "random control": tests[f"random ({name})"]})
+        report = {"base": tests["base"], "UWM": tests[name], "random control": tests[f"random ({name})"]}
+        # check_output vetted the folder before any work: a previous demo's delta is replaced.
+        chosen.editor.save_pretrained(output / folder, report, overwrite=True)
 
     output.mkdir(parents=True, exist_ok=True)
     print(f"\nValidation ({N_VALIDATION} quadruples, zero-shot on {N_VALIDATION} images): every setting beside "
           "a random control of the same size")
     print(sw.table(rows, base_validation, max_zero_shot_drop))
     sw.write_csv(rows, output / "validation_sweep.csv", base_validation)
-    sw.pareto_plot(rows, output / "validation_pareto.png", base_validation)
+    sw.pareto_plot(rows, output / "validation_pareto.png", base_validation, max_drop=max_zero_shot_drop)
     print(f"\nChosen on validation (highest GS within {max_zero_shot_drop:g} zero-shot points whose GS interval "
           "lies above its random control's):")
     for name, row in chosen_rows.items():

@@ -155,27 +155,19 @@ def test_the_stopping_flags_reach_the_config_and_foreign_flags_are_refused(files
     assert not (tmp_path / "x").exists()
 
 
-def test_trajectory_is_summarised_and_plotted_when_the_editor_has_one(files, tmp_path, capsys, monkeypatch):
-    # The stopping rule's trajectory (editor.trajectory / editor.stop), as the iterative method records it.
-    from hf_uwm.editor import UWMEditor
-    from hf_uwm.methods import stopping
+def test_trajectory_is_summarised_and_plotted_when_the_editor_has_one(files, tmp_path, capsys):
+    import json
 
-    calibrate = UWMEditor.calibrate
-    steps = [stopping.Step(0, 0.0, 0.0, 0), stopping.Step(1, 40.0, 0.5, 5), stopping.Step(2, 60.0, 2.5, 10)]
-
-    def with_trajectory(self, *args, **kwargs):
-        calibrate(self, *args, **kwargs)
-        self.trajectory, self.stop = steps, (1, stopping.BUDGET_REACHED)
-        return self
-
-    plots = []
-    monkeypatch.setattr(UWMEditor, "calibrate", with_trajectory)
-    monkeypatch.setattr(stopping, "plot_trajectory", lambda *a, **k: plots.append((a, k)), raising=False)
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "d"),
-                 "--rounds", "2", "--quiet"]) == 0
+                 "--rounds", "2", "--goal", "none", "--knowledge-budget", "none", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "stopped after 1 of 2 rounds: knowledge budget reached" in out and "τ" not in out
-    assert plots == [((steps, tmp_path / "d" / "trajectory.png"), {"kept": 1, "reason": stopping.BUDGET_REACHED})]
+    assert "stopped after 2 of 2 rounds: maximum rounds reached" in out and "τ" not in out
+    assert (tmp_path / "d" / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((tmp_path / "d" / "uwm_config.json").read_text())
+    assert [step["round"] for step in record["trajectory"]] == [0, 1, 2]
+    # the plot is part of the delta: a second edit into the folder is refused, then replaces it
+    assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "d"),
+                 "--rounds", "1", "--goal", "none", "--knowledge-budget", "none", "--quiet", "--overwrite"]) == 0
 
 
 def test_text_only_pairs_with_the_default_method_say_how_to_edit_by_texts(files, tmp_path, capsys):
