@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     evaluate.add_argument("--json", dest="json_path", help="also write the report(s) as JSON here")
     evaluate.add_argument("--base", help="for a delta made on a local model folder: that folder")
+    evaluate.add_argument("--random-control", action="store_true",
+                          help="for a delta: also evaluate a random control flipping as many weights per layer")
     _skip_bad_rows(evaluate)
     _hub_args(evaluate)
     _threads(evaluate)
@@ -457,11 +459,15 @@ def _progress_bars(enabled: bool):
 def run_eval(args):
     from .evaluation import compare, evaluate_model
     from .hub import resolve_delta_folder
+    from .sweep import evaluate_edit
 
     if args.json_path:
         _check_json_path(args.json_path)
     _set_threads(args)
     delta = resolve_delta_folder(args.model, args.revision, token=args.token) is not None
+    if args.random_control and not delta:
+        raise ValueError("--random-control needs a delta (its size is what the control copies); "
+                         f"{args.model} is a model.")
     # Everything that can be refused is checked before the first forward pass: the data, then the
     # model, and for a delta the fingerprint of its base (from_pretrained refuses other weights).
     data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=1000,
@@ -475,9 +481,12 @@ def run_eval(args):
         model, processor = load_model(args.base, token=args.token) if args.base else (None, None)
         editor = UWMEditor.from_pretrained(args.model, model=model, processor=processor, revision=args.revision,
                                            token=args.token)
-        reports = {"base": evaluate_model(editor.model, editor.processor, data, **run)}
-        editor.apply()
-        reports["edited"] = evaluate_model(editor.model, editor.processor, data, **run)
+        def evaluate(m):
+            return evaluate_model(m, editor.processor, data, **run)
+
+        reports = {"base": evaluate(editor.model), "edited": evaluate_edit(editor, evaluate)}
+        if args.random_control:
+            reports["random control"] = evaluate_edit(editor.random_control(seed=args.seed), evaluate)
         print(compare(reports))
         print(_intervals(reports))
     else:
@@ -630,6 +639,8 @@ def _captioning_commands(commands):
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     evaluate.add_argument("--json", dest="json_path", help="also write the reports (and all captions) as JSON here")
     evaluate.add_argument("--base", help="for a delta made on a local model folder: that folder")
+    evaluate.add_argument("--random-control", action="store_true",
+                          help="for a delta: also evaluate a random control flipping as many weights per layer")
     _common(evaluate)
     evaluate.set_defaults(run=run_eval_captions)
 

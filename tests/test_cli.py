@@ -44,6 +44,13 @@ def test_edit_then_eval_a_delta(files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "base" in out and "edited" in out and "GS" in out
     assert set(json.loads((tmp_path / "r.json").read_text())) == {"base", "edited"}
+    assert main(["eval", str(delta), "--base", str(files / "model"), "--data", str(files / "validation"),
+                 "--bootstrap", "0", "--quiet", "--random-control", "--json", str(tmp_path / "r.json")]) == 0
+    reports = json.loads((tmp_path / "r.json").read_text())
+    assert list(reports) == ["base", "edited", "random control"] and "random control" in capsys.readouterr().out
+    assert reports["random control"] != reports["edited"]
+    assert main(["eval", str(files / "model"), "--data", str(files / "validation"), "--random-control"]) == 1
+    assert "--random-control needs a delta" in capsys.readouterr().err
 
 
 def test_text_only_edit(files, tmp_path):
