@@ -52,11 +52,34 @@ T_METRIC = "tests/test_safeground_metric.py"
 T_BASELINES = "tests/test_baselines.py"
 T_SCALE = "tests/test_scale.py"
 T_PADDING = "tests/test_padding.py"
+T_ITERATIVE = "tests/test_iterative.py"
+T_STOPPING = "tests/test_stopping.py"
 LITERAL = f"{T_SCORING}::test_scores_match_literal_formula"
 EPS_TEST = f"{T_SCORING}::test_zero_safe_activation_is_clamped_at_eps"
 APPLY_TEST = f"{T_EDITOR}::test_apply_scales_selected_weights_and_revert_is_bit_exact"
 
 MUTANTS = [
+    # --- iterative attribution and its stopping rule -----------------------------------------------
+    Mutant("stop keeps the round that spent the budget", "hf_uwm/methods/stopping.py",
+           "return step.round - 1, BUDGET_REACHED", "return step.round, BUDGET_REACHED", (T_STOPPING,)),
+    Mutant("a cost equal to the budget counts as spent", "hf_uwm/methods/stopping.py",
+           "step.cost > knowledge_budget", "step.cost >= knowledge_budget", (T_STOPPING,)),
+    Mutant("held-out rows feed the gradients", "hf_uwm/methods/iterative.py",
+           "train = run.subset(kept_rows) if held_rows else run", "train = run",
+           (f"{T_STOPPING}::test_the_held_out_slice_never_enters_a_backward_pass",)),
+    Mutant("trajectory lost on resume", "hf_uwm/methods/iterative.py",
+           'steps = [Step.from_dict(s) for s in json.loads(meta.get("trajectory", "[]"))]', "steps = []",
+           (f"{T_STOPPING}::test_a_resumed_run_stops_at_the_same_round",)),
+    Mutant("knowledge cost from the captions' side", "hf_uwm/methods/iterative.py",
+           '100 - measures["agreement"], measures', '100 - measures["agreement_text"], measures', (T_STOPPING,)),
+    Mutant("images embedded again every round", "hf_uwm/methods/iterative.py",
+           'if getattr(run, "image_embeddings", None) is None:', "if True:",
+           (f"{T_STOPPING}::test_images_are_embedded_once_when_no_vision_weight_is_edited",)),
+    Mutant("curvature never refreshed after round 1", "hf_uwm/methods/iterative.py",
+           "(round_index - 1) % cfg.curvature_every == 0", "round_index == 1", (T_STOPPING,)),
+    Mutant("probe gradients squared before they are summed", "hf_uwm/methods/iterative.py",
+           "sum(totals[i].square() for totals in curvature_sums) / probes",
+           "sum(totals[i] for totals in curvature_sums).square() / probes", (T_ITERATIVE,)),
     # --- scoring: the statistics of one layer ---------------------------------------------------
     Mutant("token norm without the mean term", "hf_uwm/scoring.py",
            "norm = (squares + tokens * mean.square()).sqrt()", "norm = squares.sqrt()", (LITERAL,)),

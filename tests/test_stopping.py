@@ -115,6 +115,14 @@ def data():
     return unique_pairs(20)
 
 
+def test_the_rule_reads_the_held_out_gs_and_the_images_agreement(clip, data):
+    editor = UWMEditor(*clip, self_setting(goal=None, knowledge_budget=None, rounds=4)).calibrate(data, progress=False)
+    measures = [step.measures for step in editor.trajectory]
+    assert any(m["agreement"] != m["agreement_text"] for m in measures)   # so the two sides are told apart
+    for step in editor.trajectory:
+        assert step.goal == step.measures["GS"] and step.cost == 100 - step.measures["agreement"]
+
+
 def test_the_held_out_slice_never_enters_a_backward_pass(monkeypatch, clip, data):
     model, processor = clip
     from hf_uwm.adapters import Adapter
