@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .paths import ORGANISM, ORGANISM_HARD, bundled_path, organism_path  # noqa: F401  (bundled names, folders)
+from .paths import ORGANISM, ORGANISM_HARD, ORGANISM_WORLDS, bundled_path, organism_path  # noqa: F401
 
 SIZE = 32
 SCALE = 4  # glyphs are drawn at 4x and box-downsampled, for anti-aliased edges
@@ -506,12 +506,15 @@ def organism_folder(world: int = 2) -> str:
     return bundled_path(ORGANISM if _check_world(world) == 2 else ORGANISM_HARD)
 
 
-def world_of(folder) -> int:
-    """The world a model folder saved by scripts/train_organism.py was trained on (its training.json; 2 if absent)."""
+def world_of(model) -> int:
+    """The world of a bundled organism's name, or of a model folder saved by scripts/train_organism.py (its
+    training.json records it; 2 when it records none, as the first bundled organism's does)."""
     import json
     from pathlib import Path
 
-    record = Path(folder) / "training.json"
+    if model in ORGANISM_WORLDS:
+        return ORGANISM_WORLDS[model]
+    record = Path(model) / "training.json"
     return _check_world(json.loads(record.read_text()).get("world", 2)) if record.is_file() else 2
 
 
