@@ -56,8 +56,8 @@ def organism_folder(name: str, cache: Path) -> Path:
     return Path(organism.organism_folder(world)) if seed is None else cache / name
 
 
-def ensure_trained(name: str, cache: Path, args) -> float | None:
-    """Train `name` into the cache unless it is there; its training wall time in seconds (its training.json's)."""
+def ensure_trained(name: str, cache: Path, args) -> dict:
+    """Train `name` into the cache unless it is there; its training.json (settings and wall time), {} if none."""
     folder = organism_folder(name, cache)
     world, seed, fraction = ZOO[name]
     if seed is not None and not (folder / "model.safetensors").is_file():
@@ -70,7 +70,7 @@ def ensure_trained(name: str, cache: Path, args) -> float | None:
         with open(log, "w") as out:
             subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
     record = folder / "training.json"
-    return json.loads(record.read_text()).get("wall_s") if record.is_file() else None
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def demo_results(name: str, cache: Path, rerun: bool, threads: int) -> tuple[dict, float | None]:
@@ -197,19 +197,27 @@ def main(argv=None):
     rerun = set(ZOO) if args.rerun == [] else set(args.rerun or ())
     all_rows, timings = [], []
     for name in names:
-        training_s = ensure_trained(name, cache, args)
+        training = ensure_trained(name, cache, args)
         results, demo_s = demo_results(name, cache, name in rerun, args.threads)
         all_rows += rows(name, results)
-        timings.append((name, training_s, demo_s))
-        print(f"{name}: training {_minutes(training_s)}, demo {_minutes(demo_s) if demo_s else 'cached'}", flush=True)
+        timings.append((name, training, demo_s))
+        print(f"{name}: training {_training(training)}, demo {_minutes(demo_s) if demo_s else 'cached'}", flush=True)
     table = markdown(all_rows)
     print("\n" + table)
     plot(all_rows, Path(args.plot))
     wall = time.perf_counter() - start
-    timing = "\n".join(f"- {n}: training {_minutes(t)} (its training.json), demo "
+    timing = "\n".join(f"- {n}: training {_training(t)}, demo "
                        f"{_minutes(d) + ' in this run' if d else 'read from the cache'}" for n, t, d in timings)
     print(timing + f"\nwhole script: {wall / 60:.1f} min", flush=True)
     write_markdown(Path(args.markdown), table, timing, wall, args)
+
+
+def _training(record: dict) -> str:
+    """How an organism was trained, from its training.json."""
+    if not record:
+        return "unknown (no training.json)"
+    return (f"{_minutes(record.get('wall_s'))} ({record['examples']} images x {record['epochs']:g} epochs, "
+            f"{record['unsafe_fraction']:.0%} unsafe, seed {record['seed']}, {record['threads']} thread(s))")
 
 
 def _minutes(seconds) -> str:

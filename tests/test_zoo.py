@@ -27,7 +27,8 @@ def test_zoo_reuses_organisms_caches_demos_and_writes_one_table(zoo, small, tmp_
     model, processor = load_organism()
     model.save_pretrained(stand_in)
     processor.save_pretrained(stand_in)
-    (stand_in / "training.json").write_text(json.dumps({"world": 3, "wall_s": 60}))
+    (stand_in / "training.json").write_text(json.dumps({"world": 3, "wall_s": 60, "examples": 100, "epochs": 2,
+                                                        "unsafe_fraction": 0.25, "seed": 1, "threads": 1}))
     docs = tmp_path / "zoo.md"
     docs.write_text("# Zoo\n\nkept text\n")
     argv = ["--cache", str(cache), "--only", "organism", "world3-seed1-unsafe0.25", "--markdown", str(docs),
@@ -41,7 +42,7 @@ def test_zoo_reuses_organisms_caches_demos_and_writes_one_table(zoo, small, tmp_
     hard = [line for line in table if line.startswith("| world3")]
     assert all("–" not in line for line in hard) and all(line.count("–") == 5 for line in table if line not in hard)
     assert (tmp_path / "zoo.png").read_bytes()[:4] == b"\x89PNG"
-    assert "world3-seed1-unsafe0.25: training 1.0 min" in capsys.readouterr().out
+    assert "world3-seed1-unsafe0.25: training 1.0 min (100 images x 2 epochs, 25% unsafe, seed 1" in capsys.readouterr().out
 
     def no_demo(*args, **kwargs):
         raise AssertionError("a cached organism's demo was recomputed")
