@@ -520,7 +520,12 @@ def world_of(model) -> int:
 
 def load_organism(world: int = 2):
     """A bundled organism as (model, processor), in eval mode: world 2's `organism` or world 3's `organism-hard`."""
+    from pathlib import Path
+
     from transformers import AutoModel, AutoProcessor
 
     folder = organism_folder(world)
+    if not (Path(folder) / "config.json").is_file():  # a checkout where the world-3 model was not trained yet
+        raise FileNotFoundError(f"the bundled model of world {world} is missing from {folder}: train it with "
+                                f"`python scripts/train_organism.py --world {world}`.")
     return AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
