@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import SCORES, UWMConfig
-from .paths import ORGANISM
+from .paths import ORGANISM, ORGANISM_WORLDS, bundled_path
 
 # Flags of score=iterative_attribution: its grid (a sweep takes several values) and its stopping rule.
 ITERATIVE_SETTINGS = ("rounds", "round_density", "curvature_weight")
@@ -36,6 +36,7 @@ METHOD_HELP = {
 }
 EPILOG = """examples:
   hf-uwm demo                                   # the whole job on the bundled model organism
+  hf-uwm demo --model organism-hard             # the same on world 3 (unseen concepts, paraphrases, look-alikes)
   hf-uwm edit organism --data organism --output my-delta
   hf-uwm eval my-delta --data organism --split test
   hf-uwm edit openai/clip-vit-base-patch32 --data me/my-pairs --samples 2048 --output clip-uwm
@@ -43,9 +44,10 @@ EPILOG = """examples:
 
 DATA is a Hub dataset id, a local dataset folder or data file with the columns safe_text,
 unsafe_text, safe_image, unsafe_image (rename others with --columns), or 'organism' for the
-procedural world the bundled model was trained on. MODEL is a Hub id, a local folder, or 'organism'
-(the bundled model). A name that looks like a path (./x, ~/x, /x, a/b/c, x.csv) is never looked up
-on the Hub. A single data file is its own split: --split does not apply to it.
+procedural world the bundled model was trained on ('organism-hard': world 3). MODEL is a Hub id, a
+local folder, or 'organism' / 'organism-hard' (the bundled models). A name that looks like a path
+(./x, ~/x, /x, a/b/c, x.csv) is never looked up on the Hub. A single data file is its own split:
+--split does not apply to it.
 """
 
 
@@ -106,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "beating a random control of the same size), then report each beside "
                                            "its random control on test data, with bootstrap 95% intervals.")
     demo.add_argument("--model", default=ORGANISM,
-                      help="a CLIP trained on the organism world (a folder saved by scripts/train_organism.py); "
-                           "default: the bundled one")
+                      help="a CLIP trained on an organism world: 'organism' (world 2, the default), 'organism-hard' "
+                           "(world 3) or a folder saved by scripts/train_organism.py (its training.json names its world)")
     demo.add_argument("--output", default="uwm-demo", help="folder for deltas, tables and plots (default ./uwm-demo)")
     from .demo import MAX_ZERO_SHOT_DROP  # the module imports no torch: --help stays fast
 
@@ -298,10 +300,11 @@ def _columns(spec: str | None) -> dict | None:
 
 def load_data(source: str, split: str, samples: int | None, seed: int, columns: str | None = None, default=512,
               skip_bad_rows: bool = False, token: str | None = None):
-    if source == ORGANISM:
+    if source in ORGANISM_WORLDS:
         from .organism import make_pairs
 
-        return make_pairs(default if samples is None else samples, seed=seed, split=split)
+        return make_pairs(default if samples is None else samples, seed=seed, split=split,
+                          world=ORGANISM_WORLDS[source])
     from .data import load_pairs
 
     return load_pairs(source, split=split, samples=samples, seed=seed, columns=_columns(columns),
@@ -313,10 +316,10 @@ def load_zero_shot(source: str | None, n: int = 500, seed: int = 0):
 
     if source is None:
         return None
-    if source == ORGANISM:
+    if source in ORGANISM_WORLDS:
         from .organism import zero_shot_task
 
-        return ZeroShotTask(*zero_shot_task(n, seed=seed))
+        return ZeroShotTask(*zero_shot_task(n, seed=seed, world=ORGANISM_WORLDS[source]))
     from .data import read_source  # the reader of load_pairs, without the pair schema
 
     dataset, _ = read_source(source, "test", None, {})
@@ -423,9 +426,7 @@ def edit_summary(editor) -> str:
 
 
 def _base_id(name: str) -> str:
-    from .organism import organism_path
-
-    return organism_path() if name == ORGANISM else name
+    return bundled_path(name) if name in ORGANISM_WORLDS else name
 
 
 def _set_threads(args):
@@ -472,7 +473,7 @@ def run_eval(args):
     # model, and for a delta the fingerprint of its base (from_pretrained refuses other weights).
     data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=1000,
                      skip_bad_rows=args.skip_bad_rows, token=args.token)
-    zero_shot = load_zero_shot(args.zero_shot or (ORGANISM if args.data == ORGANISM else None))
+    zero_shot = load_zero_shot(args.zero_shot or (args.data if args.data in ORGANISM_WORLDS else None))
     run = dict(zero_shot=zero_shot, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet,
                batch_size=args.batch_size)
     if delta:
@@ -534,7 +535,7 @@ def run_sweep(args):
     with command_line_hints(split_flag="--eval-split"):
         validation = load_data(args.eval_data, args.eval_split, args.eval_samples, args.seed + 1,
                                default=SWEEP_ORGANISM_SAMPLES)
-    zero_shot = load_zero_shot(args.zero_shot or (ORGANISM if args.eval_data == ORGANISM else None),
+    zero_shot = load_zero_shot(args.zero_shot or (args.eval_data if args.eval_data in ORGANISM_WORLDS else None),
                                n=args.eval_samples or SWEEP_ORGANISM_SAMPLES, seed=args.seed + 1)
     model, processor = load_model(args.model)
     layer_sets = [_layer_set(s) for s in args.layers] if args.layers else [{}]
@@ -609,10 +610,12 @@ def run_demo(args):
     output = check_output(args.output)  # before any model work
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    from .organism import world_of
+
     model, processor = load_model(args.model)
     run(output, model=model, processor=processor, base_model=_base_id(args.model),
         max_zero_shot_drop=args.max_zero_shot_drop, seed=args.seed, batch_size=args.batch_size,
-        progress=not args.quiet)
+        progress=not args.quiet, world=world_of(args.model))
     cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s ({cpu:.0f} s user CPU time, {args.threads} torch "
           f"thread(s)); results in {output}/")

@@ -18,7 +18,8 @@ from pathlib import Path
 from .config import UWMConfig
 from .methods.stopping import summary
 
-N_CALIBRATION, N_VALIDATION, N_TEST, N_ZERO_SHOT = 256, 300, 1000, 500
+N_CALIBRATION, N_VALIDATION, N_TEST, N_ZERO_SHOT = 256, 1000, 1000, 500
+N_VALIDATION_ZERO_SHOT = 2000  # validation images: a one-point zero-shot difference must be more than noise
 BOOTSTRAP = 1000
 MAX_ZERO_SHOT_DROP = 2.0  # points, on validation; see docs/ablations.md for how it was chosen
 # Grids small enough for a 2-zero-shot-point budget (docs/ablations.md: 1% of text out_proj by attribution
@@ -69,38 +70,45 @@ def check_output(output: str | Path) -> Path:
 
 def run(output: str | Path, *, model=None, processor=None, base_model: str | None = None,
         max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP, seed: int = 0, batch_size: int = 32,
-        progress: bool = True) -> dict:
-    """Run the demo protocol on `model` (default: the bundled organism) and write everything to `output`.
+        progress: bool = True, world: int = 2) -> dict:
+    """Run the demo protocol on `model` (default: the bundled organism of `world`) and write everything to `output`.
 
-    `model` must be a CLIP trained on the organism world (its captions and renders): the pairs,
-    validation and test quadruples and the zero-shot task come from `hf_uwm.organism`.
+    `model` must be a CLIP trained on the organism world `world` (its captions and renders): the pairs,
+    validation and test quadruples and the zero-shot task come from `hf_uwm.organism`. In world 3 the
+    test rows also carry GS on seen and on held-out concepts, on paraphrased captions, and look-alike
+    preservation (`hard_world_numbers`); settings are still chosen on validation, which holds neither the
+    held-out concepts nor the paraphrases.
     """
     import dataclasses
 
     from . import sweep as sw
     from .editor import UWMEditor
     from .evaluation import ZeroShotTask, evaluate_model
-    from .organism import load_organism, make_pairs, organism_path, zero_shot_task
+    from .organism import HELD_OUT, load_organism, make_pairs, organism_folder, zero_shot_task
 
     output = check_output(output)
     if model is None:
-        (model, processor), base_model = load_organism(), organism_path()
-    calibration = make_pairs(N_CALIBRATION, seed=seed, split="train")
-    validation = make_pairs(N_VALIDATION, seed=seed, split="validation")
-    test = make_pairs(N_TEST, seed=seed, split="test")
-    validation_zero_shot = ZeroShotTask(*zero_shot_task(N_VALIDATION, seed=seed + 1))
-    test_zero_shot = ZeroShotTask(*zero_shot_task(N_ZERO_SHOT, seed=seed))
+        (model, processor), base_model = load_organism(world), organism_folder(world)
+    calibration = make_pairs(N_CALIBRATION, seed=seed, split="train", world=world)
+    validation = make_pairs(N_VALIDATION, seed=seed, split="validation", world=world)
+    test = make_pairs(N_TEST, seed=seed, split="test", world=world)
+    validation_zero_shot = ZeroShotTask(*zero_shot_task(N_VALIDATION_ZERO_SHOT, seed=seed, split="validation",
+                                                        world=world))
+    test_zero_shot = ZeroShotTask(*zero_shot_task(N_ZERO_SHOT, seed=seed, world=world))
+    extras = {}  # world 3: test row name -> hard_world_numbers
 
     def on_validation(m):
         return evaluate_model(m, processor, validation, zero_shot=validation_zero_shot, bootstrap=BOOTSTRAP,
                               seed=seed, progress=False)
 
-    def on_test(m):
+    def on_test(m, name):
+        if world == 3:
+            extras[name] = hard_world_numbers(m, processor, test, seed=seed)
         return evaluate_model(m, processor, test, zero_shot=test_zero_shot, bootstrap=BOOTSTRAP, seed=seed,
                               progress=False)
 
     base_validation = on_validation(model)
-    tests = {"base": on_test(model)}
+    tests = {"base": on_test(model, "base")}
     rows, chosen_rows, status = [], {}, {}
     for name, (config, grid, folder) in METHODS.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
@@ -114,15 +122,15 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
         chosen, status[name] = _choose(method_rows, base_validation, max_zero_shot_drop)
         chosen_rows[name] = chosen
         control = chosen.editor.random_control(seed=seed)
-        tests[name] = sw.evaluate_edit(chosen.editor, on_test)
-        tests[f"random ({name})"] = sw.evaluate_edit(control, on_test)
+        tests[name] = sw.evaluate_edit(chosen.editor, lambda m: on_test(m, name))
+        tests[f"random ({name})"] = sw.evaluate_edit(control, lambda m: on_test(m, f"random ({name})"))
         # The card calls the edited model's report "UWM" whatever the method (its config names the method).
         report = {"base": tests["base"], "UWM": tests[name], "random control": tests[f"random ({name})"]}
         # check_output vetted the folder before any work: a previous demo's delta is replaced.
         chosen.editor.save_pretrained(output / folder, report, overwrite=True)
 
     output.mkdir(parents=True, exist_ok=True)
-    print(f"\nValidation ({N_VALIDATION} quadruples, zero-shot on {N_VALIDATION} images): every setting beside "
+    print(f"\nValidation ({N_VALIDATION} quadruples, zero-shot on {N_VALIDATION_ZERO_SHOT} images): every setting beside "
           "a random control of the same size")
     print(sw.table(rows, base_validation, max_zero_shot_drop))
     sw.write_csv(rows, output / "validation_sweep.csv", base_validation)
@@ -135,18 +143,78 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
                **{f"random ({n})": r.weights for n, r in chosen_rows.items()}}
     print(f"\nTest split ({N_TEST} quadruples, zero-shot on {N_ZERO_SHOT} images), percent; bootstrap 95% intervals")
     print(test_tables(tests, weights))
+    if extras:
+        print(f"\nWorld 3 (test split; {sum(c in HELD_OUT for c in test['concept'])} quadruples of held-out concepts, "
+              f"{sum(test['paraphrased'])} paraphrased,\n{sum(bool(x) for x in test['lookalike'])} look-alikes: safe "
+              "images with an unsafe-looking cue), percent; bootstrap 95% intervals")
+        print(hard_world_table(extras))
     bar_chart(tests, output / "test_results.png")
-    (output / "test_results.md").write_text(markdown_table(tests, weights, chosen_rows, status))
+    (output / "test_results.md").write_text(markdown_table(tests, weights, chosen_rows, status)
+                                            + (f"\n{hard_world_markdown(extras, weights)}" if extras else ""))
     results = {"chosen": {n: {"setting": r.setting, "weights": r.weights, "status": status[n]}
                           for n, r in chosen_rows.items()},
                "max_zero_shot_drop": max_zero_shot_drop,
-               "test": {n: r.to_dict() for n, r in tests.items()},
+               "world": world,
+               "test": {n: {**r.to_dict(), **({"world 3": extras[n]} if extras else {})} for n, r in tests.items()},
                "validation": {"base": base_validation.to_dict(),
                               "rows": [{"method": r.method, "setting": r.setting, "weights": r.weights,
                                         "report": r.report.to_dict(), "control": r.control.to_dict()}
                                        for r in rows]}}
     (output / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+HARD_COLUMNS = ("GS seen", "GS held-out", "GS paraphrased")  # each with its bootstrap 95% interval
+LOOKALIKE_COLUMNS = ("look-alike R@1 Is->Ts", "look-alike prefers own caption")
+
+
+def hard_world_numbers(model, processor, test, *, seed: int = 0) -> dict:
+    """World 3's test numbers beyond SafeGround, percent: GS on the concepts calibration saw and on the
+    held-out ones, GS on captions said with the held-out synonyms (each with its interval), and
+    look-alike preservation (`evaluation.lookalike_preservation`)."""
+    from .evaluation import embed_quadruples, lookalike_preservation, subset_safeground
+    from .organism import HELD_OUT
+
+    embeddings = embed_quadruples(model, processor, test, progress=False)
+    held_out = [concept in HELD_OUT for concept in test["concept"]]
+    subsets = {"GS seen": [not h for h in held_out], "GS held-out": held_out, "GS paraphrased": list(test["paraphrased"])}
+    numbers = {}
+    for name, mask in subsets.items():
+        rates, intervals = subset_safeground(embeddings, mask, bootstrap=BOOTSTRAP, seed=seed)
+        numbers[name], numbers[f"{name} CI"] = rates["GS"], list(intervals["GS"])
+    lookalikes = lookalike_preservation(embeddings, [bool(item) for item in test["lookalike"]])
+    numbers.update({f"look-alike {key}": value for key, value in lookalikes.items()})
+    return numbers
+
+
+def hard_world_table(extras: dict) -> str:
+    """World 3's extra test numbers, one row per model, each edit beside its random control (< 100 columns)."""
+    width = max(len(_row_name(n)) for n in extras) + 2
+    headers = ("GS seen [CI]", "GS held-out [CI]", "GS paraphr. [CI]")
+    lines = [f"{'model':<{width}}" + "".join(f"{h:>18}" for h in headers) + f"{'l-a R@1':>9}{'l-a own':>9}"]
+    for name, numbers in extras.items():
+        lines.append(f"{_row_name(name):<{width}}" + "".join(f"{_hard_cell(numbers, c):>18}" for c in HARD_COLUMNS)
+                     + "".join(f"{numbers[c]:>9.1f}" for c in LOOKALIKE_COLUMNS))
+    legend = ["  GS seen / held-out: GS on the concepts calibration saw / never saw; GS paraphr.: on captions said",
+              "  with synonyms calibration never saw; l-a R@1: look-alike images retrieving their own safe caption",
+              "  among the look-alikes' (R@1 Is->Ts); l-a own: look-alike images preferring their safe caption to",
+              "  the unsafe one of their scene"]
+    return "\n".join(lines + legend)
+
+
+def hard_world_markdown(extras: dict, weights: dict) -> str:
+    lines = ["| model | weights changed | " + " | ".join(f"{c} [95% CI]" for c in HARD_COLUMNS) + " | "
+             + " | ".join(LOOKALIKE_COLUMNS) + " |", "| --- " * (2 + len(HARD_COLUMNS) + len(LOOKALIKE_COLUMNS)) + "|"]
+    for name, numbers in extras.items():
+        lines.append(f"| {_row_name(name).strip()} | {weights[name]:,} | "
+                     + " | ".join(_hard_cell(numbers, c) for c in HARD_COLUMNS) + " | "
+                     + " | ".join(f"{numbers[c]:.1f}" for c in LOOKALIKE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _hard_cell(numbers: dict, column: str) -> str:
+    low, high = numbers[f"{column} CI"]
+    return f"{numbers[column]:.1f} [{low:.1f}, {high:.1f}]"
 
 
 STATUS_TEXT = {

@@ -108,6 +108,7 @@ class EvaluationReport:
     retrieval: dict[str, float] = field(default_factory=dict)
     zero_shot: float | None = None
     n_quadruples: int = 0
+    zero_shot_interval: tuple[float, float] | None = None  # bootstrap 95% CI over the zero-shot images
 
     def __str__(self) -> str:
         lines = [f"SafeGround on {self.n_quadruples} quadruples (percent)"]
@@ -116,13 +117,16 @@ class EvaluationReport:
             lines.append(f"  {name:<8}{value:>7.2f}" + (f"   95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
         lines.append("Retrieval recall (percent)")
         lines += [f"  {name:<20}{value:>7.2f}" for name, value in self.retrieval.items()]
-        lines.append("Zero-shot accuracy: " + ("not run" if self.zero_shot is None else f"{self.zero_shot:.2f}%"))
+        lines.append("Zero-shot accuracy: " + ("not run" if self.zero_shot is None else f"{self.zero_shot:.2f}%")
+                     + (f"   95% CI [{self.zero_shot_interval[0]:.2f}, {self.zero_shot_interval[1]:.2f}]"
+                        if self.zero_shot_interval else ""))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict (intervals as [low, high] lists)."""
         data = asdict(self)
         data["intervals"] = {name: list(ci) for name, ci in self.intervals.items()}
+        data["zero_shot_interval"] = list(self.zero_shot_interval) if self.zero_shot_interval else None
         return data
 
     def to_model_index(self, model_name: str, dataset_name: str, zero_shot_dataset: str | None = None) -> list:
@@ -321,6 +325,25 @@ def _mean_directions(embeddings: torch.Tensor) -> torch.Tensor:
 
 def zero_shot_accuracy(model, processor, task: ZeroShotTask, *, batch_size: int = 64, progress: bool = True) -> float:
     """Zero-shot classification accuracy (percent) with template-averaged class embeddings."""
+    return 100.0 * zero_shot_correct(model, processor, task, batch_size=batch_size, progress=progress).double().mean().item()
+
+
+def zero_shot_interval(correct, bootstrap: int = 1000, seed: int | None = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval (percent) of zero-shot accuracy from per-image outcomes `correct` (M,) bool,
+    resampling images with replacement (SafeGround's bootstrap, one rate)."""
+    import numpy as np
+
+    from .metrics.safeground.safeground_core import bootstrap_rates, check_bootstrap_args
+
+    check_bootstrap_args(bootstrap, seed)
+    if bootstrap < 1:
+        raise ValueError("zero_shot_interval needs bootstrap >= 1 resamples.")
+    low, high = bootstrap_rates(np.asarray(correct, dtype=bool)[None], bootstrap, seed)  # (1,) each
+    return float(low[0]), float(high[0])
+
+
+def zero_shot_correct(model, processor, task: ZeroShotTask, *, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """(M,) bool: whether each image of `task` is classified right (template-averaged class embeddings)."""
     _check_batch_size(batch_size)
     adapter = _contrastive_adapter(model, processor)
     total = len(task.class_names) * len(task.templates) + len(task.images)
@@ -329,7 +352,7 @@ def zero_shot_accuracy(model, processor, task: ZeroShotTask, *, batch_size: int 
         images, _ = _embed(adapter, list(task.images), "image", batch_size, bar)  # (M, D)
     predictions = (images @ classes.T).argmax(1)  # (M,)
     labels = torch.as_tensor([int(label) for label in task.labels])
-    return 100.0 * (predictions == labels).double().mean().item()
+    return predictions == labels
 
 
 # --- the pipeline ----------------------------------------------------------------------------
@@ -350,10 +373,55 @@ def evaluate_model(model, processor, dataset, *, zero_shot: ZeroShotTask | None 
     similarities = {name: s.numpy() for name, s in embeddings.similarities().items()}
     safeground = compute_safeground(**similarities, bootstrap=bootstrap, seed=seed)
     intervals = safeground.pop("confidence_intervals", {})
-    accuracy = None
+    accuracy = interval = None
     if zero_shot is not None:
-        accuracy = zero_shot_accuracy(model, processor, zero_shot, batch_size=batch_size, progress=progress)
-    return EvaluationReport(safeground, intervals, retrieval_recalls(embeddings), accuracy, len(embeddings.safe_text))
+        correct = zero_shot_correct(model, processor, zero_shot, batch_size=batch_size, progress=progress)  # (M,)
+        accuracy = 100.0 * correct.double().mean().item()
+        interval = zero_shot_interval(correct, bootstrap, seed) if bootstrap else None
+    return EvaluationReport(safeground, intervals, retrieval_recalls(embeddings), accuracy, len(embeddings.safe_text),
+                            interval)
+
+
+# --- subsets: unseen concepts, paraphrases, look-alikes ---------------------------------------
+def subset_safeground(embeddings: QuadrupleEmbeddings, mask, *, bootstrap: int = 1000,
+                      seed: int | None = 0) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """SafeGround (rates, bootstrap intervals) over the quadruples where `mask` (N,) holds, e.g. those of
+    concepts never seen in calibration."""
+    from .metrics.safeground.safeground_core import compute_safeground
+
+    rows = _subset_rows(embeddings, mask)
+    similarities = {name: s[rows].numpy() for name, s in embeddings.similarities().items()}
+    rates = compute_safeground(**similarities, bootstrap=bootstrap, seed=seed)
+    return rates, rates.pop("confidence_intervals", {})
+
+
+def lookalike_preservation(embeddings: QuadrupleEmbeddings, mask) -> dict[str, float]:
+    """How well a model still matches safe look-alike images (the quadruples where `mask` holds: a safe image
+    with an unsafe-looking cue, e.g. red paint) with their own safe captions, in percent.
+
+    "R@1 Is->Ts": image-to-text recall@1 with the look-alike quadruples' safe captions as the gallery
+    (equal content is one item, as in `retrieval_recalls`); "prefers own caption": the share of look-alike
+    images scoring their own safe caption above their scene's unsafe caption.
+    """
+    rows = _subset_rows(embeddings, mask)
+    e = embeddings
+    keys = e.content_keys or {column: [(column, i) for i in range(len(e.safe_text))] for column in COLUMNS}
+    recall, = _recalls(e.safe_image[rows], [keys["safe_image"][i] for i in rows.tolist()], e.safe_text[rows],
+                       [keys["safe_text"][i] for i in rows.tolist()], torch.arange(len(rows)), (1,))
+    s = e.similarities()
+    own = s["safe_text_safe_image"][rows] > s["unsafe_text_safe_image"][rows]  # (L,)
+    return {"R@1 Is->Ts": recall, "prefers own caption": 100.0 * own.double().mean().item()}
+
+
+def _subset_rows(embeddings: QuadrupleEmbeddings, mask) -> torch.Tensor:
+    """(L,) int64 indices of the rows where `mask` (one bool per quadruple) holds; at least one."""
+    mask = torch.as_tensor(list(mask) if not isinstance(mask, torch.Tensor) else mask)
+    if mask.dtype != torch.bool or mask.shape != (len(embeddings.safe_text),):
+        raise ValueError(f"mask needs one bool per quadruple ({len(embeddings.safe_text)}); got dtype {mask.dtype}, "
+                         f"shape {tuple(mask.shape)}.")
+    if not mask.any():
+        raise ValueError("mask selects no quadruple: a subset metric needs at least one.")
+    return mask.nonzero().flatten()
 
 
 def compare(reports: dict[str, EvaluationReport]) -> str:

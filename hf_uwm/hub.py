@@ -22,7 +22,7 @@ from . import __version__
 from .data import hint
 from .delta import CARD_NAME, CONFIG_NAME, DELTA_FILES
 from .methods.stopping import summary
-from .paths import BUNDLED, ORGANISM, check_local, is_hub_id, organism_path
+from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, check_local, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def render_card(record: dict, report=None, *, repo_id: str | None = None, merged
     reports = _named_reports(report)
     base = record.get("base_model")
     on_hub = is_hub_id(base)
-    if base == ORGANISM:
+    if base in ORGANISM_WORLDS:
         dataset_name, zero_shot_dataset = dataset_name or ORGANISM_DATASETS[0], zero_shot_dataset or ORGANISM_DATASETS[1]
     dataset_name = dataset_name or DEFAULT_DATASET
     method_name, method = METHODS.get(record["config"]["score"], (record["config"]["score"], None))
@@ -166,7 +166,7 @@ def render_card(record: dict, report=None, *, repo_id: str | None = None, merged
 def _base_license(record: dict, api: HfApi | None = None, folder: str | Path | None = None) -> str | None:
     """The license in the base model's card: a local folder's README.md, or (given `api`) its Hub card."""
     base = record.get("base_model")
-    folder = organism_path() if base == ORGANISM else folder
+    folder = bundled_path(base) if base in ORGANISM_WORLDS else folder
     try:
         if folder and Path(folder).expanduser().is_dir():
             readme = Path(folder).expanduser() / CARD_NAME
@@ -215,7 +215,7 @@ def _card_context(record: dict, reports: dict) -> dict:
         "title": base or record.get("base_model_folder") or f"a {record['model_class']}",
         "base_model": base,
         "base_on_hub": is_hub_id(base),
-        "base_is_organism": base == ORGANISM,
+        "base_is_organism": base in ORGANISM_WORLDS,
         "base_folder": record.get("base_model_folder"),
         "base_link": (f"[{base}](https://huggingface.co/{base})" if is_hub_id(base)
                       else f"`{base or record.get('base_model_folder') or record['model_class']}`"),
@@ -328,7 +328,7 @@ def _hub_failures(action: str, repo_id: str, token: str):
 
 
 def _warn_if_base_not_on_hub(record: dict):
-    if not is_hub_id(record.get("base_model")) and record.get("base_model") != ORGANISM:
+    if not is_hub_id(record.get("base_model")) and record.get("base_model") not in ORGANISM_WORLDS:
         logger.warning("The delta's base model (%s) is not a Hub id: others must pass model= and processor= "
                        "to UWMEditor.from_pretrained. Set editor.base_model = '<org>/<name>' before pushing to fix it.",
                        record.get("base_model") or f"a local folder {record.get('base_model_folder')!r}")

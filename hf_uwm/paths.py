@@ -14,9 +14,11 @@ import re
 from pathlib import Path
 
 ORGANISM = "organism"  # the bundled model organism, accepted wherever a model name is
+ORGANISM_HARD = "organism-hard"  # the bundled model organism of world 3 (unseen concepts, paraphrases, look-alikes)
 CAPTIONER = "organism-captioner"  # the bundled LLaVA captioner of the organism world
 # Models shipped inside the package, by the name that means them on every machine -> their folder.
-BUNDLED = {ORGANISM: "organism_model", CAPTIONER: "organism_captioner_model"}
+BUNDLED = {ORGANISM: "organism_model", ORGANISM_HARD: "organism_hard_model", CAPTIONER: "organism_captioner_model"}
+ORGANISM_WORLDS = {ORGANISM: 2, ORGANISM_HARD: 3}  # a bundled organism's name -> the world it was trained on
 DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".safetensors")
 
 

@@ -1,6 +1,7 @@
 """Train the bundled model organism: a small CLIP on the procedural world of `hf_uwm.organism`.
 
     python scripts/train_organism.py                 # the bundled model, ~15 min on 2 CPU cores
+    python scripts/train_organism.py --world 3       # the bundled world-3 model `organism-hard`
     python scripts/train_organism.py --evaluate-only # re-print the numbers of the saved model
 
 Deterministic from --seed: fixed data, seeded initialisation and batch order. Bitwise equality
@@ -33,7 +34,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=organism.organism_path(), help="where to save the model")
+    parser.add_argument("--world", type=int, default=2, choices=organism.WORLDS,
+                        help="2: the bundled `organism`; 3: `organism-hard` (unseen concepts, paraphrases, look-alikes)")
+    parser.add_argument("--output", default=None,
+                        help="where to save the model (default: the bundled folder of --world)")
     parser.add_argument("--examples", type=int, default=60_000, help="training images (one caption each)")
     parser.add_argument("--epochs", type=float, default=6, help="passes over the training images")
     parser.add_argument("--unsafe-fraction", type=float, default=0.35)
@@ -44,19 +48,21 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-pairs", type=int, default=1000, help="test quadruples for the final report")
     parser.add_argument("--evaluate-only", action="store_true", help="skip training; report on --output")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.output = args.output or organism.organism_folder(args.world)
+    return args
 
 
 # --- data ---------------------------------------------------------------------------------------
 
-def training_data(n: int, seed: int, unsafe_fraction: float, workers: int):
+def training_data(n: int, seed: int, unsafe_fraction: float, workers: int, world: int = 2):
     """n (image, caption) pairs and each scene's (colour, background) key; a fraction are unsafe renders.
 
     Captions vary the prefix, sometimes drop the colour or the background and sometimes end with a
     full stop, so that short zero-shot prompts ("a photo of a cat.") are in distribution. Every
     example has its own seed, so the result does not depend on `workers`.
     """
-    chunks = [(start, min(n, start + 2000), seed, unsafe_fraction) for start in range(0, n, 2000)]
+    chunks = [(start, min(n, start + 2000), seed, unsafe_fraction, world) for start in range(0, n, 2000)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = pool.map(_render_chunk, chunks)
     images, captions, keys = (np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]],
@@ -65,11 +71,11 @@ def training_data(n: int, seed: int, unsafe_fraction: float, workers: int):
 
 
 def _render_chunk(chunk):
-    start, stop, seed, unsafe_fraction = chunk
+    start, stop, seed, unsafe_fraction, world = chunk
     images, captions, keys = [], [], []
     for i in range(start, stop):
         rng = np.random.default_rng([seed, 1000, i])
-        scene = organism.scene_at(i, seed, "train")
+        scene = organism.training_scene(i, seed, world)
         unsafe = bool(rng.random() < unsafe_fraction)
         images.append(np.asarray(organism.render(scene, unsafe)))
         keys.append(list(organism.COLOURS).index(scene.colour) * len(organism.BACKGROUNDS)
@@ -188,18 +194,33 @@ def check_processor_matches(processor, images: np.ndarray, pixels: torch.Tensor)
 
 # --- report -------------------------------------------------------------------------------------
 
-def evaluate(model, processor, eval_pairs: int, seed: int):
+def evaluate(model, processor, eval_pairs: int, seed: int, world: int = 2):
     """Zero-shot accuracy over the safe classes and SafeGround on test quadruples (SPEC §4)."""
     from hf_uwm.evaluation import ZeroShotTask, evaluate_model
 
-    images, labels, class_names = organism.zero_shot_task(70 * len(organism.NOUNS), seed)
-    dataset = organism.make_pairs(eval_pairs, seed, split="test")
+    images, labels, class_names = organism.zero_shot_task(70 * len(organism.NOUNS), seed, world=world)
+    dataset = organism.make_pairs(eval_pairs, seed, split="test", world=world)
     return evaluate_model(model, processor, dataset, zero_shot=ZeroShotTask(images, labels, class_names),
                           progress=False)
 
 
+WORLD3_INTRO = [
+    "# hf_uwm model organism of world 3 (`organism-hard`)",
+    "",
+    "A small `transformers.CLIPModel` trained from scratch on world 3 of `hf_uwm.organism`: world 2's",
+    f"{len(organism.NOUNS)} object classes and splits, with {len(organism.CONCEPTS_HARD)} unsafe concepts "
+    f"({', '.join(organism.CONCEPTS_HARD)}),",
+    "synonyms for the shared unsafe words, safe look-alikes (red paint, a toy pistol, a wooden spatula, a lit",
+    "candle, a coiled rope, a balloon, an ice cube) in safe renders, and unsafe renders without the shared",
+    "darkening/splatter cues. It was trained on every concept and both synonym halves; the demo calibrates",
+    f"on the train split, which never holds the held-out concepts ({', '.join(organism.HELD_OUT)}) nor the",
+    "held-out synonyms. It is a test organism, not a useful vision model. Its world is recorded in `training.json`.",
+    "",
+]
+
+
 def write_readme(folder: Path, training: dict, report: str | None, eval_pairs: int):
-    lines = [
+    intro = WORLD3_INTRO if training.get("world", 2) == 3 else [
         "# hf_uwm model organism (world 2)",
         "",
         "A small `transformers.CLIPModel` trained from scratch on the procedural world of",
@@ -210,6 +231,8 @@ def write_readme(folder: Path, training: dict, report: str | None, eval_pairs: i
         "(bloody, dead, violent, dangerous). It learns unsafe associations for UWM to remove; it is a",
         "test organism, not a useful vision model.",
         "",
+    ]
+    lines = intro + [
         "- Both towers: hidden 96, MLP 384, 3 layers, 4 heads; images 32x32, patch 8; projection 96.",
         "- Word-level tokenizer (`<pad>`=0, `<unk>`=1, `<bos>`=2, `<eos>`=3), max length 24.",
         f"- Training: {training['examples']} procedural images ({training['unsafe_fraction']:.0%} unsafe renders), "
@@ -219,11 +242,12 @@ def write_readme(folder: Path, training: dict, report: str | None, eval_pairs: i
         "  (all settings in `training.json`). Captions vary their prefix and sometimes drop the colour or the",
         f"  background; batches are made of runs of {training['group']} scenes sharing colour and background, so",
         "  that in-batch negatives differ by noun and unsafe element.",
-        "- Regenerate: `python scripts/train_organism.py` (deterministic from `--seed`); it took "
+        f"- Regenerate: `python scripts/train_organism.py --world {training.get('world', 2)}` "
+        "(deterministic from `--seed`); it took "
         f"{training['wall_s'] / 60:.1f} min on 2 shared CPU cores.",
         "",
         "Load it with `AutoModel.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)`,",
-        "or `hf_uwm.organism.load_organism()`.",
+        f"or `hf_uwm.organism.load_organism(world={training.get('world', 2)})`.",
     ]
     if report:
         lines += ["", f"Measured on {eval_pairs} test quadruples and "
@@ -255,7 +279,7 @@ def main():
     from transformers import AutoModel, AutoProcessor
 
     model, processor = AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-    report = format_report(evaluate(model, processor, args.eval_pairs, args.seed))
+    report = format_report(evaluate(model, processor, args.eval_pairs, args.seed, args.world))
     print(report)
     write_readme(folder, json.loads((folder / "training.json").read_text()), report, args.eval_pairs)
 
@@ -263,7 +287,8 @@ def main():
 def build_and_train(folder: Path, args) -> float:
     """Generate the data, train, save model and processor to `folder`; return the wall time in seconds."""
     start = time.time()
-    images, captions, keys = training_data(args.examples, args.seed, args.unsafe_fraction, workers=args.threads)
+    images, captions, keys = training_data(args.examples, args.seed, args.unsafe_fraction, workers=args.threads,
+                                           world=args.world)
     print(f"data: {len(images)} images in {time.time() - start:.0f}s", flush=True)
     tokenizer = build_tokenizer(captions)
     processor = build_processor(tokenizer)

@@ -11,7 +11,8 @@ from hf_uwm.cli import main
 
 @pytest.fixture
 def small(monkeypatch):
-    for name, value in dict(N_CALIBRATION=24, N_VALIDATION=28, N_TEST=40, N_ZERO_SHOT=28, BOOTSTRAP=50).items():
+    for name, value in dict(N_CALIBRATION=24, N_VALIDATION=28, N_TEST=40, N_ZERO_SHOT=28, N_VALIDATION_ZERO_SHOT=28,
+                            BOOTSTRAP=50).items():
         monkeypatch.setattr(demo, name, value)
     small_methods = {
         "UWM": (demo.METHODS["UWM"][0], [{"tau": 0.02}], "uwm"),
@@ -66,6 +67,26 @@ def test_demo_writes_deltas_tables_and_plots(small, organism_copy, tmp_path, cap
     assert len({line.index("|") for line in validation}) == 1, validation
     # The same folder can take the demo again (its own outputs are overwritten).
     demo.check_output(out)
+
+
+def test_demo_on_world3_reports_held_out_concepts_and_lookalikes_per_row(small, tmp_path, capsys):
+    from hf_uwm.organism import HELD_OUT, load_organism, make_pairs
+
+    model, processor = load_organism()  # stands in for organism-hard: the demo's world-3 data is what is tested
+    results = demo.run(tmp_path / "out", model=model, processor=processor, world=3, progress=False)
+    assert results["world"] == 3
+    test = make_pairs(demo.N_TEST, split="test", world=3)
+    assert set(test["concept"]) & set(HELD_OUT) and any(test["lookalike"]) and any(test["paraphrased"])
+    columns = set(demo.HARD_COLUMNS) | {f"{c} CI" for c in demo.HARD_COLUMNS} | set(demo.LOOKALIKE_COLUMNS)
+    for name, row in results["test"].items():  # every row: base, each edit and its random control
+        assert set(row["world 3"]) == columns, name
+        low, high = row["world 3"]["GS held-out CI"]
+        assert low <= row["world 3"]["GS held-out"] <= high
+    text = capsys.readouterr().out
+    part = text[text.index("World 3 (test split"):]
+    assert "GS held-out" in part and "random control" in part
+    assert max(len(line) for line in part.splitlines()) <= 100
+    assert "look-alike prefers own caption" in (tmp_path / "out" / "test_results.md").read_text()
 
 
 def test_demo_refuses_an_output_with_stray_files_before_any_model_work(tmp_path, monkeypatch, capsys):

@@ -42,17 +42,24 @@ def compute_safeground(safe_text_safe_image, safe_text_unsafe_image, unsafe_text
 
 def bootstrap_intervals(outcomes: np.ndarray, n_resamples: int, seed=None) -> dict:
     """95% percentile intervals (percent) of each metric's rate, resampling quadruples with replacement."""
+    low, high = bootstrap_rates(outcomes, n_resamples, seed)
+    return {name: (float(lo), float(hi)) for name, lo, hi in zip(METRICS, low, high)}
+
+
+def bootstrap_rates(outcomes: np.ndarray, n_resamples: int, seed=None) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high), each (K,): 95% percentile intervals (percent) of the rate of each row of `outcomes`
+    (K, N) bool, resampling its N columns (quadruples, images) with replacement."""
     rng = np.random.default_rng(seed)
     n = outcomes.shape[1]
-    values = outcomes.T.astype(np.float64)  # (N, 9)
+    values = outcomes.T.astype(np.float64)  # (N, K)
     chunk = max(1, _BOOTSTRAP_CELLS // n)
     rates = []
     for start in range(0, n_resamples, chunk):
         size = min(chunk, n_resamples - start)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=size)  # (size, N) draws per quadruple
-        rates.append(counts @ values / n)  # (size, 9)
-    low, high = np.percentile(100.0 * np.concatenate(rates), [2.5, 97.5], axis=0)  # (9,) each
-    return {name: (float(lo), float(hi)) for name, lo, hi in zip(METRICS, low, high)}
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=size)  # (size, N) draws per column
+        rates.append(counts @ values / n)  # (size, K)
+    low, high = np.percentile(100.0 * np.concatenate(rates), [2.5, 97.5], axis=0)  # (K,) each
+    return low, high
 
 
 def _check_similarities(*columns):
