@@ -23,8 +23,9 @@ from .data import hint
 CONFIG_NAME = "uwm_config.json"
 DELTA_NAME = "uwm_delta.safetensors"
 CARD_NAME = "README.md"
+DELTA_FILES = (CONFIG_NAME, DELTA_NAME, CARD_NAME)
 TRAJECTORY_NAME = "trajectory.png"   # the plot `hf-uwm edit` adds beside a delta that stopped by itself
-DELTA_FILES = (CONFIG_NAME, DELTA_NAME, CARD_NAME, TRAJECTORY_NAME)
+KNOWN_FILES = DELTA_FILES + (TRAJECTORY_NAME,)   # what a delta folder may hold
 FORMAT_VERSION = 1
 # The top-level keys of uwm_config.json: what UWMEditor.record() writes, and the stopping trajectory of
 # the iterative methods. A file of an older version has fewer; an unknown key is refused, not ignored.
@@ -142,7 +143,7 @@ def check_output_folder(directory: str | Path, overwrite: bool = False) -> Path:
         if not directory.is_dir():
             raise FileExistsError(f"{directory} exists and is a file; choose a folder path for the delta.")
         names = {p.name for p in directory.iterdir()}
-        foreign = sorted(names - set(DELTA_FILES))
+        foreign = sorted(names - set(KNOWN_FILES))
         if foreign:
             raise FileExistsError(f"{directory} already holds other files {foreign[:5]}; save the delta to "
                                   "an empty or new folder.")

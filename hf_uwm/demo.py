@@ -51,7 +51,7 @@ LEGEND = {  # metric: (definition, meaning)
 
 def check_output(output: str | Path) -> Path:
     """Refuse, before any model work, an output that holds anything the demo would not write itself."""
-    from .delta import DELTA_FILES
+    from .delta import KNOWN_FILES
 
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -61,7 +61,7 @@ def check_output(output: str | Path) -> Path:
     folders = {folder for _, _, folder in METHODS.values()}
     stray = [p.name for p in output.iterdir() if p.name not in folders and p.name not in OUTPUT_FILES]
     stray += [f"{p.name}/{q.name}" for p in output.iterdir() if p.name in folders
-              for q in (p.iterdir() if p.is_dir() else [p]) if q.name not in DELTA_FILES]
+              for q in (p.iterdir() if p.is_dir() else [p]) if q.name not in KNOWN_FILES]
     if stray:
         raise FileExistsError(f"--output {output} already holds files the demo did not write ({sorted(stray)[:5]}); "
                               "choose an empty or new folder (a previous demo's output is overwritten).")
