@@ -118,7 +118,8 @@ def log_likelihood(model, inputs: dict) -> torch.Tensor:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]                     # (B, L) right-padded
     positions = torch.arange(1, ids.shape[1], device=ids.device)                   # token t predicted at t - 1
     targets = mask[:, 1:].bool() & (positions[None, :] >= start[:, None])         # (B, L - 1)
-    log_probs = model(**inputs).logits[:, :-1].float().log_softmax(-1)             # (B, L - 1, vocab)
+    logits = model(**inputs).logits[:, :-1]                                        # (B, L - 1, vocab)
+    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)   # float32 or finer
     token_log_probs = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)           # (B, L - 1)
     return (token_log_probs * targets).sum(-1)
 
@@ -305,17 +306,31 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], *, meteo
                          f"{len(references)} references, at least one of each).")
     try:
         import sacrebleu
-        from rouge_score import rouge_scorer
+        import rouge_score  # noqa: F401  (fail before any work)
     except ImportError as err:
         raise ImportError(f"Captioning metrics need `pip install hf_uwm[captioning]` ({err}).") from None
     if meteor and not wordnet_available():
         raise RuntimeError(WORDNET_MISSING)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    rouge = [scorer.score(r, p) for p, r in zip(predictions, references)]
-    result = {name: 100 * float(np.mean([s[name].fmeasure for s in rouge])) for name in ("rouge1", "rouge2", "rougeL")}
+    rouge = _rouge(predictions, references, ("rouge1", "rouge2", "rougeL"))
+    result = {name: float(f1.mean()) for name, f1 in rouge.items()}
     result["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references]).score)
     result["meteor"] = _meteor(predictions, references) if meteor else None
     return result
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """(N,) ROUGE-L F1 in percent of each prediction against its reference."""
+    return _rouge(list(predictions), list(references), ("rougeL",))["rougeL"]
+
+
+def _rouge(predictions, references, kinds) -> dict[str, np.ndarray]:
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:
+        raise ImportError(f"Captioning metrics need `pip install hf_uwm[captioning]` ({err}).") from None
+    scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=False)
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    return {kind: 100 * np.array([s[kind].fmeasure for s in scores]) for kind in kinds}
 
 
 def _meteor(predictions, references) -> float:

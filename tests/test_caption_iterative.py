@@ -1,0 +1,233 @@
+"""Iterative, knowledge-guarded caption attribution against a direct implementation with autograd,
+on a tiny random LLaVA built from a config."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_clip, make_pairs
+from hf_uwm import UWMConfig, UWMEditor, captioning
+from hf_uwm.methods import Calibration
+from hf_uwm.methods.caption_iterative import CaptionIterative, margin_and_fisher, slice_measures
+from hf_uwm.methods.iterative import probe_directions
+from hf_uwm.organism_captioner import build_processor
+from test_captioning import tiny_llava
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_caption_iterative.py"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def llava64(processor):
+    return tiny_llava(processor, seed=3).to(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_pairs(3, seed=7)
+
+
+def iterative(**settings):
+    return UWMConfig(score="caption_iterative", goal=None, knowledge_budget=None, holdout=0.0, **settings)
+
+
+class _OneProcess:
+    num_processes, process_index, is_main_process = 1, 0, True
+
+
+def state_of(model):
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+# --- the definition, written out: one pair at a time, no padding ----------------------------------
+def log_p(model, processor, image, caption):
+    """log p(caption | image) summed over the caption's tokens, from the chat template by hand."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": captioning.DEFAULT_PROMPT}]}]
+    prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
+    text = processor.apply_chat_template(turn + [{"role": "assistant", "content": [{"type": "text", "text": caption}]}])
+    start = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    logits, ids = model(**inputs).logits[0], inputs["input_ids"][0]
+    return sum(logits[t - 1].log_softmax(-1)[ids[t]] for t in range(start, len(ids)))
+
+
+def hand_gradients(model, processor, data, weights):
+    """∂m/∂W and the per-pair ∂ℓ_b/∂W (ℓ_b = log p(Ts_b | Is_b)), flattened and concatenated."""
+    margin = sum(log_p(model, processor, r["unsafe_image"], r["safe_text"])
+                 - log_p(model, processor, r["unsafe_image"], r["unsafe_text"]) for r in data) / len(data)
+    g = torch.cat([x.flatten() for x in torch.autograd.grad(margin, weights)])
+    jacobian = torch.stack([torch.cat([x.flatten() for x in torch.autograd.grad(
+        log_p(model, processor, r["safe_image"], r["safe_text"]), weights)]) for r in data])    # (N, n)
+    return g, jacobian
+
+
+def hand_rounds(model, processor, data, cfg, layers):
+    """The round of each weight, every round re-scored by hand on the model as edited so far."""
+    weights = [layer.weight for layer in layers.values()]
+    original = [w.detach().clone() for w in weights]
+    flipped = torch.zeros(sum(w.numel() for w in weights), dtype=torch.int32)
+    try:
+        for r in range(1, cfg.rounds + 1):
+            w = torch.cat([x.detach().flatten() for x in weights])
+            g, jacobian = hand_gradients(model, processor, data, weights)
+            directions = probe_directions(cfg.seed, r, list(range(len(data))), cfg.curvature_probes, 1)[..., 0]
+            G = (directions.double() @ jacobian).square().mean(0)                            # (n,)
+            a, h = -w * g, (1 - cfg.alpha) ** 2 * w.square() * G
+            score = a / a.abs().mean() - cfg.curvature_weight * h / h.mean()
+            score[flipped > 0] = -math.inf
+            top = torch.topk(score, math.ceil(cfg.round_density * len(score))).indices
+            flipped[top] = r
+            with torch.no_grad():
+                for layer_w, (start, stop) in zip(weights, _bounds(weights)):
+                    mine = top[(top >= start) & (top < stop)] - start
+                    layer_w.view(-1)[mine] *= cfg.alpha
+    finally:
+        with torch.no_grad():
+            for w, o in zip(weights, original):
+                w.copy_(o)
+    return {name: flipped[start:stop].view(layer.weight.shape)
+            for (name, layer), (start, stop) in zip(layers.items(), _bounds(weights))}
+
+
+def _bounds(weights):
+    stops = torch.tensor([w.numel() for w in weights]).cumsum(0).tolist()
+    return list(zip([0] + stops[:-1], stops))
+
+
+# --- the tests ----------------------------------------------------------------------------------
+def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, data):
+    probes = 3
+    editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=2, seed=3))
+    run = Calibration(data, _OneProcess, editor.adapter, 2, progress=False)
+    grads, estimate = margin_and_fisher(editor, run, 4)
+    weights = [layer.weight for layer in editor.target_layers.values()]
+    g, jacobian = hand_gradients(llava64, processor, data, weights)
+    assert g.abs().sum() > 0 and jacobian.abs().sum() > 0
+    # Llama's attention takes its softmax in float32 even in a float64 model: agreement to ~1e-7.
+    close = dict(rtol=1e-5)
+    torch.testing.assert_close(torch.cat([x.flatten() for x in grads.values()]), g, **close, atol=1e-7 * g.abs().max())
+    # The estimate is (1/P) Σ_p (Σ_b r_pb ∂ℓ_b/∂W)² with the probes of round 4, summed over both batches.
+    directions = probe_directions(3, 4, [0, 1, 2], probes, 1)[..., 0].double()                 # (P, N)
+    expected = (directions @ jacobian).square().mean(0)
+    torch.testing.assert_close(torch.cat([x.flatten() for x in estimate.values()]), expected,
+                               **close, atol=1e-7 * expected.max())
+
+
+def test_fisher_estimate_converges_to_the_exact_diagonal(llava64, processor, data):
+    """With many probes the estimate reaches Σ_b (∂ℓ_b/∂W)², the exact Gauss-Newton diagonal."""
+    probes = 400
+    editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=3, seed=1))
+    _, estimate = margin_and_fisher(editor, Calibration(data, _OneProcess, editor.adapter, 3, progress=False), 1)
+    _, jacobian = hand_gradients(llava64, processor, data, [layer.weight for layer in editor.target_layers.values()])
+    exact = jacobian.square().sum(0)
+    relative = float((torch.cat([x.flatten() for x in estimate.values()]) - exact).norm() / exact.norm())
+    assert relative < 0.2   # about sqrt(2/P) = 0.07; a probe of the wrong scale misses by far more
+
+
+def test_rounds_equal_the_definition_on_the_edited_model(llava64, processor, data):
+    cfg = iterative(rounds=3, round_density=0.004, curvature_weight=2.0, curvature_probes=2, batch_size=2, seed=5,
+                    alpha=-0.5)
+    before = state_of(llava64)
+    editor = UWMEditor(llava64, processor, cfg).calibrate(data, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in llava64.state_dict().items())   # every round undone
+    expected = hand_rounds(llava64, processor, data, editor.config, editor.target_layers)
+    for name, rounds in expected.items():
+        assert torch.equal(editor.scores[name].to(rounds.dtype), rounds), name
+    per_round = math.ceil(0.004 * sum(s.numel() for s in expected.values()))
+    assert sum(len(idx) for idx in editor.delta.values()) == 3 * per_round
+
+
+def test_slice_measures_by_hand(processor):
+    import datasets
+
+    model = tiny_llava(processor, seed=2)
+    editor = UWMEditor(model, processor, iterative())
+    data = make_pairs(4, seed=7)
+    unsafe = captioning.generate_captions(model, processor, data["unsafe_image"], progress=False)
+    safe = captioning.generate_captions(model, processor, data["safe_image"], progress=False)
+    # Unsafe captions built from the generated ones: pair 0 and 2 name one of their own unsafe words.
+    words = [c.split()[0] if c else "a" for c in unsafe]
+    unsafe_text = [f"{s} with {w}" if i in (0, 2) else f"{s} with zzz" for i, (s, w) in
+                   enumerate(zip(data["safe_text"], words))]
+    data = datasets.Dataset.from_dict({**data.to_dict(), "unsafe_text": unsafe_text}, features=data.features)
+    data = data.cast_column("safe_image", datasets.Image()).cast_column("unsafe_image", datasets.Image())
+    expected_free = [not (set(u.split()) - set(s.split())) & set(c.split())
+                     for c, s, u in zip(unsafe, data["safe_text"], unsafe_text)]
+    assert 0 < sum(expected_free) < 4, (unsafe, unsafe_text)
+    measures = slice_measures(editor, data)
+    assert measures["free_of_unsafe_words"] == pytest.approx(100 * sum(expected_free) / 4)
+    assert measures["rougeL"] == pytest.approx(captioning.text_metrics(safe, data["safe_text"], meteor=False)["rougeL"])
+    state = editor.method.start_measuring(editor, data)
+    goal, cost, _ = editor.method.measure(editor, data, state)
+    assert cost == 0 and goal == measures["free_of_unsafe_words"]   # the unedited model lost nothing
+
+
+# --- resuming and processes ----------------------------------------------------------------------
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path, monkeypatch, processor, data):
+    model = tiny_llava(processor, seed=4)
+    cfg = iterative(rounds=3, round_density=0.002, curvature_probes=2, batch_size=2)
+    reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    rounds_run, original = [], CaptionIterative.round_scores
+
+    def dying(self, editor, run, round_index, flipped):
+        rounds_run.append(round_index)
+        if len(rounds_run) == 2:
+            raise Killed
+        return original(self, editor, run, round_index, flipped)
+
+    monkeypatch.setattr(CaptionIterative, "round_scores", dying)
+    before = state_of(model)
+    with pytest.raises(Killed):
+        UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    resumed = UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    assert rounds_run == [1, 2, 2, 3]   # restarted at the killed round
+    assert all(torch.equal(resumed.scores[n], reference.scores[n]) for n in reference.scores)
+    assert all(torch.equal(resumed.delta[n], reference.delta[n]) for n in reference.delta)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, processor):
+    from safetensors import safe_open
+
+    config = iterative(rounds=2, round_density=0.002, curvature_probes=2, batch_size=2)
+    root = str(Path(__file__).resolve().parents[1])   # this checkout's hf_uwm, wherever the venv points
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(SCRIPT), str(tmp_path / "run"), config.to_json_string()]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = UWMEditor(tiny_llava(processor, seed=6).to(torch.float64), processor, config)
+    single.calibrate(make_pairs(5, seed=6), progress=False)   # the script's model and pairs
+    for rank in (0, 1):
+        with safe_open(tmp_path / f"run.rank{rank}.safetensors", framework="pt") as f:
+            assert f.metadata()["processes"] == "2"
+            for name in single.scores:
+                assert torch.equal(f.get_tensor(f"score/{name}"), single.scores[name])
+                assert torch.equal(f.get_tensor(f"delta/{name}"), single.delta[name])
+
+
+def test_refuses_a_model_without_captions():
+    with pytest.raises(ValueError, match="LLaVA"):
+        UWMEditor(*make_clip(), UWMConfig(score="caption_iterative"))
