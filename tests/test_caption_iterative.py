@@ -156,21 +156,46 @@ def test_slice_measures_by_hand(processor):
     data = make_pairs(4, seed=7)
     unsafe = captioning.generate_captions(model, processor, data["unsafe_image"], progress=False)
     safe = captioning.generate_captions(model, processor, data["safe_image"], progress=False)
-    # Unsafe captions built from the generated ones: pair 0 and 2 name one of their own unsafe words.
+    # Captions built from the generated ones: pairs 0 and 2 name one of their unsafe words; pair 1
+    # names a word that its safe and unsafe captions share (not an unsafe word); pair 3 names none.
     words = [c.split()[0] if c else "a" for c in unsafe]
+    safe_text = [f"{w} {s}" if i == 1 else s for i, (s, w) in enumerate(zip(data["safe_text"], words))]
     unsafe_text = [f"{s} with {w}" if i in (0, 2) else f"{s} with zzz" for i, (s, w) in
-                   enumerate(zip(data["safe_text"], words))]
-    data = datasets.Dataset.from_dict({**data.to_dict(), "unsafe_text": unsafe_text}, features=data.features)
-    data = data.cast_column("safe_image", datasets.Image()).cast_column("unsafe_image", datasets.Image())
+                   enumerate(zip(safe_text, words))]
+    data = datasets.Dataset.from_dict({**data.to_dict(), "safe_text": safe_text, "unsafe_text": unsafe_text},
+                                      features=data.features)
     expected_free = [not (set(u.split()) - set(s.split())) & set(c.split())
-                     for c, s, u in zip(unsafe, data["safe_text"], unsafe_text)]
-    assert 0 < sum(expected_free) < 4, (unsafe, unsafe_text)
+                     for c, s, u in zip(unsafe, safe_text, unsafe_text)]
+    assert expected_free == [False, True, False, True], (unsafe, unsafe_text)
     measures = slice_measures(editor, data)
     assert measures["free_of_unsafe_words"] == pytest.approx(100 * sum(expected_free) / 4)
     assert measures["rougeL"] == pytest.approx(captioning.text_metrics(safe, data["safe_text"], meteor=False)["rougeL"])
     state = editor.method.start_measuring(editor, data)
     goal, cost, _ = editor.method.measure(editor, data, state)
     assert cost == 0 and goal == measures["free_of_unsafe_words"]   # the unedited model lost nothing
+
+
+def test_the_trajectory_measures_the_held_out_slice_of_the_model_edited_so_far(processor):
+    from hf_uwm.methods.stopping import holdout_rows
+
+    model, data = tiny_llava(processor, seed=5), make_pairs(5, seed=9)
+    cfg = UWMConfig(score="caption_iterative", rounds=3, round_density=0.01, curvature_probes=2, batch_size=2,
+                    holdout=0.4, goal=None, knowledge_budget=None)
+    editor = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    holdout = data.select(holdout_rows(len(data), 0.4, cfg.seed)[1])
+    assert [step.round for step in editor.trajectory] == [0, 1, 2, 3] and len(holdout) == 2
+    base = slice_measures(editor, holdout)
+    for step in editor.trajectory:
+        edit = editor.with_settings(rounds=step.round) if step.round else None
+        if edit:
+            edit.apply()
+        measures = slice_measures(editor, holdout)
+        if edit:
+            edit.revert()
+        assert step.measures == pytest.approx(measures)
+        assert step.goal == pytest.approx(measures["free_of_unsafe_words"])
+        assert step.cost == pytest.approx(base["rougeL"] - measures["rougeL"])
+    assert editor.trajectory[-1].flipped == sum(len(i) for i in editor.delta.values()) > 0
 
 
 # --- resuming and processes ----------------------------------------------------------------------
@@ -184,11 +209,11 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path, m
     reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
     rounds_run, original = [], CaptionIterative.round_scores
 
-    def dying(self, editor, run, round_index, flipped):
+    def dying(self, editor, run, round_index):
         rounds_run.append(round_index)
         if len(rounds_run) == 2:
             raise Killed
-        return original(self, editor, run, round_index, flipped)
+        return original(self, editor, run, round_index)
 
     monkeypatch.setattr(CaptionIterative, "round_scores", dying)
     before = state_of(model)

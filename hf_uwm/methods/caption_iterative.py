@@ -25,22 +25,19 @@ The held-out slice measures, on greedy captions of the model as edited so far:
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 
-from ..selection import select_shared, select_top
 from .base import Calibration, all_reduce_
 from .caption_attribution import _MarginInputs, caption_margin
 from .gradients import accumulation_dtype, gradients_on
-from .iterative import IterativeAttribution, _same_on_every_process, probe_directions
+from .iterative import IterativeEdit, probe_directions
 
 
-class CaptionIterative(IterativeAttribution):
-    needs_both_towers = False
-    score_settings = ("score", "vision_targets", "alpha", "round_density", "curvature_weight", "curvature_probes",
-                      "shared_budget", "seed", "extra")
+class CaptionIterative(IterativeEdit):
+    score_settings = IterativeEdit.score_settings + ("curvature_weight", "curvature_probes", "curvature_every",
+                                                     "extra")
 
     def check(self, adapter, config):
         if adapter.family.name != "llava":
@@ -53,7 +50,7 @@ class CaptionIterative(IterativeAttribution):
     def data_towers(self, editor) -> tuple[str, ...]:
         return ("text", "vision")  # safe and unsafe captions; safe and unsafe images
 
-    def round_scores(self, editor, run: Calibration, round_index: int, flipped) -> dict[str, torch.Tensor]:
+    def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
         """a − λ·h per target weight of this round (higher: flip first), on the model as edited so far."""
         cfg, weights = editor.config, {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
         margin_grads, curvature = margin_and_fisher(editor, run, round_index)
@@ -72,14 +69,6 @@ class CaptionIterative(IterativeAttribution):
                 for name, c in cost.items():
                     scores[name] -= cfg.curvature_weight * c / cost_scale
         return scores
-
-    def _round(self, editor, run: Calibration, round_index: int, flipped) -> dict[str, torch.Tensor]:
-        scores = self.round_scores(editor, run, round_index, flipped)
-        for name, s in scores.items():
-            s.view(-1)[flipped[name] > 0] = -math.inf
-        count = math.ceil(editor.config.round_density * sum(s.numel() for s in scores.values()))
-        chosen = select_shared(scores, lambda s, name: select_top(s, count, name))
-        return _same_on_every_process(run, chosen)
 
     def start_measuring(self, editor, holdout) -> dict:
         """The unedited model's ROUGE-L on the slice's safe images, which the cost is counted from."""
@@ -116,17 +105,21 @@ def margin_and_fisher(editor, run: Calibration, round_index: int):
 
     g = ∂m/∂W; G = (1/P) Σ_p (∂/∂W Σ_b r_{p,b}·ℓ_b)² with ℓ_b = log p(Ts_b | Is_b). The probe
     gradients are summed over all pairs (and processes) before they are squared; sums are float32
-    or better.
+    or better. G is computed in round 1 and then every `curvature_every` rounds, and reused in
+    between (kept on the run, like the CLIP form's).
     """
     from ..captioning import log_likelihood
 
     cfg = editor.config
     weights = [layer.weight for layer in editor.target_layers.values()]
-    with_curvature = cfg.curvature_weight > 0
+    names = list(editor.target_layers)
+    fresh = cfg.curvature_weight > 0 and (round_index - 1) % cfg.curvature_every == 0
+    probes = cfg.curvature_probes if fresh else 0
     margin = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
-    probes = [[torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
-              for _ in range(cfg.curvature_probes if with_curvature else 0)]
-    preprocess = _RoundInputs(editor.processor, cfg.extra.get("prompt"), with_curvature)
+    curvature_sums = [[torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights] for _ in range(probes)]
+    # One preprocessing for every round (the kept batches replay it), with the safe images whenever
+    # some round needs the curvature.
+    preprocess = _RoundInputs(editor.processor, cfg.extra.get("prompt"), cfg.curvature_weight > 0)
     with gradients_on(editor.model, weights):
         for _, rows, (margin_inputs, safe_inputs) in run.batches(preprocess, f"round {round_index}", leave=False,
                                                                  keep=True):
@@ -134,22 +127,23 @@ def margin_and_fisher(editor, run: Calibration, round_index: int):
                 m = caption_margin(editor.model, margin_inputs, len(rows)) / len(run.dataset)
             for total, grad in zip(margin, torch.autograd.grad(m, weights)):
                 total += grad
-            if not with_curvature:
+            if not probes:
                 continue
             with run.autocast():
                 ll = log_likelihood(editor.model, safe_inputs)                                  # (B,)
-            directions = probe_directions(cfg.seed, round_index, rows, len(probes), 1)[..., 0]  # (P, B)
-            for p, totals in enumerate(probes):
+            directions = probe_directions(cfg.seed, round_index, rows, probes, 1)[..., 0]      # (P, B)
+            for p, totals in enumerate(curvature_sums):
                 grads = torch.autograd.grad(ll, weights, grad_outputs=directions[p].to(ll),
-                                            retain_graph=p + 1 < len(probes))
+                                            retain_graph=p + 1 < probes)
                 for total, grad in zip(totals, grads):
                     total += grad
-    all_reduce_(margin + [t for totals in probes for t in totals])
-    names = list(editor.target_layers)
-    if not with_curvature:
+    all_reduce_(margin + [t for totals in curvature_sums for t in totals])
+    if cfg.curvature_weight == 0:
         return dict(zip(names, margin)), None
-    curvature = [sum(totals[i].square() for totals in probes) / len(probes) for i in range(len(weights))]
-    return dict(zip(names, margin)), dict(zip(names, curvature))
+    if fresh:
+        run.curvature = dict(zip(names, [sum(totals[i].square() for totals in curvature_sums) / probes
+                                         for i in range(len(weights))]))
+    return dict(zip(names, margin)), run.curvature
 
 
 class _RoundInputs:
