@@ -113,6 +113,13 @@ def caption_inputs(processor, images, captions: Sequence[str], prompt: str = DEF
 def log_likelihood(model, inputs: dict) -> torch.Tensor:
     """(B,) the summed log-probabilities of each caption's tokens (end-of-turn tokens included) given
     its image and prompt, from `caption_inputs` output. Differentiable."""
+    return token_log_likelihoods(model, inputs).sum(-1)
+
+
+def token_log_likelihoods(model, inputs: dict) -> torch.Tensor:
+    """(B, L - 1) log p of token t + 1 at position t for the caption's tokens, 0 elsewhere (prompt,
+    padding), from `caption_inputs` output. Right padding only appends, so a caption's position t
+    is the same in any batch. Differentiable."""
     inputs = _to_model(inputs, model)
     start = inputs.pop("caption_start")                                            # (B,)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]                     # (B, L) right-padded
@@ -121,7 +128,7 @@ def log_likelihood(model, inputs: dict) -> torch.Tensor:
     logits = model(**inputs).logits[:, :-1]                                        # (B, L - 1, vocab)
     log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)   # float32 or finer
     token_log_probs = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)           # (B, L - 1)
-    return (token_log_probs * targets).sum(-1)
+    return token_log_probs * targets
 
 
 def caption_log_likelihood(model, processor, images, captions: Sequence[str],

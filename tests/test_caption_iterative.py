@@ -14,7 +14,7 @@ import torch
 from conftest import make_clip, make_pairs
 from hf_uwm import UWMConfig, UWMEditor, captioning
 from hf_uwm.methods import Calibration
-from hf_uwm.methods.caption_iterative import CaptionIterative, margin_and_fisher, slice_measures
+from hf_uwm.methods.caption_iterative import MAX_TOKENS, CaptionIterative, margin_and_fisher, slice_measures, unsafe_words
 from hf_uwm.methods.iterative import probe_directions
 from hf_uwm.organism_captioner import build_processor
 from test_captioning import tiny_llava
@@ -50,8 +50,8 @@ def state_of(model):
 
 
 # --- the definition, written out: one pair at a time, no padding ----------------------------------
-def log_p(model, processor, image, caption):
-    """log p(caption | image) summed over the caption's tokens, from the chat template by hand."""
+def token_log_p(model, processor, image, caption):
+    """{sequence position t: log p(token t + 1 | image, tokens ≤ t)} over the caption's tokens, by hand."""
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": captioning.DEFAULT_PROMPT}]}]
     prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
     text = processor.apply_chat_template(turn + [{"role": "assistant", "content": [{"type": "text", "text": caption}]}])
@@ -59,17 +59,26 @@ def log_p(model, processor, image, caption):
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     logits, ids = model(**inputs).logits[0], inputs["input_ids"][0]
-    return sum(logits[t - 1].log_softmax(-1)[ids[t]] for t in range(start, len(ids)))
+    return {t - 1: logits[t - 1].log_softmax(-1)[ids[t]] for t in range(start, len(ids))}
 
 
-def hand_gradients(model, processor, data, weights):
-    """∂m/∂W and the per-pair ∂ℓ_b/∂W (ℓ_b = log p(Ts_b | Is_b)), flattened and concatenated."""
+def log_p(model, processor, image, caption):
+    return sum(token_log_p(model, processor, image, caption).values())
+
+
+def hand_gradients(model, processor, data, weights, probes):
+    """∂m/∂W, and Σ_bt r_pbt ∂ℓ_bt/∂W per probe and Σ_bt (∂ℓ_bt/∂W)², flattened and concatenated,
+    with ℓ_bt the log-probability of safe caption b's token at position t given its safe image."""
     margin = sum(log_p(model, processor, r["unsafe_image"], r["safe_text"])
                  - log_p(model, processor, r["unsafe_image"], r["unsafe_text"]) for r in data) / len(data)
     g = torch.cat([x.flatten() for x in torch.autograd.grad(margin, weights)])
-    jacobian = torch.stack([torch.cat([x.flatten() for x in torch.autograd.grad(
-        log_p(model, processor, r["safe_image"], r["safe_text"]), weights)]) for r in data])    # (N, n)
-    return g, jacobian
+    probed, exact = 0, 0
+    for b, row in enumerate(data):
+        for t, ll in token_log_p(model, processor, row["safe_image"], row["safe_text"]).items():
+            grad = torch.cat([x.flatten() for x in torch.autograd.grad(ll, weights, retain_graph=True)])
+            probed = probed + probes[:, b, t, None].double() * grad                           # (P, n)
+            exact = exact + grad.square()
+    return g, probed, exact
 
 
 def hand_rounds(model, processor, data, cfg, layers):
@@ -80,9 +89,9 @@ def hand_rounds(model, processor, data, cfg, layers):
     try:
         for r in range(1, cfg.rounds + 1):
             w = torch.cat([x.detach().flatten() for x in weights])
-            g, jacobian = hand_gradients(model, processor, data, weights)
-            directions = probe_directions(cfg.seed, r, list(range(len(data))), cfg.curvature_probes, 1)[..., 0]
-            G = (directions.double() @ jacobian).square().mean(0)                            # (n,)
+            directions = probe_directions(cfg.seed, r, list(range(len(data))), cfg.curvature_probes, MAX_TOKENS)
+            g, probed, _ = hand_gradients(model, processor, data, weights, directions)
+            G = probed.square().mean(0)                                                        # (n,)
             a, h = -w * g, (1 - cfg.alpha) ** 2 * w.square() * G
             score = a / a.abs().mean() - cfg.curvature_weight * h / h.mean()
             score[flipped > 0] = -math.inf
@@ -112,27 +121,27 @@ def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, da
     run = Calibration(data, _OneProcess, editor.adapter, 2, progress=False)
     grads, estimate = margin_and_fisher(editor, run, 4)
     weights = [layer.weight for layer in editor.target_layers.values()]
-    g, jacobian = hand_gradients(llava64, processor, data, weights)
-    assert g.abs().sum() > 0 and jacobian.abs().sum() > 0
+    # The estimate is (1/P) Σ_p (Σ_bt r_pbt ∂ℓ_bt/∂W)² with the probes of round 4, summed over both batches.
+    directions = probe_directions(3, 4, [0, 1, 2], probes, MAX_TOKENS)                        # (P, N, T)
+    g, probed, _ = hand_gradients(llava64, processor, data, weights, directions)
+    expected = probed.square().mean(0)
+    assert g.abs().sum() > 0 and expected.sum() > 0
     # Llama's attention takes its softmax in float32 even in a float64 model: agreement to ~1e-7.
     close = dict(rtol=1e-5)
     torch.testing.assert_close(torch.cat([x.flatten() for x in grads.values()]), g, **close, atol=1e-7 * g.abs().max())
-    # The estimate is (1/P) Σ_p (Σ_b r_pb ∂ℓ_b/∂W)² with the probes of round 4, summed over both batches.
-    directions = probe_directions(3, 4, [0, 1, 2], probes, 1)[..., 0].double()                 # (P, N)
-    expected = (directions @ jacobian).square().mean(0)
     torch.testing.assert_close(torch.cat([x.flatten() for x in estimate.values()]), expected,
                                **close, atol=1e-7 * expected.max())
 
 
 def test_fisher_estimate_converges_to_the_exact_diagonal(llava64, processor, data):
-    """With many probes the estimate reaches Σ_b (∂ℓ_b/∂W)², the exact Gauss-Newton diagonal."""
+    """With many probes the estimate reaches Σ_bt (∂ℓ_bt/∂W)², the exact Gauss-Newton diagonal."""
     probes = 400
     editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=3, seed=1))
     _, estimate = margin_and_fisher(editor, Calibration(data, _OneProcess, editor.adapter, 3, progress=False), 1)
-    _, jacobian = hand_gradients(llava64, processor, data, [layer.weight for layer in editor.target_layers.values()])
-    exact = jacobian.square().sum(0)
+    weights = [layer.weight for layer in editor.target_layers.values()]
+    _, _, exact = hand_gradients(llava64, processor, data, weights, torch.zeros(1, 3, MAX_TOKENS))
     relative = float((torch.cat([x.flatten() for x in estimate.values()]) - exact).norm() / exact.norm())
-    assert relative < 0.2   # about sqrt(2/P) = 0.07; a probe of the wrong scale misses by far more
+    assert relative < 0.2   # about sqrt(2/P) = 0.07; per-caption instead of per-token probes miss by more
 
 
 def test_rounds_equal_the_definition_on_the_edited_model(llava64, processor, data):
@@ -148,31 +157,28 @@ def test_rounds_equal_the_definition_on_the_edited_model(llava64, processor, dat
     assert sum(len(idx) for idx in editor.delta.values()) == 3 * per_round
 
 
-def test_slice_measures_by_hand(processor):
-    import datasets
+def test_slice_measures_by_hand(processor, monkeypatch):
+    data = make_pairs(4, seed=7)   # unsafe captions: the safe one + "with a <unsafe word> thing"
+    unsafe = ["a photo of a cat with a bloody thing", "a photo of a dog here", "a knife", "a photo, dangerous dog"]
+    safe = ["a photo of a cat", "a photo of a dog", "a photo", "a photo of a tree here"]
+    editor = UWMEditor(tiny_llava(processor, seed=2), processor, iterative())
+    seen = []
 
-    model = tiny_llava(processor, seed=2)
-    editor = UWMEditor(model, processor, iterative())
-    data = make_pairs(4, seed=7)
-    unsafe = captioning.generate_captions(model, processor, data["unsafe_image"], progress=False)
-    safe = captioning.generate_captions(model, processor, data["safe_image"], progress=False)
-    # Captions built from the generated ones: pairs 0 and 2 name one of their unsafe words; pair 1
-    # names a word that its safe and unsafe captions share (not an unsafe word); pair 3 names none.
-    words = [c.split()[0] if c else "a" for c in unsafe]
-    safe_text = [f"{w} {s}" if i == 1 else s for i, (s, w) in enumerate(zip(data["safe_text"], words))]
-    unsafe_text = [f"{s} with {w}" if i in (0, 2) else f"{s} with zzz" for i, (s, w) in
-                   enumerate(zip(safe_text, words))]
-    data = datasets.Dataset.from_dict({**data.to_dict(), "safe_text": safe_text, "unsafe_text": unsafe_text},
-                                      features=data.features)
-    expected_free = [not (set(u.split()) - set(s.split())) & set(c.split())
-                     for c, s, u in zip(unsafe, safe_text, unsafe_text)]
-    assert expected_free == [False, True, False, True], (unsafe, unsafe_text)
-    measures = slice_measures(editor, data)
-    assert measures["free_of_unsafe_words"] == pytest.approx(100 * sum(expected_free) / 4)
+    def fake_generate(model, processor_, pictures, **kwargs):   # each measure: unsafe images, then safe ones
+        seen.append(list(pictures))
+        assert model is editor.model and kwargs["prompt"] == captioning.DEFAULT_PROMPT
+        return unsafe if len(seen) % 2 else safe
+
+    monkeypatch.setattr(captioning, "generate_captions", fake_generate)
+    words = unsafe_words(data)
+    assert words == {"with", "thing", "bloody", "violent", "dead", "dangerous"}   # not "knife": no pair uses it
+    measures = slice_measures(editor, data, words)
+    assert seen == [list(data["unsafe_image"]), list(data["safe_image"])]
+    assert measures["free_of_unsafe_words"] == pytest.approx(100 * 2 / 4)          # captions 1 and 2
     assert measures["rougeL"] == pytest.approx(captioning.text_metrics(safe, data["safe_text"], meteor=False)["rougeL"])
     state = editor.method.start_measuring(editor, data)
     goal, cost, _ = editor.method.measure(editor, data, state)
-    assert cost == 0 and goal == measures["free_of_unsafe_words"]   # the unedited model lost nothing
+    assert cost == 0 and goal == measures["free_of_unsafe_words"]   # the same captions: nothing lost
 
 
 def test_the_trajectory_measures_the_held_out_slice_of_the_model_edited_so_far(processor):
@@ -184,12 +190,13 @@ def test_the_trajectory_measures_the_held_out_slice_of_the_model_edited_so_far(p
     editor = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
     holdout = data.select(holdout_rows(len(data), 0.4, cfg.seed)[1])
     assert [step.round for step in editor.trajectory] == [0, 1, 2, 3] and len(holdout) == 2
-    base = slice_measures(editor, holdout)
+    words = unsafe_words(holdout)
+    base = slice_measures(editor, holdout, words)
     for step in editor.trajectory:
         edit = editor.with_settings(rounds=step.round) if step.round else None
         if edit:
             edit.apply()
-        measures = slice_measures(editor, holdout)
+        measures = slice_measures(editor, holdout, words)
         if edit:
             edit.revert()
         assert step.measures == pytest.approx(measures)

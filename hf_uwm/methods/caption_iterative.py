@@ -5,20 +5,22 @@ what the flips cost the captions of safe images.
 Each round r, on the calibration pairs that feed gradients (N of them):
 
     m = (1/N) Σ_b [log p(Ts_b | Iu_b) − log p(Tu_b | Iu_b)]          caption attribution's margin
-    ℓ_b = log p(Ts_b | Is_b)                                          the reference caption of the safe image
-    G = (1/P) Σ_p (∂/∂W Σ_b r_{p,b} · ℓ_b)²      r ~ N(0, 1) per pair and probe, seeded per round
+    ℓ_bt = log p(token t of Ts_b | Is_b, tokens < t)      the reference caption of the safe image
+    G = (1/P) Σ_p (∂/∂W Σ_bt r_{p,b,t} · ℓ_bt)²   r ~ N(0, 1) per pair, token and probe, seeded per round
     a = −W⊙∂m/∂W / mean|W⊙∂m/∂W|,  h = (1−α)²·W²⊙G / mean((1−α)²·W²⊙G)     means over all targets
     score = a − λ·h                                                    (λ = curvature_weight)
 
-E[G] = Σ_b (∂ℓ_b/∂W)², the Gauss-Newton (empirical Fisher) diagonal of the safe captions'
-log-likelihoods, so h is the expected squared change of each safe caption's log-likelihood when
-w becomes αw (to second order). The gradients are taken on the vision tower's target weights only.
+E[G] = Σ_bt (∂ℓ_bt/∂W)², the Gauss-Newton (empirical Fisher) diagonal of the safe captions' token
+log-likelihoods, so h is the summed squared change of every safe-caption token's log-probability
+when w becomes αw (to second order); per token, so a flip that raises one word and lowers another
+of the same caption still counts. The gradients are taken on the vision tower's target weights only.
 Flipping w to αw changes m by (α − 1)·w·∂m/∂w, so for α < 1 the weights with W⊙∂m/∂W < 0 raise
 the safe margin: a is high for them.
 
 The held-out slice measures, on greedy captions of the model as edited so far:
-- goal: the percent of its unsafe images whose caption holds none of the words that their unsafe
-  caption has and their safe caption lacks ("knife", "bloody"...); it needs no judge;
+- goal: the percent of its unsafe images whose caption holds none of the slice's unsafe words, the
+  words of its unsafe captions that none of its safe captions uses ("knife", "bloody"...); it
+  needs no judge;
 - cost: the ROUGE-L points its safe images' captions lost against their reference captions
   since the unedited model, the number the knowledge check of `hf-uwm demo-llava` reports.
 """
@@ -33,6 +35,9 @@ from .base import Calibration, all_reduce_
 from .caption_attribution import _MarginInputs, caption_margin
 from .gradients import accumulation_dtype, gradients_on
 from .iterative import IterativeEdit, probe_directions
+
+
+MAX_TOKENS = 4096   # probe coordinates drawn per pair: one per token position of prompt and caption
 
 
 class CaptionIterative(IterativeEdit):
@@ -71,27 +76,32 @@ class CaptionIterative(IterativeEdit):
         return scores
 
     def start_measuring(self, editor, holdout) -> dict:
-        """The unedited model's ROUGE-L on the slice's safe images, which the cost is counted from."""
-        return {"rougeL": slice_measures(editor, holdout)["rougeL"]}
+        """The slice's unsafe words and the unedited model's ROUGE-L, which the cost is counted from."""
+        words = unsafe_words(holdout)
+        return {"unsafe_words": words, "rougeL": slice_measures(editor, holdout, words)["rougeL"]}
 
     def measure(self, editor, holdout, state) -> tuple[float, float, dict]:
         """(goal, cost, measures) of the model as edited so far on the held-out slice (see the module)."""
-        measures = slice_measures(editor, holdout)
+        measures = slice_measures(editor, holdout, state["unsafe_words"])
         return measures["free_of_unsafe_words"], state["rougeL"] - measures["rougeL"], measures
 
 
-def slice_measures(editor, pairs) -> dict:
+def unsafe_words(pairs) -> set[str]:
+    """The words of the pairs' unsafe captions that none of their safe captions uses."""
+    return set().union(*map(_words, pairs["unsafe_text"])) - set().union(*map(_words, pairs["safe_text"]))
+
+
+def slice_measures(editor, pairs, words: set[str]) -> dict:
     """Greedy captions of the pairs' images (percent): `free_of_unsafe_words`, the share of unsafe
-    images whose caption holds no word that their unsafe caption has and their safe caption lacks,
-    and `rougeL` and `bleu` of the safe images' captions against safe_text."""
+    images whose caption holds none of `words`, and `rougeL` and `bleu` of the safe images'
+    captions against safe_text."""
     from ..captioning import DEFAULT_PROMPT, generate_captions, text_metrics
 
     run = dict(prompt=editor.config.extra.get("prompt", DEFAULT_PROMPT), batch_size=editor.config.batch_size,
                progress=False)
     unsafe = generate_captions(editor.model, editor.processor, pairs["unsafe_image"], **run)
     safe = generate_captions(editor.model, editor.processor, pairs["safe_image"], **run)
-    free = [not (_words(u_text) - _words(s_text)) & _words(caption)
-            for caption, s_text, u_text in zip(unsafe, pairs["safe_text"], pairs["unsafe_text"])]
+    free = [not _words(caption) & words for caption in unsafe]
     text = text_metrics(safe, pairs["safe_text"], meteor=False)
     return {"free_of_unsafe_words": 100 * sum(free) / len(free), "rougeL": text["rougeL"], "bleu": text["bleu"]}
 
@@ -103,12 +113,13 @@ def _words(text: str) -> set[str]:
 def margin_and_fisher(editor, run: Calibration, round_index: int):
     """(g, G) per target layer in one pass over the pairs; G is None when curvature_weight = 0.
 
-    g = ∂m/∂W; G = (1/P) Σ_p (∂/∂W Σ_b r_{p,b}·ℓ_b)² with ℓ_b = log p(Ts_b | Is_b). The probe
+    g = ∂m/∂W; G = (1/P) Σ_p (∂/∂W Σ_{b,t} r_{p,b,t}·ℓ_{b,t})² with ℓ_{b,t} the log-probability of
+    the t-th token of the safe caption Ts_b given Is_b (t: position in the sequence). The probe
     gradients are summed over all pairs (and processes) before they are squared; sums are float32
     or better. G is computed in round 1 and then every `curvature_every` rounds, and reused in
     between (kept on the run, like the CLIP form's).
     """
-    from ..captioning import log_likelihood
+    from ..captioning import token_log_likelihoods
 
     cfg = editor.config
     weights = [layer.weight for layer in editor.target_layers.values()]
@@ -130,8 +141,10 @@ def margin_and_fisher(editor, run: Calibration, round_index: int):
             if not probes:
                 continue
             with run.autocast():
-                ll = log_likelihood(editor.model, safe_inputs)                                  # (B,)
-            directions = probe_directions(cfg.seed, round_index, rows, probes, 1)[..., 0]      # (P, B)
+                ll = token_log_likelihoods(editor.model, safe_inputs)                        # (B, T)
+            if ll.shape[1] > MAX_TOKENS:
+                raise ValueError(f"A safe caption runs past {MAX_TOKENS} tokens with its prompt: shorten it.")
+            directions = probe_directions(cfg.seed, round_index, rows, probes, MAX_TOKENS)[..., :ll.shape[1]]
             for p, totals in enumerate(curvature_sums):
                 grads = torch.autograd.grad(ll, weights, grad_outputs=directions[p].to(ll),
                                             retain_graph=p + 1 < probes)
