@@ -23,7 +23,7 @@ N_CALIBRATION, N_VALIDATION, N_TEST = 256, 200, 500
 # score="caption_iterative" as scripts/caption_iterative_validation.py chose it on the validation split
 # of the bundled captioner and of a second one trained with seed 1 (docs/llava.md): it stops itself.
 CAPTION_ITERATIVE = dict(round_density=0.0005, curvature_weight=16.0, curvature_probes=8, rounds=40, goal=95.0,
-                         knowledge_budget=1.0)
+                         knowledge_budget=2.0)
 METHODS = {
     # name: (config, grid of with_settings changes, delta folder); a one-setting grid is fixed in advance
     "UWM": (UWMConfig(), [{"tau": t} for t in (0.02, 0.085, 0.3)], "uwm"),
