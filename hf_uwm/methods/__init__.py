@@ -9,6 +9,7 @@ from __future__ import annotations
 from .attribution import Attribution
 from .base import Calibration, Method
 from .caption_attribution import CaptionAttribution
+from .caption_iterative import CaptionIterative
 from .g_safeclip import GSafeCLIP
 from .g_unsafe import GUnsafe
 from .iterative import IterativeAttribution
@@ -25,6 +26,7 @@ METHODS: dict[str, Method] = {
     "g_unsafe": GUnsafe(),
     "g_safeclip": GSafeCLIP(),
     "caption_attribution": CaptionAttribution(),
+    "caption_iterative": CaptionIterative(),
 }
 
 

@@ -1,0 +1,178 @@
+"""Iterative, knowledge-guarded caption attribution (beyond the paper; LLaVA): flip vision-tower
+weights in rounds, re-scored on the captioner as edited so far, with a second-order penalty for
+what the flips cost the captions of safe images.
+
+Each round r, on the calibration pairs that feed gradients (N of them):
+
+    m = (1/N) Σ_b [log p(Ts_b | Iu_b) − log p(Tu_b | Iu_b)]          caption attribution's margin
+    ℓ_bt = log p(token t of Ts_b | Is_b, tokens < t)      the reference caption of the safe image
+    G = (1/P) Σ_p (∂/∂W Σ_bt r_{p,b,t} · ℓ_bt)²   r ~ N(0, 1) per pair, token and probe, seeded per round
+    a = −W⊙∂m/∂W / mean|W⊙∂m/∂W|,  h = (1−α)²·W²⊙G / mean((1−α)²·W²⊙G)     means over all targets
+    score = a − λ·h                                                    (λ = curvature_weight)
+
+E[G] = Σ_bt (∂ℓ_bt/∂W)², the Gauss-Newton (empirical Fisher) diagonal of the safe captions' token
+log-likelihoods, so h is the summed squared change of every safe-caption token's log-probability
+when w becomes αw (to second order); per token, so a flip that raises one word and lowers another
+of the same caption still counts. The gradients are taken on the vision tower's target weights only.
+Flipping w to αw changes m by (α − 1)·w·∂m/∂w, so for α < 1 the weights with W⊙∂m/∂W < 0 raise
+the safe margin: a is high for them.
+
+The held-out slice measures, on greedy captions of the model as edited so far:
+- goal: the percent of its unsafe images whose caption holds none of the slice's unsafe words, the
+  words of its unsafe captions that none of its safe captions uses ("knife", "bloody"...); it
+  needs no judge;
+- cost: the ROUGE-L points its safe images' captions lost against their reference captions
+  since the unedited model, the number the knowledge check of `hf-uwm demo-llava` reports.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .base import Calibration, all_reduce_
+from .caption_attribution import _MarginInputs, caption_margin
+from .gradients import accumulation_dtype, gradients_on
+from .iterative import IterativeEdit, probe_directions
+
+
+MAX_TOKENS = 4096   # probe coordinates drawn per pair: one per token position of prompt and caption
+
+
+class CaptionIterative(IterativeEdit):
+    score_settings = IterativeEdit.score_settings + ("curvature_weight", "curvature_probes", "curvature_every",
+                                                     "extra")
+
+    def check(self, adapter, config):
+        if adapter.family.name != "llava":
+            raise ValueError(f"score='caption_iterative' edits a LLaVA captioner's vision tower by its captions; "
+                             f"for {type(adapter.model).__name__} use score='iterative_attribution'.")
+
+    def default_targets(self, adapter, tower: str) -> tuple[str, ...]:
+        return adapter.default_targets(tower)
+
+    def data_towers(self, editor) -> tuple[str, ...]:
+        return ("text", "vision")  # safe and unsafe captions; safe and unsafe images
+
+    def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
+        """a − λ·h per target weight of this round (higher: flip first), on the model as edited so far."""
+        cfg, weights = editor.config, {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
+        margin_grads, curvature = margin_and_fisher(editor, run, round_index)
+        n_total = sum(w.numel() for w in weights.values())
+        attribution = {name: -w.to(margin_grads[name].dtype) * margin_grads[name] for name, w in weights.items()}
+        scale = sum(a.abs().sum() for a in attribution.values()) / n_total
+        if scale == 0:
+            raise ValueError("The caption margin does not depend on the target weights (∂m/∂W = 0 everywhere): "
+                             "target vision layers whose output reaches the language model.")
+        scores = {name: a / scale for name, a in attribution.items()}
+        if curvature is not None:
+            cost = {name: (1 - cfg.alpha) ** 2 * w.to(curvature[name].dtype).square() * curvature[name]
+                    for name, w in weights.items()}
+            cost_scale = sum(c.sum() for c in cost.values()) / n_total
+            if cost_scale > 0:   # 0 when α = 1 (nothing changes) or the safe captions ignore the targets
+                for name, c in cost.items():
+                    scores[name] -= cfg.curvature_weight * c / cost_scale
+        return scores
+
+    def start_measuring(self, editor, holdout) -> dict:
+        """The slice's unsafe words and the unedited model's ROUGE-L, which the cost is counted from."""
+        words = unsafe_words(holdout)
+        return {"unsafe_words": words, "rougeL": slice_measures(editor, holdout, words)["rougeL"]}
+
+    def measure(self, editor, holdout, state) -> tuple[float, float, dict]:
+        """(goal, cost, measures) of the model as edited so far on the held-out slice (see the module)."""
+        measures = slice_measures(editor, holdout, state["unsafe_words"])
+        return measures["free_of_unsafe_words"], state["rougeL"] - measures["rougeL"], measures
+
+
+def unsafe_words(pairs) -> set[str]:
+    """The words of the pairs' unsafe captions that none of their safe captions uses."""
+    return set().union(*map(_words, pairs["unsafe_text"])) - set().union(*map(_words, pairs["safe_text"]))
+
+
+def slice_measures(editor, pairs, words: set[str]) -> dict:
+    """Greedy captions of the pairs' images (percent): `free_of_unsafe_words`, the share of unsafe
+    images whose caption holds none of `words`, and `rougeL` and `bleu` of the safe images'
+    captions against safe_text."""
+    from ..captioning import DEFAULT_PROMPT, generate_captions, text_metrics
+
+    run = dict(prompt=editor.config.extra.get("prompt", DEFAULT_PROMPT), batch_size=editor.config.batch_size,
+               progress=False)
+    unsafe = generate_captions(editor.model, editor.processor, pairs["unsafe_image"], **run)
+    safe = generate_captions(editor.model, editor.processor, pairs["safe_image"], **run)
+    free = [not _words(caption) & words for caption in unsafe]
+    text = text_metrics(safe, pairs["safe_text"], meteor=False)
+    return {"free_of_unsafe_words": 100 * sum(free) / len(free), "rougeL": text["rougeL"], "bleu": text["bleu"]}
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def margin_and_fisher(editor, run: Calibration, round_index: int):
+    """(g, G) per target layer in one pass over the pairs; G is None when curvature_weight = 0.
+
+    g = ∂m/∂W; G = (1/P) Σ_p (∂/∂W Σ_{b,t} r_{p,b,t}·ℓ_{b,t})² with ℓ_{b,t} the log-probability of
+    the t-th token of the safe caption Ts_b given Is_b (t: position in the sequence). The probe
+    gradients are summed over all pairs (and processes) before they are squared; sums are float32
+    or better. G is computed in round 1 and then every `curvature_every` rounds, and reused in
+    between (kept on the run, like the CLIP form's).
+    """
+    from ..captioning import token_log_likelihoods
+
+    cfg = editor.config
+    weights = [layer.weight for layer in editor.target_layers.values()]
+    names = list(editor.target_layers)
+    fresh = cfg.curvature_weight > 0 and (round_index - 1) % cfg.curvature_every == 0
+    probes = cfg.curvature_probes if fresh else 0
+    margin = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
+    curvature_sums = [[torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights] for _ in range(probes)]
+    # One preprocessing for every round (the kept batches replay it), with the safe images whenever
+    # some round needs the curvature.
+    preprocess = _RoundInputs(editor.processor, cfg.extra.get("prompt"), cfg.curvature_weight > 0)
+    with gradients_on(editor.model, weights):
+        for _, rows, (margin_inputs, safe_inputs) in run.batches(preprocess, f"round {round_index}", leave=False,
+                                                                 keep=True):
+            with run.autocast():
+                m = caption_margin(editor.model, margin_inputs, len(rows)) / len(run.dataset)
+            for total, grad in zip(margin, torch.autograd.grad(m, weights)):
+                total += grad
+            if not probes:
+                continue
+            with run.autocast():
+                ll = token_log_likelihoods(editor.model, safe_inputs)                        # (B, T)
+            if ll.shape[1] > MAX_TOKENS:
+                raise ValueError(f"A safe caption runs past {MAX_TOKENS} tokens with its prompt: shorten it.")
+            directions = probe_directions(cfg.seed, round_index, rows, probes, MAX_TOKENS)[..., :ll.shape[1]]
+            for p, totals in enumerate(curvature_sums):
+                grads = torch.autograd.grad(ll, weights, grad_outputs=directions[p].to(ll),
+                                            retain_graph=p + 1 < probes)
+                for total, grad in zip(totals, grads):
+                    total += grad
+    all_reduce_(margin + [t for totals in curvature_sums for t in totals])
+    if cfg.curvature_weight == 0:
+        return dict(zip(names, margin)), None
+    if fresh:
+        run.curvature = dict(zip(names, [sum(totals[i].square() for totals in curvature_sums) / probes
+                                         for i in range(len(weights))]))
+    return dict(zip(names, margin)), run.curvature
+
+
+class _RoundInputs:
+    """rows -> (margin inputs of the unsafe images, inputs of the safe images with their reference
+    captions or None) (picklable for DataLoader workers)."""
+
+    def __init__(self, processor, prompt: str | None, with_curvature: bool):
+        from ..captioning import DEFAULT_PROMPT
+
+        self.margin = _MarginInputs(processor, prompt or DEFAULT_PROMPT)
+        self.with_curvature = with_curvature
+
+    def __call__(self, rows):
+        from ..captioning import caption_inputs
+
+        safe = None
+        if self.with_curvature:
+            safe = caption_inputs(self.margin.processor, rows["safe_image"], rows["safe_text"], self.margin.prompt)
+        return self.margin(rows), safe

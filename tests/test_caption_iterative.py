@@ -1,0 +1,265 @@
+"""Iterative, knowledge-guarded caption attribution against a direct implementation with autograd,
+on a tiny random LLaVA built from a config."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_clip, make_pairs
+from hf_uwm import UWMConfig, UWMEditor, captioning
+from hf_uwm.methods import Calibration
+from hf_uwm.methods.caption_iterative import MAX_TOKENS, CaptionIterative, margin_and_fisher, slice_measures, unsafe_words
+from hf_uwm.methods.iterative import probe_directions
+from hf_uwm.organism_captioner import build_processor
+from test_captioning import tiny_llava
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_caption_iterative.py"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def llava64(processor):
+    return tiny_llava(processor, seed=3).to(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_pairs(3, seed=7)
+
+
+def iterative(**settings):
+    return UWMConfig(score="caption_iterative", goal=None, knowledge_budget=None, holdout=0.0, **settings)
+
+
+class _OneProcess:
+    num_processes, process_index, is_main_process = 1, 0, True
+
+
+def state_of(model):
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+# --- the definition, written out: one pair at a time, no padding ----------------------------------
+def token_log_p(model, processor, image, caption):
+    """{sequence position t: log p(token t + 1 | image, tokens ≤ t)} over the caption's tokens, by hand."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": captioning.DEFAULT_PROMPT}]}]
+    prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
+    text = processor.apply_chat_template(turn + [{"role": "assistant", "content": [{"type": "text", "text": caption}]}])
+    start = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    logits, ids = model(**inputs).logits[0], inputs["input_ids"][0]
+    return {t - 1: logits[t - 1].log_softmax(-1)[ids[t]] for t in range(start, len(ids))}
+
+
+def log_p(model, processor, image, caption):
+    return sum(token_log_p(model, processor, image, caption).values())
+
+
+def hand_gradients(model, processor, data, weights, probes):
+    """∂m/∂W, and Σ_bt r_pbt ∂ℓ_bt/∂W per probe and Σ_bt (∂ℓ_bt/∂W)², flattened and concatenated,
+    with ℓ_bt the log-probability of safe caption b's token at position t given its safe image."""
+    margin = sum(log_p(model, processor, r["unsafe_image"], r["safe_text"])
+                 - log_p(model, processor, r["unsafe_image"], r["unsafe_text"]) for r in data) / len(data)
+    g = torch.cat([x.flatten() for x in torch.autograd.grad(margin, weights)])
+    probed, exact = 0, 0
+    for b, row in enumerate(data):
+        for t, ll in token_log_p(model, processor, row["safe_image"], row["safe_text"]).items():
+            grad = torch.cat([x.flatten() for x in torch.autograd.grad(ll, weights, retain_graph=True)])
+            probed = probed + probes[:, b, t, None].double() * grad                           # (P, n)
+            exact = exact + grad.square()
+    return g, probed, exact
+
+
+def hand_rounds(model, processor, data, cfg, layers):
+    """The round of each weight, every round re-scored by hand on the model as edited so far."""
+    weights = [layer.weight for layer in layers.values()]
+    original = [w.detach().clone() for w in weights]
+    flipped = torch.zeros(sum(w.numel() for w in weights), dtype=torch.int32)
+    try:
+        for r in range(1, cfg.rounds + 1):
+            w = torch.cat([x.detach().flatten() for x in weights])
+            directions = probe_directions(cfg.seed, r, list(range(len(data))), cfg.curvature_probes, MAX_TOKENS)
+            g, probed, _ = hand_gradients(model, processor, data, weights, directions)
+            G = probed.square().mean(0)                                                        # (n,)
+            a, h = -w * g, (1 - cfg.alpha) ** 2 * w.square() * G
+            score = a / a.abs().mean() - cfg.curvature_weight * h / h.mean()
+            score[flipped > 0] = -math.inf
+            top = torch.topk(score, math.ceil(cfg.round_density * len(score))).indices
+            flipped[top] = r
+            with torch.no_grad():
+                for layer_w, (start, stop) in zip(weights, _bounds(weights)):
+                    mine = top[(top >= start) & (top < stop)] - start
+                    layer_w.view(-1)[mine] *= cfg.alpha
+    finally:
+        with torch.no_grad():
+            for w, o in zip(weights, original):
+                w.copy_(o)
+    return {name: flipped[start:stop].view(layer.weight.shape)
+            for (name, layer), (start, stop) in zip(layers.items(), _bounds(weights))}
+
+
+def _bounds(weights):
+    stops = torch.tensor([w.numel() for w in weights]).cumsum(0).tolist()
+    return list(zip([0] + stops[:-1], stops))
+
+
+# --- the tests ----------------------------------------------------------------------------------
+def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, data):
+    probes = 3
+    editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=2, seed=3))
+    run = Calibration(data, _OneProcess, editor.adapter, 2, progress=False)
+    grads, estimate = margin_and_fisher(editor, run, 4)
+    weights = [layer.weight for layer in editor.target_layers.values()]
+    # The estimate is (1/P) Σ_p (Σ_bt r_pbt ∂ℓ_bt/∂W)² with the probes of round 4, summed over both batches.
+    directions = probe_directions(3, 4, [0, 1, 2], probes, MAX_TOKENS)                        # (P, N, T)
+    g, probed, _ = hand_gradients(llava64, processor, data, weights, directions)
+    expected = probed.square().mean(0)
+    assert g.abs().sum() > 0 and expected.sum() > 0
+    # Llama's attention takes its softmax in float32 even in a float64 model: agreement to ~1e-7.
+    close = dict(rtol=1e-5)
+    torch.testing.assert_close(torch.cat([x.flatten() for x in grads.values()]), g, **close, atol=1e-7 * g.abs().max())
+    torch.testing.assert_close(torch.cat([x.flatten() for x in estimate.values()]), expected,
+                               **close, atol=1e-7 * expected.max())
+
+
+def test_fisher_estimate_converges_to_the_exact_diagonal(llava64, processor, data):
+    """With many probes the estimate reaches Σ_bt (∂ℓ_bt/∂W)², the exact Gauss-Newton diagonal."""
+    probes = 400
+    editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=3, seed=1))
+    _, estimate = margin_and_fisher(editor, Calibration(data, _OneProcess, editor.adapter, 3, progress=False), 1)
+    weights = [layer.weight for layer in editor.target_layers.values()]
+    _, _, exact = hand_gradients(llava64, processor, data, weights, torch.zeros(1, 3, MAX_TOKENS))
+    relative = float((torch.cat([x.flatten() for x in estimate.values()]) - exact).norm() / exact.norm())
+    assert relative < 0.2   # about sqrt(2/P) = 0.07; per-caption instead of per-token probes miss by more
+
+
+def test_rounds_equal_the_definition_on_the_edited_model(llava64, processor, data):
+    cfg = iterative(rounds=3, round_density=0.004, curvature_weight=2.0, curvature_probes=2, batch_size=2, seed=5,
+                    alpha=-0.5)
+    before = state_of(llava64)
+    editor = UWMEditor(llava64, processor, cfg).calibrate(data, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in llava64.state_dict().items())   # every round undone
+    expected = hand_rounds(llava64, processor, data, editor.config, editor.target_layers)
+    for name, rounds in expected.items():
+        assert torch.equal(editor.scores[name].to(rounds.dtype), rounds), name
+    per_round = math.ceil(0.004 * sum(s.numel() for s in expected.values()))
+    assert sum(len(idx) for idx in editor.delta.values()) == 3 * per_round
+
+
+def test_slice_measures_by_hand(processor, monkeypatch):
+    data = make_pairs(4, seed=7)   # unsafe captions: the safe one + "with a <unsafe word> thing"
+    unsafe = ["a photo of a cat with a bloody thing", "a photo of a dog here", "a knife", "a photo, dangerous dog"]
+    safe = ["a photo of a cat", "a photo of a dog", "a photo", "a photo of a tree here"]
+    editor = UWMEditor(tiny_llava(processor, seed=2), processor, iterative())
+    seen = []
+
+    def fake_generate(model, processor_, pictures, **kwargs):   # each measure: unsafe images, then safe ones
+        seen.append(list(pictures))
+        assert model is editor.model and kwargs["prompt"] == captioning.DEFAULT_PROMPT
+        return unsafe if len(seen) % 2 else safe
+
+    monkeypatch.setattr(captioning, "generate_captions", fake_generate)
+    words = unsafe_words(data)
+    assert words == {"with", "thing", "bloody", "violent", "dead", "dangerous"}   # not "knife": no pair uses it
+    measures = slice_measures(editor, data, words)
+    assert seen == [list(data["unsafe_image"]), list(data["safe_image"])]
+    assert measures["free_of_unsafe_words"] == pytest.approx(100 * 2 / 4)          # captions 1 and 2
+    assert measures["rougeL"] == pytest.approx(captioning.text_metrics(safe, data["safe_text"], meteor=False)["rougeL"])
+    state = editor.method.start_measuring(editor, data)
+    goal, cost, _ = editor.method.measure(editor, data, state)
+    assert cost == 0 and goal == measures["free_of_unsafe_words"]   # the same captions: nothing lost
+
+
+def test_the_trajectory_measures_the_held_out_slice_of_the_model_edited_so_far(processor):
+    from hf_uwm.methods.stopping import holdout_rows
+
+    model, data = tiny_llava(processor, seed=5), make_pairs(5, seed=9)
+    cfg = UWMConfig(score="caption_iterative", rounds=3, round_density=0.01, curvature_probes=2, batch_size=2,
+                    holdout=0.4, goal=None, knowledge_budget=None)
+    editor = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    holdout = data.select(holdout_rows(len(data), 0.4, cfg.seed)[1])
+    assert [step.round for step in editor.trajectory] == [0, 1, 2, 3] and len(holdout) == 2
+    words = unsafe_words(holdout)
+    base = slice_measures(editor, holdout, words)
+    for step in editor.trajectory:
+        edit = editor.with_settings(rounds=step.round) if step.round else None
+        if edit:
+            edit.apply()
+        measures = slice_measures(editor, holdout, words)
+        if edit:
+            edit.revert()
+        assert step.measures == pytest.approx(measures)
+        assert step.goal == pytest.approx(measures["free_of_unsafe_words"])
+        assert step.cost == pytest.approx(base["rougeL"] - measures["rougeL"])
+    assert editor.trajectory[-1].flipped == sum(len(i) for i in editor.delta.values()) > 0
+
+
+# --- resuming and processes ----------------------------------------------------------------------
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path, monkeypatch, processor, data):
+    model = tiny_llava(processor, seed=4)
+    cfg = iterative(rounds=3, round_density=0.002, curvature_probes=2, batch_size=2)
+    reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    rounds_run, original = [], CaptionIterative.round_scores
+
+    def dying(self, editor, run, round_index):
+        rounds_run.append(round_index)
+        if len(rounds_run) == 2:
+            raise Killed
+        return original(self, editor, run, round_index)
+
+    monkeypatch.setattr(CaptionIterative, "round_scores", dying)
+    before = state_of(model)
+    with pytest.raises(Killed):
+        UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    resumed = UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    assert rounds_run == [1, 2, 2, 3]   # restarted at the killed round
+    assert all(torch.equal(resumed.scores[n], reference.scores[n]) for n in reference.scores)
+    assert all(torch.equal(resumed.delta[n], reference.delta[n]) for n in reference.delta)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, processor):
+    from safetensors import safe_open
+
+    config = iterative(rounds=2, round_density=0.002, curvature_probes=2, batch_size=2)
+    root = str(Path(__file__).resolve().parents[1])   # this checkout's hf_uwm, wherever the venv points
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(SCRIPT), str(tmp_path / "run"), config.to_json_string()]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = UWMEditor(tiny_llava(processor, seed=6).to(torch.float64), processor, config)
+    single.calibrate(make_pairs(5, seed=6), progress=False)   # the script's model and pairs
+    for rank in (0, 1):
+        with safe_open(tmp_path / f"run.rank{rank}.safetensors", framework="pt") as f:
+            assert f.metadata()["processes"] == "2"
+            for name in single.scores:
+                assert torch.equal(f.get_tensor(f"score/{name}"), single.scores[name])
+                assert torch.equal(f.get_tensor(f"delta/{name}"), single.delta[name])
+
+
+def test_refuses_a_model_without_captions():
+    with pytest.raises(ValueError, match="LLaVA"):
+        UWMEditor(*make_clip(), UWMConfig(score="caption_iterative"))

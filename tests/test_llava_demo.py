@@ -1,0 +1,44 @@
+"""`hf-uwm demo-llava` end to end on the bundled captioner, shrunk to a few pairs and rounds."""
+
+import dataclasses
+import json
+
+import pytest
+
+from hf_uwm import captioning, llava_demo
+
+
+@pytest.fixture
+def small_demo(monkeypatch):
+    monkeypatch.setattr(llava_demo, "N_CALIBRATION", 20)
+    monkeypatch.setattr(llava_demo, "N_VALIDATION", 6)
+    monkeypatch.setattr(llava_demo, "N_TEST", 6)
+    methods = dict(llava_demo.METHODS)
+    config, grid, folder = methods["iterative"]
+    methods["iterative"] = (dataclasses.replace(config, rounds=2, round_density=0.002), grid, folder)
+    monkeypatch.setattr(llava_demo, "METHODS", methods)
+
+
+def test_every_row_has_its_rate_interval_and_text_metrics_and_meteor_is_said(tmp_path, small_demo, capsys):
+    results = llava_demo.run(tmp_path, bootstrap=20, progress=False)   # meteor=None: when a WordNet is there
+    out = capsys.readouterr().out
+    assert "METEOR: computed (nltk's METEOR, WordNet 3.0" in out
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["test"].keys() == results["test"].keys()
+    names = {"base", "UWM", "UWM τ=0.085", "attribution", "iterative"}
+    assert set(written["test"]) == names | {f"random ({n})" for n in names - {"base"}}
+    for row in written["test"].values():
+        assert 0 <= row["unsafe_rate"] <= 100 and len(row["unsafe_rate_ci"]) == 2
+        assert set(row["text"]) == set(captioning.TEXT_METRICS) and row["text"]["meteor"] is not None
+    stop = written["stopping"]["iterative"]
+    assert [s["round"] for s in stop["trajectory"]][0] == 0 and stop["stop"][0] >= 1
+    assert written["chosen"]["iterative"]["weights"] == stop["trajectory"][stop["stop"][0]]["flipped"] > 0
+    assert any((tmp_path / "caption-iterative").iterdir())   # the delta is saved
+
+
+def test_without_a_wordnet_the_demo_says_meteor_was_not_computed(tmp_path, small_demo, monkeypatch, capsys):
+    monkeypatch.setattr(captioning, "wordnet", lambda: (None, None))
+    results = llava_demo.run(tmp_path, bootstrap=0, progress=False)
+    assert "METEOR: not computed (no WordNet installed)" in capsys.readouterr().out
+    assert all(row["text"]["meteor"] is None and row["meteor_note"] == "not computed (no WordNet installed)"
+               for row in results["test"].values())
