@@ -31,8 +31,7 @@ def data_name(model: str) -> str:
     """The organism world the model was trained on, as a DATA argument."""
     from hf_uwm import organism
 
-    world = organism.world_of(model) if hasattr(organism, "world_of") else 2
-    return "organism" if world == 2 else "organism-hard"
+    return "organism" if organism.world_of(model) == 2 else "organism-hard"
 
 
 def check(model: str, out: Path, threads: int) -> dict:

@@ -57,14 +57,10 @@ def parse_args():
 def world_data(model_name: str, args):
     from hf_uwm import organism
 
-    world = organism.world_of(model_name) if hasattr(organism, "world_of") else 2
-    kwargs = {"world": world} if world != 2 else {}
-    calibration = organism.make_pairs(args.calibration, split="train", **kwargs)
-    validation = organism.make_pairs(args.validation, split="validation", **kwargs)
-    try:
-        zero_shot = organism.zero_shot_task(args.zero_shot, split="validation", **kwargs)
-    except TypeError:  # a world without a validation zero-shot stream: the demo's validation stream
-        zero_shot = organism.zero_shot_task(args.zero_shot, seed=1)
+    world = organism.world_of(model_name)
+    calibration = organism.make_pairs(args.calibration, split="train", world=world)
+    validation = organism.make_pairs(args.validation, split="validation", world=world)
+    zero_shot = organism.zero_shot_task(args.zero_shot, split="validation", world=world)
     return calibration, validation, ZeroShotTask(*zero_shot)
 
 
