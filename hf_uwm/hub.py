@@ -120,6 +120,13 @@ METHODS = {
                  "pulls safe embeddings towards their unsafe versions"),
     "g_safeclip": ("G-Safe-CLIP", "**G-Safe-CLIP**, a gradient baseline: each weight is scored by |∂L/∂W| of a "
                    "contrastive loss at the model's own temperature over the calibration pairs"),
+    "caption_attribution": ("caption attribution", "**caption attribution**: each weight of the captioner's vision "
+                            "tower is scored by its first-order share of the preference, on unsafe images, for the "
+                            "safe over the unsafe caption (teacher-forced log-likelihoods)"),
+    "caption_iterative": ("iterative caption attribution", "**iterative, knowledge-guarded caption attribution**: "
+                          "caption attribution re-scored on the captioner as edited so far over several rounds, with "
+                          "a penalty that spares weights the captions of safe images depend on, stopping by itself "
+                          "on held-out calibration pairs"),
 }
 ORGANISM_DATASETS = ("hf_uwm organism world (quadruples)", "hf_uwm organism world (14-class zero-shot)")
 
