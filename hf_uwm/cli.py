@@ -660,6 +660,7 @@ def _captioning_commands(commands):
                            "say plainly when it is not)")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads (default 1: the captioner is so small that more threads mostly wait)")
+    demo.add_argument("--captioner", help="a captioner folder saved by scripts/train_captioner.py (default: bundled)")
     _common(demo)
     demo.set_defaults(run=run_demo_llava)
 
@@ -728,7 +729,7 @@ def run_demo_llava(args):
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     run(Path(args.output), max_rouge_drop=args.max_rouge_drop, meteor=False if args.no_meteor else None, seed=args.seed,
-        batch_size=args.batch_size, progress=not args.quiet)
+        batch_size=args.batch_size, progress=not args.quiet, captioner=args.captioner)
     print(f"\nLLaVA demo finished in {time.perf_counter() - start:.0f} s; results in {args.output}/")
 
 
