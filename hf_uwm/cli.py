@@ -33,6 +33,8 @@ METHOD_HELP = {
     "g_safeclip": "paper baseline: |dL/dW| of a contrastive loss over the pairs",
     "caption_attribution": "LLaVA only: attribution of the captioner's safe-over-unsafe caption preference on "
                            "unsafe images, vision tower",
+    "caption_iterative": "LLaVA only: caption attribution re-scored over rounds on the captioner as edited so far, "
+                         "sparing weights the safe captions' tokens need; stops itself on held-out pairs",
 }
 EPILOG = """examples:
   hf-uwm demo                                   # the whole job on the bundled model organism
