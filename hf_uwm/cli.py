@@ -33,8 +33,8 @@ METHOD_HELP = {
     "g_safeclip": "paper baseline: |dL/dW| of a contrastive loss over the pairs",
     "caption_attribution": "LLaVA only: attribution of the captioner's safe-over-unsafe caption preference on "
                            "unsafe images, vision tower",
-    "caption_iterative": "LLaVA only: caption attribution re-scored over rounds, sparing weights the safe "
-                         "captions need; sets its own strength on held-out pairs like iterative_attribution",
+    "caption_iterative": "LLaVA only: caption attribution re-scored over rounds on the captioner as edited so far, "
+                         "sparing weights the safe captions' tokens need; stops itself on held-out pairs",
 }
 EPILOG = """examples:
   hf-uwm demo                                   # the whole job on the bundled model organism
@@ -662,6 +662,7 @@ def _captioning_commands(commands):
                            "say plainly when it is not)")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads (default 1: the captioner is so small that more threads mostly wait)")
+    demo.add_argument("--captioner", help="a captioner folder saved by scripts/train_captioner.py (default: bundled)")
     _common(demo)
     demo.set_defaults(run=run_demo_llava)
 
@@ -730,7 +731,7 @@ def run_demo_llava(args):
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     run(Path(args.output), max_rouge_drop=args.max_rouge_drop, meteor=False if args.no_meteor else None, seed=args.seed,
-        batch_size=args.batch_size, progress=not args.quiet)
+        batch_size=args.batch_size, progress=not args.quiet, captioner=args.captioner)
     print(f"\nLLaVA demo finished in {time.perf_counter() - start:.0f} s; results in {args.output}/")
 
 

@@ -43,8 +43,9 @@ class Candidate:
 
 
 def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None, seed: int = 0,
-        batch_size: int = 32, bootstrap: int = 1000, progress: bool = True) -> dict:
-    """`meteor` None: METEOR when a WordNet is installed, else the results say it was not computed."""
+        batch_size: int = 32, bootstrap: int = 1000, progress: bool = True, captioner=None) -> dict:
+    """`meteor` None: METEOR when a WordNet is installed, else the results say it was not computed.
+    `captioner`: a folder saved by scripts/train_captioner.py instead of the bundled captioner."""
     from .captioning import (WORDNET_MISSING, compare_captioning, evaluate_captioning, exact_organism_judge,
                              meteor_note, wordnet_available)
     from .editor import UWMEditor
@@ -65,7 +66,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
         seconds[step] = round(now - clock, 1)
         clock = now
 
-    model, processor = load_captioner()
+    model, processor = load_captioner(captioner)
     calibration = make_pairs(N_CALIBRATION, seed=seed, split="train")
     validation = make_pairs(N_VALIDATION, seed=seed, split="validation")
     test = make_pairs(N_TEST, seed=seed, split="test")
@@ -82,7 +83,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     weights, candidates, chosen, stops = {"base": "0"}, [], {}, {}
     for name, (config, grid, folder) in METHODS.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
-                           base_model=NAME)
+                           base_model=None if captioner else NAME)
         editor.calibrate(calibration, progress=progress)
         lap(f"{name}: calibrate")
         rows = []

@@ -109,13 +109,14 @@ def captioner_path() -> str:
     return bundled_path(NAME)
 
 
-def load_captioner():
-    """The bundled captioner as (model, processor), in eval mode."""
+def load_captioner(folder=None):
+    """The bundled captioner (or one that scripts/train_captioner.py saved in `folder`) as (model,
+    processor), in eval mode."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    folder = captioner_path()
+    folder = folder or captioner_path()
     if not (Path(folder) / "model.safetensors").is_file():
-        raise FileNotFoundError(f"The organism captioner is not in {folder}: train it with "
-                                "`python scripts/train_captioner.py`.")
+        raise FileNotFoundError(f"No organism captioner in {folder}: train it with "
+                                f"`python scripts/train_captioner.py --output {folder}`.")
     return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 

@@ -7,7 +7,8 @@ Each round r, on the calibration pairs that feed gradients (N of them):
     m = (1/N) Σ_b [log p(Ts_b | Iu_b) − log p(Tu_b | Iu_b)]          caption attribution's margin
     ℓ_bt = log p(token t of Ts_b | Is_b, tokens < t)      the reference caption of the safe image
     G = (1/P) Σ_p (∂/∂W Σ_bt r_{p,b,t} · ℓ_bt)²   r ~ N(0, 1) per pair, token and probe, seeded per round
-    a = −W⊙∂m/∂W / mean|W⊙∂m/∂W|,  h = (1−α)²·W²⊙G / mean((1−α)²·W²⊙G)     means over all targets
+    a = −W⊙∂m/∂W / mean|W⊙∂m/∂W|                                      means over all targets
+    h = (1−α)²·W²⊙G / mean((1−α)²·W²⊙G)
     score = a − λ·h                                                    (λ = curvature_weight)
 
 E[G] = Σ_bt (∂ℓ_bt/∂W)², the Gauss-Newton (empirical Fisher) diagonal of the safe captions' token
