@@ -92,10 +92,13 @@ class Calibration:
         self.curvature: dict | None = None   # kept by iterative attribution between its refreshes
 
     def subset(self, rows: list[int]) -> "Calibration":
-        """The same run on the pairs at `rows` only."""
-        return Calibration(self.dataset.select(rows), self.state, self.adapter, self.batch_size,
-                           progress=self.progress, num_workers=self.num_workers, checkpoint_dir=self.checkpoint_dir,
-                           checkpoint_every=self.checkpoint_every, autocast=self.autocast_dtype)
+        """The same run on the pairs at `rows` only (padded to the same text length as the whole run)."""
+        subset = Calibration(self.dataset.select(rows), self.state, self.adapter, self.batch_size,
+                             progress=self.progress, num_workers=self.num_workers, checkpoint_dir=self.checkpoint_dir,
+                             checkpoint_every=self.checkpoint_every, autocast=self.autocast_dtype)
+        if not isinstance(self.dataset, PreprocessedPairs) and "safe_text" in self.dataset.column_names:
+            subset.text_length = self.text_length
+        return subset
 
     def autocast(self):
         return torch.autocast(self.adapter.device.type, dtype=self.autocast_dtype,

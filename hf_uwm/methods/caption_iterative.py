@@ -35,7 +35,7 @@ import torch
 from .base import Calibration, all_reduce_
 from .caption_attribution import _MarginInputs, caption_margin
 from .gradients import accumulation_dtype, gradients_on
-from .iterative import IterativeEdit, probe_directions
+from .iterative import IterativeEdit, guarded_scores, probe_directions
 
 
 MAX_TOKENS = 4096   # probe coordinates drawn per pair: one per token position of prompt and caption
@@ -58,23 +58,11 @@ class CaptionIterative(IterativeEdit):
 
     def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
         """a − λ·h per target weight of this round (higher: flip first), on the model as edited so far."""
-        cfg, weights = editor.config, {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
+        weights = {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
         margin_grads, curvature = margin_and_fisher(editor, run, round_index)
-        n_total = sum(w.numel() for w in weights.values())
-        attribution = {name: -w.to(margin_grads[name].dtype) * margin_grads[name] for name, w in weights.items()}
-        scale = sum(a.abs().sum() for a in attribution.values()) / n_total
-        if scale == 0:
-            raise ValueError("The caption margin does not depend on the target weights (∂m/∂W = 0 everywhere): "
-                             "target vision layers whose output reaches the language model.")
-        scores = {name: a / scale for name, a in attribution.items()}
-        if curvature is not None:
-            cost = {name: (1 - cfg.alpha) ** 2 * w.to(curvature[name].dtype).square() * curvature[name]
-                    for name, w in weights.items()}
-            cost_scale = sum(c.sum() for c in cost.values()) / n_total
-            if cost_scale > 0:   # 0 when α = 1 (nothing changes) or the safe captions ignore the targets
-                for name, c in cost.items():
-                    scores[name] -= cfg.curvature_weight * c / cost_scale
-        return scores
+        # Flipping w by α changes m by about (α − 1)·w·∂m/∂w: for α < 1, −w·∂m/∂w is what it buys.
+        gains = {name: -w.to(margin_grads[name].dtype) * margin_grads[name] for name, w in weights.items()}
+        return guarded_scores(editor.config, weights, gains, curvature, "reach the language model")
 
     def start_measuring(self, editor, holdout) -> dict:
         """The slice's unsafe words and the unedited model's ROUGE-L, which the cost is counted from."""

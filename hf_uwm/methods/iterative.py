@@ -183,23 +183,11 @@ class IterativeAttribution(IterativeEdit):
         return ("mlp.fc2",) if tower == "text" else ()
 
     def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
-        cfg, weights = editor.config, {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
+        weights = {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
         margin_grads, curvature = margin_and_curvature(editor, run, round_index)
-        n_total = sum(w.numel() for w in weights.values())
-        attribution = {name: w.to(margin_grads[name].dtype) * margin_grads[name] for name, w in weights.items()}
-        scale = sum(a.abs().sum() for a in attribution.values()) / n_total
-        if scale == 0:
-            raise ValueError("The margin does not depend on the target weights (∂m/∂W = 0 everywhere): target "
-                             "layers that the text or image embeddings pass through.")
-        scores = {name: a / scale for name, a in attribution.items()}
-        if curvature is not None:
-            cost = {name: (1 - cfg.alpha) ** 2 * w.to(curvature[name].dtype).square() * curvature[name]
-                    for name, w in weights.items()}
-            cost_scale = sum(c.sum() for c in cost.values()) / n_total
-            if cost_scale > 0:   # 0 when α = 1 (nothing changes) or the captions ignore the targets
-                for name, c in cost.items():
-                    scores[name] -= cfg.curvature_weight * c / cost_scale
-        return scores
+        gains = {name: w.to(margin_grads[name].dtype) * margin_grads[name] for name, w in weights.items()}
+        return guarded_scores(editor.config, weights, gains, curvature,
+                              "the text or image embeddings pass through")
 
     # --- the held-out slice ----------------------------------------------------------------------
     def start_measuring(self, editor, holdout) -> dict:
@@ -217,6 +205,26 @@ class IterativeAttribution(IterativeEdit):
                                                                                     "vision")  # (2H, D)
         measures = slice_measures(texts, images, state["base"])
         return measures["GS"], 100 - measures["agreement"], measures
+
+
+def guarded_scores(cfg, weights: dict, gains: dict, curvature: dict | None, reach: str) -> dict[str, torch.Tensor]:
+    """a − λ·h per weight: a = gain / mean|gain|, h = (1−α)²·W²⊙G / mean((1−α)²·W²⊙G), means over all
+    target weights; `gains` are the first-order shares of the margin that flipping each weight buys.
+    `reach` completes the error for a margin that ignores the targets ("target layers that ... ")."""
+    n_total = sum(w.numel() for w in weights.values())
+    scale = sum(a.abs().sum() for a in gains.values()) / n_total
+    if scale == 0:
+        raise ValueError(f"The margin does not depend on the target weights (∂m/∂W = 0 everywhere): target layers "
+                         f"that {reach}.")
+    scores = {name: a / scale for name, a in gains.items()}
+    if curvature is not None:
+        cost = {name: (1 - cfg.alpha) ** 2 * w.to(curvature[name].dtype).square() * curvature[name]
+                for name, w in weights.items()}
+        cost_scale = sum(c.sum() for c in cost.values()) / n_total
+        if cost_scale > 0:   # 0 when α = 1 (nothing changes) or the knowledge term ignores the targets
+            for name, c in cost.items():
+                scores[name] -= cfg.curvature_weight * c / cost_scale
+    return scores
 
 
 def slice_measures(texts: torch.Tensor, images: torch.Tensor, base_texts: torch.Tensor) -> dict[str, float]:
