@@ -24,9 +24,9 @@ EPILOG = """examples:
 
 DATA is a Hub dataset id, a local dataset folder or data file with the columns safe_text,
 unsafe_text, safe_image, unsafe_image (rename others with --columns), or 'organism' for the
-procedural world the bundled model was trained on ('organism-hard': world 3). MODEL is a Hub id, a local
-folder, or 'organism' / 'organism-hard' (the bundled models). A name that looks like a path (./x, ~/x, /x, a/b/c, x.csv) is never looked up
-on the Hub.
+procedural world the bundled model was trained on ('organism-hard': world 3). MODEL is a Hub id, a
+local folder, or 'organism' / 'organism-hard' (the bundled models). A name that looks like a path
+(./x, ~/x, /x, a/b/c, x.csv) is never looked up on the Hub.
 """
 
 
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "beating a random control of the same size), then report each beside "
                                            "its random control on test data, with bootstrap 95% intervals.")
     demo.add_argument("--model", default=ORGANISM,
-                      help="a CLIP trained on an organism world: 'organism' (world 2, the default), 'organism-hard' "
-                           "(world 3) or a folder saved by scripts/train_organism.py (its training.json names its world)")
+                      help="a CLIP trained on an organism world: 'organism' (world 2, the default), "
+                           "'organism-hard' (world 3) or a folder saved by scripts/train_organism.py "
+                           "(its training.json names its world)")
     demo.add_argument("--output", default="uwm-demo", help="folder for deltas, tables and plots (default ./uwm-demo)")
     from .demo import MAX_ZERO_SHOT_DROP  # the module imports no torch: --help stays fast
 
