@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "beating a random control of the same size), then report each beside "
                                            "its random control on test data, with bootstrap 95% intervals.")
     demo.add_argument("--model", default=ORGANISM,
-                      help="a CLIP trained on an organism world: 'organism' (world 2, the default), 'organism-hard' "
-                           "(world 3) or a folder saved by scripts/train_organism.py (its training.json names its world)")
+                      help="a CLIP trained on an organism world: 'organism' (world 2, the default), "
+                           "'organism-hard' (world 3) or a folder saved by scripts/train_organism.py "
+                           "(its training.json names its world)")
     demo.add_argument("--output", default="uwm-demo", help="folder for deltas, tables and plots (default ./uwm-demo)")
     from .demo import MAX_ZERO_SHOT_DROP  # the module imports no torch: --help stays fast
 
@@ -313,7 +314,7 @@ def load_data(source: str, split: str, samples: int | None, seed: int, columns: 
                       skip_bad_rows=skip_bad_rows, **({"token": token} if token else {}))
 
 
-def load_zero_shot(source: str | None, n: int = 500, seed: int = 0):
+def load_zero_shot(source: str | None, n: int = 500, seed: int = 0, split: str = "test"):
     from .evaluation import ZeroShotTask
 
     if source is None:
@@ -321,7 +322,8 @@ def load_zero_shot(source: str | None, n: int = 500, seed: int = 0):
     if source in ORGANISM_WORLDS:
         from .organism import zero_shot_task
 
-        return ZeroShotTask(*zero_shot_task(n, seed=seed, world=ORGANISM_WORLDS[source]))
+        # the organism's zero-shot images of `split`: a sweep's validation never sees test combinations
+        return ZeroShotTask(*zero_shot_task(n, seed=seed, split=split, world=ORGANISM_WORLDS[source]))
     from .data import read_source  # the reader of load_pairs, without the pair schema
 
     dataset, _ = read_source(source, "test", None, {})
@@ -475,7 +477,8 @@ def run_eval(args):
     # model, and for a delta the fingerprint of its base (from_pretrained refuses other weights).
     data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=1000,
                      skip_bad_rows=args.skip_bad_rows, token=args.token)
-    zero_shot = load_zero_shot(args.zero_shot or (args.data if args.data in ORGANISM_WORLDS else None))
+    zero_shot = load_zero_shot(args.zero_shot or (args.data if args.data in ORGANISM_WORLDS else None),
+                               split=args.split)
     run = dict(zero_shot=zero_shot, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet,
                batch_size=args.batch_size)
     if delta:
@@ -538,7 +541,8 @@ def run_sweep(args):
         validation = load_data(args.eval_data, args.eval_split, args.eval_samples, args.seed + 1,
                                default=SWEEP_ORGANISM_SAMPLES)
     zero_shot = load_zero_shot(args.zero_shot or (args.eval_data if args.eval_data in ORGANISM_WORLDS else None),
-                               n=args.eval_samples or SWEEP_ORGANISM_SAMPLES, seed=args.seed + 1)
+                               n=args.eval_samples or SWEEP_ORGANISM_SAMPLES, seed=args.seed + 1,
+                               split=args.eval_split)
     model, processor = load_model(args.model)
     layer_sets = [_layer_set(s) for s in args.layers] if args.layers else [{}]
     union = {f"{t}_targets": sorted({p for s in layer_sets for p in s.get(f"{t}_targets", [])})

@@ -130,7 +130,8 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
         chosen.editor.save_pretrained(output / folder, report, overwrite=True)
 
     output.mkdir(parents=True, exist_ok=True)
-    print(f"\nValidation ({N_VALIDATION} quadruples, zero-shot on {N_VALIDATION_ZERO_SHOT} images): every setting beside "
+    print(f"\nValidation ({N_VALIDATION} quadruples, zero-shot on {N_VALIDATION_ZERO_SHOT} images): "
+          "every setting beside "
           "a random control of the same size")
     print(sw.table(rows, base_validation, max_zero_shot_drop))
     sw.write_csv(rows, output / "validation_sweep.csv", base_validation)
@@ -177,7 +178,8 @@ def hard_world_numbers(model, processor, test, *, seed: int = 0) -> dict:
 
     embeddings = embed_quadruples(model, processor, test, progress=False)
     held_out = [concept in HELD_OUT for concept in test["concept"]]
-    subsets = {"GS seen": [not h for h in held_out], "GS held-out": held_out, "GS paraphrased": list(test["paraphrased"])}
+    subsets = {"GS seen": [not h for h in held_out], "GS held-out": held_out,
+               "GS paraphrased": list(test["paraphrased"])}
     numbers = {}
     for name, mask in subsets.items():
         rates, intervals = subset_safeground(embeddings, mask, bootstrap=BOOTSTRAP, seed=seed)

@@ -325,7 +325,8 @@ def _mean_directions(embeddings: torch.Tensor) -> torch.Tensor:
 
 def zero_shot_accuracy(model, processor, task: ZeroShotTask, *, batch_size: int = 64, progress: bool = True) -> float:
     """Zero-shot classification accuracy (percent) with template-averaged class embeddings."""
-    return 100.0 * zero_shot_correct(model, processor, task, batch_size=batch_size, progress=progress).double().mean().item()
+    correct = zero_shot_correct(model, processor, task, batch_size=batch_size, progress=progress)  # (M,)
+    return 100.0 * correct.double().mean().item()
 
 
 def zero_shot_interval(correct, bootstrap: int = 1000, seed: int | None = 0) -> tuple[float, float]:
@@ -342,7 +343,8 @@ def zero_shot_interval(correct, bootstrap: int = 1000, seed: int | None = 0) -> 
     return float(low[0]), float(high[0])
 
 
-def zero_shot_correct(model, processor, task: ZeroShotTask, *, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+def zero_shot_correct(model, processor, task: ZeroShotTask, *, batch_size: int = 64,
+                      progress: bool = True) -> torch.Tensor:
     """(M,) bool: whether each image of `task` is classified right (template-averaged class embeddings)."""
     _check_batch_size(batch_size)
     adapter = _contrastive_adapter(model, processor)

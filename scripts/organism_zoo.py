@@ -28,8 +28,9 @@ from hf_uwm import organism  # noqa: E402
 from hf_uwm.demo import METHODS  # noqa: E402
 
 # name: (world, seed, unsafe fraction); None marks a bundled organism (never retrained here).
-ZOO = {"organism": (2, None, None), "world2-seed1-unsafe0.25": (2, 1, 0.25), "world2-seed2-unsafe0.45": (2, 2, 0.45),
-       "organism-hard": (3, None, None), "world3-seed1-unsafe0.25": (3, 1, 0.25), "world3-seed2-unsafe0.45": (3, 2, 0.45)}
+ZOO = {"organism": (2, None, None), "world2-seed1-unsafe0.25": (2, 1, 0.25),
+       "world2-seed2-unsafe0.45": (2, 2, 0.45), "organism-hard": (3, None, None),
+       "world3-seed1-unsafe0.25": (3, 1, 0.25), "world3-seed2-unsafe0.45": (3, 2, 0.45)}
 
 
 def parse_args(argv=None):
@@ -61,8 +62,9 @@ def ensure_trained(name: str, cache: Path, args) -> dict:
     folder = organism_folder(name, cache)
     world, seed, fraction = ZOO[name]
     if seed is not None and not (folder / "model.safetensors").is_file():
-        command = [sys.executable, str(ROOT / "scripts" / "train_organism.py"), "--world", str(world), "--seed",
-                   str(seed), "--unsafe-fraction", str(fraction), "--threads", str(args.threads), "--output", str(folder)]
+        command = [sys.executable, str(ROOT / "scripts" / "train_organism.py"), "--world", str(world),
+                   "--seed", str(seed), "--unsafe-fraction", str(fraction), "--threads", str(args.threads),
+                   "--output", str(folder)]
         command += ["--examples", str(args.examples)] if args.examples else []
         command += ["--epochs", str(args.epochs)] if args.epochs else []
         print(f"training {name}: {' '.join(command[1:])}", flush=True)

@@ -211,6 +211,9 @@ def test_organism_hard_resolves_in_paths_and_cli():
     assert "lookalike" not in cli.load_data("organism", "test", 9, 0).column_names
     task = cli.load_zero_shot("organism-hard", n=14)
     assert np.array_equal(np.asarray(task.images[0]), np.asarray(organism.zero_shot_task(1, world=3)[0][0]))
+    validation = cli.load_zero_shot("organism", n=2, split="validation")  # a sweep's zero-shot: never test images
+    assert np.array_equal(np.asarray(validation.images[1]),
+                          np.asarray(organism.zero_shot_task(2, split="validation")[0][1]))
     with pytest.raises(ValueError, match="world"):
         organism.load_organism(world=1)
 
