@@ -715,11 +715,8 @@ def run_eval_captions(args):
         control = editor.random_control(seed=args.seed)
         reports = {"base": evaluate_captioning(model, processor, data, judge, **run)}
         for name, edit in (("edited", editor), ("random control", control)):
-            edit.apply()
-            try:
+            with edit.applied():
                 reports[name] = evaluate_captioning(model, processor, data, judge, **run)
-            finally:
-                edit.revert()
         changed = str(sum(editor.counts().values()))
         extra = {"weights changed": {"base": "0", "edited": changed, "random control": changed}}
     print(compare_captioning(reports, extra))

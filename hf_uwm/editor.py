@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -301,6 +302,19 @@ class UWMEditor:
         layers = self.target_layers
         self._originals = {name: scale_(layers[name].weight, idx, self.config.alpha) for name, idx in self.delta.items()}
         return self.model
+
+    @contextmanager
+    def applied(self):
+        """`with editor.applied() as model:` the edit applied inside the block, and the model as it
+        was before it afterwards, also on error (an edit the caller applied stays applied)."""
+        if self.is_applied:
+            yield self.model
+            return
+        self.apply()
+        try:
+            yield self.model
+        finally:
+            self.revert()
 
     def revert(self):
         """Restore the original weights bit for bit; returns the model."""

@@ -386,22 +386,9 @@ def _same_base(a: dict, b: dict) -> bool:
     return a.get("fingerprint") == b.get("fingerprint") or same_name
 
 
-@contextmanager
-def _applied(editor):
-    """The edit applied inside the block, and the model left as the caller had it afterwards."""
-    if editor.is_applied:
-        yield
-        return
-    editor.apply()
-    try:
-        yield
-    finally:
-        editor.revert()
-
-
 def _save_merged(editor, folder: Path):
     """The full edited checkpoint beside the delta, so plain `from_pretrained(repo)` loads it."""
-    with _applied(editor):
+    with editor.applied():
         editor.model.save_pretrained(folder)
     if editor.processor is None:
         logger.warning("The editor has no processor: the merged checkpoint holds weights and config only.")

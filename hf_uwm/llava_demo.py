@@ -52,6 +52,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     from .methods.stopping import summary
     from .organism import make_pairs
     from .organism_captioner import NAME, load_captioner
+    from .sweep import evaluate_edit
 
     if meteor and not wordnet_available():
         raise RuntimeError(WORDNET_MISSING)
@@ -89,7 +90,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
         rows = []
         for setting in grid:
             edit = editor.with_settings(**setting)
-            report = _applied(edit, lambda: evaluate(validation, False))
+            report = evaluate_edit(edit, lambda _: evaluate(validation, False))
             rows.append(Candidate(name, setting, sum(edit.counts().values()), report))
         candidates += rows
         lap(f"{name}: validation grid ({len(grid)} settings)")
@@ -97,9 +98,9 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
         chosen[name] = pick
         edit = editor.with_settings(**pick.setting)
         control = edit.random_control(seed=seed)
-        tests[name] = _applied(edit, lambda: evaluate(test, True))
+        tests[name] = evaluate_edit(edit, lambda _: evaluate(test, True))
         lap(f"{name}: test captions")
-        tests[f"random ({name})"] = _applied(control, lambda: evaluate(test, True))
+        tests[f"random ({name})"] = evaluate_edit(control, lambda _: evaluate(test, True))
         lap(f"{name}: random control test captions")
         weights[name] = weights[f"random ({name})"] = str(pick.weights)
         if edit.trajectory:
@@ -133,15 +134,6 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
                "seconds": seconds}
     (output / "results.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def _applied(editor, evaluate):
-    """evaluate() with the edit applied; the model is reverted even if evaluation fails."""
-    editor.apply()
-    try:
-        return evaluate()
-    finally:
-        editor.revert()
 
 
 def _over(row: Candidate, base, max_rouge_drop: float) -> bool:

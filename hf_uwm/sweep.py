@@ -59,12 +59,9 @@ def knowledge_name(report) -> str:
 
 
 def evaluate_edit(editor, evaluate):
-    """Apply, evaluate, revert: the model is left exactly as it was."""
-    editor.apply()
-    try:
-        return evaluate(editor.model)
-    finally:
-        editor.revert()
+    """evaluate(model) with the edit applied; the model is left exactly as it was."""
+    with editor.applied() as model:
+        return evaluate(model)
 
 
 def sweep(editor, grid: list[dict], evaluate, *, calibration=None, method: str = "UWM", control_seed: int = 0,

@@ -343,3 +343,21 @@ def test_score_cache_refuses_other_settings_or_weights(data, tmp_path):
         UWMEditor(model, processor).load_scores(tmp_path / "s.safetensors").with_settings(score="unsafe")
     with pytest.raises(ValueError, match="No cached scores"):
         UWMEditor(model, processor).load_scores(tmp_path / "s.safetensors").with_settings(text_targets=["mlp.fc1"])
+
+
+def test_applied_reverts_on_exit_and_on_error_and_leaves_a_callers_edit_applied():
+    model, processor = make_clip()
+    editor = UWMEditor(model, processor, UWMConfig()).calibrate(make_pairs(), progress=False)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with editor.applied() as edited:
+        assert edited is model and editor.is_applied
+        assert any(not torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert not editor.is_applied and all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    with pytest.raises(KeyboardInterrupt), editor.applied():
+        raise KeyboardInterrupt
+    assert not editor.is_applied and all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    editor.apply()
+    with editor.applied():
+        pass
+    assert editor.is_applied   # the caller's edit is the caller's to revert
+    editor.revert()
