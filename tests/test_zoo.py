@@ -52,5 +52,8 @@ def test_zoo_reuses_organisms_caches_demos_and_writes_one_table(zoo, small, tmp_
     assert docs.read_text().count("kept text") == 1 and docs.read_text().count("zoo table: generated") == 1
     with pytest.raises(AssertionError, match="recomputed"):
         zoo.main(argv + ["--rerun", "organism"])
+    (cache / "demo-world3-seed1-unsafe0.25" / "organism.sha256").write_text("other weights")  # retrained since
+    with pytest.raises(AssertionError, match="recomputed"):
+        zoo.main(argv)
     with pytest.raises(SystemExit):
         zoo.main(argv + ["--rerun", "nobody"])
