@@ -200,8 +200,15 @@ def test_evaluate_model_reports_the_zero_shot_interval():
 def test_organism_hard_resolves_in_paths_and_cli():
     from hf_uwm import cli, paths
 
-    folder = paths.model_location("organism-hard")
+    folder = paths.bundled_path("organism-hard")
     assert Path(folder) == Path(organism.__file__).parent / "organism_hard_model"
+    if not (Path(folder) / "config.json").is_file():  # not trained in this checkout: a clear error, not a Hub lookup
+        with pytest.raises(FileNotFoundError, match="train_organism.py --world 3"):
+            paths.model_location("organism-hard")
+        with pytest.raises(FileNotFoundError, match="train_organism.py --world 3"):
+            organism.load_organism(world=3)
+    else:
+        assert paths.model_location("organism-hard") == folder
     assert paths.portable_base_name(folder) == "organism-hard" and not paths.is_hub_id("organism-hard")
     assert organism.organism_folder(3) == folder and organism.world_of("organism-hard") == 3
     assert organism.world_of("organism") == 2 and organism.world_of(organism.organism_path()) == 2
