@@ -23,7 +23,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .paths import ORGANISM, ORGANISM_HARD, ORGANISM_WORLDS, bundled_path, organism_path  # noqa: F401
+from .paths import (ORGANISM, ORGANISM_HARD, ORGANISM_WORLDS, bundled_path, model_location,  # noqa: F401
+                    organism_path)
 
 SIZE = 32
 SCALE = 4  # glyphs are drawn at 4x and box-downsampled, for anti-aliased edges
@@ -520,12 +521,7 @@ def world_of(model) -> int:
 
 def load_organism(world: int = 2):
     """A bundled organism as (model, processor), in eval mode: world 2's `organism` or world 3's `organism-hard`."""
-    from pathlib import Path
-
     from transformers import AutoModel, AutoProcessor
 
-    folder = organism_folder(world)
-    if not (Path(folder) / "config.json").is_file():  # a checkout where the world-3 model was not trained yet
-        raise FileNotFoundError(f"the bundled model of world {world} is missing from {folder}: train it with "
-                                f"`python scripts/train_organism.py --world {world}`.")
+    folder = model_location(ORGANISM if _check_world(world) == 2 else ORGANISM_HARD)  # says how to make a missing one
     return AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)

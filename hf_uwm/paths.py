@@ -64,8 +64,18 @@ def organism_path() -> str:
 
 
 def model_location(name) -> str:
-    """Where `from_pretrained` reads a model named `name`: a bundled model's folder for its name."""
-    return bundled_path(name) if name in BUNDLED else os.fspath(name)
+    """Where `from_pretrained` reads a model named `name`: a bundled model's folder for its name.
+
+    A bundled name whose folder holds no model (world 3's is trained, not shipped, until it is committed)
+    is a FileNotFoundError saying how to make it, not a Hub lookup of a path.
+    """
+    if name not in BUNDLED:
+        return os.fspath(name)
+    folder = bundled_path(name)
+    if not (Path(folder) / "config.json").is_file():
+        how = {ORGANISM_HARD: "train it with `python scripts/train_organism.py --world 3`"}.get(name, "reinstall hf_uwm")
+        raise FileNotFoundError(f"the bundled model {name!r} is missing ({folder} holds no config.json): {how}.")
+    return folder
 
 
 def portable_base_name(name) -> str | None:

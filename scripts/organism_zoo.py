@@ -8,8 +8,9 @@ For every organism (the bundled `organism` and `organism-hard`, and two more per
 and unsafe fractions, trained by scripts/train_organism.py into --cache and reused from there) it runs
 the demo protocol (`hf_uwm.demo.run`: settings chosen on that organism's validation split only, each edit
 beside a random control of the same size, measured once on test) and prints one table, written to
-docs/zoo.md with a plot (docs/zoo.png). Each organism's demo output is cached in --cache/demo-NAME/;
-an organism whose results.json is there is not recomputed unless --rerun names it.
+docs/zoo.md with a plot (docs/zoo.png). Each organism's demo output is cached in --cache/demo-NAME/,
+stamped with the hash of the weights it measured; it is reused unless --rerun names the organism or the
+weights changed (a retrained organism is measured again).
 """
 
 from __future__ import annotations
@@ -85,18 +86,30 @@ def demo_results(name: str, cache: Path, rerun: bool, threads: int) -> tuple[dic
     from hf_uwm.editor import load_model
 
     output = cache / f"demo-{name}"
-    if (output / "results.json").is_file() and not rerun:
+    folder = organism_folder(name, cache)
+    weights = _weights_hash(folder)
+    stamp = output / "organism.sha256"  # results are reused only for the very weights they were measured on
+    if (output / "results.json").is_file() and not rerun and stamp.is_file() and stamp.read_text() == weights:
         return json.loads((output / "results.json").read_text()), None
     if output.exists():
         shutil.rmtree(output)  # a rerun starts clean: no file of an older protocol is left beside the new ones
     torch.set_num_threads(threads)
-    folder = organism_folder(name, cache)
     world = organism.world_of(folder)
     model, processor = load_model(str(folder))
     start = time.perf_counter()
     # A bundled organism's delta records its portable name; a zoo folder's records no path (see paths.py).
     run(output, model=model, processor=processor, base_model=str(folder), world=world, progress=False)
+    stamp.write_text(weights)
     return json.loads((output / "results.json").read_text()), time.perf_counter() - start
+
+
+def _weights_hash(folder: Path) -> str:
+    import hashlib
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} holds no model.safetensors: train it with scripts/train_organism.py.")
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 # --- the table ------------------------------------------------------------------------------------

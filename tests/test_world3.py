@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,12 +198,17 @@ def test_evaluate_model_reports_the_zero_shot_interval():
 
 # --- the name organism-hard -----------------------------------------------------------------------
 def test_organism_hard_resolves_in_paths_and_cli():
-    from pathlib import Path
-
     from hf_uwm import cli, paths
 
-    folder = paths.model_location("organism-hard")
+    folder = paths.bundled_path("organism-hard")
     assert Path(folder) == Path(organism.__file__).parent / "organism_hard_model"
+    if not (Path(folder) / "config.json").is_file():  # not trained in this checkout: a clear error, not a Hub lookup
+        with pytest.raises(FileNotFoundError, match="train_organism.py --world 3"):
+            paths.model_location("organism-hard")
+        with pytest.raises(FileNotFoundError, match="train_organism.py --world 3"):
+            organism.load_organism(world=3)
+    else:
+        assert paths.model_location("organism-hard") == folder
     assert paths.portable_base_name(folder) == "organism-hard" and not paths.is_hub_id("organism-hard")
     assert organism.organism_folder(3) == folder and organism.world_of("organism-hard") == 3
     assert organism.world_of("organism") == 2 and organism.world_of(organism.organism_path()) == 2
@@ -227,6 +233,8 @@ def test_world_of_a_model_folder_reads_its_training_record(tmp_path):
     assert organism.world_of(tmp_path / "elsewhere") == 2
 
 
+@pytest.mark.skipif(not (Path(organism.organism_folder(3)) / "config.json").is_file(),
+                    reason="organism-hard is not trained in this checkout: python scripts/train_organism.py --world 3")
 def test_bundled_organism_hard_knows_its_world():
     from hf_uwm.evaluation import ZeroShotTask, zero_shot_accuracy
 

@@ -50,6 +50,9 @@ def test_zoo_reuses_organisms_caches_demos_and_writes_one_table(zoo, small, tmp_
     monkeypatch.setattr(demo, "run", no_demo)
     zoo.main(argv)  # every result from the cache: cheap to rerun for the table
     assert docs.read_text().count("kept text") == 1 and docs.read_text().count("zoo table: generated") == 1
+    (cache / "demo-world3-seed1-unsafe0.25" / "organism.sha256").write_text("other weights")  # retrained since
+    with pytest.raises(AssertionError, match="recomputed"):
+        zoo.main(argv)  # organism (first) comes from the cache; the retrained one is measured again
     with pytest.raises(AssertionError, match="recomputed"):
         zoo.main(argv + ["--rerun", "organism"])
     with pytest.raises(SystemExit):
