@@ -78,8 +78,9 @@ MUTANTS = [
     Mutant("curvature never refreshed after round 1", "hf_uwm/methods/iterative.py",
            "(round_index - 1) % cfg.curvature_every == 0", "round_index == 1", (T_STOPPING,)),
     Mutant("probe gradients squared before they are summed", "hf_uwm/methods/iterative.py",
-           "sum(totals[i].square() for totals in curvature_sums) / probes",
-           "sum(totals[i] for totals in curvature_sums).square() / probes", (T_ITERATIVE,)),
+           "sum(totals[i].square() for totals in self.probe_sums) / self.probes",
+           "sum(totals[i] for totals in self.probe_sums).square() / self.probes",
+           (T_ITERATIVE, "tests/test_caption_iterative.py")),
     # --- scoring: the statistics of one layer ---------------------------------------------------
     Mutant("token norm without the mean term", "hf_uwm/scoring.py",
            "norm = (squares + tokens * mean.square()).sqrt()", "norm = squares.sqrt()", (LITERAL,)),

@@ -32,10 +32,10 @@ import re
 
 import torch
 
-from .base import Calibration, all_reduce_
+from .base import Calibration
 from .caption_attribution import _MarginInputs, caption_margin
-from .gradients import accumulation_dtype, gradients_on
-from .iterative import IterativeEdit, guarded_scores, probe_directions
+from .gradients import gradients_on
+from .iterative import IterativeEdit, RoundSums, guarded_scores, probe_directions
 
 
 MAX_TOKENS = 4096   # probe coordinates drawn per pair: one per token position of prompt and caption
@@ -111,41 +111,25 @@ def margin_and_fisher(editor, run: Calibration, round_index: int):
     from ..captioning import token_log_likelihoods
 
     cfg = editor.config
-    weights = [layer.weight for layer in editor.target_layers.values()]
-    names = list(editor.target_layers)
-    fresh = cfg.curvature_weight > 0 and (round_index - 1) % cfg.curvature_every == 0
-    probes = cfg.curvature_probes if fresh else 0
-    margin = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
-    curvature_sums = [[torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights] for _ in range(probes)]
+    sums = RoundSums(editor, run, round_index)
     # One preprocessing for every round (the kept batches replay it), with the safe images whenever
     # some round needs the curvature.
     preprocess = _RoundInputs(editor.processor, cfg.extra.get("prompt"), cfg.curvature_weight > 0)
-    with gradients_on(editor.model, weights):
+    with gradients_on(editor.model, sums.weights):
         for _, rows, (margin_inputs, safe_inputs) in run.batches(preprocess, f"round {round_index}", leave=False,
                                                                  keep=True):
             with run.autocast():
-                m = caption_margin(editor.model, margin_inputs, len(rows)) / len(run.dataset)
-            for total, grad in zip(margin, torch.autograd.grad(m, weights)):
-                total += grad
-            if not probes:
+                m = caption_margin(editor.model, margin_inputs, len(rows))
+            sums.add_margin(m, keep_graph=False)
+            if not sums.probes:
                 continue
             with run.autocast():
                 ll = token_log_likelihoods(editor.model, safe_inputs)                        # (B, T)
             if ll.shape[1] > MAX_TOKENS:
                 raise ValueError(f"A safe caption runs past {MAX_TOKENS} tokens with its prompt: shorten it.")
-            directions = probe_directions(cfg.seed, round_index, rows, probes, MAX_TOKENS)[..., :ll.shape[1]]
-            for p, totals in enumerate(curvature_sums):
-                grads = torch.autograd.grad(ll, weights, grad_outputs=directions[p].to(ll),
-                                            retain_graph=p + 1 < probes)
-                for total, grad in zip(totals, grads):
-                    total += grad
-    all_reduce_(margin + [t for totals in curvature_sums for t in totals])
-    if cfg.curvature_weight == 0:
-        return dict(zip(names, margin)), None
-    if fresh:
-        run.curvature = dict(zip(names, [sum(totals[i].square() for totals in curvature_sums) / probes
-                                         for i in range(len(weights))]))
-    return dict(zip(names, margin)), run.curvature
+            directions = probe_directions(cfg.seed, round_index, rows, sums.probes, MAX_TOKENS)[..., :ll.shape[1]]
+            sums.add_probes(ll, directions)
+    return sums.result()
 
 
 class _RoundInputs:

@@ -280,15 +280,10 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
     rounds, and reused in between (kept on the run).
     """
     cfg, adapter = editor.config, editor.adapter
-    weights = [layer.weight for layer in editor.target_layers.values()]
-    names = list(editor.target_layers)
-    fresh = cfg.curvature_weight > 0 and (round_index - 1) % cfg.curvature_every == 0
-    probes = cfg.curvature_probes if fresh else 0
-    margin = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights]
-    curvature_sums = [[torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in weights] for _ in range(probes)]
+    sums = RoundSums(editor, run, round_index)
     images = _fixed_images(editor, run)
     preprocess = run.preprocess("text") if images is not None else pair_preprocess(run)
-    with gradients_on(editor.model, weights):
+    with gradients_on(editor.model, sums.weights):
         for i, rows, inputs in run.batches(preprocess, f"round {round_index}", leave=False, keep=True):
             b = len(rows)
             with run.autocast():
@@ -297,25 +292,58 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
                     batch_images = adapter.embed_images(adapter.to_device(inputs[1]))         # (2B, D)
                 else:
                     texts, batch_images = adapter.embed_text(adapter.to_device(inputs)), images[i]
-            m = preference_margin(texts[:b], texts[b:], batch_images[:b], batch_images[b:]) / len(run.dataset)
-            for total, grad in zip(margin, torch.autograd.grad(m, weights, retain_graph=probes > 0)):
-                total += grad
-            if probes:
+            sums.add_margin(preference_margin(texts[:b], texts[b:], batch_images[:b], batch_images[b:]),
+                            keep_graph=sums.probes > 0)
+            if sums.probes:
                 safe = texts[:b]                                                              # (B, D)
-                directions = probe_directions(cfg.seed, round_index, rows, probes, safe.shape[-1])  # (P, B, D)
-                # One backward per probe: on CPU a loop is ~1.5x faster than is_grads_batched (measured).
-                for p, totals in enumerate(curvature_sums):
-                    grads = torch.autograd.grad(safe, weights, grad_outputs=directions[p].to(safe),
-                                                retain_graph=p + 1 < probes)
-                    for total, grad in zip(totals, grads):
-                        total += grad
-    all_reduce_(margin + [t for totals in curvature_sums for t in totals])
-    if cfg.curvature_weight == 0:
-        return dict(zip(names, margin)), None
-    if fresh:
-        run.curvature = dict(zip(names, [sum(totals[i].square() for totals in curvature_sums) / probes
-                                         for i in range(len(weights))]))
-    return dict(zip(names, margin)), run.curvature
+                sums.add_probes(safe, probe_directions(cfg.seed, round_index, rows, sums.probes, safe.shape[-1]))
+    return sums.result()
+
+
+class RoundSums:
+    """What one round of an iterative method sums over its batches (and processes): g = ∂m/∂W, and in
+    a round that refreshes the curvature one gradient per probe, squared and averaged at the end.
+    Sums are float32 or better; the margin of a batch is divided by the number of pairs here."""
+
+    def __init__(self, editor, run: Calibration, round_index: int):
+        cfg = editor.config
+        self.run, self.curvature_on = run, cfg.curvature_weight > 0
+        self.weights = [layer.weight for layer in editor.target_layers.values()]
+        self.names = list(editor.target_layers)
+        fresh = self.curvature_on and (round_index - 1) % cfg.curvature_every == 0
+        self.probes = cfg.curvature_probes if fresh else 0
+        self.margin = [torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in self.weights]
+        self.probe_sums = [[torch.zeros_like(w, dtype=accumulation_dtype(w)) for w in self.weights]
+                           for _ in range(self.probes)]
+
+    def add_margin(self, batch_margin: torch.Tensor, keep_graph: bool):
+        """Add ∂(batch margin / N)/∂W; `keep_graph` when the probes backpropagate through it next."""
+        grads = torch.autograd.grad(batch_margin / len(self.run.dataset), self.weights, retain_graph=keep_graph)
+        for total, grad in zip(self.margin, grads):
+            total += grad
+
+    def add_probes(self, output: torch.Tensor, directions: torch.Tensor):
+        """Add ∂(Σ directions[p] · output)/∂W for every probe p; directions (P, *output.shape).
+
+        One backward per probe: on CPU a loop is ~1.5x faster than `is_grads_batched` (measured)."""
+        for p, totals in enumerate(self.probe_sums):
+            grads = torch.autograd.grad(output, self.weights, grad_outputs=directions[p].to(output),
+                                        retain_graph=p + 1 < self.probes)
+            for total, grad in zip(totals, grads):
+                total += grad
+
+    def result(self):
+        """(g, G) per layer, summed over processes; G the fresh estimate (kept on the run), the one
+        kept since the last refresh, or None when curvature_weight = 0."""
+        all_reduce_(self.margin + [t for totals in self.probe_sums for t in totals])
+        margin = dict(zip(self.names, self.margin))
+        if not self.curvature_on:
+            return margin, None
+        if self.probes:
+            squares = [sum(totals[i].square() for totals in self.probe_sums) / self.probes
+                       for i in range(len(self.weights))]
+            self.run.curvature = dict(zip(self.names, squares))
+        return margin, self.run.curvature
 
 
 def _fixed_images(editor, run: Calibration) -> list | None:
