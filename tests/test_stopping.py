@@ -180,11 +180,10 @@ def test_calibration_stops_by_the_rule_and_records_why(counted_cost, clip, data)
         stopped.with_settings(knowledge_budget=5.0)
 
 
-def test_a_resumed_run_stops_at_the_same_round(tmp_path, monkeypatch, counted_cost, clip, data):
-    model, processor = clip
-    cfg, first = self_setting(goal=None, knowledge_budget=3.5), 3
-    reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
-    original, rounds_run = IterativeAttribution.round_scores, []
+def killed_in_round_2_and_resumed(monkeypatch, checkpoint_dir, clip, data, cfg, rounds_run: list):
+    """A calibration killed as its round 2 starts, then started again on the same checkpoint; the
+    rounds each started are appended to `rounds_run`."""
+    original = IterativeAttribution.round_scores
 
     def dying(self, editor, run, round_index):
         rounds_run.append(round_index)
@@ -194,8 +193,16 @@ def test_a_resumed_run_stops_at_the_same_round(tmp_path, monkeypatch, counted_co
 
     monkeypatch.setattr(IterativeAttribution, "round_scores", dying)
     with pytest.raises(KeyboardInterrupt):
-        UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
-    resumed = UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+        UWMEditor(*clip, cfg).calibrate(data, progress=False, checkpoint_dir=checkpoint_dir)
+    return UWMEditor(*clip, cfg).calibrate(data, progress=False, checkpoint_dir=checkpoint_dir)
+
+
+def test_a_resumed_run_stops_at_the_same_round(tmp_path, monkeypatch, counted_cost, clip, data):
+    model, processor = clip
+    cfg, first = self_setting(goal=None, knowledge_budget=3.5), 3
+    reference = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
+    rounds_run = []
+    resumed = killed_in_round_2_and_resumed(monkeypatch, tmp_path, clip, data, cfg, rounds_run)
     assert rounds_run == [1, 2, 2, 3, 4]          # round 4 crossed the budget
     assert resumed.stop == reference.stop == (first, BUDGET_REACHED)
     assert [s.to_dict() for s in resumed.trajectory] == [s.to_dict() for s in reference.trajectory]
@@ -273,16 +280,5 @@ def test_a_curvature_kept_between_refreshes_equals_its_first_estimate_and_surviv
     every.calibrate(data, progress=False)
     assert all(torch.equal(reference.scores[n] == 1, every.scores[n] == 1) for n in every.scores)   # round 1 alike
     assert any(not torch.equal(reference.scores[n], every.scores[n]) for n in every.scores)   # then reused
-    original_round = IterativeAttribution.round_scores
-
-    def dying(self, editor, run, round_index):
-        if round_index == 2 and not hasattr(dying, "done"):
-            dying.done = True
-            raise KeyboardInterrupt
-        return original_round(self, editor, run, round_index)
-
-    monkeypatch.setattr(IterativeAttribution, "round_scores", dying)
-    with pytest.raises(KeyboardInterrupt):
-        UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
-    resumed = UWMEditor(model, processor, cfg).calibrate(data, progress=False, checkpoint_dir=tmp_path)
+    resumed = killed_in_round_2_and_resumed(monkeypatch, tmp_path, clip, data, cfg, [])
     assert all(torch.equal(resumed.scores[n], reference.scores[n]) for n in reference.scores)

@@ -12,12 +12,7 @@ from hf_uwm import organism
 from hf_uwm.evaluation import QuadrupleEmbeddings, lookalike_preservation, subset_safeground, zero_shot_interval
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_evaluation import one_torch_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
 
 
 def _words(text):
