@@ -300,7 +300,8 @@ class UWMEditor:
                                "(with alpha=-1 it would undo it). Call revert() first.")
         self.check_base()
         layers = self.target_layers
-        self._originals = {name: scale_(layers[name].weight, idx, self.config.alpha) for name, idx in self.delta.items()}
+        self._originals = {name: scale_(layers[name].weight, idx, self.config.alpha)
+                           for name, idx in self.delta.items()}
         return self.model
 
     @contextmanager
