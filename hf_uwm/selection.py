@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -97,6 +98,12 @@ def select_shared(scores: dict[str, torch.Tensor], select) -> dict[str, torch.Te
         delta[name] = joint[(joint >= start) & (joint < stop)] - start
         start = stop
     return delta
+
+
+def keyed_generator(key: str) -> torch.Generator:
+    """A generator seeded by a hash of `key`: the same draws for the same key on every process and run."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def layer_generator(seed: int, layer_index: int) -> torch.Generator:

@@ -21,14 +21,13 @@ restoring, checkpoints, the trajectory and the stopping rule of `stopping.py`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
 import torch
 from tqdm.auto import tqdm
 
-from ..selection import select_shared, select_top
+from ..selection import keyed_generator, select_shared, select_top
 from .attribution import preference_margin
 from .base import Calibration, Method, all_reduce_, broadcast_from_main, read_checkpoint, save_checkpoint, scale_
 from .gradients import accumulation_dtype, cosine, gradients_on, pair_preprocess
@@ -362,8 +361,5 @@ def _fixed_images(editor, run: Calibration) -> list | None:
 def probe_directions(seed: int, round_index: int, rows: list[int], count: int, dim: int) -> torch.Tensor:
     """r ~ N(0, I) of shape (count, len(rows), dim): drawn per calibration row and round, so the
     estimate does not depend on the batch size or on how the rows are split over processes."""
-    def generator(row):
-        digest = hashlib.sha256(f"hf_uwm.probes/{seed}/{round_index}/{row}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-    return torch.stack([torch.randn(count, dim, generator=generator(row)) for row in rows], 1)
+    return torch.stack([torch.randn(count, dim, generator=keyed_generator(f"hf_uwm.probes/{seed}/{round_index}/{row}"))
+                        for row in rows], 1)

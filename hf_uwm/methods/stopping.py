@@ -15,7 +15,6 @@ unedited model (round 0).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 
 GOAL_REACHED = "goal reached"
@@ -78,8 +77,9 @@ def holdout_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[in
     if count and count >= n:
         raise ValueError(f"Holding out {count} of {n} calibration pairs leaves none for the gradients: give more "
                          "pairs or a smaller holdout.")
-    digest = hashlib.sha256(f"hf_uwm.holdout/{seed}".encode()).digest()
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
+    from ..selection import keyed_generator
+
+    order = torch.randperm(n, generator=keyed_generator(f"hf_uwm.holdout/{seed}"))
     held = sorted(order[:count].tolist())
     kept = sorted(order[count:].tolist())
     return kept, held
