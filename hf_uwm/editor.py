@@ -19,7 +19,7 @@ from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read
 from .hub import push_edit, render_card, resolve_delta_folder
 from .methods import Calibration, Method, method_for
 from .methods.base import broadcast_from_main, scale_
-from .methods.stopping import Step
+from .methods.stopping import Step, from_records, to_records
 from .paths import check_local, model_location, portable_base_name
 from .selection import layer_generator, select_random
 
@@ -134,7 +134,7 @@ class UWMEditor:
                              f"this {type(self.model).__name__} has; apply it to its base model "
                              f"{record['base_model']!r}.")
         self.delta, self.fingerprint = indices, record["fingerprint"]
-        self.trajectory = [Step.from_dict(s) for s in record["trajectory"]] if record.get("trajectory") else None
+        self.trajectory = from_records(record.get("trajectory"))
         self._recorded_stop = record.get("stop")
         self.check_base()  # before anyone spends time evaluating or calibrating the wrong model
 
@@ -248,7 +248,7 @@ class UWMEditor:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "hf_uwm.scores", "config": self.config.to_json_string(), "fingerprint": self.fingerprint,
                 "model_class": type(self.model).__name__,
-                **({"trajectory": json.dumps([s.to_dict() for s in self.trajectory])} if self.trajectory else {})}
+                **({"trajectory": json.dumps(to_records(self.trajectory))} if self.trajectory else {})}
         save_file_atomic(self.scores, path, meta)
         return path
 
@@ -272,8 +272,7 @@ class UWMEditor:
         if meta.get("fingerprint") != fingerprint(self.target_layers):
             raise ValueError(f"The cached scores in {path} belong to other model weights.")
         self.scores, self.fingerprint = scores, meta["fingerprint"]
-        self.trajectory = ([Step.from_dict(s) for s in json.loads(meta["trajectory"])] if "trajectory" in meta
-                           else None)
+        self.trajectory = from_records(json.loads(meta.get("trajectory", "[]")))
         self.delta = self.select()
         return self
 
@@ -380,7 +379,7 @@ class UWMEditor:
         record = {"stop": self._recorded_stop if stop is None else
                   {"rounds": stop[0], "reason": stop[1], "max_rounds": self.config.rounds}}
         if self.trajectory:
-            record["trajectory"] = [step.to_dict() for step in self.trajectory]
+            record["trajectory"] = to_records(self.trajectory)
         return record
 
     def save_pretrained(self, save_directory: str | Path, report=None, *, is_main_process: bool = True,

@@ -49,7 +49,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     from .captioning import (WORDNET_MISSING, compare_captioning, evaluate_captioning, exact_organism_judge,
                              meteor_note, wordnet_available)
     from .editor import UWMEditor
-    from .methods.stopping import summary
+    from .methods.stopping import summary, to_records
     from .organism import make_pairs
     from .organism_captioner import NAME, load_captioner
     from .sweep import evaluate_edit
@@ -104,7 +104,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
         lap(f"{name}: random control test captions")
         weights[name] = weights[f"random ({name})"] = str(pick.weights)
         if edit.trajectory:
-            stops[name] = {"stop": list(edit.stop), "trajectory": [step.to_dict() for step in edit.trajectory]}
+            stops[name] = {"stop": list(edit.stop), "trajectory": to_records(edit.trajectory)}
         edit.save_pretrained(Path(output) / folder)
     total = sum(layer.weight.numel() for layer in editor.target_layers.values())
 

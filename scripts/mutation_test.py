@@ -68,7 +68,7 @@ MUTANTS = [
            "train = run.subset(kept_rows) if held_rows else run", "train = run",
            (f"{T_STOPPING}::test_the_held_out_slice_never_enters_a_backward_pass",)),
     Mutant("trajectory lost on resume", "hf_uwm/methods/iterative.py",
-           'steps = [Step.from_dict(s) for s in json.loads(meta.get("trajectory", "[]"))]', "steps = []",
+           'steps = from_records(json.loads(meta.get("trajectory", "[]"))) or []', "steps = []",
            (f"{T_STOPPING}::test_a_resumed_run_stops_at_the_same_round",)),
     Mutant("knowledge cost from the captions' side", "hf_uwm/methods/iterative.py",
            '100 - measures["agreement"], measures', '100 - measures["agreement_text"], measures', (T_STOPPING,)),

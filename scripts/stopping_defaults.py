@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
 from hf_uwm.evaluation import ZeroShotTask, evaluate_model  # noqa: E402
-from hf_uwm.methods.stopping import Step, stopping_round  # noqa: E402
+from hf_uwm.methods.stopping import Step, from_records, stopping_round, to_records  # noqa: E402
 
 # Knowledge measures of the slice, as points lost against round 0 (higher = more lost).
 MEASURES = {
@@ -90,11 +90,11 @@ def trajectory_of(model_name: str, args) -> dict:
               f"agreement {editor.trajectory[r].measures['agreement']:.1f}  | validation GS {per_round[-1]['GS']:5.1f}"
               f"  zero-shot {report.zero_shot:.1f}", flush=True)
     return {"model": model_name, "calibrate_cpu_s": calibrate_s,
-            "trajectory": [s.to_dict() for s in editor.trajectory], "validation": per_round}
+            "trajectory": to_records(editor.trajectory), "validation": per_round}
 
 
 def replay(run: dict, measure: str, goal, budget) -> tuple[int, str | None]:
-    steps = [Step.from_dict(s) for s in run["trajectory"]]
+    steps = from_records(run["trajectory"])
     base = steps[0]
     costed = [Step(s.round, s.goal, MEASURES[measure](s, base), s.flipped, s.measures) for s in steps]
     return stopping_round(costed, goal, budget, len(steps) - 1)
@@ -125,7 +125,7 @@ def plot(runs: list[dict], path: Path):
 
     fig, axes = plt.subplots(1, len(MEASURES) + 1, figsize=(4.2 * (len(MEASURES) + 1), 3.8))
     for run in runs:
-        steps = [Step.from_dict(s) for s in run["trajectory"]]
+        steps = from_records(run["trajectory"])
         drops = [run["validation"][0]["zero_shot"] - v["zero_shot"] for v in run["validation"]]
         label = Path(run["model"]).name
         for ax, (name, fn) in zip(axes, MEASURES.items()):

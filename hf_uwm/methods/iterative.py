@@ -31,7 +31,7 @@ from ..selection import keyed_generator, select_shared, select_top
 from .attribution import preference_margin
 from .base import Calibration, Method, all_reduce_, broadcast_from_main, read_checkpoint, save_checkpoint, scale_
 from .gradients import accumulation_dtype, cosine, gradients_on, pair_preprocess
-from .stopping import Step, holdout_rows, stopping_round
+from .stopping import Step, from_records, holdout_rows, stopping_round, to_records
 
 
 class IterativeEdit(Method):
@@ -114,7 +114,7 @@ class IterativeEdit(Method):
                     kept_state = {f"curvature/{n}": c for n, c in (train.curvature or {}).items()
                                   if cfg.curvature_every > 1}
                     save_checkpoint(path, key, {**flipped, **kept_state}, rounds_done=r,
-                                    trajectory=json.dumps([s.to_dict() for s in trajectory or []]))
+                                    trajectory=json.dumps(to_records(trajectory)))
         finally:
             with torch.no_grad():
                 for name, w in weights.items():
@@ -148,7 +148,7 @@ class IterativeEdit(Method):
         for name, f in flipped.items():
             restored = tensors[name].to(f.device)   # the round of each weight's flip
             f.copy_(torch.where(restored <= done, restored, 0))
-        steps = [Step.from_dict(s) for s in json.loads(meta.get("trajectory", "[]"))]
+        steps = from_records(json.loads(meta.get("trajectory", "[]"))) or []
         return done, [s for s in steps if s.round <= done] or None
 
     def _choose(self, editor, run: Calibration, round_index: int, flipped) -> dict[str, torch.Tensor]:

@@ -40,6 +40,16 @@ class Step:
         return cls(**data)
 
 
+def to_records(trajectory: list[Step] | None) -> list[dict]:
+    """The trajectory as JSON-ready dicts, round 0 first ([] for none)."""
+    return [step.to_dict() for step in trajectory or []]
+
+
+def from_records(records: list[dict] | None) -> list[Step] | None:
+    """The `Step`s of `to_records` back (None when there are none)."""
+    return [Step.from_dict(record) for record in records] if records else None
+
+
 def stopping_round(trajectory: list[Step], goal: float | None, knowledge_budget: float | None,
                    max_rounds: int) -> tuple[int, str | None]:
     """(rounds to keep, reason) for a trajectory; reason None means the trajectory has not stopped yet.

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_clip, make_pairs  # noqa: E402
 
 from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
+from hf_uwm.methods.stopping import to_records  # noqa: E402
 
 
 def main(out: str, config_json: str):
@@ -24,7 +25,7 @@ def main(out: str, config_json: str):
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items()), "model left edited"
     tensors = {f"score/{k}": v for k, v in editor.scores.items()}
     tensors.update({f"delta/{k}": v for k, v in editor.delta.items()})
-    stop = {"stop": json.dumps(editor.stop), "trajectory": json.dumps([s.to_dict() for s in editor.trajectory or []])}
+    stop = {"stop": json.dumps(editor.stop), "trajectory": json.dumps(to_records(editor.trajectory))}
     save_file(tensors, f"{out}.rank{state.process_index}.safetensors",
               metadata={"processes": str(state.num_processes), **stop})
 
