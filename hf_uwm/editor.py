@@ -50,7 +50,6 @@ class UWMEditor:
         self.delta: dict[str, torch.Tensor] = {}
         self.fingerprint: str | None = None
         self._originals: dict[str, torch.Tensor] | None = None
-        self._recorded_stop: dict | None = None   # a loaded delta's `stop` (it carries no scores)
 
     # --- configuration ---------------------------------------------------------------------
     def _resolved(self, config: UWMConfig) -> UWMConfig:
@@ -135,7 +134,6 @@ class UWMEditor:
                              f"{record['base_model']!r}.")
         self.delta, self.fingerprint = indices, record["fingerprint"]
         self.trajectory = from_records(record.get("trajectory"))
-        self._recorded_stop = record.get("stop")
         self.check_base()  # before anyone spends time evaluating or calibrating the wrong model
 
     # --- calibration ---------------------------------------------------------------------------
@@ -201,9 +199,10 @@ class UWMEditor:
 
     @property
     def stop(self) -> tuple[int, str | None] | None:
-        """(rounds kept, why the edit stopped) for a method that edits in rounds, else None."""
+        """(rounds kept, why the edit stopped) for a method that edits in rounds, else None; from the
+        scores and trajectory of a calibration, or the config and trajectory of a loaded delta."""
         kept_rounds = getattr(self.method, "kept_rounds", None)
-        if kept_rounds is None or not self.scores:
+        if kept_rounds is None or not (self.scores or self.delta):
             return None
         return kept_rounds(self.scores, self.config, self.trajectory)
 
@@ -374,10 +373,9 @@ class UWMEditor:
     def _stop_record(self) -> dict:
         """`trajectory` (the held-out measures per round) and `stop` of a method that edits in rounds."""
         stop = self.stop
-        if stop is None and self._recorded_stop is None:
+        if stop is None:
             return {}
-        record = {"stop": self._recorded_stop if stop is None else
-                  {"rounds": stop[0], "reason": stop[1], "max_rounds": self.config.rounds}}
+        record = {"stop": {"rounds": stop[0], "reason": stop[1], "max_rounds": self.config.rounds}}
         if self.trajectory:
             record["trajectory"] = to_records(self.trajectory)
         return record

@@ -237,6 +237,7 @@ def test_fewer_rounds_reselect_a_prefix_and_the_delta_saves_applies_and_reverts(
     before = state_of(model)
     editor.save_pretrained(tmp_path / "delta")
     loaded = UWMEditor.from_pretrained(tmp_path / "delta", model=model, processor=processor)
+    assert loaded.stop == editor.stop == (3, None)        # no stopping rule: every round of the config
     loaded.apply()
     for name, layer in loaded.target_layers.items():
         flat, original = layer.weight.detach().view(-1), before[name + ".weight"].view(-1)

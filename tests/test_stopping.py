@@ -225,6 +225,7 @@ def test_the_trajectory_and_the_stop_travel_with_the_delta(tmp_path, clip, data)
     assert "stopped after 2 of 2 rounds: maximum rounds reached" in card
     loaded = UWMEditor.from_pretrained(tmp_path / "delta", model=model, processor=processor)
     assert [s.to_dict() for s in loaded.trajectory] == [s.to_dict() for s in editor.trajectory]
+    assert loaded.stop == editor.stop == (2, MAX_ROUNDS)   # read from its config and trajectory
     loaded.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "uwm_config.json").read_text())["stop"] == record["stop"]
     # the score cache keeps the trajectory, so a new budget re-selects after loading it

@@ -64,9 +64,11 @@ class IterativeEdit(Method):
         return {name: ((s.flatten() > 0) & (s.flatten() <= kept)).nonzero().squeeze(1) for name, s in scores.items()}
 
     def kept_rounds(self, scores, config, trajectory) -> tuple[int, str | None]:
-        """(rounds kept, why it stopped): by the stopping rule when a trajectory was recorded, else `rounds`."""
-        calibrated = max(int(s.max()) for s in scores.values())
+        """(rounds kept, why it stopped): by the stopping rule when a trajectory was recorded, else `rounds`.
+
+        `scores` may be empty (a loaded delta): then `rounds` is not checked against the calibration."""
         if trajectory is None:
+            calibrated = max((int(s.max()) for s in scores.values()), default=config.rounds)
             if config.rounds > calibrated:
                 raise ValueError(f"rounds={config.rounds} but only {calibrated} rounds were calibrated: calibrate "
                                  "again with more rounds (a checkpoint_dir lets a run continue where it stopped).")
