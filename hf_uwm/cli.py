@@ -393,7 +393,7 @@ def run_edit(args):
     editor.calibrate(data, progress=not args.quiet, checkpoint_dir=args.checkpoint_dir)
     folder = editor.save_pretrained(args.output, overwrite=args.overwrite)
     print(f"saved the delta to {folder}: {edit_summary(editor)}")
-    if getattr(editor, "trajectory", None):
+    if editor.trajectory:
         from .delta import TRAJECTORY_NAME
         from .methods.stopping import plot_trajectory
 
@@ -418,13 +418,10 @@ def edit_summary(editor) -> str:
     """One line of what the calibration chose, in the method's own terms (no τ where the method has none)."""
     config, counts = editor.config, editor.counts()
     weights = f"{sum(counts.values()):,} weights ({', '.join(f'{t} {n:,}' for t, n in counts.items())})"
-    if getattr(editor, "stop", None) is not None:
+    if editor.stop is not None:
         from .methods.stopping import summary
 
-        kept, reason = editor.stop
-        return f"{config.score}, {summary(kept, reason, config.rounds)}; {weights} flipped"
-    if config.score == "iterative_attribution":
-        return f"{config.score}, {config.rounds} rounds of {config.round_density:g}; {weights} flipped"
+        return f"{config.score}, {summary(*editor.stop, config.rounds)}; {weights} flipped"
     strength = f"density={config.density:g}" if config.selection == "fixed" else f"τ={config.tau:g}"
     return f"{config.score}, {strength}, α={config.alpha:g}; {weights} selected"
 
