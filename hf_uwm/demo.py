@@ -83,7 +83,7 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
 
     from . import sweep as sw
     from .editor import UWMEditor
-    from .evaluation import ZeroShotTask, evaluate_model
+    from .evaluation import ZeroShotTask, embed_quadruples, evaluate_model
     from .organism import HELD_OUT, load_organism, make_pairs, organism_folder, zero_shot_task
 
     output = check_output(output)
@@ -102,10 +102,12 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
                               seed=seed, progress=False)
 
     def on_test(m, name):
-        if world == 3:
-            extras[name] = hard_world_numbers(m, processor, test, seed=seed)
+        embeddings = None
+        if world == 3:   # the subsets' numbers come from the same embeddings as the report's
+            embeddings = embed_quadruples(m, processor, test, progress=False)
+            extras[name] = hard_world_numbers(embeddings, test, seed=seed)
         return evaluate_model(m, processor, test, zero_shot=test_zero_shot, bootstrap=BOOTSTRAP, seed=seed,
-                              progress=False)
+                              progress=False, embeddings=embeddings)
 
     base_validation = on_validation(model)
     tests = {"base": on_test(model, "base")}
@@ -169,14 +171,13 @@ HARD_COLUMNS = ("GS seen", "GS held-out", "GS paraphrased")  # each with its boo
 LOOKALIKE_COLUMNS = ("look-alike R@1 Is->Ts", "look-alike prefers own caption")
 
 
-def hard_world_numbers(model, processor, test, *, seed: int = 0) -> dict:
+def hard_world_numbers(embeddings, test, *, seed: int = 0) -> dict:
     """World 3's test numbers beyond SafeGround, percent: GS on the concepts calibration saw and on the
     held-out ones, GS on captions said with the held-out synonyms (each with its interval), and
-    look-alike preservation (`evaluation.lookalike_preservation`)."""
-    from .evaluation import embed_quadruples, lookalike_preservation, subset_safeground
+    look-alike preservation (`evaluation.lookalike_preservation`), from the test quadruples' `embeddings`."""
+    from .evaluation import lookalike_preservation, subset_safeground
     from .organism import HELD_OUT
 
-    embeddings = embed_quadruples(model, processor, test, progress=False)
     held_out = [concept in HELD_OUT for concept in test["concept"]]
     subsets = {"GS seen": [not h for h in held_out], "GS held-out": held_out,
                "GS paraphrased": list(test["paraphrased"])}

@@ -359,11 +359,14 @@ def zero_shot_correct(model, processor, task: ZeroShotTask, *, batch_size: int =
 
 # --- the pipeline ----------------------------------------------------------------------------
 def evaluate_model(model, processor, dataset, *, zero_shot: ZeroShotTask | None = None, batch_size: int = 64,
-                   bootstrap: int = 1000, seed: int | None = 0, progress: bool = True) -> EvaluationReport:
+                   bootstrap: int = 1000, seed: int | None = 0, progress: bool = True,
+                   embeddings: QuadrupleEmbeddings | None = None) -> EvaluationReport:
     """SafeGround (with bootstrap CIs), retrieval recall and optional zero-shot accuracy of one model.
 
     `dataset` is a `datasets.Dataset` (or dict of columns) with safe_text, unsafe_text, safe_image,
-    unsafe_image; it is validated before any model work.
+    unsafe_image; it is validated before any model work. `embeddings`: its quadruples as
+    `embed_quadruples(model, processor, dataset)` already gave them (a caller that also reports
+    subsets of them), so they are not embedded again.
     """
     from .metrics.safeground.safeground_core import check_bootstrap_args, compute_safeground
 
@@ -371,7 +374,8 @@ def evaluate_model(model, processor, dataset, *, zero_shot: ZeroShotTask | None 
     if zero_shot is not None and not isinstance(zero_shot, ZeroShotTask):
         raise TypeError(f"zero_shot must be a ZeroShotTask(images, labels, class_names) or None, "
                         f"got {type(zero_shot).__name__}.")
-    embeddings = embed_quadruples(model, processor, dataset, batch_size=batch_size, progress=progress)  # validates
+    if embeddings is None:
+        embeddings = embed_quadruples(model, processor, dataset, batch_size=batch_size, progress=progress)  # validates
     similarities = {name: s.numpy() for name, s in embeddings.similarities().items()}
     safeground = compute_safeground(**similarities, bootstrap=bootstrap, seed=seed)
     intervals = safeground.pop("confidence_intervals", {})

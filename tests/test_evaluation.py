@@ -358,3 +358,15 @@ def test_import_needs_neither_evaluate_nor_datasets():
             "print(sorted(m for m in ('evaluate', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_embeddings_given_to_evaluate_model_are_not_computed_again(monkeypatch):
+    import hf_uwm.evaluation as evaluation
+
+    model, processor = make_clip()
+    dataset = make_pairs(6)
+    embeddings = embed_quadruples(model, processor, dataset, progress=False)
+    reference = evaluate_model(model, processor, dataset, bootstrap=50, progress=False)
+    monkeypatch.setattr(evaluation, "embed_quadruples", lambda *a, **k: pytest.fail("embedded again"))
+    given = evaluate_model(model, processor, dataset, bootstrap=50, progress=False, embeddings=embeddings)
+    assert given.to_dict() == reference.to_dict()
