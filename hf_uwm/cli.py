@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -10,32 +11,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import SCORES, UWMConfig
+from .config import DEFAULT_METHOD as SWEEP_METHOD
+from .config import UWMConfig
 from .paths import ORGANISM, ORGANISM_WORLDS, bundled_path
 
-# Flags of score=iterative_attribution: its grid (a sweep takes several values) and its stopping rule.
-ITERATIVE_SETTINGS = ("rounds", "round_density", "curvature_weight")
-STOPPING_SETTINGS = ("goal", "knowledge_budget", "holdout")
+# Flags of a method's own settings (each refused for a method that has no such setting); a sweep
+# takes several values of those in GRID_SETTINGS.
+METHOD_SETTINGS = ("tau", "token_norm", "rounds", "round_density", "curvature_weight", "goal", "knowledge_budget",
+                   "holdout")
+GRID_SETTINGS = ("tau", "rounds", "round_density", "curvature_weight")
 SWEEP_ORGANISM_SAMPLES = 300  # validation quadruples a sweep draws from the organism world
 DEFAULT_METHOD = "iterative_attribution"  # of `hf-uwm edit`; see "Which method for my model?" in the README
-# What each --score does, in one line (its defaults are the flags').
-METHOD_HELP = {
-    "iterative_attribution": "recommended for CLIP/SigLIP: attribution re-scored over rounds on the model as edited "
-                             "so far, sparing weights the safe captions need; sets its own strength on held-out "
-                             "pairs (--goal, --knowledge-budget, --holdout, at most --rounds)",
-    "ratio": "UWM as published (reproduces the paper): per layer, the weights whose input signal is larger for "
-             "unsafe than for safe inputs, up to the share --tau of the score mass; also LLaVA's vision tower",
-    "unsafe": "UWM variant: the unsafe inputs' signal alone",
-    "difference": "UWM variant: unsafe minus safe inputs' signal",
-    "attribution": "one pass of W * dm/dW, the weights' share of the unsafe-over-safe preference m",
-    "random": "random weights of the same selection: a control, not a safety edit",
-    "g_unsafe": "paper baseline: |dL/dW| of a loss pulling safe embeddings to unsafe ones",
-    "g_safeclip": "paper baseline: |dL/dW| of a contrastive loss over the pairs",
-    "caption_attribution": "LLaVA only: attribution of the captioner's safe-over-unsafe caption preference on "
-                           "unsafe images, vision tower",
-    "caption_iterative": "LLaVA only: caption attribution re-scored over rounds on the captioner as edited so far, "
-                         "sparing weights the safe captions' tokens need; stops itself on held-out pairs",
-}
 EPILOG = """examples:
   hf-uwm demo                                   # the whole job on the bundled model organism
   hf-uwm demo --model organism-hard             # the same on world 3 (unseen concepts, paraphrases, look-alikes)
@@ -54,13 +40,15 @@ local folder, or 'organism' / 'organism-hard' (the bundled models). A name that 
 
 
 def methods_epilog(default: str) -> str:
-    """Every --score with its purpose, the default first and marked."""
+    """Every registered method with its purpose, the default first and marked."""
     import textwrap
 
-    lines = ["methods (--score):"]
-    for name in sorted(SCORES, key=lambda n: n != default):
+    from .methods import get_method, method_names
+
+    lines = ["methods (--method):"]
+    for name in sorted(method_names(), key=lambda n: n != default):
         mark = " (default)" if name == default else ""
-        lines.append(textwrap.fill(f"{name}{mark}: {METHOD_HELP[name]}", width=100, initial_indent="  ",
+        lines.append(textwrap.fill(f"{name}{mark}: {get_method(name).help}", width=100, initial_indent="  ",
                                    subsequent_indent="      "))
     return "\n".join(lines)
 
@@ -129,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=methods_epilog(DEFAULT_METHOD))
     edit.add_argument("model", metavar="MODEL")
     _data_args(edit, "--data", "calibration pairs", "train")
-    _setting_args(edit, default_score=DEFAULT_METHOD)
+    _setting_args(edit, default_method=DEFAULT_METHOD)
     edit.add_argument("--output", required=True, help="folder for the delta (uwm_config.json, uwm_delta.safetensors)")
     _overwrite(edit, "--output")
     edit.add_argument("--checkpoint-dir", help="save the running statistics here; a rerun resumes from them")
@@ -157,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="evaluate a grid of settings beside random controls; pick the best",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=methods_epilog("ratio"))
+                                epilog=methods_epilog(SWEEP_METHOD))
     sweep.add_argument("model", metavar="MODEL")
     _data_args(sweep, "--data", "calibration pairs", "train")
     sweep.add_argument("--eval", required=True, dest="eval_data", help="validation quadruples (never the test set)")
@@ -233,27 +221,29 @@ def _skip_bad_rows(p):
                    help="drop rows with empty texts or unreadable images (and say which) instead of stopping")
 
 
-def _setting_args(p, grid: bool = False, default_score: str = "ratio"):
+def _setting_args(p, grid: bool = False, default_method: str = SWEEP_METHOD):
+    from .methods import get_method, method_names
+
     many = {"nargs": "+"} if grid else {}
-    defaults = UWMConfig()
-    p.add_argument("--score", default=default_score, choices=SCORES, metavar="METHOD",
-                   help=f"the editing method, one of {', '.join(SCORES)} (default {default_score}; each is "
-                        "described below)")
+    defaults = get_method("iterative_attribution").settings_class()
+    p.add_argument("--method", "--score", dest="method", default=default_method, choices=method_names(),
+                   metavar="METHOD", help=f"the editing method, one of {', '.join(method_names())} (default "
+                                          f"{default_method}; each is described below; --score is its former name)")
     p.add_argument("--tau", type=float, default=None, **many,
                    help="UWM scores: share of each layer's score mass to select (default: family's, 0.02 for CLIP)")
     p.add_argument("--alpha", type=float, default=[-1.0] if grid else -1.0, **many,
                    help="factor for selected weights (-1 negates, 0 prunes; default -1)")
     p.add_argument("--towers", default="text,vision", help="towers to edit: text, vision or text,vision")
-    p.add_argument("--token-norm", default="l2", choices=["l2", "rms"])
+    p.add_argument("--token-norm", default=None, choices=["l2", "rms"], help="UWM scores: per-token norm (default l2)")
     p.add_argument("--rounds", type=_positive, default=None, **many,
-                   help=f"iterative_attribution: the most rounds of re-scoring and flipping (default "
+                   help=f"iterative methods: the most rounds of re-scoring and flipping (iterative_attribution's default "
                         f"{defaults.rounds}" + ("; a sweep calibrates the most and re-selects fewer)" if grid else
                                                  "; the stopping rule usually ends it sooner)"))
     p.add_argument("--round-density", type=float, default=None, **many,
-                   help=f"iterative_attribution: share of all target weights flipped per round (default "
+                   help=f"iterative methods: share of all target weights flipped per round (iterative_attribution's default "
                         f"{defaults.round_density:g})")
     p.add_argument("--curvature-weight", type=float, default=None, **many,
-                   help=f"iterative_attribution: weight of the knowledge-curvature penalty (default "
+                   help=f"iterative methods: weight of the knowledge-curvature penalty (iterative_attribution's default "
                         f"{defaults.curvature_weight:g}; 0: none)")
     if grid:
         p.add_argument("--layers", nargs="+", default=None,
@@ -261,13 +251,13 @@ def _setting_args(p, grid: bool = False, default_score: str = "ratio"):
                             "text:self_attn.out_proj vision:mlp.fc2 text:mlp.fc1,vision:mlp.fc2")
         return
     p.add_argument("--goal", type=_percent_or_none, default=None,
-                   help=f"iterative_attribution: stop once the held-out pairs' GS reaches this percent (default "
+                   help=f"iterative methods: stop once the held-out pairs' GS reaches this percent (iterative_attribution's default "
                         f"{defaults.goal:g}; 'none': never for the goal)")
     p.add_argument("--knowledge-budget", type=_points_or_none, default=None,
-                   help=f"iterative_attribution: stop before the held-out pairs' knowledge measure loses more than "
+                   help=f"iterative methods: stop before the held-out pairs' knowledge measure loses more than "
                         f"this many points (default {defaults.knowledge_budget:g}; 'none': no budget)")
     p.add_argument("--holdout", type=float, default=None,
-                   help=f"iterative_attribution: share of the calibration pairs held out of the gradients to measure "
+                   help=f"iterative methods: share of the calibration pairs held out of the gradients to measure "
                         f"the stopping rule on (default {defaults.holdout:g})")
 
 
@@ -340,15 +330,12 @@ def _config(args, **overrides):
     towers = {t.strip() for t in args.towers.split(",")}
     if not towers or towers - {"text", "vision"}:
         raise ValueError(f"--towers takes text, vision or text,vision; got {args.towers!r}.")
-    settings = dict(tau=args.tau, alpha=args.alpha, score=args.score, token_norm=args.token_norm,
-                    batch_size=args.batch_size, seed=args.seed)
-    settings.update(text_targets=None if "text" in towers else [], vision_targets=None if "vision" in towers else [])
-    for name in ITERATIVE_SETTINGS:  # a sweep calibrates its most rounds once and re-selects fewer from them
+    settings = dict(method=args.method, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
+                    text_targets=None if "text" in towers else [], vision_targets=None if "vision" in towers else [])
+    for name in METHOD_SETTINGS:  # a sweep calibrates its most rounds once and re-selects fewer from them
         value = getattr(args, name, None)
-        if value is not None:
-            settings[name] = (max(value) if name == "rounds" else value[0]) if isinstance(value, list) else value
-    for name in STOPPING_SETTINGS:
-        value = getattr(args, name, None)
+        if isinstance(value, list):
+            value = max(value) if name == "rounds" else value[0]
         if value is not None:
             settings[name] = None if value == _NONE else value
     settings.update(overrides)
@@ -357,16 +344,21 @@ def _config(args, **overrides):
 
 def _check_method_flags(args):
     """Refuse flags the chosen method would ignore: `--tau 0.05` must not pass silently into another method."""
-    iterative = args.score == "iterative_attribution"
-    given = [name for name in ITERATIVE_SETTINGS + STOPPING_SETTINGS if getattr(args, name, None) is not None]
-    if iterative and args.tau is not None:
-        raise ValueError("--tau selects weights of UWM and the other one-pass scores; iterative_attribution (the "
-                         "default method of `hf-uwm edit`) sets its own strength: drop --tau, or add --score ratio "
-                         "for UWM as published.")
-    if given and not iterative:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags}: only for --score iterative_attribution (its rounds and stopping rule), not for "
-                         f"--score {args.score}.")
+    from .methods import get_method
+
+    own = {f.name for f in dataclasses.fields(get_method(args.method).settings_class)}
+    foreign = [name for name in METHOD_SETTINGS if getattr(args, name, None) is not None and name not in own]
+    if not foreign:
+        return
+    flags = ", ".join(_flag(name) for name in foreign)
+    its = ", ".join(_flag(name) for name in METHOD_SETTINGS if name in own) or "none of these flags"
+    why = (f" {args.method} sets its own strength: drop --tau, or add --method ratio for UWM as published."
+           if "tau" in foreign and "rounds" in own else "")
+    raise ValueError(f"{flags}: not a setting of --method {args.method} (its settings: {its}).{why}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -388,7 +380,7 @@ def run_edit(args):
     _set_threads(args)
     data = load_data(args.data, args.split, args.samples, args.seed, args.columns,
                      skip_bad_rows=args.skip_bad_rows, token=args.token)
-    _check_columns_for_method(data, config.score)
+    _check_columns_for_method(data, config.method)
     editor = UWMEditor.from_pretrained(args.model, config, revision=args.revision, token=args.token)
     editor.calibrate(data, progress=not args.quiet, checkpoint_dir=args.checkpoint_dir)
     folder = editor.save_pretrained(args.output, overwrite=args.overwrite)
@@ -404,14 +396,14 @@ def run_edit(args):
         print(f"wrote {folder / TRAJECTORY_NAME}: the held-out measures after each round")
 
 
-def _check_columns_for_method(data, score: str):
+def _check_columns_for_method(data, method: str):
     from .data import IMAGE_COLUMNS
-    from .methods import method_for
+    from .methods import get_method
 
-    if method_for(score).needs_both_towers and not set(IMAGE_COLUMNS) <= set(data.column_names):
-        raise ValueError(f"--score {score} compares texts with images, and the data has no image columns "
+    if get_method(method).needs_both_towers and not set(IMAGE_COLUMNS) <= set(data.column_names):
+        raise ValueError(f"--method {method} compares texts with images, and the data has no image columns "
                          f"{list(IMAGE_COLUMNS)}: give them, or edit the text tower by its texts alone with "
-                         "--score ratio --towers text.")
+                         "--method ratio --towers text.")
 
 
 def edit_summary(editor) -> str:
@@ -421,9 +413,9 @@ def edit_summary(editor) -> str:
     if editor.stop is not None:
         from .methods.stopping import summary
 
-        return f"{config.score}, {summary(*editor.stop, config.rounds)}; {weights} flipped"
+        return f"{config.method}, {summary(*editor.stop, config.rounds)}; {weights} flipped"
     strength = f"density={config.density:g}" if config.selection == "fixed" else f"τ={config.tau:g}"
-    return f"{config.score}, {strength}, α={config.alpha:g}; {weights} selected"
+    return f"{config.method}, {strength}, α={config.alpha:g}; {weights} selected"
 
 
 def _base_id(name: str) -> str:
@@ -460,16 +452,12 @@ def _progress_bars(enabled: bool):
 
 def run_eval(args):
     from .evaluation import compare, evaluate_model
-    from .hub import resolve_delta_folder
     from .sweep import evaluate_edit
 
     if args.json_path:
         _check_json_path(args.json_path)
     _set_threads(args)
-    delta = resolve_delta_folder(args.model, args.revision, token=args.token) is not None
-    if args.random_control and not delta:
-        raise ValueError("--random-control needs a delta (its size is what the control copies); "
-                         f"{args.model} is a model.")
+    delta = _is_delta(args)
     # Everything that can be refused is checked before the first forward pass: the data, then the
     # model, and for a delta the fingerprint of its base (from_pretrained refuses other weights).
     data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=1000,
@@ -478,26 +466,45 @@ def run_eval(args):
                                split=args.split)
     run = dict(zero_shot=zero_shot, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet,
                batch_size=args.batch_size)
-    if delta:
-        from .editor import UWMEditor
-
-        model, processor = load_model(args.base, token=args.token) if args.base else (None, None)
-        editor = UWMEditor.from_pretrained(args.model, model=model, processor=processor, revision=args.revision,
-                                           token=args.token)
+    editor, model, processor = _delta_or_model(args, delta)
+    if editor is not None:
         def evaluate(m):
-            return evaluate_model(m, editor.processor, data, **run)
+            return evaluate_model(m, processor, data, **run)
 
-        reports = {"base": evaluate(editor.model), "edited": evaluate_edit(editor, evaluate)}
+        reports = {"base": evaluate(model), "edited": evaluate_edit(editor, evaluate)}
         if args.random_control:
             reports["random control"] = evaluate_edit(editor.random_control(seed=args.seed), evaluate)
         print(compare(reports))
         print(_intervals(reports))
     else:
-        model, processor = load_model(args.model, args.revision, args.token)
         reports = {"model": evaluate_model(model, processor, data, **run)}
         print(reports["model"])
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+
+
+def _is_delta(args) -> bool:
+    """Whether MODEL_OR_DELTA is a delta; refuses --random-control for a model (before any work)."""
+    from .hub import resolve_delta_folder
+
+    delta = resolve_delta_folder(args.model, args.revision, token=args.token) is not None
+    if args.random_control and not delta:
+        raise ValueError("--random-control needs a delta (its size is what the control copies); "
+                         f"{args.model} is a model.")
+    return delta
+
+
+def _delta_or_model(args, delta: bool):
+    """(editor, model, processor) of a delta on its base model (`--base` for a local one), or
+    (None, model, processor) of a model."""
+    if not delta:
+        return (None, *load_model(args.model, args.revision, args.token))
+    from .editor import UWMEditor
+
+    model, processor = load_model(args.base, token=args.token) if args.base else (None, None)
+    editor = UWMEditor.from_pretrained(args.model, model=model, processor=processor, revision=args.revision,
+                                       token=args.token)
+    return editor, editor.model, editor.processor
 
 
 def _check_json_path(path: str):
@@ -544,7 +551,7 @@ def run_sweep(args):
     layer_sets = [_layer_set(s) for s in args.layers] if args.layers else [{}]
     union = {f"{t}_targets": sorted({p for s in layer_sets for p in s.get(f"{t}_targets", [])})
              for t in ("text", "vision")} if args.layers else {}
-    editor = UWMEditor(model, processor, _config(args, tau=None, alpha=-1.0, **union),
+    editor = UWMEditor(model, processor, _config(args, alpha=-1.0, **union),
                        base_model=_base_id(args.model))
     editor.calibrate(calibration, progress=not args.quiet)  # settings that change the scores calibrate again
 
@@ -554,7 +561,7 @@ def run_sweep(args):
 
     base = evaluate(model)
     rows = sw.sweep(editor, _sweep_grid(args, layer_sets, editor.config), evaluate, calibration=calibration,
-                    method=args.score, control_seed=args.seed, progress=not args.quiet)
+                    method=args.method, control_seed=args.seed, progress=not args.quiet)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     chosen = sw.choose(rows, base, args.max_zero_shot_drop)
@@ -576,11 +583,10 @@ def run_sweep(args):
 
 
 def _sweep_grid(args, layer_sets: list[dict], config) -> list[dict]:
-    """Every combination of the grid flags, as `UWMConfig` changes."""
-    if config.score == "iterative_attribution":
-        axes = {name: values for name in ITERATIVE_SETTINGS if (values := getattr(args, name)) is not None}
-    else:
-        axes = {"tau": args.tau or [config.tau]}
+    """Every combination of the grid flags, as `UWMConfig` changes (τ at least, for a method that has it)."""
+    axes = {name: values for name in GRID_SETTINGS if (values := getattr(args, name)) is not None}
+    if "tau" in config.field_names():
+        axes.setdefault("tau", [config.tau])
     axes["alpha"] = args.alpha
     return [dict(layers, **dict(zip(axes, values)))
             for layers in layer_sets for values in itertools.product(*axes.values())]
@@ -628,8 +634,9 @@ def run_demo(args):
 def _captioning_commands(commands):
     evaluate = commands.add_parser(
         "eval-captions", help="captioning safety of a LLaVA model or delta: unsafe-caption rate, ROUGE, BLEU, METEOR",
-        description="Caption the unsafe and safe images of DATA. For a delta: the base model, the edit and a random "
-                    "control of the same size, in one table. MODEL_OR_DELTA may be 'organism-captioner'.")
+        description="Caption the unsafe and safe images of DATA. For a delta: the base model and the edit (with "
+                    "--random-control also a random control of the same size), in one table. MODEL_OR_DELTA may be "
+                    "'organism-captioner'.")
     evaluate.add_argument("model", metavar="MODEL_OR_DELTA")
     _data_args(evaluate, "--data", "pairs with safe_text (reference caption), safe_image, unsafe_image", "test")
     evaluate.add_argument("--judge", default=None,
@@ -647,6 +654,7 @@ def _captioning_commands(commands):
     evaluate.add_argument("--base", help="for a delta made on a local model folder: that folder")
     evaluate.add_argument("--random-control", action="store_true",
                           help="for a delta: also evaluate a random control flipping as many weights per layer")
+    _hub_args(evaluate)
     _common(evaluate)
     evaluate.set_defaults(run=run_eval_captions)
 
@@ -689,33 +697,27 @@ def _judge(args):
 
 def run_eval_captions(args):
     from .captioning import compare_captioning, evaluate_captioning
-    from .hub import resolve_delta_folder
-    from .organism_captioner import NAME
+    from .sweep import evaluate_edit
 
     judge = _judge(args)
-    data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=300)
+    delta = _is_delta(args)
+    data = load_data(args.data, args.split, args.samples, args.seed, args.columns, default=300, token=args.token)
     run = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                meteor=not args.no_meteor, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet)
-    folder = None if args.model in (ORGANISM, NAME) else resolve_delta_folder(args.model)
-    if folder is None:
-        model, processor = load_model(args.model)
-        reports, extra = {"model": evaluate_captioning(model, processor, data, judge, **run)}, {}
-    else:
-        from .delta import read_delta
-        from .editor import UWMEditor
+    editor, model, processor = _delta_or_model(args, delta)
 
-        base = args.base or read_delta(folder)[0]["base_model"]
-        if base is None:  # a delta never records a local path
-            raise ValueError(f"{args.model} was made on a local model folder: give that folder with --base PATH.")
-        model, processor = load_model(base)
-        editor = UWMEditor.from_pretrained(folder, model=model, processor=processor)
-        control = editor.random_control(seed=args.seed)
-        reports = {"base": evaluate_captioning(model, processor, data, judge, **run)}
-        for name, edit in (("edited", editor), ("random control", control)):
-            with edit.applied():
-                reports[name] = evaluate_captioning(model, processor, data, judge, **run)
+    def evaluate(m):
+        return evaluate_captioning(m, processor, data, judge, **run)
+
+    if editor is None:
+        reports, extra = {"model": evaluate(model)}, {}
+    else:
+        reports = {"base": evaluate(model), "edited": evaluate_edit(editor, evaluate)}
         changed = str(sum(editor.counts().values()))
-        extra = {"weights changed": {"base": "0", "edited": changed, "random control": changed}}
+        extra = {"weights changed": {"base": "0", "edited": changed}}
+        if args.random_control:
+            reports["random control"] = evaluate_edit(editor.random_control(seed=args.seed), evaluate)
+            extra["weights changed"]["random control"] = changed
     print(compare_captioning(reports, extra))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))

@@ -26,13 +26,13 @@ MAX_ZERO_SHOT_DROP = 2.0  # points, on validation; see docs/ablations.md for how
 # already costs more on validation).
 TAUS = (0.005, 0.01, 0.02)
 DENSITIES = (0.0025, 0.005, 0.01)
-METHODS = {
+EDITS = {
     # name: (config, grid of UWMConfig changes, folder)
     "UWM": (UWMConfig(), [{"tau": t} for t in TAUS], "uwm"),
-    "attribution": (UWMConfig(score="attribution", selection="fixed", vision_targets=[]),
+    "attribution": (UWMConfig(method="attribution", selection="fixed", vision_targets=[]),
                     [{"density": d} for d in DENSITIES], "attribution"),
     # No grid: the method sets its own strength on a held-out slice of the calibration pairs.
-    "iterative attribution": (UWMConfig(score="iterative_attribution"), [{}], "iterative-attribution"),
+    "iterative attribution": (UWMConfig(method="iterative_attribution"), [{}], "iterative-attribution"),
 }
 OUTPUT_FILES = ("validation_sweep.csv", "validation_pareto.png", "test_results.png", "test_results.md", "results.json")
 BAR_METRICS = ("P_u^t", "P_u^v", "PU", "GS")
@@ -58,7 +58,7 @@ def check_output(output: str | Path) -> Path:
         raise FileExistsError(f"--output {output} is a file; give a folder for the demo's deltas and tables.")
     if not output.exists():
         return output
-    folders = {folder for _, _, folder in METHODS.values()}
+    folders = {folder for _, _, folder in EDITS.values()}
     stray = [p.name for p in output.iterdir() if p.name not in folders and p.name not in OUTPUT_FILES]
     stray += [f"{p.name}/{q.name}" for p in output.iterdir() if p.name in folders
               for q in (p.iterdir() if p.is_dir() else [p]) if q.name not in KNOWN_FILES]
@@ -112,7 +112,7 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
     base_validation = on_validation(model)
     tests = {"base": on_test(model, "base")}
     rows, chosen_rows, status = [], {}, {}
-    for name, (config, grid, folder) in METHODS.items():
+    for name, (config, grid, folder) in EDITS.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
                            base_model=base_model).calibrate(calibration, progress=progress)
         method_rows = sw.sweep(editor, grid, on_validation, calibration=calibration, method=name,

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import FAMILIES, Adapter
+from .families import FAMILIES, ModelFamily
 from .config import UWMConfig
 from .data import columns_for, hint, validate_pairs
 from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, save_file_atomic,
                     write_delta)
 from .hub import push_edit, render_card, resolve_delta_folder
-from .methods import Calibration, Method, method_for
+from .methods import Calibration, Method, get_method
 from .methods.base import broadcast_from_main, scale_
 from .methods.stopping import Step, from_records, to_records
 from .paths import check_local, model_location, portable_base_name
@@ -37,14 +37,16 @@ class UWMEditor:
         if not isinstance(config, UWMConfig):
             raise TypeError(f"config must be a UWMConfig, got {type(config).__name__}.")
         self.model, self.processor = model, processor
-        self.adapter = Adapter(model, processor)
-        method_for(config.score).check(self.adapter, config)
+        self.family = ModelFamily(model, processor)
+        get_method(config.method).check(self.family, config)
         self.config = self._resolved(config)
-        self.layers = {tower: self.adapter.target_layers(tower, self._targets(tower)) for tower in self.towers}
+        self.layers = {tower: self.family.target_layers(tower, self._targets(tower)) for tower in self.towers}
         if not any(self.layers.values()):
             raise ValueError("The config targets no layer: give text_targets or vision_targets a module name.")
         self.base_model = base_model or getattr(model.config, "_name_or_path", "") or None
         self.base_revision = base_revision or getattr(model.config, "_commit_hash", None)
+        # Per target layer what the method's `calibrate` returned: a score per weight, or for a
+        # method that edits in rounds the round in which each weight was flipped (0: never).
         self.scores: dict[str, torch.Tensor] = {}
         self.trajectory: list[Step] | None = None   # per round, for methods that edit in rounds
         self.delta: dict[str, torch.Tensor] = {}
@@ -54,21 +56,22 @@ class UWMEditor:
     # --- configuration ---------------------------------------------------------------------
     def _resolved(self, config: UWMConfig) -> UWMConfig:
         """The config with family and method defaults written out, so a saved delta is explicit."""
-        method = method_for(config.score)
-        targets = {f"{t}_targets": list(method.default_targets(self.adapter, t))
+        method = get_method(config.method)
+        targets = {f"{t}_targets": list(method.default_targets(self.family, t))
                    if getattr(config, f"{t}_targets") is None else getattr(config, f"{t}_targets")
                    for t in ("text", "vision")}
-        if "text" not in self.adapter.towers and targets["text_targets"]:
+        if "text" not in self.family.towers and targets["text_targets"]:
             raise ValueError(f"{type(self.model).__name__} has no text tower to edit: set text_targets=[].")
         shared = method.shared_budget_default if config.shared_budget is None else config.shared_budget
-        return dataclasses.replace(config, tau=config.tau or self.adapter.family.tau, shared_budget=shared, **targets)
+        return dataclasses.replace(config, shared_budget=shared, **targets,
+                                   **method.resolved_settings(self.family, config))
 
     def _targets(self, tower: str) -> list[str]:
         return getattr(self.config, f"{tower}_targets")
 
     @property
     def towers(self) -> tuple[str, ...]:
-        return tuple(t for t in self.adapter.towers if self._targets(t))
+        return tuple(t for t in self.family.towers if self._targets(t))
 
     @property
     def target_layers(self) -> dict:
@@ -121,9 +124,9 @@ class UWMEditor:
 
     def _adopt_delta(self, record: dict, indices: dict[str, torch.Tensor]):
         made_on = FAMILIES.get(record.get("model_class"))  # None: an older record, or a class hf_uwm can't tell
-        if made_on is not None and made_on != self.adapter.family:
+        if made_on is not None and made_on != self.family.spec:
             raise ValueError(f"The delta was made on a {record['model_class']} ({made_on.name}) and this model is a "
-                             f"{type(self.model).__name__} ({self.adapter.family.name}): apply it to its base model "
+                             f"{type(self.model).__name__} ({self.family.spec.name}): apply it to its base model "
                              f"{record.get('base_model') or record.get('base_model_folder') or ''!r}.")
         layers = self.target_layers
         shapes = {name: list(layer.weight.shape) for name, layer in layers.items()}
@@ -139,7 +142,7 @@ class UWMEditor:
     # --- calibration ---------------------------------------------------------------------------
     @property
     def method(self) -> Method:
-        return method_for(self.config.score)
+        return get_method(self.config.method)
 
     def calibrate(self, dataset=None, *, progress: bool = True, checkpoint_dir: str | Path | None = None,
                   checkpoint_every: int = 50, num_workers: int = 0,
@@ -163,24 +166,24 @@ class UWMEditor:
             raise RuntimeError("The edit is applied: call revert() before calibrating again.")
         method = self.method
         if checkpoint_dir is not None and not method.resumable:
-            raise ValueError(f"checkpoint_dir applies to UWM statistics and iterative attribution, not to "
-                             f"score={self.config.score!r} (one pass over the pairs).")
+            raise ValueError(f"checkpoint_dir applies to UWM statistics and the iterative methods, not to "
+                             f"method={self.config.method!r} (one pass over the pairs).")
         # Hashed while the forward passes run, where the method only reads the weights and no
         # checkpoint key needs it first.
         pending_fingerprint = fingerprint_in_background(self.target_layers)
         overlap = method.leaves_weights_untouched and checkpoint_dir is None
         self.fingerprint = None if overlap else pending_fingerprint.result()
         # On CPU, accelerate only joins the processes of a launcher when told the model is on the CPU.
-        state = PartialState(cpu=self.adapter.device.type == "cpu")
+        state = PartialState(cpu=self.family.device.type == "cpu")
         columns = columns_for(method.data_towers(self))
         if columns:
             if dataset is None:
                 raise ValueError(f"calibrate needs a dataset with columns {list(columns)}.")
             dataset = validate_pairs(dataset, columns)
-        run = Calibration(dataset, state, self.adapter, self.config.batch_size, progress=progress,
+        run = Calibration(dataset, state, self.family, self.config.batch_size, progress=progress,
                           num_workers=num_workers, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           autocast=autocast)
-        self.scores = method.scores(self, run)
+        self.scores = method.calibrate(self, run)
         self.trajectory = run.trajectory
         self.fingerprint = pending_fingerprint.result()
         # Selection runs where the scores were summed (a GPU model selects on the GPU); the editor
@@ -213,12 +216,9 @@ class UWMEditor:
         shared_budget; for iterative attribution: fewer rounds), and text_targets / vision_targets
         to a subset of the layers already scored (not for iterative attribution).
         """
-        method = self.method
-        allowed = set(method.selection_settings)
-        if method.targets_can_shrink:
-            allowed |= {"text_targets", "vision_targets"}
+        allowed = self.method.reselectable()
         if set(changes) - allowed:
-            raise ValueError(f"with_settings can change {sorted(allowed)} only for score={self.config.score!r}; "
+            raise ValueError(f"with_settings can change {sorted(allowed)} only for method={self.config.method!r}; "
                              f"{sorted(set(changes) - allowed)} change the scores themselves: calibrate again.")
         if not self.scores:
             raise ValueError("No scores to re-select from: calibrate(dataset) or load_scores(path) first.")
@@ -264,7 +264,8 @@ class UWMEditor:
         if meta.get("format") != "hf_uwm.scores":
             raise ValueError(f"{path} is not a score cache written by UWMEditor.save_scores.")
         saved = UWMConfig.from_json_string(meta["config"])
-        differing = [f for f in method_for(saved.score).score_settings if getattr(saved, f) != getattr(self.config, f)]
+        differing = [f for f in get_method(saved.method).score_settings
+                     if getattr(saved, f, None) != getattr(self.config, f, None)]
         if differing:
             raise ValueError(f"The cached scores were computed with other {differing}; use an editor with the "
                              f"same score settings (only {list(self.method.selection_settings)} may differ).")
@@ -280,7 +281,7 @@ class UWMEditor:
         if not self.delta:
             raise ValueError("The random control copies a delta's sizes: calibrate or load a delta first.")
         seed = self.config.seed if seed is None else seed
-        control = UWMEditor(self.model, self.processor, dataclasses.replace(self.config, score="random", seed=seed),
+        control = UWMEditor(self.model, self.processor, dataclasses.replace(self.config, method="random", seed=seed),
                             base_model=self.base_model, base_revision=self.base_revision)
         control.fingerprint = self.fingerprint
         for i, (name, idx) in enumerate(self.delta.items()):
@@ -436,7 +437,7 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, 
     """
     import transformers
 
-    from .adapters import FAMILIES
+    from .families import FAMILIES
 
     if not name_or_path:
         raise ValueError("The delta names no base model: pass model= and processor= to from_pretrained.")

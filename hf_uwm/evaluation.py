@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
+from .families import ModelFamily
 from .data import IMAGE_COLUMNS, TEXT_COLUMNS, validate_pairs
 
 COLUMNS = TEXT_COLUMNS + IMAGE_COLUMNS
@@ -175,13 +175,13 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _contrastive_adapter(model, processor) -> Adapter:
-    adapter = Adapter(model, processor)
-    if "text" not in adapter.towers:
+def _contrastive_family(model, processor) -> ModelFamily:
+    family = ModelFamily(model, processor)
+    if "text" not in family.towers:
         raise TypeError(f"Evaluation needs a contrastive model with text and vision towers (CLIP, SigLIP); "
-                        f"{type(model).__name__} has only {adapter.towers}. Evaluate the CLIP model its "
+                        f"{type(model).__name__} has only {family.towers}. Evaluate the CLIP model its "
                         "vision tower comes from instead.")
-    return adapter
+    return family
 
 
 def _check_batch_size(batch_size):
@@ -206,18 +206,18 @@ def _content_keys(inputs: dict[str, torch.Tensor]) -> list[str]:
     return keys
 
 
-def _embed(adapter: Adapter, items: list, kind: str, batch_size: int, bar,
+def _embed(family: ModelFamily, items: list, kind: str, batch_size: int, bar,
            text_length: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """(len(items), D) float32 CPU embeddings of texts (kind="text") or PIL images (kind="image"),
-    and their content keys. Texts are padded to `text_length`, the `Adapter.text_length` of every
+    and their content keys. Texts are padded to `text_length`, the `ModelFamily.text_length` of every
     text embedded with them."""
     chunks, keys = [], []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        inputs = (adapter.preprocess_text(batch, text_length) if kind == "text"
-                  else adapter.preprocess_images(batch))
-        embed = adapter.embed_text if kind == "text" else adapter.embed_images
-        chunks.append(embed(adapter.to_device(inputs)).float().cpu())  # (B, D)
+        inputs = (family.preprocess_text(batch, text_length) if kind == "text"
+                  else family.preprocess_images(batch))
+        embed = family.embed_text if kind == "text" else family.embed_images
+        chunks.append(embed(family.to_device(inputs)).float().cpu())  # (B, D)
         keys += _content_keys(inputs)
         bar.update(len(batch))
     return torch.cat(chunks), keys
@@ -237,14 +237,14 @@ def embed_quadruples(model, processor, dataset, *, batch_size: int = 64, progres
     """
     _check_batch_size(batch_size)
     dataset = validate_pairs(dataset, COLUMNS)
-    adapter = _contrastive_adapter(model, processor)
+    family = _contrastive_family(model, processor)
     # One padding length for both text columns: a caption in both gets one embedding.
-    text_length = adapter.text_length([text for column in TEXT_COLUMNS for text in dataset[column]])
+    text_length = family.text_length([text for column in TEXT_COLUMNS for text in dataset[column]])
     embeddings, keys = {}, {}
     with _eval_mode(model), tqdm(total=4 * len(dataset), desc="Embedding quadruples", disable=not progress) as bar:
         for column in COLUMNS:
             kind = "text" if column in TEXT_COLUMNS else "image"
-            parts = [_embed(adapter, batch, kind, batch_size, bar, text_length)
+            parts = [_embed(family, batch, kind, batch_size, bar, text_length)
                      for batch in _column_batches(dataset, column, batch_size)]
             embeddings[column] = torch.cat([part[0] for part in parts])  # (N, D)
             keys[column] = [key for part in parts for key in part[1]]
@@ -310,10 +310,10 @@ def retrieval_recalls(embeddings: QuadrupleEmbeddings, ks=RECALL_KS) -> dict[str
 
 
 # --- zero-shot -------------------------------------------------------------------------------
-def _class_embeddings(adapter: Adapter, task: ZeroShotTask, batch_size: int, bar) -> torch.Tensor:
+def _class_embeddings(family: ModelFamily, task: ZeroShotTask, batch_size: int, bar) -> torch.Tensor:
     """(C, D): per class, the mean of its normalised template embeddings, renormalised."""
     prompts = [template.format(name) for name in task.class_names for template in task.templates]
-    texts, _ = _embed(adapter, prompts, "text", batch_size, bar, adapter.text_length(prompts))  # (C * T, D)
+    texts, _ = _embed(family, prompts, "text", batch_size, bar, family.text_length(prompts))  # (C * T, D)
     return _mean_directions(texts.view(len(task.class_names), len(task.templates), -1))
 
 
@@ -347,11 +347,11 @@ def zero_shot_correct(model, processor, task: ZeroShotTask, *, batch_size: int =
                       progress: bool = True) -> torch.Tensor:
     """(M,) bool: whether each image of `task` is classified right (template-averaged class embeddings)."""
     _check_batch_size(batch_size)
-    adapter = _contrastive_adapter(model, processor)
+    family = _contrastive_family(model, processor)
     total = len(task.class_names) * len(task.templates) + len(task.images)
     with _eval_mode(model), tqdm(total=total, desc="Zero-shot", disable=not progress) as bar:
-        classes = _class_embeddings(adapter, task, batch_size, bar)  # (C, D)
-        images, _ = _embed(adapter, list(task.images), "image", batch_size, bar)  # (M, D)
+        classes = _class_embeddings(family, task, batch_size, bar)  # (C, D)
+        images, _ = _embed(family, list(task.images), "image", batch_size, bar)  # (M, D)
     predictions = (images @ classes.T).argmax(1)  # (M,)
     labels = torch.as_tensor([int(label) for label in task.labels])
     return predictions == labels

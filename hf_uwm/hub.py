@@ -6,6 +6,7 @@ Every network call goes through `huggingface_hub` (`HfApi` methods, `hf_hub_down
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -21,7 +22,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from . import __version__
 from .data import hint
 from .delta import CARD_NAME, CONFIG_NAME, DELTA_FILES
-from .methods.stopping import summary
+from .methods import get_method
 from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, check_local, is_hub_id
 
 logger = logging.getLogger(__name__)
@@ -97,37 +98,6 @@ def _first_line(err: Exception) -> str:
 
 
 # --- model card ------------------------------------------------------------------------------------
-# What each score means, as the card's first paragraph says it: a new method is one entry here.
-METHODS = {
-    "ratio": ("UWM", "**Unsafe Weights Manipulation (UWM)**: on pairs of safe and unsafe inputs, each weight of "
-              "the targeted layers is scored by how much more of its input signal comes from unsafe than from safe "
-              "inputs (the ratio of the two statistics, times |W| where the prior is on)"),
-    "unsafe": ("UWM (unsafe statistic)", "a UWM variant: each weight of the targeted layers is scored by its input "
-               "signal on unsafe inputs alone (no division by the safe statistic)"),
-    "difference": ("UWM (difference statistic)", "a UWM variant: each weight of the targeted layers is scored by "
-                   "its input signal on unsafe inputs minus that on safe inputs"),
-    "attribution": ("attribution", "**attribution**: each weight of the targeted layers is scored by W ⊙ ∂m/∂W, its "
-                    "first-order share of the model's preference m for the unsafe over the safe item of each "
-                    "calibration pair (kept where positive)"),
-    "iterative_attribution": ("iterative attribution", "**iterative, knowledge-guarded attribution**: attribution "
-                              "(W ⊙ ∂m/∂W of the unsafe-over-safe preference m) re-scored on the model as edited so "
-                              "far over several rounds, each round taking a small share of weights from one budget "
-                              "shared across layers, with a curvature penalty that spares weights the model's "
-                              "knowledge of safe captions depends on"),
-    "random": ("random control", "**a random control**: weights drawn uniformly at random, as many per layer as the "
-               "edit it is compared with, to show what an edit of that size does by chance; it is not a safety edit"),
-    "g_unsafe": ("G-Unsafe", "**G-Unsafe**, a gradient baseline: each weight is scored by |∂L/∂W| of a loss that "
-                 "pulls safe embeddings towards their unsafe versions"),
-    "g_safeclip": ("G-Safe-CLIP", "**G-Safe-CLIP**, a gradient baseline: each weight is scored by |∂L/∂W| of a "
-                   "contrastive loss at the model's own temperature over the calibration pairs"),
-    "caption_attribution": ("caption attribution", "**caption attribution**: each weight of the captioner's vision "
-                            "tower is scored by its first-order share of the preference, on unsafe images, for the "
-                            "safe over the unsafe caption (teacher-forced log-likelihoods)"),
-    "caption_iterative": ("iterative caption attribution", "**iterative, knowledge-guarded caption attribution**: "
-                          "caption attribution re-scored on the captioner as edited so far over several rounds, with "
-                          "a penalty that spares weights the captions of safe images depend on, stopping by itself "
-                          "on held-out calibration pairs"),
-}
 ORGANISM_DATASETS = ("hf_uwm organism world (quadruples)", "hf_uwm organism world (14-class zero-shot)")
 
 
@@ -148,12 +118,12 @@ def render_card(record: dict, report=None, *, repo_id: str | None = None, merged
     if base in ORGANISM_WORLDS:
         dataset_name, zero_shot_dataset = dataset_name or ORGANISM_DATASETS[0], zero_shot_dataset or ORGANISM_DATASETS[1]
     dataset_name = dataset_name or DEFAULT_DATASET
-    method_name, method = METHODS.get(record["config"]["score"], (record["config"]["score"], None))
-    model_name = repo_id or f"{base or record.get('base_model_folder') or record['model_class']} + {method_name}"
+    method = get_method(record["config"]["method"])
+    model_name = repo_id or f"{base or record.get('base_model_folder') or record['model_class']} + {method.title}"
     family_tag, pipeline_tag = FAMILY_TAGS.get(record["model_class"], (None, None))
     data = ModelCardData(
         base_model=base if on_hub else None,
-        # A delta-only repo is an adapter of its base (the Hub's model tree); a merged checkpoint is left to the Hub.
+        # A delta-only repo is an family of its base (the Hub's model tree); a merged checkpoint is left to the Hub.
         base_model_relation="adapter" if on_hub and not merged else None,
         library_name="hf_uwm",
         license=license or _base_license(record, folder=base_folder),
@@ -164,7 +134,7 @@ def render_card(record: dict, report=None, *, repo_id: str | None = None, merged
     )
     card = ModelCard.from_template(data, template_path=str(CARD_TEMPLATE), **_card_context(record, reports),
                                    repo_id=repo_id or "<this folder or repo id>", merged=merged,
-                                   method_name=method_name, method=method or f"the score `{method_name}`",
+                                   method_name=method.title, method=method.card_text,
                                    dataset_name=dataset_name, zero_shot_dataset=zero_shot_dataset or "a zero-shot set",
                                    version=__version__)
     return str(card).rstrip("\n") + "\n"  # jinja drops the template's final newline
@@ -207,6 +177,7 @@ def _eval_results(reports: dict, model_name: str, dataset_name: str, zero_shot_d
 def _card_context(record: dict, reports: dict) -> dict:
     """Template variables: the edit's settings, per-tower and per-layer counts, the evaluation table."""
     cfg, base = record["config"], record.get("base_model")
+    method = get_method(cfg["method"])
     layers = [{"name": name, "tower": info["tower"], "shape": "×".join(map(str, info["shape"])),
                "selected": info["selected"], "total": info["shape"][0] * info["shape"][1]}
               for name, info in record["layers"].items()]
@@ -230,7 +201,8 @@ def _card_context(record: dict, reports: dict) -> dict:
         "model_class": record["model_class"],
         "config": cfg,
         "alpha": cfg["alpha"],
-        "selection": _selection_text(cfg, record.get("stop")),
+        "selection": method.selection_text(cfg, record.get("stop")),
+        "settings": {name: cfg[name] for name in _own_settings(method)},
         "towers": towers,
         "layers": layers,
         "total_selected": f"{sum(t['selected'] for t in towers):,}",
@@ -239,18 +211,10 @@ def _card_context(record: dict, reports: dict) -> dict:
     }
 
 
-def _selection_text(cfg: dict, stop: dict | None = None) -> str:
-    if cfg["score"] in ("iterative_attribution", "caption_iterative"):
-        goal = "GS" if cfg["score"] == "iterative_attribution" else "unsafe images captioned free of unsafe words %"
-        rounds = (summary(stop["rounds"], stop["reason"], stop["max_rounds"]) if stop
-                  else f"{cfg['rounds']} rounds")
-        rule = (f" (held-out {cfg.get('holdout', 0):g} of the calibration pairs: goal {goal} ≥ {cfg.get('goal')}, "
-                f"knowledge budget {cfg.get('knowledge_budget')} points)" if stop and stop.get("reason") else "")
-        return (f"iterative, {rounds}{rule}; rounds of {cfg['round_density']:g} of the target weights "
-                f"({'one budget over all layers' if cfg['shared_budget'] else 'per layer'}), "
-                f"curvature weight λ = {cfg['curvature_weight']:g}, {cfg['curvature_probes']} probes")
-    rule = f"adaptive, τ = {cfg['tau']}" if cfg["selection"] == "adaptive" else f"fixed, density = {cfg['density']}"
-    return rule + (", one budget over all layers" if cfg.get("shared_budget") else "")
+def _own_settings(method) -> tuple[str, ...]:
+    """The method's own settings, for the card's settings table (selection has its own row)."""
+    return tuple(f.name for f in dataclasses.fields(method.settings_class) if f.name not in ("tau", "selection",
+                                                                                             "density"))
 
 
 def _evaluation_table(reports: dict) -> dict:
@@ -406,7 +370,7 @@ def _operations(folder: Path, remote_files: list[str]) -> list:
 
 def _default_message(record: dict, merged: bool) -> str:
     cfg, changed = record["config"], sum(record["counts"].values())
-    method = METHODS.get(cfg["score"], (cfg["score"],))[0]
+    method = get_method(cfg["method"]).title
     return (f"Upload {method} edit of {record.get('base_model') or record['model_class']} ({changed:,} weights, "
             f"α={cfg['alpha']}){' with merged weights' if merged else ''}")
 

@@ -20,26 +20,15 @@ from pathlib import Path
 from .config import UWMConfig
 
 N_CALIBRATION, N_VALIDATION, N_TEST = 256, 200, 500
-# score="caption_iterative" as scripts/caption_iterative_validation.py chose it on the validation split
-# of the bundled captioner and of a second one trained with seed 1 (docs/llava.md): it stops itself.
-CAPTION_ITERATIVE = dict(round_density=0.0005, curvature_weight=16.0, curvature_probes=8, rounds=40, goal=95.0,
-                         knowledge_budget=2.0)
-METHODS = {
+EDITS = {
     # name: (config, grid of with_settings changes, delta folder); a one-setting grid is fixed in advance
     "UWM": (UWMConfig(), [{"tau": t} for t in (0.02, 0.085, 0.3)], "uwm"),
     "UWM τ=0.085": (UWMConfig(), [{"tau": 0.085}], "uwm-paper-tau"),  # the paper's LLaVA setting, not chosen
-    "attribution": (UWMConfig(score="caption_attribution", selection="fixed"),
+    "attribution": (UWMConfig(method="caption_attribution", selection="fixed"),
                     [{"density": d} for d in (0.002, 0.01, 0.05)], "caption-attribution"),
-    "iterative": (UWMConfig(score="caption_iterative", **CAPTION_ITERATIVE), [{}], "caption-iterative"),
+    # its defaults, chosen on validation (docs/llava.md): it stops itself
+    "iterative": (UWMConfig(method="caption_iterative"), [{}], "caption-iterative"),
 }
-
-
-@dataclasses.dataclass
-class Candidate:
-    method: str
-    setting: dict
-    weights: int
-    report: object  # CaptioningReport on validation
 
 
 def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None, seed: int = 0,
@@ -52,7 +41,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     from .methods.stopping import summary, to_records
     from .organism import make_pairs
     from .organism_captioner import NAME, load_captioner
-    from .sweep import evaluate_edit
+    from .sweep import SweepRow, evaluate_edit
 
     if meteor and not wordnet_available():
         raise RuntimeError(WORDNET_MISSING)
@@ -82,7 +71,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     tests = {"base": evaluate(test, ci=True)}
     lap("base: test captions")
     weights, candidates, chosen, stops = {"base": "0"}, [], {}, {}
-    for name, (config, grid, folder) in METHODS.items():
+    for name, (config, grid, folder) in EDITS.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
                            base_model=None if captioner else NAME)
         editor.calibrate(calibration, progress=progress)
@@ -91,7 +80,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
         for setting in grid:
             edit = editor.with_settings(**setting)
             report = evaluate_edit(edit, lambda _: evaluate(validation, False))
-            rows.append(Candidate(name, setting, sum(edit.counts().values()), report))
+            rows.append(SweepRow(name, setting, sum(edit.counts().values()), report, control=None))
         candidates += rows
         lap(f"{name}: validation grid ({len(grid)} settings)")
         pick = _choose(rows, base_validation, max_rouge_drop)
@@ -119,8 +108,8 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
               + ("  [no setting within the ROUGE-L budget: the gentlest is shown]"
                  if _over(row, base_validation, max_rouge_drop) else "") for name, row in chosen.items()
               if name not in stops]
-    lines += [f"  {name}: set by its stopping rule on {METHODS[name][0].holdout:g} of the calibration pairs "
-              f"(held out), {summary(*stop['stop'], METHODS[name][0].rounds)}" for name, stop in stops.items()]
+    lines += [f"  {name}: set by its stopping rule on {EDITS[name][0].holdout:g} of the calibration pairs "
+              f"(held out), {summary(*stop['stop'], EDITS[name][0].rounds)}" for name, stop in stops.items()]
     lines += ["", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())]
     text = "\n".join(lines)
     print(text)
@@ -136,11 +125,11 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     return results
 
 
-def _over(row: Candidate, base, max_rouge_drop: float) -> bool:
+def _over(row, base, max_rouge_drop: float) -> bool:
     return base.text["rougeL"] - row.report.text["rougeL"] > max_rouge_drop
 
 
-def _choose(rows: list[Candidate], base, max_rouge_drop: float) -> Candidate:
+def _choose(rows: list, base, max_rouge_drop: float):
     """Lowest validation unsafe rate within the ROUGE-L budget (ties: fewer weights); else the gentlest."""
     within = [r for r in rows if not _over(r, base, max_rouge_drop)]
     if within:
@@ -152,7 +141,7 @@ def _label(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(its stopping rule)"
 
 
-def _grid_table(rows: list[Candidate], base) -> str:
+def _grid_table(rows: list, base) -> str:
     lines = [f"  {'method':<12}{'setting':<16}{'weights':>9}{'unsafe %':>10}{'ROUGE-L':>9}{'BLEU':>7}",
              f"  {'base':<12}{'':<16}{0:>9}{base.unsafe_rate:>10.1f}{base.text['rougeL']:>9.1f}"
              f"{base.text['bleu']:>7.1f}"]

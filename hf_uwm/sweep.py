@@ -21,10 +21,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
-
 @dataclass
 class SweepRow:
-    """One setting: what was changed, how many weights, its report and its random control's."""
+    """One setting: what was changed, how many weights, its report and its random control's (None
+    where a rule without controls chooses, as the LLaVA demo's)."""
 
     method: str
     setting: dict
@@ -74,9 +74,7 @@ def sweep(editor, grid: list[dict], evaluate, *, calibration=None, method: str =
     `calibration`, once per distinct combination. `editor` need not be calibrated when every
     setting calibrates anew.
     """
-    reselectable = set(editor.method.selection_settings)
-    if editor.method.targets_can_shrink:
-        reselectable |= {"text_targets", "vision_targets"}
+    reselectable = editor.method.reselectable()
     calibrated, rows = {}, []
     for changes in tqdm(grid, desc=f"sweep {method}", disable=not progress):
         reselect = {k: v for k, v in changes.items() if k in reselectable}

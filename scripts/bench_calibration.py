@@ -84,11 +84,11 @@ def batches(editor, dataset, batch: int, tower: str, workers: int, plain: bool =
 
     from hf_uwm.methods import Calibration
 
-    run = Calibration(dataset, PartialState(cpu=editor.adapter.device.type == "cpu"), editor.adapter, batch,
+    run = Calibration(dataset, PartialState(cpu=editor.family.device.type == "cpu"), editor.family, batch,
                       progress=False, num_workers=workers)
     preprocess = _PlainTexts(editor.processor.tokenizer) if plain and tower == "text" else run.preprocess(tower)
     for _, _, inputs in run.batches(preprocess, tower):
-        yield editor.adapter.to_device(inputs)
+        yield editor.family.to_device(inputs)
 
 
 class _PlainTexts:
@@ -108,7 +108,7 @@ def plain_forward(editor, dataset, batch, autocast, workers=0):
         for tower in editor.towers:
             for inputs in batches(editor, dataset, batch, tower, workers, plain=True):
                 with autocast:
-                    editor.adapter.run_tower(tower, inputs)
+                    editor.family.run_tower(tower, inputs)
 
 
 def literal(editor, tower_batches, autocast=contextlib.nullcontext(), dtype=torch.float32):
@@ -118,7 +118,7 @@ def literal(editor, tower_batches, autocast=contextlib.nullcontext(), dtype=torc
     (out, in) float64 on the CPU (the scores before dividing by N and the magnitude prior). `dtype`:
     the precision of the statistics (float64 gives a reference for the same activations).
     """
-    from hf_uwm.scoring import token_statistics
+    from hf_uwm.methods.uwm import token_statistics
 
     eps, sums, handles, state = editor.config.eps, {}, [], {}
 
@@ -140,7 +140,7 @@ def literal(editor, tower_batches, autocast=contextlib.nullcontext(), dtype=torc
             for tower, inputs in tower_batches:
                 state["mask"] = inputs.get("attention_mask")
                 with autocast:
-                    editor.adapter.run_tower(tower, inputs)
+                    editor.family.run_tower(tower, inputs)
     finally:
         for h in handles:
             h.remove()

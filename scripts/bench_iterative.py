@@ -47,7 +47,7 @@ def main():
     pairs = args.pairs or (256 if args.target == "organism" else 32)
     model, processor, data = pairs_and_model(args.target, pairs)
     fixed = {"rounds": args.rounds, "goal": None, "knowledge_budget": None} if args.rounds else {}
-    iterative = UWMConfig(score="iterative_attribution", batch_size=args.batch, **fixed)
+    iterative = UWMConfig(method="iterative_attribution", batch_size=args.batch, **fixed)
     configs = {"UWM": UWMConfig(batch_size=args.batch), "iterative": iterative}
     # Warm-up: the first calibration of a process pays for lazy imports and allocator growth.
     UWMEditor(model, processor, configs["UWM"]).calibrate(data.select(range(min(len(data), args.batch))),

@@ -1,4 +1,4 @@
-"""Choose the defaults of score="caption_iterative" on the VALIDATION split of an organism captioner.
+"""Choose the defaults of method="caption_iterative" on the VALIDATION split of an organism captioner.
 
     python scripts/caption_iterative_validation.py --output val.jsonl [--model FOLDER]
         [--round-density 0.0005 --curvature-weight 0 4 16 --rounds 30 --every 2]
@@ -52,7 +52,7 @@ def main():
     with open(args.output, "w") as out:
         for density in args.round_density:
             for weight in args.curvature_weight:
-                config = UWMConfig(score="caption_iterative", rounds=args.rounds, round_density=density,
+                config = UWMConfig(method="caption_iterative", rounds=args.rounds, round_density=density,
                                    curvature_weight=weight, curvature_probes=args.probes, seed=args.seed,
                                    goal=None, knowledge_budget=None, holdout=0.0)
                 editor = UWMEditor(model, processor, config, base_model=NAME if args.model is None else None)

@@ -11,7 +11,7 @@ tensors on the device (pixel values; token ids padded to one length, with an att
   calibrate   UWMEditor.calibrate (fingerprint, statistics, selection, copies to the CPU)
   fixed       its fixed costs alone: fingerprint, selection (on the device), copies to the CPU
   literal     φ per item and per weight materialised (scripts/bench_calibration.py), ≤ --literal-pairs
-  iterative   one round of score="iterative_attribution", if this hf_uwm has it (after every case)
+  iterative   one round of method="iterative_attribution", if this hf_uwm has it (after every case)
 
 Each phase runs once as warm-up on two batches (excluded), then --repeats times; the device is
 synchronised around each run and the median is kept. Peak GPU memory is reset before each run and
@@ -119,13 +119,13 @@ def tower_batches(editor, pairs, batch: int):
     """(tower, inputs of [safe; unsafe] items) per batch, moved to the model's device as calibrate does."""
     for tower in editor.towers:
         for start in range(0, len(pairs), batch):
-            yield tower, editor.adapter.to_device(pairs[start:start + batch].inputs(tower))
+            yield tower, editor.family.to_device(pairs[start:start + batch].inputs(tower))
 
 
 def plain(editor, pairs, batch):
     with torch.no_grad():
         for tower, inputs in tower_batches(editor, pairs, batch):
-            editor.adapter.run_tower(tower, inputs)
+            editor.family.run_tower(tower, inputs)
 
 
 def calibrate(editor, pairs, batch):
@@ -229,7 +229,7 @@ def iterative_config(batch):
     from hf_uwm import UWMConfig
 
     try:
-        return UWMConfig(score="iterative_attribution", rounds=1, batch_size=batch), None
+        return UWMConfig(method="iterative_attribution", rounds=1, batch_size=batch), None
     except (TypeError, ValueError) as error:
         return None, f"not in this hf_uwm ({type(error).__name__}: {error})"[:300]
 
@@ -238,7 +238,7 @@ def fixed_costs(editor, clock, repeats):
     """Median seconds of the fingerprint, selection on the device, and the copies back to the CPU."""
     from hf_uwm.delta import fingerprint
 
-    device = editor.adapter.device
+    device = editor.family.device
     cpu_scores = editor.scores
     editor.scores = {n: s.to(device) for n, s in cpu_scores.items()}
     try:

@@ -51,15 +51,15 @@ def families():
     out = {}
     for score in ("ratio", "unsafe", "difference"):
         for norm in ("l2", "rms"):
-            out[f"{score} {norm}"] = (UWMConfig(score=score, token_norm=norm), TAUS)
+            out[f"{score} {norm}"] = (UWMConfig(method=score, token_norm=norm), TAUS)
     out["ratio l2 fixed"] = (UWMConfig(**fixed), DENSITIES)
     out["ratio l2 prior text off"] = (UWMConfig(text_prior=False), TAUS)
     out["ratio l2 prior vision on"] = (UWMConfig(vision_prior=True), TAUS)
     out["ratio l2 text only"] = (UWMConfig(vision_targets=[]), TAUS)
     out["ratio l2 vision only"] = (UWMConfig(text_targets=[]), TAUS)
-    out["attribution text out_proj"] = (UWMConfig(score="attribution", vision_targets=[], **fixed), DENSITIES)
-    out["attribution both towers"] = (UWMConfig(score="attribution", **fixed), DENSITIES)
-    out["attribution text fc2 shared"] = (UWMConfig(score="attribution", text_targets=["mlp.fc2"], vision_targets=[],
+    out["attribution text out_proj"] = (UWMConfig(method="attribution", vision_targets=[], **fixed), DENSITIES)
+    out["attribution both towers"] = (UWMConfig(method="attribution", **fixed), DENSITIES)
+    out["attribution text fc2 shared"] = (UWMConfig(method="attribution", text_targets=["mlp.fc2"], vision_targets=[],
                                                     shared_budget=True, **fixed), SHARED_DENSITIES)
     for baseline in ("g_unsafe", "g_safeclip"):
         out[baseline] = (UWMConfig.baseline(baseline, sparsity=0.01), DENSITIES)
@@ -68,7 +68,7 @@ def families():
 
 
 def iterative_families():
-    return {_iterative_name(lam, delta): (UWMConfig(score="iterative_attribution", curvature_weight=lam,
+    return {_iterative_name(lam, delta): (UWMConfig(method="iterative_attribution", curvature_weight=lam,
                                                     round_density=delta, rounds=max(rounds)),
                                           [{"rounds": r} for r in rounds])
             for lam in CURVATURE_WEIGHTS for delta, rounds in ROUND_DENSITIES.items()}
@@ -182,7 +182,7 @@ def main():
         lam, delta, rounds = defaults
         model, processor = load_model(name)
         calibration, _, on_test = splits(args)
-        config = UWMConfig(score="iterative_attribution", curvature_weight=lam, round_density=delta, rounds=rounds)
+        config = UWMConfig(method="iterative_attribution", curvature_weight=lam, round_density=delta, rounds=rounds)
         editor = UWMEditor(model, processor, config, base_model=name).calibrate(calibration, progress=False)
         s["defaults_test"] = (sum(editor.counts().values()), sw.evaluate_edit(editor, lambda m: on_test(m, processor)),
                               sw.evaluate_edit(editor.random_control(seed=0), lambda m: on_test(m, processor)))

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from hf_uwm import organism  # noqa: E402
-from hf_uwm.demo import METHODS  # noqa: E402
+from hf_uwm.demo import EDITS  # noqa: E402
 
 # name: (world, seed, unsafe fraction); None marks a bundled organism (never retrained here).
 ZOO = {"organism": (2, None, None), "world2-seed1-unsafe0.25": (2, 1, 0.25),
@@ -118,7 +118,7 @@ def rows(name: str, results: dict) -> list[dict]:
     test = results["test"]
     base = test["base"]
     out = []
-    for method in METHODS:
+    for method in EDITS:
         edit, control, chosen = test[method], test[f"random ({method})"], results["chosen"][method]
         row = {"organism": name, "world": results.get("world", 2), "method": method,
                "setting": _setting(chosen), "status": chosen["status"], "weights": chosen["weights"],
@@ -181,9 +181,9 @@ def plot(all_rows: list[dict], path: Path):
     if hard:
         panels.append(("GS held-out", "GS held-out CI", "control GS held-out", "GS, held-out concepts (world 3)", hard))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), squeeze=False)
-    width = 0.8 / (2 * len(METHODS))
+    width = 0.8 / (2 * len(EDITS))
     for ax, (key, ci, control, title, names) in zip(axes[0], panels):
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(EDITS):
             mine = [next(r for r in all_rows if r["organism"] == o and r["method"] == method) for o in names]
             x = np.arange(len(names)) + 2 * i * width
             values = [r[key] for r in mine]
@@ -191,7 +191,7 @@ def plot(all_rows: list[dict], path: Path):
             bars = ax.bar(x, values, width, yerr=errors, capsize=2, label=method)
             ax.bar(x + width, [r[control] for r in mine], width, color=bars[0].get_facecolor(), alpha=0.35,
                    hatch="//", label=f"random ({method})")
-        ax.set_xticks(np.arange(len(names)) + width * (2 * len(METHODS) - 1) / 2, names, rotation=20, ha="right",
+        ax.set_xticks(np.arange(len(names)) + width * (2 * len(EDITS) - 1) / 2, names, rotation=20, ha="right",
                       fontsize=8)
         ax.set_title(title)
         ax.set_ylabel("percent (test split)")

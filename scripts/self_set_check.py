@@ -1,6 +1,6 @@
 """The self-setting default on models nobody tuned it on: one command per model, as a user runs it.
 
-For every model: `hf-uwm edit MODEL --data DATA --score iterative_attribution --output OUT/NAME`
+For every model: `hf-uwm edit MODEL --data DATA --method iterative_attribution --output OUT/NAME`
 (no other setting), then the test split (1,000 quadruples, 500 zero-shot images, bootstrap 95%
 intervals) for the base model, the edit, and a random control flipping as many weights per layer.
 
@@ -38,7 +38,7 @@ def check(model: str, out: Path, threads: int) -> dict:
     name = Path(model).name
     data = data_name(model)
     start = time.perf_counter()
-    assert cli(["edit", model, "--data", data, "--score", "iterative_attribution", "--output", str(out / name),
+    assert cli(["edit", model, "--data", data, "--method", "iterative_attribution", "--output", str(out / name),
                 "--quiet", "--threads", str(threads)]) == 0
     edit_s = time.perf_counter() - start
     from hf_uwm.editor import load_model

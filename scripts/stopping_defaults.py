@@ -69,7 +69,7 @@ def trajectory_of(model_name: str, args) -> dict:
 
     model, processor = load_model(model_name)
     calibration, validation, zero_shot = world_data(model_name, args)
-    config = UWMConfig(score="iterative_attribution", rounds=args.rounds, goal=None, knowledge_budget=None)
+    config = UWMConfig(method="iterative_attribution", rounds=args.rounds, goal=None, knowledge_budget=None)
     start = time.process_time()
     editor = UWMEditor(model, processor, config).calibrate(calibration, progress=False)
     calibrate_s = time.process_time() - start

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from conftest import make_clip, make_llava, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.adapters import Adapter
+from hf_uwm.families import ModelFamily
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,9 @@ def clip64():
 
 def embeddings(model, processor, data):
     """Ts, Tu, Is, Iu of the whole set, each (N, D), with gradients on whatever requires them."""
-    adapter = Adapter(model, processor)
-    texts = [adapter.embed_text(adapter.text_inputs(data[c])) for c in ("safe_text", "unsafe_text")]
-    images = [adapter.embed_images(adapter.image_inputs(data[c])) for c in ("safe_image", "unsafe_image")]
+    family = ModelFamily(model, processor)
+    texts = [family.embed_text(family.text_inputs(data[c])) for c in ("safe_text", "unsafe_text")]
+    images = [family.embed_images(family.image_inputs(data[c])) for c in ("safe_image", "unsafe_image")]
     return (*texts, *images)
 
 
@@ -89,7 +89,7 @@ def test_g_safeclip_scores_equal_autograd_of_the_stated_loss(clip64, data):
 
 def test_baseline_config_prunes_a_fixed_sparsity():
     config = UWMConfig.baseline("g_safeclip", sparsity=0.05, vision_targets=[])
-    assert (config.score, config.selection, config.density, config.alpha) == ("g_safeclip", "fixed", 0.05, 0.0)
+    assert (config.method, config.selection, config.density, config.alpha) == ("g_safeclip", "fixed", 0.05, 0.0)
     assert config.vision_targets == [] and UWMConfig.from_json_string(config.to_json_string()) == config
     assert UWMConfig.baseline("g_unsafe").density == 0.02
     with pytest.raises(ValueError, match="g_unsafe"):
@@ -153,5 +153,5 @@ def test_g_safeclip_on_siglip_equals_autograd_of_the_stated_loss(data):
 
 def test_baselines_refuse_a_model_without_text_tower(data):
     model, processor = make_llava()
-    with pytest.raises(ValueError, match="no text tower"):
+    with pytest.raises(ValueError, match="edits clip/siglip models, not LlavaForConditionalGeneration: use method=.caption_attribution."):
         UWMEditor(model, processor, UWMConfig.baseline("g_unsafe")).calibrate(data, progress=False)

@@ -39,7 +39,7 @@ def data():
 
 
 def iterative(**settings):
-    return UWMConfig(score="caption_iterative", goal=None, knowledge_budget=None, holdout=0.0, **settings)
+    return UWMConfig(method="caption_iterative", goal=None, knowledge_budget=None, holdout=0.0, **settings)
 
 
 class _OneProcess:
@@ -119,7 +119,7 @@ def _bounds(weights):
 def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, data):
     probes = 3
     editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=2, seed=3))
-    run = Calibration(data, _OneProcess, editor.adapter, 2, progress=False)
+    run = Calibration(data, _OneProcess, editor.family, 2, progress=False)
     grads, estimate = margin_and_fisher(editor, run, 4)
     weights = [layer.weight for layer in editor.target_layers.values()]
     # The estimate is (1/P) Σ_p (Σ_bt r_pbt ∂ℓ_bt/∂W)² with the probes of round 4, summed over both batches.
@@ -138,7 +138,7 @@ def test_fisher_estimate_converges_to_the_exact_diagonal(llava64, processor, dat
     """With many probes the estimate reaches Σ_bt (∂ℓ_bt/∂W)², the exact Gauss-Newton diagonal."""
     probes = 400
     editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=3, seed=1))
-    _, estimate = margin_and_fisher(editor, Calibration(data, _OneProcess, editor.adapter, 3, progress=False), 1)
+    _, estimate = margin_and_fisher(editor, Calibration(data, _OneProcess, editor.family, 3, progress=False), 1)
     weights = [layer.weight for layer in editor.target_layers.values()]
     _, _, exact = hand_gradients(llava64, processor, data, weights, torch.zeros(1, 3, MAX_TOKENS))
     relative = float((torch.cat([x.flatten() for x in estimate.values()]) - exact).norm() / exact.norm())
@@ -186,7 +186,7 @@ def test_the_trajectory_measures_the_held_out_slice_of_the_model_edited_so_far(p
     from hf_uwm.methods.stopping import holdout_rows
 
     model, data = tiny_llava(processor, seed=5), make_pairs(5, seed=9)
-    cfg = UWMConfig(score="caption_iterative", rounds=3, round_density=0.01, curvature_probes=2, batch_size=2,
+    cfg = UWMConfig(method="caption_iterative", rounds=3, round_density=0.01, curvature_probes=2, batch_size=2,
                     holdout=0.4, goal=None, knowledge_budget=None)
     editor = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
     holdout = data.select(holdout_rows(len(data), 0.4, cfg.seed)[1])
@@ -262,5 +262,5 @@ def test_two_processes_match_one_process(tmp_path, processor):
 
 
 def test_refuses_a_model_without_captions():
-    with pytest.raises(ValueError, match="LLaVA"):
-        UWMEditor(*make_clip(), UWMConfig(score="caption_iterative"))
+    with pytest.raises(ValueError, match="edits llava models, not CLIPModel: use method=.iterative_attribution."):
+        UWMEditor(*make_clip(), UWMConfig(method="caption_iterative"))

@@ -226,7 +226,7 @@ def test_caption_attribution_gradient_against_autograd(processor):
          "safe_image": [random_image(rng) for _ in range(3)], "unsafe_image": [random_image(rng) for _ in range(3)]},
         features=datasets.Features({"safe_text": datasets.Value("string"), "unsafe_text": datasets.Value("string"),
                                     "safe_image": datasets.Image(), "unsafe_image": datasets.Image()}))
-    editor = UWMEditor(model, processor, UWMConfig(score="caption_attribution", batch_size=2))
+    editor = UWMEditor(model, processor, UWMConfig(method="caption_attribution", batch_size=2))
     scores, layers = editor.calibrate(pairs, progress=False).scores, editor.target_layers
     assert sorted(scores) == sorted(layers) and len(layers) == 2   # vision fc2 of the layers that reach the LM
 
@@ -263,8 +263,8 @@ def test_caption_attribution_refuses_a_model_without_captions():
 
     from hf_uwm import UWMConfig, UWMEditor
 
-    with pytest.raises(ValueError, match="LLaVA"):
-        UWMEditor(*make_clip(), UWMConfig(score="caption_attribution"))
+    with pytest.raises(ValueError, match="edits llava models, not CLIPModel: use method=.attribution."):
+        UWMEditor(*make_clip(), UWMConfig(method="caption_attribution"))
 
 
 def test_eval_captions_cli_base_edit_and_random_control(tmp_path, processor, capsys):
@@ -300,7 +300,7 @@ def test_eval_captions_cli_base_edit_and_random_control(tmp_path, processor, cap
     code = main(["eval-captions", str(tmp_path / "delta"), "--base", str(tmp_path / "llava"), "--data",
                  str(tmp_path / "pairs"), "--judge",
                  f"classifier:{tmp_path / 'judge'}:unsafe", "--no-meteor", "--max-new-tokens", "3",
-                 "--bootstrap", "20", "--quiet", "--json", str(tmp_path / "out.json")])
+                 "--bootstrap", "20", "--random-control", "--quiet", "--json", str(tmp_path / "out.json")])
     out = capsys.readouterr().out
     assert code == 0
     assert all(name in out for name in ("base", "edited", "random control", "weights changed"))

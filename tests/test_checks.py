@@ -116,12 +116,13 @@ def test_unknown_top_level_keys_are_refused_and_older_files_load(editor, tmp_pat
     with pytest.raises(ValueError, match=r"unknown top-level key\(s\) \['colour'\]"):
         read_delta(folder)
     # A file of an older version: the required keys only, and a config of fewer fields (score, tau, alpha...).
-    old_config = {k: record["config"][k] for k in ("tau", "alpha", "score", "text_targets", "vision_targets")}
+    old_config = {k: record["config"][k] for k in ("tau", "alpha", "text_targets", "vision_targets")}
+    old_config["score"] = record["config"]["method"]
     old = {k: record[k] for k in ("format_version", "model_class", "base_model", "base_revision", "fingerprint",
                                   "layers")}
     (folder / CONFIG_NAME).write_text(json.dumps({**old, "config": old_config}))
     loaded = UWMEditor.from_pretrained(folder, model=editor.model, processor=editor.processor)
-    assert loaded.config.score == "ratio" and loaded.counts() == editor.counts()
+    assert loaded.config.method == "ratio" and loaded.counts() == editor.counts()
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))
 
 

@@ -34,7 +34,7 @@ def test_help_explains_the_commands(capsys):
 def test_edit_then_eval_a_delta(files, tmp_path, capsys):
     delta = tmp_path / "delta"
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(delta),
-                 "--score", "ratio", "--tau", "0.05", "--quiet"]) == 0
+                 "--method", "ratio", "--tau", "0.05", "--quiet"]) == 0
     record = json.loads((delta / "uwm_config.json").read_text())
     assert record["config"]["tau"] == 0.05 and record["base_model"] is None and record["base_model_folder"] == "model"
     assert main(["eval", str(delta), "--data", str(files / "validation"), "--bootstrap", "0", "--quiet"]) == 1
@@ -112,7 +112,7 @@ def test_sweep_of_iterative_attribution_calibrates_once_per_score_setting(files,
     monkeypatch.setattr(UWMEditor, "calibrate",
                         lambda self, *a, **k: calls.append(self.config) or calibrate(self, *a, **k))
     assert main(["sweep", str(files / "model"), "--data", str(files / "pairs"), "--eval", str(files / "validation"),
-                 "--score", "iterative_attribution", "--rounds", "1", "2", "--curvature-weight", "0", "4",
+                 "--method", "iterative_attribution", "--rounds", "1", "2", "--curvature-weight", "0", "4",
                  "--output", str(tmp_path / "sweep"), "--max-zero-shot-drop", "100", "--quiet"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
     assert [r["setting"] for r in rows[1:]] == [f"rounds={r} curvature_weight={w} alpha=-1"
@@ -123,26 +123,25 @@ def test_sweep_of_iterative_attribution_calibrates_once_per_score_setting(files,
 
 # --- the default method and its flags ---------------------------------------------------------------
 def test_edit_help_gives_every_method_its_purpose_and_marks_the_default(capsys):
-    from hf_uwm.cli import METHOD_HELP
-    from hf_uwm.config import SCORES
+    from hf_uwm.methods import get_method, method_names
 
     with pytest.raises(SystemExit):
         main(["edit", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
     assert "iterative_attribution (default): recommended" in out
-    for score in SCORES:
-        assert f"{score}{' (default)' if score == 'iterative_attribution' else ''}: {METHOD_HELP[score]}" in out
-    assert "reproduces the paper" in METHOD_HELP["ratio"]
+    for name in method_names():
+        assert f"{name}{' (default)' if name == 'iterative_attribution' else ''}: {get_method(name).help}" in out
+    assert "reproduces the paper" in get_method("ratio").help
 
 
 def test_edit_runs_iterative_attribution_by_default_and_says_what_it_did(files, tmp_path, capsys):
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "d"),
                  "--rounds", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert json.loads((tmp_path / "d" / "uwm_config.json").read_text())["config"]["score"] == "iterative_attribution"
+    assert json.loads((tmp_path / "d" / "uwm_config.json").read_text())["config"]["method"] == "iterative_attribution"
     assert "iterative_attribution" in out and "flipped" in out and "τ" not in out  # it has no τ
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "u"),
-                 "--score", "ratio", "--quiet"]) == 0
+                 "--method", "ratio", "--quiet"]) == 0
     assert "ratio, τ=0.02, α=-1" in capsys.readouterr().out
 
 
@@ -153,9 +152,12 @@ def test_the_stopping_flags_reach_the_config_and_foreign_flags_are_refused(files
     assert (config["goal"], config["knowledge_budget"], config["holdout"], config["rounds"]) == (None, 3.0, 0.25, 2)
     base = ["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "x"), "--quiet"]
     assert main(base + ["--tau", "0.05"]) == 1
-    assert "add --score ratio for UWM as published" in capsys.readouterr().err
-    assert main(base + ["--score", "ratio", "--goal", "90", "--holdout", "0.1"]) == 1
-    assert "--goal, --holdout: only for --score iterative_attribution" in capsys.readouterr().err
+    assert "add --method ratio for UWM as published" in capsys.readouterr().err
+    assert main(base + ["--method", "ratio", "--goal", "90", "--holdout", "0.1"]) == 1
+    assert "--goal, --holdout: not a setting of --method ratio (its settings: --tau, --token-norm)" in (
+        capsys.readouterr().err)
+    assert main(base + ["--score", "caption_iterative", "--round-density", "0.01"]) == 1   # the former flag name
+    assert "edits llava models, not CLIPModel: use method='iterative_attribution'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--knowledge-budget", "lots"])
     assert "expected a number of points such as 2, or 'none'" in capsys.readouterr().err
@@ -182,7 +184,7 @@ def test_text_only_pairs_with_the_default_method_say_how_to_edit_by_texts(files,
     assert main(["edit", str(files / "model"), "--data", str(tmp_path / "texts.csv"), "--output",
                  str(tmp_path / "d"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "no image columns" in err and "--score ratio --towers text" in err
+    assert "no image columns" in err and "--method ratio --towers text" in err
 
 
 # --- a user's own single-file data ------------------------------------------------------------------
@@ -205,7 +207,7 @@ def csv_pairs(files):
 
 def test_single_file_data_is_its_own_split_for_eval_and_sweep(files, csv_pairs, tmp_path, capsys):
     delta = tmp_path / "delta"
-    assert main(["edit", str(files / "model"), "--data", str(csv_pairs), "--output", str(delta), "--score", "ratio",
+    assert main(["edit", str(files / "model"), "--data", str(csv_pairs), "--output", str(delta), "--method", "ratio",
                  "--quiet"]) == 0
     # eval's default split is test, sweep's --eval-split validation: the file's rows answer to both.
     assert main(["eval", str(delta), "--base", str(files / "model"), "--data", str(csv_pairs), "--bootstrap", "0",
@@ -228,7 +230,7 @@ def test_warnings_are_one_line_of_the_command(files, csv_pairs, tmp_path):
 
     root = str(Path(hf_uwm.__file__).parents[1])
     run = subprocess.run([sys.executable, "-m", "hf_uwm.cli", "edit", str(files / "model"), "--data", str(csv_pairs),
-                          "--samples", "300", "--score", "ratio", "--output", str(tmp_path / "d"), "--quiet"],
+                          "--samples", "300", "--method", "ratio", "--output", str(tmp_path / "d"), "--quiet"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
     assert run.returncode == 0, run.stderr
     assert "hf-uwm edit: warning: Asked for 300 pairs but" in run.stderr

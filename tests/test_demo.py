@@ -15,13 +15,13 @@ def small(monkeypatch):
                             BOOTSTRAP=50).items():
         monkeypatch.setattr(demo, name, value)
     small_methods = {
-        "UWM": (demo.METHODS["UWM"][0], [{"tau": 0.02}], "uwm"),
-        "attribution": (demo.METHODS["attribution"][0], [{"density": 0.02}], "attribution"),
-        "iterative attribution": (dataclasses.replace(demo.METHODS["iterative attribution"][0], rounds=2), [{}],
+        "UWM": (demo.EDITS["UWM"][0], [{"tau": 0.02}], "uwm"),
+        "attribution": (demo.EDITS["attribution"][0], [{"density": 0.02}], "attribution"),
+        "iterative attribution": (dataclasses.replace(demo.EDITS["iterative attribution"][0], rounds=2), [{}],
                                   "iterative-attribution"),
     }
-    assert small_methods.keys() == demo.METHODS.keys()
-    monkeypatch.setattr(demo, "METHODS", small_methods)
+    assert small_methods.keys() == demo.EDITS.keys()
+    monkeypatch.setattr(demo, "EDITS", small_methods)
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,7 @@ def test_random_draws_of_a_layer_depend_on_that_layer_only(data):
     assert all(torch.equal(controls[0].delta[n], controls[1].delta[n]) for n in vision)
     first, second = (set(controls[0].delta[n].tolist()) for n in vision[:2])
     assert not first <= second and not second <= first  # not one permutation cut at two lengths
-    random_scores = [UWMEditor(model, processor, UWMConfig(text_targets=[t], score="random")).calibrate().scores
+    random_scores = [UWMEditor(model, processor, UWMConfig(text_targets=[t], method="random")).calibrate().scores
                      for t in ("self_attn.out_proj", "mlp.fc1")]
     assert all(torch.equal(random_scores[0][n], random_scores[1][n]) for n in vision)
     assert not torch.equal(random_scores[0][vision[0]], random_scores[0][vision[1]])
@@ -204,7 +204,7 @@ def test_unsupported_model_class_is_a_type_error():
 
 
 @pytest.mark.parametrize("field,value", [("tau", 0.0), ("tau", 1.0), ("tau", -0.1), ("alpha", float("nan")),
-                                         ("score", "magic"), ("density", 0), ("batch_size", 0),
+                                         ("method", "magic"), ("density", 0), ("batch_size", 0),
                                          ("token_norm", "l1"), ("selection", "topk")])
 def test_out_of_range_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"UWMConfig.{field}"):
@@ -212,7 +212,7 @@ def test_out_of_range_config_values_name_the_field(field, value):
 
 
 def test_config_round_trips_through_json(tmp_path):
-    cfg = UWMConfig(tau=0.05, alpha=0.0, score="difference", text_targets=["mlp.fc1"], text_prior=False)
+    cfg = UWMConfig(tau=0.05, alpha=0.0, method="difference", text_targets=["mlp.fc1"], text_prior=False)
     (tmp_path / "c.json").write_text(cfg.to_json_string())
     assert UWMConfig.from_json_file(tmp_path / "c.json") == cfg
     with pytest.raises(ValueError, match="Unknown UWMConfig field"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_clip, make_llava, make_pairs, make_siglip, random_image
 
-from hf_uwm.adapters import Adapter
+from hf_uwm.families import ModelFamily
 from hf_uwm.evaluation import (QuadrupleEmbeddings, ZeroShotTask, compare, embed_quadruples, evaluate_model,
                                retrieval_recalls, zero_shot_accuracy)
 from hf_uwm.metrics import safeground_path
@@ -187,10 +187,10 @@ def test_organism_retrieval_does_not_depend_on_batch_size():
 
 def hand_similarities(model, processor, dataset):
     """The four similarities as plain dot products of whole-column embeddings (one batch per column)."""
-    adapter = Adapter(model, processor)
+    family = ModelFamily(model, processor)
     with torch.no_grad():
-        ts, tu = (adapter.embed_text(adapter.text_inputs(dataset[c][:])).double() for c in ("safe_text", "unsafe_text"))
-        im_s, im_u = (adapter.embed_images(adapter.image_inputs(dataset[c][:])).double()
+        ts, tu = (family.embed_text(family.text_inputs(dataset[c][:])).double() for c in ("safe_text", "unsafe_text"))
+        im_s, im_u = (family.embed_images(family.image_inputs(dataset[c][:])).double()
                       for c in ("safe_image", "unsafe_image"))
     pairs = [(ts, im_s), (ts, im_u), (tu, im_s), (tu, im_u)]
     return {name: [float(a[i] @ b[i]) for i in range(len(dataset))] for name, (a, b) in zip(INPUTS, pairs)}
@@ -256,7 +256,7 @@ def test_zero_shot_renormalises_template_means(monkeypatch):
     texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.6, 0.8]])
     image = torch.tensor([[0.8, 0.6]])
 
-    def fake_embed(adapter, items, kind, batch_size, bar, text_length=None):
+    def fake_embed(family, items, kind, batch_size, bar, text_length=None):
         return (texts, []) if kind == "text" else (image, [])
 
     monkeypatch.setattr(evaluation, "_embed", fake_embed)

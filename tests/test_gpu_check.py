@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_clip, make_pairs
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.adapters import Adapter
+from hf_uwm.families import ModelFamily
 from hf_uwm.data import PreprocessedPairs
 from hf_uwm.delta import fingerprint, fingerprint_in_background
 from hf_uwm.methods.uwm import RunningScores
@@ -66,8 +66,8 @@ def test_cpu_mode_of_the_gpu_check_runs_without_datasets(tmp_path):
 def _preprocessed(editor, data) -> PreprocessedPairs:
     """The pairs as model inputs, texts padded to one length across safe and unsafe items."""
     n = len(data)
-    text = editor.adapter.preprocess_text(list(data["safe_text"]) + list(data["unsafe_text"]))
-    images = editor.adapter.preprocess_images(list(data["safe_image"]) + list(data["unsafe_image"]))
+    text = editor.family.preprocess_text(list(data["safe_text"]) + list(data["unsafe_text"]))
+    images = editor.family.preprocess_images(list(data["safe_image"]) + list(data["unsafe_image"]))
     side = lambda rows: {"text": {k: v[rows] for k, v in text.items()},  # noqa: E731
                          "vision": {k: v[rows] for k, v in images.items()}}
     return PreprocessedPairs(side(slice(0, n)), side(slice(n, 2 * n)))
@@ -105,9 +105,9 @@ def test_statistics_read_the_device_once_per_batch(monkeypatch):
     """On a GPU every read of a tensor's value by the host waits for all queued work: the hooks
     may read once per batch (the non-finite flag), not once per layer."""
     model, processor = make_clip()
-    adapter = Adapter(model, processor)
-    layers = adapter.target_layers("text", ["self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"])
-    inputs = adapter.text_inputs(["a cat", "a dog on a street", "a bloody cat", "a dog with a knife on a street"])
+    family = ModelFamily(model, processor)
+    layers = family.target_layers("text", ["self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"])
+    inputs = family.text_inputs(["a cat", "a dog on a street", "a bloody cat", "a dog with a knife on a street"])
     reads = []
     for method in HOST_READS:
         original = getattr(torch.Tensor, method)
@@ -121,16 +121,16 @@ def test_statistics_read_the_device_once_per_batch(monkeypatch):
         return list(reads)
 
     with torch.no_grad():
-        plain = count(lambda: adapter.run_tower("text", inputs))
+        plain = count(lambda: family.run_tower("text", inputs))
     running = RunningScores(layers, "difference", "l2", 1e-8)                 # two terms per layer
     with running.hooked():
-        hooked = count(lambda: running.observe(lambda x: adapter.run_tower("text", x), inputs, [0, 1]))
+        hooked = count(lambda: running.observe(lambda x: family.run_tower("text", x), inputs, [0, 1]))
     assert len(layers) == 12 and len(hooked) - len(plain) == 1, hooked
 
 
 def test_fingerprint_is_the_sha256_of_the_bfloat16_weights_and_runs_in_the_background():
     model, _ = make_clip()
-    layers = Adapter(model).target_layers("vision", ["mlp.fc1", "mlp.fc2"])
+    layers = ModelFamily(model).target_layers("vision", ["mlp.fc1", "mlp.fc2"])
     digest = hashlib.sha256()
     for name in sorted(layers):
         weight = layers[name].weight.detach().to(torch.bfloat16)

@@ -150,7 +150,7 @@ def test_command_line_hints_name_flags_and_show_the_files_columns(tmp_path, caps
     (tmp_path / "bad.csv").write_text("safe_text,unsafe_text\na red cat on grass,a dead red cat on grass\n"
                                       "a blue dog on sand,\n")
     argv = ["edit", "organism", "--data", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "d"),
-            "--score", "ratio", "--towers", "text", "--quiet"]
+            "--method", "ratio", "--towers", "text", "--quiet"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "--skip-bad-rows" in err and "skip_bad_rows=True" not in err
@@ -203,7 +203,7 @@ def test_quiet_silences_the_datasets_bars(tmp_path, capfd):
     import datasets
 
     (tmp_path / "fresh.csv").write_text("safe_text,unsafe_text\na red cat on grass,a dead red cat on grass\n")
-    assert main(["edit", "organism", "--data", str(tmp_path / "fresh.csv"), "--score", "ratio", "--towers", "text",
+    assert main(["edit", "organism", "--data", str(tmp_path / "fresh.csv"), "--method", "ratio", "--towers", "text",
                  "--quiet", "--output", str(tmp_path / "d")]) == 0
     err = capfd.readouterr().err
     assert "Generating train split" not in err and "examples/s" not in err

@@ -15,7 +15,7 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryN
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
 from conftest import make_clip, make_pairs
-from hf_uwm import UWMEditor
+from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.delta import CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta
 from hf_uwm.evaluation import EvaluationReport
 from hf_uwm.hub import PushError, render_card, resolve_delta_folder
@@ -237,17 +237,23 @@ def test_card_metadata_is_what_the_hub_expects(editor):
     assert merged["base_model"] == BASE and "base_model_relation" not in merged
 
 
-@pytest.mark.parametrize("score, words", [
+@pytest.mark.parametrize("method, words", [
     ("ratio", "Unsafe Weights Manipulation (UWM)"), ("attribution", "**attribution**"),
     ("iterative_attribution", "iterative, knowledge-guarded attribution"), ("random", "a random control"),
-    ("g_unsafe", "G-Unsafe"), ("g_safeclip", "G-Safe-CLIP")])
-def test_card_describes_the_method_actually_used(editor, score, words):
+    ("g_unsafe", "G-Unsafe"), ("g_safeclip", "G-Safe-CLIP"), ("caption_attribution", "caption attribution"),
+    ("caption_iterative", "iterative, knowledge-guarded caption attribution")])
+def test_card_describes_the_method_actually_used(editor, method, words):
     record = editor.record()
-    record["config"]["score"] = score
+    record["config"] = UWMConfig(method=method, **({} if method in ITERATIVE else {"tau": 0.02})).to_dict()
     text = " ".join(ModelCard(render_card(record)).text.split())
     assert words in text
-    if score != "ratio":
+    if method != "ratio":
         assert "Unsafe Weights Manipulation" not in text
+    if method in ITERATIVE:   # its own settings, not UWM's
+        assert "| `rounds` | `40` |" in render_card(record) and "token_norm" not in text
+
+
+ITERATIVE = ("iterative_attribution", "caption_iterative")
 
 
 def test_push_can_open_a_pull_request_with_a_description(editor, hub):

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_clip, make_llava, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.adapters import Adapter
+from hf_uwm.families import ModelFamily
 from hf_uwm.methods import Calibration
 from hf_uwm.methods.iterative import IterativeAttribution, margin_and_curvature, probe_directions
 
@@ -26,7 +26,7 @@ def data():
 
 def iterative(**settings):
     """The method with every round run (no held-out slice, no stopping rule), as its definition."""
-    return UWMConfig(score="iterative_attribution", **{"goal": None, "knowledge_budget": None, "holdout": 0,
+    return UWMConfig(method="iterative_attribution", **{"goal": None, "knowledge_budget": None, "holdout": 0,
                                                       **settings})
 
 
@@ -39,9 +39,9 @@ def assert_same_state(model, before):
 
 
 # --- the definition, written out ------------------------------------------------------------------
-def embeddings(adapter, data):
-    ts, tu = (adapter.embed_text(adapter.text_inputs(data[c])) for c in ("safe_text", "unsafe_text"))
-    is_, iu = (adapter.embed_images(adapter.image_inputs(data[c])) for c in ("safe_image", "unsafe_image"))
+def embeddings(family, data):
+    ts, tu = (family.embed_text(family.text_inputs(data[c])) for c in ("safe_text", "unsafe_text"))
+    is_, iu = (family.embed_images(family.image_inputs(data[c])) for c in ("safe_image", "unsafe_image"))
     return ts, tu, is_, iu
 
 
@@ -52,15 +52,15 @@ def hand_margin(ts, tu, is_, iu):
 
 def hand_rounds(model, processor, data, cfg):
     """Each round on the whole set at once, on a model edited in place; returns the round of each weight."""
-    adapter = Adapter(model, processor)
-    layers = adapter.target_layers("text", cfg.text_targets)
+    family = ModelFamily(model, processor)
+    layers = family.target_layers("text", cfg.text_targets)
     weights = [layer.weight for layer in layers.values()]
     flipped = [torch.zeros(w.shape, dtype=torch.int32) for w in weights]
     original = [w.detach().clone() for w in weights]
     n = sum(w.numel() for w in weights)
     for r in range(1, cfg.rounds + 1):
-        g = torch.autograd.grad(hand_margin(*embeddings(adapter, data)), weights)
-        safe = adapter.embed_text(adapter.text_inputs(data["safe_text"]))              # (N, D)
+        g = torch.autograd.grad(hand_margin(*embeddings(family, data)), weights)
+        safe = family.embed_text(family.text_inputs(data["safe_text"]))              # (N, D)
         directions = probe_directions(cfg.seed, r, list(range(len(data))), cfg.curvature_probes, safe.shape[1])
         probe_grads = [torch.autograd.grad((d.to(safe) * safe).sum(), weights, retain_graph=True) for d in directions]
         G = [torch.stack([pg[i] for pg in probe_grads]).square().mean(0) for i in range(len(weights))]
@@ -102,7 +102,7 @@ def test_one_round_without_curvature_is_attribution_with_a_shared_budget(clip64,
     model, processor = clip64
     once = UWMEditor(model, processor, iterative(rounds=1, round_density=0.02, curvature_weight=0.0))
     once.calibrate(data, progress=False)
-    plain = UWMEditor(model, processor, UWMConfig(score="attribution", selection="fixed", density=0.02,
+    plain = UWMEditor(model, processor, UWMConfig(method="attribution", selection="fixed", density=0.02,
                                                   shared_budget=True, **FC2)).calibrate(data, progress=False)
     assert once.config.text_targets == ["mlp.fc2"] and once.config.vision_targets == []
     assert once.delta.keys() == plain.delta.keys()
@@ -115,10 +115,10 @@ def test_one_round_without_curvature_is_attribution_with_a_shared_budget(clip64,
 def test_margin_gradient_equals_autograd(clip64, data):
     model, processor = clip64
     editor = UWMEditor(model, processor, iterative(curvature_weight=0.0, batch_size=2))
-    run = Calibration(data, _OneProcess, editor.adapter, 2, progress=False)
+    run = Calibration(data, _OneProcess, editor.family, 2, progress=False)
     grads, curvature = margin_and_curvature(editor, run, 1)
     weights = [layer.weight for layer in editor.target_layers.values()]
-    expected = torch.autograd.grad(hand_margin(*embeddings(editor.adapter, data)), weights)
+    expected = torch.autograd.grad(hand_margin(*embeddings(editor.family, data)), weights)
     assert curvature is None
     for (name, g), e in zip(grads.items(), expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-15)
@@ -131,7 +131,7 @@ class _OneProcess:
 def jacobian(editor, texts):
     """∂T_bk/∂W for every caption b and coordinate k: per layer (N·D, out·in)."""
     weights = [layer.weight for layer in editor.target_layers.values()]
-    safe = editor.adapter.embed_text(editor.adapter.text_inputs(texts))               # (N, D)
+    safe = editor.family.embed_text(editor.family.text_inputs(texts))               # (N, D)
     rows = [torch.autograd.grad(safe[b, k], weights, retain_graph=True)
             for b in range(safe.shape[0]) for k in range(safe.shape[1])]
     return [torch.stack([row[i].flatten() for row in rows]) for i in range(len(weights))], safe.shape
@@ -142,7 +142,7 @@ def test_curvature_estimate_is_the_probe_average_and_converges_to_the_gauss_newt
     data = make_pairs(3, seed=9)
     probes = 6
     editor = UWMEditor(model, processor, iterative(curvature_probes=probes, batch_size=2, seed=3))
-    run = Calibration(data, _OneProcess, editor.adapter, 2, progress=False)
+    run = Calibration(data, _OneProcess, editor.family, 2, progress=False)
     _, estimate = margin_and_curvature(editor, run, 4)
     jacobians, (n, d) = jacobian(editor, data["safe_text"])
     # The estimate is (1/P) Σ_p (Σ_bk r_pbk J_bk)² with the probes of round 4, summed over both batches.
@@ -212,7 +212,7 @@ def test_kept_batches_are_replayed_within_the_memory_limit(monkeypatch, limit, p
         calls.append(rows)
         return {"x": torch.tensor(rows)}
 
-    run = Calibration(list(range(7)), _OneProcess, adapter=None, batch_size=3, progress=False)
+    run = Calibration(list(range(7)), _OneProcess, family=None, batch_size=3, progress=False)
     passes = [[(i, rows, inputs["x"].tolist()) for i, rows, inputs in run.batches(preprocess, "", keep=True)]
               for _ in range(3)]
     assert passes[0] == passes[1] == passes[2] == [(0, [0, 1, 2], [0, 1, 2]), (1, [3, 4, 5], [3, 4, 5]),
@@ -252,7 +252,7 @@ def test_bf16_sums_in_float32_and_stays_close(data):
     runs = []
     for dtype, autocast in ((torch.float32, None), (torch.float32, torch.bfloat16), (torch.bfloat16, None)):
         editor = UWMEditor(*make_clip(dtype=dtype), cfg)
-        run = Calibration(data, _OneProcess, editor.adapter, 32, progress=False, autocast=autocast)
+        run = Calibration(data, _OneProcess, editor.family, 32, progress=False, autocast=autocast)
         runs.append(margin_and_curvature(editor, run, 1))
     for low in runs[1:]:
         for part in (0, 1):
@@ -288,12 +288,18 @@ def test_config_round_trips_through_json():
 
 
 def test_llava_is_refused_with_a_clear_message():
-    with pytest.raises(ValueError, match="needs a text tower.*LlavaForConditionalGeneration"):
+    with pytest.raises(ValueError, match="edits clip/siglip models, not LlavaForConditionalGeneration: use "
+                                         "method='caption_iterative'"):
         UWMEditor(*make_llava(), iterative())
 
 
-def test_every_score_name_has_a_method():
-    from hf_uwm.config import SCORES
-    from hf_uwm.methods import METHODS
+def test_every_method_declares_itself_once():
+    from hf_uwm.methods import get_method, method_names
 
-    assert set(METHODS) == set(SCORES)
+    names = method_names()
+    assert len(set(names)) == len(names) >= 10 and UWMConfig().method == "ratio"
+    for name in names:
+        method = get_method(name)
+        assert method.name == name and method.title and method.help and method.card_text
+        assert set(method.families) <= {"clip", "siglip", "llava"}
+        method.settings_class()   # its defaults are valid settings

@@ -13,10 +13,10 @@ def small_demo(monkeypatch):
     monkeypatch.setattr(llava_demo, "N_CALIBRATION", 20)
     monkeypatch.setattr(llava_demo, "N_VALIDATION", 6)
     monkeypatch.setattr(llava_demo, "N_TEST", 6)
-    methods = dict(llava_demo.METHODS)
+    methods = dict(llava_demo.EDITS)
     config, grid, folder = methods["iterative"]
     methods["iterative"] = (dataclasses.replace(config, rounds=2, round_density=0.002), grid, folder)
-    monkeypatch.setattr(llava_demo, "METHODS", methods)
+    monkeypatch.setattr(llava_demo, "EDITS", methods)
 
 
 def test_every_row_has_its_rate_interval_and_text_metrics_and_meteor_is_said(tmp_path, small_demo, capsys):

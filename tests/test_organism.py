@@ -78,16 +78,16 @@ def bundled():
 def test_bundled_model_loads_and_embeds(bundled):
     from transformers import CLIPModel, CLIPProcessor
 
-    from hf_uwm.adapters import Adapter
+    from hf_uwm.families import ModelFamily
 
     model, processor = bundled
     assert isinstance(model, CLIPModel) and isinstance(processor, CLIPProcessor)
-    adapter = Adapter(model, processor)
+    family = ModelFamily(model, processor)
     pairs = organism.make_pairs(3, seed=0, split="test")
     texts = list(pairs["safe_text"]) + list(pairs["unsafe_text"])
     with torch.no_grad():
-        text = adapter.embed_text(adapter.text_inputs(texts))
-        images = adapter.embed_images(adapter.image_inputs(list(pairs["safe_image"]) + list(pairs["unsafe_image"])))
+        text = family.embed_text(family.text_inputs(texts))
+        images = family.embed_images(family.image_inputs(list(pairs["safe_image"]) + list(pairs["unsafe_image"])))
     assert text.shape == images.shape == (6, model.config.projection_dim)
     assert torch.allclose(text.norm(dim=-1), torch.ones(6), atol=1e-5)
     assert torch.isfinite(images).all()

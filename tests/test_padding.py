@@ -10,7 +10,7 @@ import torch
 from conftest import make_clip, make_pairs, make_siglip
 
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.adapters import Adapter
+from hf_uwm.families import ModelFamily
 from hf_uwm.evaluation import ZeroShotTask, embed_quadruples, zero_shot_accuracy
 from hf_uwm.methods import Calibration
 
@@ -54,10 +54,10 @@ class TextLengths:
 @FAMILIES
 def test_the_rule_per_family(make_model):
     model, processor = make_model()
-    adapter, texts = Adapter(model, processor), texts_of(make_pairs(9, seed=3))
+    family, texts = ModelFamily(model, processor), texts_of(make_pairs(9, seed=3))
     expected = longest(processor, texts) if make_model is make_clip else FIXED
-    assert adapter.text_length(texts) == expected
-    assert adapter.preprocess_text(texts)["input_ids"].shape == (len(texts), expected)
+    assert family.text_length(texts) == expected
+    assert family.preprocess_text(texts)["input_ids"].shape == (len(texts), expected)
     assert longest(processor, texts) < FIXED   # so that the rule is put to the test
 
 
@@ -85,7 +85,7 @@ def test_every_batch_of_a_run_has_the_runs_length():
     assert lengths.seen == [longest(processor, prompts)] * len(prompts)
     for score in ("ratio", "g_unsafe"):   # UWM statistics and gradient methods alike
         with TextLengths(model) as lengths:
-            UWMEditor(model, processor, UWMConfig(score=score, batch_size=2, vision_targets=[])).calibrate(
+            UWMEditor(model, processor, UWMConfig(method=score, batch_size=2, vision_targets=[])).calibrate(
                 dataset, progress=False)
         assert lengths.seen == [run_length] * 4, score
 
@@ -100,7 +100,7 @@ def test_every_process_pads_to_the_whole_sets_length():
     long = "a photo of a dog with a very long caption that no other caption of the set comes close to"
     dataset = datasets.Dataset.from_dict({"safe_text": [long] + list(dataset["safe_text"])[1:],
                                           "unsafe_text": list(dataset["unsafe_text"])})
-    run = Calibration(dataset, _SecondOfTwo, Adapter(model, processor), batch_size=2, progress=False)
+    run = Calibration(dataset, _SecondOfTwo, ModelFamily(model, processor), batch_size=2, progress=False)
     assert run.batch_bounds() == [(3, 5), (5, 6)]   # the long caption is in the other process's shard
     shapes = [inputs["input_ids"].shape for _, _, inputs in run.batches(run.preprocess("text"), "text")]
     length = longest(processor, [long])
@@ -116,8 +116,8 @@ def test_calibration_scores_equal_those_of_the_fixed_length_and_of_per_batch_pad
     scores = {"run": UWMEditor(model, processor, cfg).calibrate(dataset, progress=False).scores}
     for name, length in (("fixed", lambda texts: FIXED), ("per batch", lambda texts: None)):
         editor = UWMEditor(model, processor, cfg)
-        own = editor.adapter.preprocess_text
-        editor.adapter.preprocess_text = lambda texts, length=None, rule=length: own(texts, rule(texts))
+        own = editor.family.preprocess_text
+        editor.family.preprocess_text = lambda texts, length=None, rule=length: own(texts, rule(texts))
         scores[name] = editor.calibrate(dataset, progress=False).scores
     for name in ("fixed", "per batch"):
         assert scores[name].keys() == scores["run"].keys()
@@ -130,8 +130,8 @@ def test_copies_are_one_item_whatever_the_padding_length():
     dataset = make_pairs(4, seed=2).select([0, 1, 2, 3, 0, 1])
     longer = datasets.concatenate_datasets([dataset, make_pairs(1, seed=5).map(
         lambda row: {"unsafe_text": row["unsafe_text"] + " and a long tail of words to pad everyone else"})])
-    adapter = Adapter(model, processor)
-    assert adapter.text_length(texts_of(longer)) > adapter.text_length(texts_of(dataset))
+    family = ModelFamily(model, processor)
+    assert family.text_length(texts_of(longer)) > family.text_length(texts_of(dataset))
     short, long = (embed_quadruples(model, processor, d, progress=False) for d in (dataset, longer))
     for column in ("safe_text", "unsafe_text"):
         keys = short.content_keys[column]
@@ -139,9 +139,9 @@ def test_copies_are_one_item_whatever_the_padding_length():
 
 
 def test_a_length_that_cannot_hold_the_texts_is_refused():
-    adapter = Adapter(*make_clip())
+    family = ModelFamily(*make_clip())
     texts = ["a cat", "a photo of a dog on a street"]
     with pytest.raises(ValueError, match="between their longest"):
-        adapter.preprocess_text(texts, adapter.text_length(texts) - 1)
+        family.preprocess_text(texts, family.text_length(texts) - 1)
     with pytest.raises(ValueError, match="model's 32"):
-        adapter.preprocess_text(texts, FIXED + 1)
+        family.preprocess_text(texts, FIXED + 1)

@@ -38,11 +38,11 @@ def read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-@pytest.mark.parametrize("config", [UWMConfig(batch_size=2), UWMConfig(batch_size=2, score="attribution"),
-                                    UWMConfig(batch_size=2, score="iterative_attribution", rounds=3,
+@pytest.mark.parametrize("config", [UWMConfig(batch_size=2), UWMConfig(batch_size=2, method="attribution"),
+                                    UWMConfig(batch_size=2, method="iterative_attribution", rounds=3,
                                               round_density=0.005, curvature_probes=2, goal=None,
                                               knowledge_budget=None),
-                                    UWMConfig(batch_size=2, score="iterative_attribution", rounds=6,
+                                    UWMConfig(batch_size=2, method="iterative_attribution", rounds=6,
                                               round_density=0.005, curvature_probes=2, goal=50.0,
                                               knowledge_budget=None)],   # stops at round 1 of 6
                          ids=["ratio", "attribution", "iterative_attribution", "iterative_attribution_stopping"])
@@ -70,7 +70,7 @@ def test_shards_are_disjoint_uneven_and_cover_every_pair():
     covered = []
     for rank in range(3):
         State.process_index = rank
-        bounds = Calibration(list(range(10)), State, adapter=None, batch_size=2).batch_bounds()
+        bounds = Calibration(list(range(10)), State, family=None, batch_size=2).batch_bounds()
         covered += [row for lo, hi in bounds for row in range(lo, hi)]
     assert covered == list(range(10))
 
@@ -191,7 +191,7 @@ def test_llava_loaded_with_a_device_map_in_bf16_calibrates_its_vision_tower_only
     editor = UWMEditor.from_pretrained(tmp_path / "llava", processor=processor, device_map="cpu",
                                        dtype=torch.bfloat16)
     # device_map and dtype reach the model's from_pretrained (one CPU here: nothing to split).
-    assert editor.adapter.dtype == torch.bfloat16 and editor.adapter.device.type == "cpu"
+    assert editor.family.dtype == torch.bfloat16 and editor.family.device.type == "cpu"
     monkeypatch.setattr(editor.model.model.language_model, "forward",
                         lambda *a, **k: pytest.fail("the language model ran during calibration"))
     editor.calibrate(make_pairs(4, texts=False), progress=False)

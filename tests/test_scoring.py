@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_clip, make_llava, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.adapters import Adapter
+from hf_uwm.families import ModelFamily
 from hf_uwm.methods.uwm import RunningScores
 
 EPS = 1e-8
@@ -19,7 +19,7 @@ def unpadded_text(processor, text):
 
 def item_inputs(model, processor, dataset, tower, layers):
     """Per pair: {layer: (safe z (T, in), unsafe z (T, in))}, each item run alone (no padding)."""
-    adapter, captured = Adapter(model, processor), {}
+    family, captured = ModelFamily(model, processor), {}
     hooks = [layer.register_forward_hook(lambda m, a, o, n=name: captured.__setitem__(n, a[0][0].detach()))
              for name, layer in layers.items()]
     pairs = []
@@ -28,9 +28,9 @@ def item_inputs(model, processor, dataset, tower, layers):
             items = []
             for kind in ("safe", "unsafe"):
                 if tower == "text":
-                    adapter.run_tower("text", unpadded_text(processor, row[f"{kind}_text"]))
+                    family.run_tower("text", unpadded_text(processor, row[f"{kind}_text"]))
                 else:
-                    adapter.run_tower("vision", adapter.image_inputs([row[f"{kind}_image"]]))
+                    family.run_tower("vision", family.image_inputs([row[f"{kind}_image"]]))
                 items.append(dict(captured))
             pairs.append({name: (items[0][name], items[1][name]) for name in layers})
     finally:
@@ -75,7 +75,7 @@ def test_scores_match_literal_formula(score, prior, tower):
     model, processor = make_clip(dtype=torch.float64)
     data = make_pairs(5, seed=1)
     targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.out_proj", "mlp.fc1"]  # q, k: one input
-    cfg = UWMConfig(score=score, text_prior=prior, vision_prior=prior, batch_size=2,
+    cfg = UWMConfig(method=score, text_prior=prior, vision_prior=prior, batch_size=2,
                     text_targets=targets if tower == "text" else [],
                     vision_targets=targets if tower == "vision" else [])
     editor = UWMEditor(model, processor, cfg).calibrate(data, progress=False)
@@ -119,14 +119,14 @@ def test_attribution_matches_autograd_of_the_margin():
     data = make_pairs(4, seed=3)
     model.requires_grad_(False)
     model.logit_scale.requires_grad_(True)
-    editor = UWMEditor(model, processor, UWMConfig(score="attribution", batch_size=3)).calibrate(data, progress=False)
+    editor = UWMEditor(model, processor, UWMConfig(method="attribution", batch_size=3)).calibrate(data, progress=False)
     flags_after = [p.requires_grad for p in model.parameters()]
-    adapter, layers = Adapter(model, processor), editor.target_layers
+    family, layers = ModelFamily(model, processor), editor.target_layers
     weights = [layer.weight for layer in layers.values()]
     for w in weights:
         w.requires_grad_(True)
-    ts, tu = (adapter.embed_text(adapter.text_inputs(data[c])) for c in ("safe_text", "unsafe_text"))
-    is_, iu = (adapter.embed_images(adapter.image_inputs(data[c])) for c in ("safe_image", "unsafe_image"))
+    ts, tu = (family.embed_text(family.text_inputs(data[c])) for c in ("safe_text", "unsafe_text"))
+    is_, iu = (family.embed_images(family.image_inputs(data[c])) for c in ("safe_image", "unsafe_image"))
     s = lambda t, i: (t * i).sum(-1)  # noqa: E731
     margin = ((s(tu, iu) - s(tu, is_)) + (s(tu, iu) - s(ts, iu))).mean()
     grads = torch.autograd.grad(margin, weights)

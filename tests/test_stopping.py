@@ -83,7 +83,7 @@ def unique_pairs(n, seed=0):
 
 
 def self_setting(**settings):
-    return UWMConfig(score="iterative_attribution", **{"round_density": 0.01, "rounds": 6, "curvature_probes": 2,
+    return UWMConfig(method="iterative_attribution", **{"round_density": 0.01, "rounds": 6, "curvature_probes": 2,
                                                       "batch_size": 4, **settings})
 
 
@@ -125,9 +125,9 @@ def test_the_rule_reads_the_held_out_gs_and_the_images_agreement(clip, data):
 
 def test_the_held_out_slice_never_enters_a_backward_pass(monkeypatch, clip, data):
     model, processor = clip
-    from hf_uwm.adapters import Adapter
+    from hf_uwm.families import ModelFamily
 
-    seen, embed = [], Adapter.embed_text
+    seen, embed = [], ModelFamily.embed_text
 
     def recording(self, inputs):
         out = embed(self, inputs)
@@ -135,7 +135,7 @@ def test_the_held_out_slice_never_enters_a_backward_pass(monkeypatch, clip, data
             seen.extend(processor.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True))
         return out
 
-    monkeypatch.setattr(Adapter, "embed_text", recording)
+    monkeypatch.setattr(ModelFamily, "embed_text", recording)
     editor = UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=2))
     editor.calibrate(data, progress=False)
     kept, held = holdout_rows(len(data), 0.2, seed=0)
@@ -148,12 +148,12 @@ def test_the_held_out_slice_never_enters_a_backward_pass(monkeypatch, clip, data
 
 
 def test_images_are_embedded_once_when_no_vision_weight_is_edited(monkeypatch, clip, data):
-    from hf_uwm.adapters import Adapter
+    from hf_uwm.families import ModelFamily
 
     model, processor = clip
     calls = []
-    embed = Adapter.embed_images
-    monkeypatch.setattr(Adapter, "embed_images", lambda self, inputs: calls.append(len(inputs["pixel_values"]))
+    embed = ModelFamily.embed_images
+    monkeypatch.setattr(ModelFamily, "embed_images", lambda self, inputs: calls.append(len(inputs["pixel_values"]))
                         or embed(self, inputs))
     UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=3)).calibrate(data, progress=False)
     kept, held = holdout_rows(len(data), 0.2, seed=0)
@@ -253,13 +253,13 @@ def test_a_budget_the_first_round_already_spends_is_a_clear_error(counted_cost, 
                                          ("holdout", -0.1)])
 def test_bad_rule_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"UWMConfig.{field}"):
-        UWMConfig(score="iterative_attribution", **{field: value})
+        UWMConfig(method="iterative_attribution", **{field: value})
 
 
 def test_no_holdout_needs_the_rule_switched_off():
     with pytest.raises(ValueError, match="holdout=0 leaves nothing"):
-        UWMConfig(score="iterative_attribution", holdout=0)
-    UWMConfig(score="iterative_attribution", holdout=0, goal=None, knowledge_budget=None)
+        UWMConfig(method="iterative_attribution", holdout=0)
+    UWMConfig(method="iterative_attribution", holdout=0, goal=None, knowledge_budget=None)
 
 
 def test_a_curvature_kept_between_refreshes_equals_its_first_estimate_and_survives_a_resume(tmp_path, monkeypatch,

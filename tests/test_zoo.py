@@ -38,7 +38,7 @@ def test_zoo_reuses_organisms_caches_demos_and_writes_one_table(zoo, small, tmp_
     assert text.startswith("# Zoo\n\nkept text\n") and "whole script" in text
     table = [line for line in text.splitlines() if line.startswith("| organism (world 2)")
              or line.startswith("| world3-seed1")]
-    assert len(table) == 2 * len(demo.METHODS)
+    assert len(table) == 2 * len(demo.EDITS)
     hard = [line for line in table if line.startswith("| world3")]
     assert all("–" not in line for line in hard) and all(line.count("–") == 5 for line in table if line not in hard)
     assert (tmp_path / "zoo.png").read_bytes()[:4] == b"\x89PNG"

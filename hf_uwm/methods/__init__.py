@@ -1,37 +1,13 @@
-"""One module per editing method, each behind the `Method` interface that `UWMEditor` calls.
+"""One module per editing method, each a `Method` that declares itself and calls `register_method`.
 
-A new method is one new module with a `Method` subclass, registered here under its `score` name
-(and that name added to `hf_uwm.config.SCORES`).
+A new method is one new module here (see docs/methods.md) and its import below; a method defined
+outside the package registers itself the same way, by calling `register_method` when imported.
 """
 
 from __future__ import annotations
 
-from .attribution import Attribution
-from .base import Calibration, Method
-from .caption_attribution import CaptionAttribution
-from .caption_iterative import CaptionIterative
-from .g_safeclip import GSafeCLIP
-from .g_unsafe import GUnsafe
-from .iterative import IterativeAttribution
-from .random import RandomScores
-from .uwm import UWMStatistics
+from . import (attribution, caption_attribution, caption_iterative, g_safeclip, g_unsafe,  # noqa: F401  (register)
+               iterative, random, uwm)
+from .base import Calibration, Method, SelectionSettings, get_method, method_names, register_method
 
-METHODS: dict[str, Method] = {
-    "ratio": UWMStatistics(),
-    "unsafe": UWMStatistics(),
-    "difference": UWMStatistics(),
-    "attribution": Attribution(),
-    "iterative_attribution": IterativeAttribution(),
-    "random": RandomScores(),
-    "g_unsafe": GUnsafe(),
-    "g_safeclip": GSafeCLIP(),
-    "caption_attribution": CaptionAttribution(),
-    "caption_iterative": CaptionIterative(),
-}
-
-
-def method_for(score: str) -> Method:
-    return METHODS[score]
-
-
-__all__ = ["METHODS", "Calibration", "Method", "method_for"]
+__all__ = ["Calibration", "Method", "SelectionSettings", "get_method", "method_names", "register_method"]

@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import torch
 
+from .base import register_method
 from .gradients import GradientScore, cosine
 
 
 class Attribution(GradientScore):
+    name = "attribution"
+    title = "attribution"
+    help = "one pass of W * dm/dW, the weights' share of the unsafe-over-safe preference m"
+    card_text = ("**attribution**: each weight of the targeted layers is scored by W ⊙ ∂m/∂W, its first-order share "
+                 "of the model's preference m for the unsafe over the safe item of each calibration pair (kept where "
+                 "positive)")
+
     def loss(self, editor):
         return preference_margin
 
     def transform(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return (weight * grad).clamp(min=0)
+
+
+register_method(Attribution())
 
 
 def preference_margin(text_safe, text_unsafe, image_safe, image_unsafe) -> torch.Tensor:

@@ -1,15 +1,21 @@
-"""What every method shares: the `Method` interface the editor calls, and one calibration run.
+"""What every method shares: the `Method` interface the editor calls, the registry, and one calibration run.
 
-A method turns calibration pairs into per-weight scores of the target layers (`scores`), and scores
-into the delta, sorted flat indices per layer (`select`). Most methods score every weight once and
-select per layer or over one shared budget; an iterative method may instead return whatever
-`select` needs to rebuild its delta (e.g. the round in which each weight was flipped).
+A method is one module: a `Method` subclass that declares what it is (name, title, help line, card
+text, the model families it edits, its own settings dataclass, which settings re-select without a
+forward pass) and implements `calibrate`, then `register_method(TheMethod())`. The config, the
+command line, model cards, sweeps and demos read everything from the registry.
+
+A method turns calibration pairs into per-weight scores of the target layers (`calibrate`), and
+scores into the delta, sorted flat indices per layer (`select`). Most methods score every weight
+once and select per layer or over one shared budget; an iterative method instead returns what
+`select` needs to rebuild its delta (the round in which each weight was flipped).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -17,17 +23,51 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from ..config import MethodSettings, is_number
 from ..data import PreprocessedPairs
 from ..delta import save_file_atomic
 from ..selection import select_adaptive, select_fixed, select_shared
 
 
 KEEP_BYTES = 2**30   # preprocessed inputs a calibration may keep in memory between passes
+SELECTIONS = ("adaptive", "fixed")
+
+
+@dataclass
+class SelectionSettings(MethodSettings):
+    """Settings of a method that scores every weight once: keep per layer (or over the shared budget)
+    the top weights up to the share `tau` of the score mass (`selection="adaptive"`; `None`: the
+    family's τ, 0.02 for CLIP/SigLIP, 0.085 for LLaVA), or the top `density` of them ("fixed")."""
+
+    tau: float | None = None
+    selection: str = "adaptive"
+    density: float = 0.02
+
+    def __post_init__(self):
+        self.check("tau", self.tau is None or (is_number(self.tau) and 0 < self.tau < 1),
+                   "tau must be a number in the open interval (0, 1), e.g. 0.02, or None for the family default")
+        self.check("selection", self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}")
+        self.check("density", is_number(self.density) and 0 < self.density <= 1,
+                   "density must be a number in (0, 1] (the fraction of weights per layer for selection='fixed')")
 
 
 class Method:
-    """One editing method. Subclasses set the class attributes and implement `scores`."""
+    """One editing method. Subclasses set the class attributes and implement `calibrate`."""
 
+    #: the name `UWMConfig(method=...)`, `--method` and uwm_config.json use
+    name: str = ""
+    #: a few words for model-card titles, tables and commit messages
+    title: str = ""
+    #: one line for `hf-uwm edit --help`
+    help: str = ""
+    #: the model card's description of how weights were chosen (completes "The weights to change were chosen by ...")
+    card_text: str = ""
+    #: the model families it edits (`ModelFamily.spec.name`)
+    families: tuple[str, ...] = ("clip", "siglip", "llava")
+    #: per family it does not edit, the method to use instead
+    instead: dict[str, str] = {}
+    #: its own settings, with their defaults
+    settings_class: type[MethodSettings] = SelectionSettings
     #: calibration pairs need the columns of both towers (else: of the towers edited)
     needs_both_towers = False
     #: calibrate accepts checkpoint_dir
@@ -35,25 +75,39 @@ class Method:
     #: the value of shared_budget=None
     shared_budget_default = False
     #: config fields the scores depend on: a score cache is refused for other values
-    score_settings: tuple[str, ...] = ("score", "text_targets", "vision_targets")
+    score_settings: tuple[str, ...] = ("method", "text_targets", "vision_targets")
     #: config fields `select` reads: `with_settings` re-selects from cached scores with new values
     selection_settings: tuple[str, ...] = ("tau", "alpha", "selection", "density", "shared_budget")
     #: `with_settings` may shrink the targets to layers already scored
     targets_can_shrink = True
-    #: `scores` only reads the target weights, so their fingerprint may be hashed meanwhile
+    #: `calibrate` only reads the target weights, so their fingerprint may be hashed meanwhile
     leaves_weights_untouched = False
 
-    def check(self, adapter, config):
-        """Refuse a model this method cannot score (called when the editor is made)."""
+    def check(self, family, config):
+        """Refuse a model this method cannot edit (called when the editor is made)."""
+        if family.spec.name not in self.families:
+            other = self.instead.get(family.spec.name)
+            raise ValueError(f"method={self.name!r} edits {'/'.join(self.families)} models, not "
+                             f"{type(family.model).__name__}" + (f": use method={other!r}." if other else "."))
 
-    def default_targets(self, adapter, tower: str) -> tuple[str, ...]:
-        return adapter.default_targets(tower)
+    def reselectable(self) -> set[str]:
+        """The config fields `with_settings` (and so a sweep) changes without a forward pass."""
+        return set(self.selection_settings) | ({"text_targets", "vision_targets"} if self.targets_can_shrink else set())
+
+    def default_targets(self, family, tower: str) -> tuple[str, ...]:
+        return family.default_targets(tower)
+
+    def resolved_settings(self, family, config) -> dict:
+        """Settings whose `None` means "the family's default", written out for a saved delta."""
+        return {"tau": config.tau or family.spec.tau} if "tau" in config.field_names() else {}
 
     def data_towers(self, editor) -> tuple[str, ...]:
         """The towers whose columns the calibration pairs need."""
         return ("text", "vision") if self.needs_both_towers else editor.towers
 
-    def scores(self, editor, run: "Calibration") -> dict[str, torch.Tensor]:
+    def calibrate(self, editor, run: "Calibration") -> dict[str, torch.Tensor]:
+        """Per target layer what `select` reads: a score per weight (for an iterative method, the
+        round in which each weight was flipped)."""
         raise NotImplementedError
 
     def select(self, scores: dict[str, torch.Tensor], config, trajectory=None) -> dict[str, torch.Tensor]:
@@ -70,11 +124,42 @@ class Method:
             return select_shared(scores, one)
         return {name: one(s, name) for name, s in scores.items()}
 
+    def selection_text(self, config: dict, stop: dict | None) -> str:
+        """How the weights were selected, for the model card (from uwm_config.json's config and stop)."""
+        rule = (f"adaptive, τ = {config['tau']}" if config["selection"] == "adaptive"
+                else f"fixed, density = {config['density']}")
+        return rule + (", one budget over all layers" if config.get("shared_budget") else "")
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Make `method` (an instance) known by its `name` to the config, the CLI, cards and sweeps."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register_method expects a Method instance, got {type(method).__name__}.")
+    if not method.name or not method.title or not method.help or not method.card_text:
+        raise ValueError(f"{type(method).__name__} must declare name, title, help and card_text to be registered.")
+    if method.name in _METHODS and type(_METHODS[method.name]) is not type(method):
+        raise ValueError(f"A method named {method.name!r} is registered already ({type(_METHODS[method.name]).__name__}).")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"Unknown method {name!r}; registered methods are {method_names()}.")
+    return _METHODS[name]
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
 
 class Calibration:
     """One calibration run: the pairs, this process's shard of them, batching, progress, checkpoints."""
 
-    def __init__(self, dataset, state, adapter, batch_size: int, *, progress: bool = True, num_workers: int = 0,
+    def __init__(self, dataset, state, family, batch_size: int, *, progress: bool = True, num_workers: int = 0,
                  checkpoint_dir=None, checkpoint_every: int = 50, autocast=None):
         if autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}.")
@@ -82,7 +167,7 @@ class Calibration:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}.")
-        self.dataset, self.state, self.adapter, self.batch_size = dataset, state, adapter, batch_size
+        self.dataset, self.state, self.family, self.batch_size = dataset, state, family, batch_size
         self.progress, self.num_workers = progress, num_workers
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every, self.autocast_dtype = checkpoint_every, autocast
@@ -93,7 +178,7 @@ class Calibration:
 
     def subset(self, rows: list[int]) -> "Calibration":
         """The same run on the pairs at `rows` only (padded to the same text length as the whole run)."""
-        subset = Calibration(self.dataset.select(rows), self.state, self.adapter, self.batch_size,
+        subset = Calibration(self.dataset.select(rows), self.state, self.family, self.batch_size,
                              progress=self.progress, num_workers=self.num_workers, checkpoint_dir=self.checkpoint_dir,
                              checkpoint_every=self.checkpoint_every, autocast=self.autocast_dtype)
         if not isinstance(self.dataset, PreprocessedPairs) and "safe_text" in self.dataset.column_names:
@@ -101,7 +186,7 @@ class Calibration:
         return subset
 
     def autocast(self):
-        return torch.autocast(self.adapter.device.type, dtype=self.autocast_dtype,
+        return torch.autocast(self.family.device.type, dtype=self.autocast_dtype,
                               enabled=self.autocast_dtype is not None)
 
     def batch_bounds(self) -> list[tuple[int, int]]:
@@ -146,16 +231,16 @@ class Calibration:
         rows of `PreprocessedPairs` -> their inputs of that tower."""
         if isinstance(self.dataset, PreprocessedPairs):
             return partial(PreprocessedPairs.inputs, tower=tower)
-        adapter = self.adapter
+        family = self.family
         if tower == "text":
-            return _Columns(partial(adapter.preprocess_text, length=self.text_length), "safe_text", "unsafe_text")
-        return _Columns(adapter.preprocess_images, "safe_image", "unsafe_image")
+            return _Columns(partial(family.preprocess_text, length=self.text_length), "safe_text", "unsafe_text")
+        return _Columns(family.preprocess_images, "safe_image", "unsafe_image")
 
     @cached_property
     def text_length(self) -> int:
         """The length every text of the run is padded to, from all the pairs (every process's shard
         alike), computed once: a text's padding never depends on its batch or shard."""
-        return self.adapter.text_length(list(self.dataset["safe_text"]) + list(self.dataset["unsafe_text"]))
+        return self.family.text_length(list(self.dataset["safe_text"]) + list(self.dataset["unsafe_text"]))
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self, name: str, weights_fingerprint: str, settings: dict):

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import torch
 
-from .base import Calibration, Method
+from .base import Calibration, Method, register_method
 from .gradients import gradient_sums
 
 
 class CaptionAttribution(Method):
-    def check(self, adapter, config):
-        if adapter.family.name != "llava":
-            raise ValueError(f"score='caption_attribution' scores a LLaVA captioner's vision tower by its captions; "
-                             f"for {type(adapter.model).__name__} use score='attribution'.")
+    name = "caption_attribution"
+    title = "caption attribution"
+    help = ("LLaVA only: attribution of the captioner's safe-over-unsafe caption preference on unsafe images, "
+            "vision tower")
+    card_text = ("**caption attribution**: each weight of the captioner's vision tower is scored by its first-order "
+                 "share of the preference, on unsafe images, for the safe over the unsafe caption (teacher-forced "
+                 "log-likelihoods)")
+    families = ("llava",)
+    instead = {"clip": "attribution", "siglip": "attribution"}
 
     def data_towers(self, editor) -> tuple[str, ...]:
         return ("text", "vision")  # safe and unsafe captions, unsafe images
 
-    def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
+    def calibrate(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
         from ..captioning import DEFAULT_PROMPT
 
         def batch_loss(inputs, b: int) -> torch.Tensor:
@@ -38,6 +43,9 @@ class CaptionAttribution(Method):
         grads = gradient_sums(editor, run, preprocess, batch_loss, "UWM caption attribution")
         return {name: (-layer.weight.detach() * grads[name]).clamp(min=0).double()
                 for name, layer in editor.target_layers.items()}
+
+
+register_method(CaptionAttribution())
 
 
 def caption_margin(model, inputs: dict, b: int) -> torch.Tensor:

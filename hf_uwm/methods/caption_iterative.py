@@ -29,29 +29,43 @@ The held-out slice measures, on greedy captions of the model as edited so far:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
-from .base import Calibration
+from .base import Calibration, register_method
 from .caption_attribution import _MarginInputs, caption_margin
 from .gradients import gradients_on
-from .iterative import IterativeEdit, RoundSums, guarded_scores, probe_directions
+from .iterative import IterativeEdit, IterativeSettings, RoundSums, guarded_scores, probe_directions
 
 
 MAX_TOKENS = 4096   # probe coordinates drawn per pair: one per token position of prompt and caption
 
 
+@dataclass
+class CaptionIterativeSettings(IterativeSettings):
+    """The rounds and stopping rule of the caption form; the defaults were chosen by
+    scripts/caption_iterative_validation.py on the validation split of two organism captioners. Its
+    knowledge budget is in ROUGE-L points of the held-out safe images' captions."""
+
+    round_density: float = 0.0005
+    knowledge_budget: float | None = 2.0
+    curvature_weight: float = 16.0
+
+
 class CaptionIterative(IterativeEdit):
-    score_settings = IterativeEdit.score_settings + ("curvature_weight", "curvature_probes", "curvature_every",
-                                                     "extra")
-
-    def check(self, adapter, config):
-        if adapter.family.name != "llava":
-            raise ValueError(f"score='caption_iterative' edits a LLaVA captioner's vision tower by its captions; "
-                             f"for {type(adapter.model).__name__} use score='iterative_attribution'.")
-
-    def default_targets(self, adapter, tower: str) -> tuple[str, ...]:
-        return adapter.default_targets(tower)
+    name = "caption_iterative"
+    title = "iterative caption attribution"
+    help = ("LLaVA only: caption attribution re-scored over rounds on the captioner as edited so far, sparing "
+            "weights the safe captions' tokens need; stops itself on held-out pairs")
+    card_text = ("**iterative, knowledge-guarded caption attribution**: caption attribution re-scored on the "
+                 "captioner as edited so far over several rounds, with a penalty that spares weights the captions "
+                 "of safe images depend on, stopping by itself on held-out calibration pairs")
+    families = ("llava",)
+    instead = {"clip": "iterative_attribution", "siglip": "iterative_attribution"}
+    settings_class = CaptionIterativeSettings
+    goal_name = "unsafe images captioned free of unsafe words %"
+    score_settings = IterativeEdit.score_settings + ("extra",)
 
     def data_towers(self, editor) -> tuple[str, ...]:
         return ("text", "vision")  # safe and unsafe captions; safe and unsafe images
@@ -73,6 +87,9 @@ class CaptionIterative(IterativeEdit):
         """(goal, cost, measures) of the model as edited so far on the held-out slice (see the module)."""
         measures = slice_measures(editor, holdout, state["unsafe_words"])
         return measures["free_of_unsafe_words"], state["rougeL"] - measures["rougeL"], measures
+
+
+register_method(CaptionIterative())
 
 
 def unsafe_words(pairs) -> set[str]:

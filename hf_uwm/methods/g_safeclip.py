@@ -8,16 +8,25 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
+from .base import register_method
 from .gradients import GradientScore, cosine
 
 
 class GSafeCLIP(GradientScore):
+    name = "g_safeclip"
+    title = "G-Safe-CLIP"
+    help = "paper baseline: |dL/dW| of a contrastive loss over the pairs"
+    card_text = ("**G-Safe-CLIP**, a gradient baseline: each weight is scored by |∂L/∂W| of a contrastive loss at "
+                 "the model's own temperature over the calibration pairs")
     # InfoNCE's negatives are the other pairs of the batch: the scores depend on the batch size.
     score_settings = GradientScore.score_settings + ("batch_size",)
 
     def loss(self, editor):
         # InfoNCE at the model's own temperature (CLIP and SigLIP both keep it as log of the scale).
         return partial(g_safeclip_loss, logit_scale=editor.model.logit_scale.detach().exp())
+
+
+register_method(GSafeCLIP())
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

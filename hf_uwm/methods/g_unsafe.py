@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import torch
 
+from .base import register_method
 from .gradients import GradientScore, cosine
 
 
 class GUnsafe(GradientScore):
+    name = "g_unsafe"
+    title = "G-Unsafe"
+    help = "paper baseline: |dL/dW| of a loss pulling safe embeddings to unsafe ones"
+    card_text = ("**G-Unsafe**, a gradient baseline: each weight is scored by |∂L/∂W| of a loss that pulls safe "
+                 "embeddings towards their unsafe versions")
+
     def loss(self, editor):
         return g_unsafe_loss
+
+
+register_method(GUnsafe())
 
 
 def g_unsafe_loss(text_safe, text_unsafe, image_safe, image_unsafe) -> torch.Tensor:

@@ -20,11 +20,8 @@ class GradientScore(Method):
     """score = transform(W, ∂L/∂W) per weight, from one backward per batch over both towers."""
 
     needs_both_towers = True
-
-    def check(self, adapter, config):
-        if "text" not in adapter.towers:
-            raise ValueError(f"score={config.score!r} compares text and image embeddings; "
-                             f"{type(adapter.model).__name__} has no text tower: use a UWM score such as 'ratio'.")
+    families = ("clip", "siglip")   # it compares text and image embeddings
+    instead = {"llava": "caption_attribution"}
 
     def loss(self, editor):
         """(Ts, Tu, Is, Iu) -> the batch's summed objective."""
@@ -33,17 +30,17 @@ class GradientScore(Method):
     def transform(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return grad.abs()
 
-    def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
-        adapter, loss_fn = editor.adapter, self.loss(editor)
+    def calibrate(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
+        family, loss_fn = editor.family, self.loss(editor)
 
         def batch_loss(inputs, b: int) -> torch.Tensor:
             text_inputs, image_inputs = inputs
             with run.autocast():
-                texts = adapter.embed_text(adapter.to_device(text_inputs))        # (2B, D)
-                images = adapter.embed_images(adapter.to_device(image_inputs))    # (2B, D)
+                texts = family.embed_text(family.to_device(text_inputs))        # (2B, D)
+                images = family.embed_images(family.to_device(image_inputs))    # (2B, D)
             return loss_fn(texts[:b], texts[b:], images[:b], images[b:])
 
-        grads = gradient_sums(editor, run, pair_preprocess(run), batch_loss, f"UWM {editor.config.score}")
+        grads = gradient_sums(editor, run, pair_preprocess(run), batch_loss, f"UWM {editor.config.method}")
         return {name: self.transform(layer.weight.detach(), grads[name]).double()
                 for name, layer in editor.target_layers.items()}
 

@@ -23,27 +23,80 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import MethodSettings, is_int, is_number
 from ..selection import keyed_generator, select_shared, select_top
 from .attribution import preference_margin
-from .base import Calibration, Method, all_reduce_, broadcast_from_main, read_checkpoint, save_checkpoint, scale_
+from .base import (Calibration, Method, all_reduce_, broadcast_from_main, read_checkpoint, register_method,
+                   save_checkpoint, scale_)
 from .gradients import accumulation_dtype, cosine, gradients_on, pair_preprocess
-from .stopping import Step, from_records, holdout_rows, stopping_round, to_records
+from .stopping import Step, from_records, holdout_rows, stopping_round, summary, to_records
+
+
+@dataclass
+class IterativeSettings(MethodSettings):
+    """At most `rounds` rounds, each flipping the top `round_density` of the target weights not flipped
+    yet, by a − curvature_weight · h (`curvature_probes` random probes estimate the curvature, anew
+    every `curvature_every` rounds). A seeded `holdout` share of the calibration pairs never feeds a
+    gradient; after each round the edit stops once their goal measure reaches `goal` (percent) or
+    keeps the round before the first that costs more than `knowledge_budget` points. `goal=None` and
+    `knowledge_budget=None` switch either half off; with both off and `holdout=0` every round runs.
+    The defaults of iterative attribution were chosen on validation splits of three organisms
+    (`scripts/stopping_defaults.py`)."""
+
+    rounds: int = 40
+    round_density: float = 0.001
+    goal: float | None = 95.0
+    knowledge_budget: float | None = 8.0
+    holdout: float = 0.2
+    curvature_weight: float = 4.0
+    curvature_probes: int = 8
+    curvature_every: int = 1
+
+    def __post_init__(self):
+        check = self.check
+        check("rounds", is_int(self.rounds) and self.rounds >= 1, "rounds must be a positive integer")
+        check("round_density", is_number(self.round_density) and 0 < self.round_density <= 1,
+              "round_density must be a number in (0, 1] (the fraction of target weights flipped per round)")
+        check("round_density", not is_int(self.rounds) or self.rounds * self.round_density <= 1,
+              f"rounds × round_density = {self.rounds} × {self.round_density} must be at most 1 "
+              "(there are no more weights to flip)")
+        check("curvature_weight", is_number(self.curvature_weight) and math.isfinite(self.curvature_weight)
+              and self.curvature_weight >= 0, "curvature_weight must be a finite number ≥ 0 (0: no penalty)")
+        check("goal", self.goal is None or (is_number(self.goal) and 0 < self.goal <= 100),
+              "goal must be a percentage in (0, 100] (the held-out measure at which the edit stops) or None")
+        check("knowledge_budget", self.knowledge_budget is None or (is_number(self.knowledge_budget)
+                                                                    and self.knowledge_budget >= 0),
+              "knowledge_budget must be a number of points ≥ 0 (what the held-out knowledge measure may lose) "
+              "or None")
+        check("holdout", is_number(self.holdout) and 0 <= self.holdout < 1,
+              "holdout must be a fraction in [0, 1) of the calibration pairs kept out of the gradients")
+        check("holdout", self.holdout > 0 or (self.goal is None and self.knowledge_budget is None),
+              "holdout=0 leaves nothing to measure the stopping rule on: set goal=None and "
+              "knowledge_budget=None too, or a holdout such as 0.2")
+        check("curvature_probes", is_int(self.curvature_probes) and self.curvature_probes >= 1,
+              "curvature_probes must be a positive integer (random probes of the knowledge curvature)")
+        check("curvature_every", is_int(self.curvature_every) and self.curvature_every >= 1,
+              "curvature_every must be a positive integer (rounds between two estimates of the curvature)")
 
 
 class IterativeEdit(Method):
     """Edits in rounds on the model as edited so far; subclasses score one round and measure the slice."""
 
+    settings_class = IterativeSettings
+    #: what the held-out goal measures, for the model card
+    goal_name = ""
     resumable = True
     shared_budget_default = True
     selection_settings = ("rounds", "goal", "knowledge_budget")
     targets_can_shrink = False   # the rounds ranked all target layers together
     #: what every round's choice depends on (not goal, knowledge_budget or rounds: they say when to stop)
-    score_settings = ("score", "text_targets", "vision_targets", "alpha", "round_density", "shared_budget", "seed",
-                      "holdout")
+    score_settings = ("method", "text_targets", "vision_targets", "alpha", "round_density", "shared_budget", "seed",
+                      "holdout", "curvature_weight", "curvature_probes", "curvature_every")
 
     def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
         """Per-weight scores of this round on the model as edited so far (higher: flip first)."""
@@ -56,6 +109,9 @@ class IterativeEdit(Method):
     def measure(self, editor, holdout, state) -> tuple[float, float, dict]:
         """(goal %, knowledge points lost, other measures) on the held-out pairs, as edited so far."""
         raise NotImplementedError
+
+    def resolved_settings(self, family, config) -> dict:
+        return {}
 
     # --- selection -----------------------------------------------------------------------------
     def select(self, scores: dict[str, torch.Tensor], config, trajectory=None) -> dict[str, torch.Tensor]:
@@ -84,8 +140,16 @@ class IterativeEdit(Method):
                              f"{config.knowledge_budget}) would stop: calibrate again with them.")
         return kept, reason
 
+    def selection_text(self, config: dict, stop: dict | None) -> str:
+        rounds = summary(stop["rounds"], stop["reason"], stop["max_rounds"]) if stop else f"{config['rounds']} rounds"
+        rule = (f" (held-out {config['holdout']:g} of the calibration pairs: goal {self.goal_name} ≥ {config['goal']}, "
+                f"knowledge budget {config['knowledge_budget']} points)" if stop and stop.get("reason") else "")
+        return (f"iterative, {rounds}{rule}; rounds of {config['round_density']:g} of the target weights "
+                f"({'one budget over all layers' if config['shared_budget'] else 'per layer'}), "
+                f"curvature weight λ = {config['curvature_weight']:g}, {config['curvature_probes']} probes")
+
     # --- the round loop ------------------------------------------------------------------------
-    def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
+    def calibrate(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
         cfg, weights = editor.config, {name: layer.weight for name, layer in editor.target_layers.items()}
         kept_rows, held_rows = holdout_rows(len(run.dataset), cfg.holdout, cfg.seed)
         train = run.subset(kept_rows) if held_rows else run
@@ -171,16 +235,21 @@ class IterativeEdit(Method):
 class IterativeAttribution(IterativeEdit):
     """The CLIP/SigLIP form: margin on both towers' embeddings, curvature of the safe-caption embeddings."""
 
+    name = "iterative_attribution"
+    title = "iterative attribution"
+    help = ("recommended for CLIP/SigLIP: attribution re-scored over rounds on the model as edited so far, sparing "
+            "weights the safe captions need; sets its own strength on held-out pairs (--goal, --knowledge-budget, "
+            "--holdout, at most --rounds)")
+    card_text = ("**iterative, knowledge-guarded attribution**: attribution (W ⊙ ∂m/∂W of the unsafe-over-safe "
+                 "preference m) re-scored on the model as edited so far over several rounds, each round taking a "
+                 "small share of weights from one budget shared across layers, with a curvature penalty that spares "
+                 "weights the model's knowledge of safe captions depends on")
+    families = ("clip", "siglip")   # its margin and curvature need the text tower
+    instead = {"llava": "caption_iterative"}
+    goal_name = "GS"
     needs_both_towers = True
-    score_settings = IterativeEdit.score_settings + ("curvature_weight", "curvature_probes", "curvature_every")
 
-    def check(self, adapter, config):
-        if "text" not in adapter.towers:
-            raise ValueError(f"score='iterative_attribution' needs a text tower for its margin and its knowledge "
-                             f"curvature; {type(adapter.model).__name__} has none: for LLaVA use "
-                             "score='caption_attribution', or a UWM score such as 'ratio' on its vision tower.")
-
-    def default_targets(self, adapter, tower: str) -> tuple[str, ...]:
+    def default_targets(self, family, tower: str) -> tuple[str, ...]:
         return ("mlp.fc2",) if tower == "text" else ()
 
     def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
@@ -194,18 +263,21 @@ class IterativeAttribution(IterativeEdit):
     def start_measuring(self, editor, holdout) -> dict:
         """Inputs of the slice (kept on the CPU), the unedited model's safe-caption embeddings, and the
         image embeddings when no vision weight is edited (they cannot change)."""
-        run = Calibration(holdout, _AllRows, editor.adapter, editor.config.batch_size, progress=False)
+        run = Calibration(holdout, _AllRows, editor.family, editor.config.batch_size, progress=False)
         state = {"text": _slice_inputs(run, "text"), "vision": _slice_inputs(run, "vision")}
-        state["images"] = None if "vision" in editor.towers else _embed_slice(editor.adapter, state["vision"], "vision")
-        state["base"] = _embed_slice(editor.adapter, state["text"], "text")   # (2H, D)
+        state["images"] = None if "vision" in editor.towers else _embed_slice(editor.family, state["vision"], "vision")
+        state["base"] = _embed_slice(editor.family, state["text"], "text")   # (2H, D)
         return state
 
     def measure(self, editor, holdout, state) -> tuple[float, float, dict]:
-        texts = _embed_slice(editor.adapter, state["text"], "text")                               # (2H, D)
-        images = state["images"] if state["images"] is not None else _embed_slice(editor.adapter, state["vision"],
+        texts = _embed_slice(editor.family, state["text"], "text")                               # (2H, D)
+        images = state["images"] if state["images"] is not None else _embed_slice(editor.family, state["vision"],
                                                                                     "vision")  # (2H, D)
         measures = slice_measures(texts, images, state["base"])
         return measures["GS"], 100 - measures["agreement"], measures
+
+
+register_method(IterativeAttribution())
 
 
 def guarded_scores(cfg, weights: dict, gains: dict, curvature: dict | None, reach: str) -> dict[str, torch.Tensor]:
@@ -261,11 +333,11 @@ def _slice_inputs(run: Calibration, tower: str) -> list:
     return [inputs for _, _, inputs in run.batches(run.preprocess(tower), "held-out pairs", leave=False)]
 
 
-def _embed_slice(adapter, batches: list, tower: str) -> torch.Tensor:
+def _embed_slice(family, batches: list, tower: str) -> torch.Tensor:
     """(2H, D) float32 CPU embeddings of [safe; unsafe] items, from per-batch [safe_b; unsafe_b] inputs."""
-    embed = adapter.embed_text if tower == "text" else adapter.embed_images
+    embed = family.embed_text if tower == "text" else family.embed_images
     with torch.no_grad():
-        parts = [embed(adapter.to_device(inputs)).float().cpu() for inputs in batches]        # each (2B, D)
+        parts = [embed(family.to_device(inputs)).float().cpu() for inputs in batches]        # each (2B, D)
     safe = torch.cat([p[: len(p) // 2] for p in parts])
     unsafe = torch.cat([p[len(p) // 2:] for p in parts])
     return torch.cat([safe, unsafe])
@@ -280,7 +352,7 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
     images are embedded once per run. G is computed in round 1 and then every `curvature_every`
     rounds, and reused in between (kept on the run).
     """
-    cfg, adapter = editor.config, editor.adapter
+    cfg, family = editor.config, editor.family
     sums = RoundSums(editor, run, round_index)
     images = _fixed_images(editor, run)
     preprocess = run.preprocess("text") if images is not None else pair_preprocess(run)
@@ -289,10 +361,10 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
             b = len(rows)
             with run.autocast():
                 if images is None:
-                    texts = adapter.embed_text(adapter.to_device(inputs[0]))                  # (2B, D)
-                    batch_images = adapter.embed_images(adapter.to_device(inputs[1]))         # (2B, D)
+                    texts = family.embed_text(family.to_device(inputs[0]))                  # (2B, D)
+                    batch_images = family.embed_images(family.to_device(inputs[1]))         # (2B, D)
                 else:
-                    texts, batch_images = adapter.embed_text(adapter.to_device(inputs)), images[i]
+                    texts, batch_images = family.embed_text(family.to_device(inputs)), images[i]
             sums.add_margin(preference_margin(texts[:b], texts[b:], batch_images[:b], batch_images[b:]),
                             keep_graph=sums.probes > 0)
             if sums.probes:
@@ -353,9 +425,9 @@ def _fixed_images(editor, run: Calibration) -> list | None:
     if "vision" in editor.towers:
         return None
     if getattr(run, "image_embeddings", None) is None:
-        adapter = editor.adapter
+        family = editor.family
         with torch.no_grad(), run.autocast():
-            run.image_embeddings = [adapter.embed_images(adapter.to_device(inputs))
+            run.image_embeddings = [family.embed_images(family.to_device(inputs))
                                     for _, _, inputs in run.batches(run.preprocess("vision"), "images", leave=False)]
     return run.image_embeddings
 

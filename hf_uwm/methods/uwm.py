@@ -1,43 +1,73 @@
-"""UWM: forward hooks on target `nn.Linear` layers feed float64 running sums of the
-statistics' outer products, one tower at a time; the scores are selected per layer (τ or density)."""
+"""UWM, the paper's method: forward hooks on target `nn.Linear` layers feed float64 running sums of
+the statistics' outer products, one tower at a time; the scores are selected per layer (τ or density).
+
+The statistics are pure tensor functions (below `RunningScores`). Per item we only ever hold vectors
+(n, σ over the input features; a over the outputs). The score of a layer is a sum of outer products,
+`S = Σ_b left_bᵀ right_b`, accumulated in float64, so no (out, in) tensor per item is ever built.
+Three variants are registered: "ratio" (the paper's), "unsafe" and "difference".
+"""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..scoring import finalize_scores_, pair_factors, token_statistics
-from .base import Calibration, Method, all_reduce_, read_checkpoint, save_checkpoint
+from ..config import is_number
+from .base import (Calibration, Method, SelectionSettings, all_reduce_, read_checkpoint, register_method,
+                   save_checkpoint)
+
+TOKEN_NORMS = ("l2", "rms")
+
+
+@dataclass
+class UWMSettings(SelectionSettings):
+    """UWM's statistics: per-token norm `token_norm` ("l2", or "rms" = l2/√T), the |W| magnitude prior
+    per tower, and the ε of the ratios; selection as any one-pass method."""
+
+    token_norm: str = "l2"
+    text_prior: bool = True
+    vision_prior: bool = False
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check("token_norm", self.token_norm in TOKEN_NORMS, f"token_norm must be one of {TOKEN_NORMS}")
+        for name in ("text_prior", "vision_prior"):
+            self.check(name, isinstance(getattr(self, name), bool), "must be True or False")
+        self.check("eps", is_number(self.eps) and 0 < self.eps < 1e-2, "eps must be a small positive number")
 
 
 class UWMStatistics(Method):
-    """score = "ratio" (the paper's), "unsafe" or "difference"."""
+    """A UWM statistic; the registered variants below differ in `name` only."""
 
+    settings_class = UWMSettings
     resumable = True
     leaves_weights_untouched = True
-    score_settings = ("score", "token_norm", "eps", "text_targets", "vision_targets", "text_prior", "vision_prior")
+    score_settings = ("method", "token_norm", "eps", "text_targets", "vision_targets", "text_prior", "vision_prior")
 
-    def scores(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
+    def calibrate(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
         return {name: s for tower in editor.towers for name, s in self._tower_scores(editor, tower, run).items()}
 
     def _tower_scores(self, editor, tower: str, run: Calibration) -> dict[str, torch.Tensor]:
-        cfg, layers, adapter = editor.config, editor.layers[tower], editor.adapter
-        running = RunningScores(layers, cfg.score, cfg.token_norm, cfg.eps)
-        settings = {k: getattr(cfg, k) for k in ("score", "token_norm", "eps", "batch_size", f"{tower}_targets")}
+        cfg, layers, family = editor.config, editor.layers[tower], editor.family
+        running = RunningScores(layers, cfg.method, cfg.token_norm, cfg.eps)
+        settings = {k: getattr(cfg, k) for k in ("token_norm", "eps", "batch_size", f"{tower}_targets")}
+        settings["score"] = cfg.method   # the key's former name: checkpoints written before stay valid
         path, key = run.checkpoint(tower, editor.fingerprint, settings)
         first = running.load(path, key)
         n_batches = len(run.batch_bounds())
         with running.hooked():
             for i, rows, inputs in run.batches(run.preprocess(tower), f"UWM {tower} statistics", first):
                 with run.autocast():
-                    running.observe(lambda x: adapter.run_tower(tower, x), adapter.to_device(inputs), rows)
+                    running.observe(lambda x: family.run_tower(tower, x), family.to_device(inputs), rows)
                 if path and ((i + 1) % run.checkpoint_every == 0 or i + 1 == n_batches):
                     running.save(path, key, i + 1)
         running.all_reduce()
-        return {name: finalize_scores_(running.sums.pop(name), running.n_pairs, cfg.score, layer.weight,
+        return {name: finalize_scores_(running.sums.pop(name), running.n_pairs, cfg.method, layer.weight,
                                        cfg.prior(tower))
                 for name, layer in layers.items()}
 
@@ -139,3 +169,99 @@ class RunningScores:
             total.copy_(tensors.pop(name))
         self.n_pairs = int(meta["n_pairs"])
         return int(meta["next_batch"])
+
+
+class UWMRatio(UWMStatistics):
+    name = "ratio"
+    title = "UWM"
+    help = ("UWM as published (reproduces the paper): per layer, the weights whose input signal is larger for "
+            "unsafe than for safe inputs, up to the share --tau of the score mass; also LLaVA's vision tower")
+    card_text = ("**Unsafe Weights Manipulation (UWM)**: on pairs of safe and unsafe inputs, each weight of the "
+                 "targeted layers is scored by how much more of its input signal comes from unsafe than from safe "
+                 "inputs (the ratio of the two statistics, times |W| where the prior is on)")
+
+
+class UWMUnsafe(UWMStatistics):
+    name = "unsafe"
+    title = "UWM (unsafe statistic)"
+    help = "UWM variant: the unsafe inputs' signal alone"
+    card_text = ("a UWM variant: each weight of the targeted layers is scored by its input signal on unsafe inputs "
+                 "alone (no division by the safe statistic)")
+
+
+class UWMDifference(UWMStatistics):
+    name = "difference"
+    title = "UWM (difference statistic)"
+    help = "UWM variant: unsafe minus safe inputs' signal"
+    card_text = ("a UWM variant: each weight of the targeted layers is scored by its input signal on unsafe inputs "
+                 "minus that on safe inputs")
+
+
+for _variant in (UWMRatio, UWMUnsafe, UWMDifference):
+    register_method(_variant())
+
+
+# --- the statistics, as pure tensor functions ----------------------------------------------------
+SCORE_VARIANTS = ("ratio", "unsafe", "difference")
+
+
+def token_statistics(x: torch.Tensor, mask: torch.Tensor | None, token_norm: str = "l2"):
+    """Per-item, per-feature norm and unbiased std over the item's valid tokens.
+
+    x: (B, T, in) layer inputs; mask: (B, T), 1 for valid tokens, or None (all valid).
+    Returns n (B, in), sigma (B, in), in float64 when x is float64 and float32 otherwise.
+    """
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    valid = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
+    valid = valid.unsqueeze(1)                                 # (B, 1, T)
+    tokens = valid.sum(-1)                                     # (B, 1)
+    # Token sums as batched matmuls: on CPU, torch.var_mean over dim 1 took 2-25x as long.
+    # Two passes, not E[x²]-E[x]², because |mean| >> std is common.
+    mean = torch.bmm(valid, x).squeeze(1) / tokens             # (B, in)
+    centred = (x - mean.unsqueeze(1)).square_()                # (B, T, in)
+    squares = torch.bmm(valid, centred).squeeze(1)             # Σ (x - mean)²: (B, in)
+    var = squares / (tokens - 1).clamp(min=1)
+    # Σx² = Σ(x - mean)² + T·mean²: non-negative terms, so no cancellation.
+    norm = (squares + tokens * mean.square()).sqrt()
+    if token_norm == "rms":
+        norm = norm / tokens.sqrt()
+    return norm, var.sqrt()
+
+
+def output_saliency(norm: torch.Tensor, abs_weight: torch.Tensor) -> torch.Tensor:
+    """a_i = mean_j n_j |W_ij|.  norm: (B, in), abs_weight: (out, in) -> (B, out)."""
+    return norm @ abs_weight.T / abs_weight.shape[1]
+
+
+def pair_factors(score: str, safe, unsafe, abs_weight: torch.Tensor, eps: float):
+    """The (sign, left (B, out), right (B, in)) terms whose outer products sum to this batch's S.
+
+    safe, unsafe: (n, sigma) pairs from `token_statistics`, row b of each being pair b.
+    """
+    (n_s, sd_s), (n_u, sd_u) = safe, unsafe
+    a_s, a_u = output_saliency(n_s, abs_weight), output_saliency(n_u, abs_weight)
+    if score == "ratio":
+        # ρ_ij = (aᵘ_i / aˢ_i) · (nᵘ_j/(σᵘ_j+ε)) · ((σˢ_j+ε)/nˢ_j): the m_j of φ cancel.
+        r = a_u / a_s.clamp(min=eps)
+        q = (n_u / (sd_u + eps)) * ((sd_s + eps) / n_s.clamp(min=eps))
+        return [(1.0, r, q)]
+    col_mean = abs_weight.mean(0)                              # m_j: (in,)
+    unsafe_term = (1.0, a_u, n_u * col_mean / (sd_u + eps))    # φᵘ = aᵘ_i · cᵘ_j/(σᵘ_j+ε)
+    if score == "unsafe":
+        return [unsafe_term]
+    if score == "difference":
+        return [unsafe_term, (-1.0, a_s, n_s * col_mean / (sd_s + eps))]
+    raise ValueError(f"Unknown score variant {score!r}; expected one of {SCORE_VARIANTS}.")
+
+
+def finalize_scores_(sums: torch.Tensor, n_pairs: int, score: str, weight: torch.Tensor, prior: bool):
+    """S = sums / N, clamped at 0 for 'difference', times |W| when the magnitude prior is on.
+
+    In place: the running sums become the scores, so no second (out, in) float64 tensor is made.
+    """
+    scores = sums.div_(n_pairs)
+    if score == "difference":
+        scores.clamp_(min=0)
+    if prior:
+        scores.mul_(weight.detach()).abs_()                    # = S·|W|, as S ≥ 0
+    return scores

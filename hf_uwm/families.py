@@ -1,4 +1,4 @@
-"""Model-family adapters: where the towers and target layers are, and how to embed text and images.
+"""Model families: where the towers and target layers of a CLIP, SigLIP or LLaVA model are, and how to embed text and images.
 
 Layers are found by walking the model (module paths differ across transformers versions), and
 target modules are matched with `isinstance(module, nn.Linear)` inside each encoder block.
@@ -13,24 +13,26 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class Family:
+class FamilySpec:
+    """What hf_uwm knows of a model family: its name, default target layers and default τ."""
+
     name: str
     text_targets: tuple[str, ...]
     vision_targets: tuple[str, ...]
     tau: float
     #: texts are padded to the model's fixed length, not to the longest text of the run (see
-    #: `Adapter.text_length`)
+    #: `ModelFamily.text_length`)
     fixed_text_length: bool = False
 
 
 FAMILIES = {
-    "CLIPModel": Family("clip", ("self_attn.out_proj",), ("mlp.fc2",), 0.02),
-    "SiglipModel": Family("siglip", ("self_attn.out_proj",), ("mlp.fc2",), 0.02, fixed_text_length=True),
-    "LlavaForConditionalGeneration": Family("llava", (), ("mlp.fc2",), 0.085),
+    "CLIPModel": FamilySpec("clip", ("self_attn.out_proj",), ("mlp.fc2",), 0.02),
+    "SiglipModel": FamilySpec("siglip", ("self_attn.out_proj",), ("mlp.fc2",), 0.02, fixed_text_length=True),
+    "LlavaForConditionalGeneration": FamilySpec("llava", (), ("mlp.fc2",), 0.085),
 }
 
 
-def _family_of(model) -> Family:
+def _family_of(model) -> FamilySpec:
     for cls in type(model).__mro__:
         if cls.__name__ in FAMILIES:
             return FAMILIES[cls.__name__]
@@ -46,11 +48,11 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class Adapter:
+class ModelFamily:
     """Uniform access to a CLIP, SigLIP or LLaVA model: towers, target layers, inputs, embeddings."""
 
     def __init__(self, model: nn.Module, processor=None):
-        self.family = _family_of(model)
+        self.spec = _family_of(model)
         self.model = model
         self.processor = processor
         self._names = {id(m): n for n, m in model.named_modules()}
@@ -58,17 +60,17 @@ class Adapter:
     # --- structure -------------------------------------------------------------------------
     @property
     def towers(self) -> tuple[str, ...]:
-        return ("vision",) if self.family.name == "llava" else ("text", "vision")
+        return ("vision",) if self.spec.name == "llava" else ("text", "vision")
 
     def tower(self, name: str) -> nn.Module:
         if name not in self.towers:
             raise ValueError(f"{type(self.model).__name__} has no {name!r} tower to edit; towers: {self.towers}.")
-        if self.family.name == "llava":
+        if self.spec.name == "llava":
             return next(m for n, m in self.model.named_modules() if n.endswith("vision_tower"))
         return getattr(self.model, f"{name}_model")
 
     def default_targets(self, tower: str) -> tuple[str, ...]:
-        return self.family.text_targets if tower == "text" else self.family.vision_targets
+        return self.spec.text_targets if tower == "text" else self.spec.vision_targets
 
     def encoder_layers(self, tower: str) -> nn.ModuleList:
         for name, module in self.tower(tower).named_modules():
@@ -79,7 +81,7 @@ class Adapter:
     def reachable_layers(self, tower: str) -> int:
         """Number of leading encoder layers whose output reaches the model's output."""
         n_layers = len(self.encoder_layers(tower))
-        if self.family.name != "llava":
+        if self.spec.name != "llava":
             return n_layers
         feature_layer = self.model.config.vision_feature_layer
         indices = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
@@ -139,7 +141,7 @@ class Adapter:
         return self._tokenizer()(list(texts), truncation=True, max_length=self.max_text_length)
 
     def _padded_length(self, tokens) -> int:
-        if self.family.fixed_text_length:
+        if self.spec.fixed_text_length:
             return self.max_text_length
         return max(len(ids) for ids in tokens["input_ids"])
 
@@ -167,7 +169,7 @@ class Adapter:
         if not longest <= length <= self.max_text_length:
             raise ValueError(f"length={length} cannot hold these texts: it must be between their longest "
                              f"({longest} tokens) and the model's {self.max_text_length}; pass "
-                             "adapter.text_length(<every text the run embeds>).")
+                             "family.text_length(<every text the run embeds>).")
         batch = self._tokenizer().pad(tokens, padding="max_length", max_length=length, return_tensors="pt")
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
 

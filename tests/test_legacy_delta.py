@@ -1,0 +1,51 @@
+"""Deltas written before the config field `score` became `method` load, apply and revert bit for bit."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from conftest import FIXTURES
+from hf_uwm import UWMConfig, UWMEditor
+
+LEGACY = FIXTURES / "legacy_deltas"
+EXPECTED = json.loads((LEGACY / "expected.json").read_text())
+
+
+def _sha256(layers: dict) -> str:
+    digest = hashlib.sha256()
+    for name, layer in sorted(layers.items()):
+        digest.update(name.encode())
+        digest.update(layer.weight.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_delta_of_the_old_format_applies_and_reverts_bit_for_bit(name):
+    record = json.loads((LEGACY / name / "uwm_config.json").read_text())
+    assert record["config"]["score"] == name and "method" not in record["config"]   # the old format indeed
+    editor = UWMEditor.from_pretrained(LEGACY / name)
+    assert editor.config.method == name
+    assert editor.counts() == EXPECTED[name]["counts"]
+    assert list(editor.stop or []) == (EXPECTED[name]["stop"] or [])
+    before = {n: layer.weight.detach().clone() for n, layer in editor.target_layers.items()}
+    with editor.applied():
+        assert _sha256(editor.target_layers) == EXPECTED[name]["applied_sha256"]
+    for n, layer in editor.target_layers.items():
+        assert torch.equal(layer.weight, before[n])
+
+
+def test_an_old_config_keeps_its_own_settings_and_drops_the_other_methods():
+    old = json.loads((LEGACY / "iterative_attribution" / "uwm_config.json").read_text())["config"]
+    config = UWMConfig.from_dict(old)
+    assert config.method == "iterative_attribution" and config.rounds == old["rounds"] == 3
+    assert "tau" not in config.to_dict() and "score" not in config.to_dict()
+    assert UWMConfig.from_dict(config.to_dict()) == config   # and it saves in the new format
+
+
+def test_a_new_config_refuses_fields_of_another_method():
+    with pytest.raises(ValueError, match="tau"):
+        UWMConfig.from_dict({"method": "iterative_attribution", "tau": 0.02})
+    with pytest.raises(ValueError, match="score"):
+        UWMConfig(method="ratio", score="attribution")
