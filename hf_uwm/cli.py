@@ -331,7 +331,7 @@ def load_zero_shot(source: str | None, n: int = 500, seed: int = 0, split: str =
 
 
 def load_model(name: str, revision: str | None = None, token: str | None = None):
-    from .editor import load_model as load
+    from .loading import load_model as load
 
     return load(name, revision, token=token)
 

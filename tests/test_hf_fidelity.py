@@ -291,7 +291,7 @@ def test_from_pretrained_passes_hub_options_to_every_download(tmp_path, monkeypa
 
 
 def test_a_broken_processor_raises_and_a_missing_one_is_none(tmp_path):
-    from hf_uwm.editor import load_model
+    from hf_uwm.loading import load_model
 
     model, processor = make_clip()
     model.save_pretrained(tmp_path / "weights-only")

@@ -366,7 +366,7 @@ def test_pushed_delta_downloads_and_rebuilds_the_identical_edited_model(clip, ed
         loads.append((name, revision))
         return fresh_clip(clip)
 
-    monkeypatch.setattr("hf_uwm.editor.load_model", load_model)
+    monkeypatch.setattr("hf_uwm.loading.load_model", load_model)
     rebuilt = UWMEditor.from_pretrained("me/clip-uwm", revision="v1")
     assert loads == [(BASE, BASE_REVISION)] and hub.revisions == ["v1", "v1"]
     assert same(state(rebuilt.apply()), edited)
