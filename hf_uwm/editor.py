@@ -20,7 +20,7 @@ from .hub import push_edit, render_card, resolve_delta_folder
 from .methods import Calibration, Method, method_for
 from .methods.base import broadcast_from_main, scale_
 from .methods.stopping import Step, from_records, to_records
-from .paths import model_location, portable_base_name
+from .paths import local_base_folder, portable_base_name
 from .selection import layer_generator, select_random
 
 
@@ -399,12 +399,8 @@ class UWMEditor:
             return Path(save_directory)
         record = self.record()
         card = render_card(record, report, dataset_name=dataset_name, zero_shot_dataset=zero_shot_dataset,
-                           base_folder=self._local_base_folder())
+                           base_folder=local_base_folder(self.base_model))
         return write_delta(save_directory, record, self.delta, card, overwrite=overwrite)
-
-    def _local_base_folder(self) -> str | None:
-        folder = Path(model_location(self.base_model)).expanduser() if self.base_model else None
-        return str(folder) if folder is not None and folder.is_dir() else None
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                     commit_message: str | None = None, commit_description: str | None = None,

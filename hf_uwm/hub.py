@@ -22,7 +22,7 @@ from . import __version__
 from .data import hint
 from .delta import CARD_NAME, CONFIG_NAME, DELTA_FILES
 from .methods.stopping import summary
-from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, check_local, is_hub_id
+from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, check_local, is_hub_id, local_base_folder
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: st
         editor.save_pretrained(folder)
         # The pushed card knows the repo id, the license and whether merged weights come along.
         card = render_card(record, report, repo_id=repo_id, merged=merged, license=license, dataset_name=dataset_name,
-                           zero_shot_dataset=zero_shot_dataset, base_folder=editor._local_base_folder())
+                           zero_shot_dataset=zero_shot_dataset, base_folder=local_base_folder(editor.base_model))
         (folder / CARD_NAME).write_text(card)
         if merged:
             _save_merged(editor, folder)
