@@ -371,9 +371,8 @@ def _check_method_flags(args):
 
 # --- commands ---------------------------------------------------------------------------------------
 def run_edit(args):
-    from .delta import check_output_folder
+    from .delta import check_output_folder, resolve_delta_folder
     from .editor import UWMEditor
-    from .hub import resolve_delta_folder
 
     if args.alpha == 1:
         raise ValueError("--alpha 1 multiplies the selected weights by 1 and changes nothing: use -1 (negate) or "
@@ -459,8 +458,8 @@ def _progress_bars(enabled: bool):
 
 
 def run_eval(args):
+    from .delta import resolve_delta_folder
     from .evaluation import compare, evaluate_model
-    from .hub import resolve_delta_folder
     from .sweep import evaluate_edit
 
     if args.json_path:
@@ -689,7 +688,7 @@ def _judge(args):
 
 def run_eval_captions(args):
     from .captioning import compare_captioning, evaluate_captioning
-    from .hub import resolve_delta_folder
+    from .delta import resolve_delta_folder
     from .organism_captioner import NAME
 
     judge = _judge(args)

@@ -14,9 +14,9 @@ from . import __version__, loading
 from .adapters import FAMILIES, Adapter
 from .config import UWMConfig
 from .data import columns_for, hint, validate_pairs
-from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, save_file_atomic,
-                    write_delta)
-from .hub import push_edit, render_card, resolve_delta_folder
+from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
+                    save_file_atomic, write_delta)
+from .hub import push_edit, render_card
 from .methods import Calibration, Method, method_for
 from .methods.base import broadcast_from_main, scale_
 from .methods.stopping import Step, from_records, to_records

@@ -16,9 +16,9 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryN
 
 from conftest import make_clip, make_pairs
 from hf_uwm import UWMEditor
-from hf_uwm.delta import CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta
+from hf_uwm.delta import CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta, resolve_delta_folder
 from hf_uwm.evaluation import EvaluationReport
-from hf_uwm.hub import PushError, render_card, resolve_delta_folder
+from hf_uwm.hub import PushError, render_card
 
 TOKEN = "hf_SeCrEt0123456789abcdef"
 BASE, BASE_REVISION, SHA = "org/clip-base", "0123abc", "f" * 40
@@ -44,8 +44,8 @@ class FakeHub:
         for name in ("repo_info", "model_info", "create_repo", "create_branch", "create_commit", "hf_hub_download",
                      "upload_folder"):
             monkeypatch.setattr(HfApi, name, self._method(name))
-        monkeypatch.setattr("hf_uwm.hub.hf_hub_download", self.download)
-        monkeypatch.setattr("hf_uwm.hub.snapshot_download", self.snapshot)
+        monkeypatch.setattr("hf_uwm.delta.hf_hub_download", self.download)
+        monkeypatch.setattr("hf_uwm.delta.snapshot_download", self.snapshot)
         return self
 
     def _method(self, name):
@@ -378,7 +378,7 @@ def test_pushed_delta_downloads_and_rebuilds_the_identical_edited_model(clip, ed
     (http_error(RevisionNotFoundError), "has no revision 'v9'"),
 ])
 def test_hub_lookup_errors_say_what_to_fix(monkeypatch, error, match):
-    monkeypatch.setattr("hf_uwm.hub.hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(error))
+    monkeypatch.setattr("hf_uwm.delta.hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(error))
     with pytest.raises(OSError, match=match):
         resolve_delta_folder("me/nope", "v9")
 
