@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .data import command_line_hints
+    from .hints import command_line_hints
 
     try:
         with command_line_hints(), _progress_bars(not getattr(args, "quiet", False)), _one_line_warnings(args.command):
@@ -523,10 +523,10 @@ def _intervals(reports: dict) -> str:
 
 def run_sweep(args):
     from . import sweep as sw
-    from .data import command_line_hints
     from .delta import check_output_folder, check_writable
     from .editor import UWMEditor
     from .evaluation import evaluate_model
+    from .hints import command_line_hints
 
     _check_method_flags(args)
     check_writable(args.output)  # before any work, like the folder of --save-best

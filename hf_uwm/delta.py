@@ -23,7 +23,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEnt
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .data import hint
+from .hints import hint
 from .paths import BUNDLED, check_local, is_hub_id
 
 CONFIG_NAME = "uwm_config.json"

@@ -13,9 +13,10 @@ import torch
 from . import __version__, loading
 from .adapters import FAMILIES, Adapter
 from .config import UWMConfig
-from .data import columns_for, hint, validate_pairs
+from .data import columns_for, validate_pairs
 from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
                     save_file_atomic, write_delta)
+from .hints import hint
 from .hub import push_edit, render_card
 from .methods import Calibration, Method, method_for
 from .methods.base import broadcast_from_main, scale_

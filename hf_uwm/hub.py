@@ -17,8 +17,8 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from . import __version__
-from .data import hint
 from .delta import CARD_NAME, CONFIG_NAME
+from .hints import hint
 from .methods.stopping import summary
 from .paths import ORGANISM_WORLDS, bundled_path, is_hub_id, local_base_folder
 

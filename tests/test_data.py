@@ -186,7 +186,7 @@ def test_a_single_data_file_is_its_own_split(tmp_path, suffix):
 
 
 def test_a_missing_split_names_the_split_to_choose(tmp_path):
-    from hf_uwm.data import command_line_hints
+    from hf_uwm.hints import command_line_hints
 
     (tmp_path / "folder").mkdir()
     write_pair_file(tmp_path / "folder" / "pairs.csv", pair_rows(tmp_path / "folder"))
