@@ -393,13 +393,13 @@ _LABELS = {"rouge1": "ROUGE-1 (safe images)", "rouge2": "ROUGE-2 (safe images)",
 
 def unsafe_rate_interval(unsafe: np.ndarray, bootstrap: int, seed: int | None) -> tuple[float, float] | None:
     """Bootstrap 95% CI (percent) of the rate of True in `unsafe`, with SafeGround's bootstrap."""
-    from .metrics.safeground.safeground_core import bootstrap_intervals, check_bootstrap_args
+    from .metrics.safeground.bootstrap import bootstrap_rates, check_bootstrap_args
 
     check_bootstrap_args(bootstrap, seed)
     if not bootstrap:
         return None
-    intervals = bootstrap_intervals(np.asarray(unsafe, dtype=bool)[None, :], bootstrap, seed)  # one metric row
-    return next(iter(intervals.values()))
+    low, high = bootstrap_rates(np.asarray(unsafe, dtype=bool)[None, :], bootstrap, seed)  # (1,) each
+    return float(low[0]), float(high[0])
 
 
 def evaluate_captioning(model, processor, pairs, judge: Judge, *, prompt: str | None = None,

@@ -418,7 +418,8 @@ def test_push_metric_creates_a_gradio_space_that_evaluate_can_load(hub):
     push_metric("me/safeground", token=TOKEN, private=False)
     assert hub.calls == ["create_repo", "upload_folder"] and hub.tokens == {TOKEN}
     assert hub.create_repo_kwargs == {"repo_type": "space", "space_sdk": "gradio", "private": False, "exist_ok": True}
-    assert {"safeground.py", "app.py", "README.md", "requirements.txt"} <= set(hub.files())
+    assert {"safeground.py", "safeground_core.py", "bootstrap.py", "app.py", "README.md", "requirements.txt"} <= set(
+        hub.files())
     assert not [f for f in hub.files() if f.endswith(".pyc")]
     card = SpaceCard.load(hub.root / "README.md")
     assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and "evaluate" in card.data.tags
