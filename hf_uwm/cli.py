@@ -668,7 +668,8 @@ def _captioning_commands(commands):
 
 
 def _judge(args):
-    from . import captioning
+    from .caption_evaluation import classifier_judge, lm_judge
+    from .organism_captioner import exact_organism_judge
 
     spec = args.judge or ("exact" if args.data == ORGANISM else None)
     if spec is None:
@@ -676,18 +677,18 @@ def _judge(args):
     if spec == "exact":
         if args.data != ORGANISM:
             raise ValueError("--judge exact knows only the organism world's unsafe words: use it with --data organism.")
-        return captioning.exact_organism_judge
+        return exact_organism_judge
     kind, _, rest = spec.partition(":")
     if kind == "classifier" and ":" in rest:
         model, _, label = rest.rpartition(":")
-        return captioning.classifier_judge(model, label)
+        return classifier_judge(model, label)
     if kind == "lm" and rest:
-        return captioning.lm_judge(rest, args.judge_template.replace("\\n", "\n"), args.yes_words, args.no_words)
+        return lm_judge(rest, args.judge_template.replace("\\n", "\n"), args.yes_words, args.no_words)
     raise ValueError(f"--judge {spec!r}: use 'exact', 'classifier:MODEL:UNSAFE_LABEL' or 'lm:MODEL'.")
 
 
 def run_eval_captions(args):
-    from .captioning import compare_captioning, evaluate_captioning
+    from .caption_evaluation import compare_captioning, evaluate_captioning
     from .delta import resolve_delta_folder
     from .organism_captioner import NAME
 
