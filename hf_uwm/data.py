@@ -64,6 +64,22 @@ def columns_for(towers) -> tuple[str, ...]:
     return needed
 
 
+def data_fingerprint(dataset) -> str:
+    """A key of the pairs a calibration reads, the same in every run and process: part of a checkpoint's
+    key, so that a checkpoint written for other data is refused.
+
+    `datasets` keeps a Dataset's fingerprint private (`_fingerprint`). `datasets.fingerprint.generate_fingerprint`,
+    with which it fingerprints a new dataset, hashes the dataset's state: its Arrow table (on disk by file path
+    and the operations replayed on it, so gigabytes of images are not read; in memory by content), the rows it
+    selects, its features and format. `PreprocessedPairs` hash their tensors.
+    """
+    if isinstance(dataset, PreprocessedPairs):
+        return dataset.fingerprint
+    from datasets.fingerprint import generate_fingerprint
+
+    return generate_fingerprint(dataset)
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -602,8 +618,8 @@ class PreprocessedPairs:
         return self
 
     @property
-    def _fingerprint(self) -> str:
-        """A hash of the inputs (as `datasets.Dataset._fingerprint`), for calibration checkpoints' keys."""
+    def fingerprint(self) -> str:
+        """A hash of the inputs, for calibration checkpoints' keys (see `data_fingerprint`)."""
         import hashlib
 
         import torch
