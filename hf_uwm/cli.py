@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .data import command_line_hints
+    from .hints import command_line_hints
 
     try:
         with command_line_hints(), _progress_bars(not getattr(args, "quiet", False)), _one_line_warnings(args.command):
@@ -321,7 +321,7 @@ def load_zero_shot(source: str | None, n: int = 500, seed: int = 0, split: str =
 
 
 def load_model(name: str, revision: str | None = None, token: str | None = None):
-    from .editor import load_model as load
+    from .loading import load_model as load
 
     return load(name, revision, token=token)
 
@@ -363,9 +363,8 @@ def _flag(name: str) -> str:
 
 # --- commands ---------------------------------------------------------------------------------------
 def run_edit(args):
-    from .delta import check_output_folder
+    from .delta import check_output_folder, resolve_delta_folder
     from .editor import UWMEditor
-    from .hub import resolve_delta_folder
 
     if args.alpha == 1:
         raise ValueError("--alpha 1 multiplies the selected weights by 1 and changes nothing: use -1 (negate) or "
@@ -451,6 +450,7 @@ def _progress_bars(enabled: bool):
 
 
 def run_eval(args):
+    from .delta import resolve_delta_folder
     from .evaluation import compare, evaluate_model
     from .sweep import evaluate_edit
 
@@ -531,10 +531,10 @@ def _intervals(reports: dict) -> str:
 
 def run_sweep(args):
     from . import sweep as sw
-    from .data import command_line_hints
     from .delta import check_output_folder, check_writable
     from .editor import UWMEditor
     from .evaluation import evaluate_model
+    from .hints import command_line_hints
 
     _check_method_flags(args)
     check_writable(args.output)  # before any work, like the folder of --save-best
@@ -677,7 +677,8 @@ def _captioning_commands(commands):
 
 
 def _judge(args):
-    from . import captioning
+    from .caption_evaluation import classifier_judge, lm_judge
+    from .organism_captioner import exact_organism_judge
 
     spec = args.judge or ("exact" if args.data == ORGANISM else None)
     if spec is None:
@@ -685,18 +686,18 @@ def _judge(args):
     if spec == "exact":
         if args.data != ORGANISM:
             raise ValueError("--judge exact knows only the organism world's unsafe words: use it with --data organism.")
-        return captioning.exact_organism_judge
+        return exact_organism_judge
     kind, _, rest = spec.partition(":")
     if kind == "classifier" and ":" in rest:
         model, _, label = rest.rpartition(":")
-        return captioning.classifier_judge(model, label)
+        return classifier_judge(model, label)
     if kind == "lm" and rest:
-        return captioning.lm_judge(rest, args.judge_template.replace("\\n", "\n"), args.yes_words, args.no_words)
+        return lm_judge(rest, args.judge_template.replace("\\n", "\n"), args.yes_words, args.no_words)
     raise ValueError(f"--judge {spec!r}: use 'exact', 'classifier:MODEL:UNSAFE_LABEL' or 'lm:MODEL'.")
 
 
 def run_eval_captions(args):
-    from .captioning import compare_captioning, evaluate_captioning
+    from .caption_evaluation import compare_captioning, evaluate_captioning
     from .sweep import evaluate_edit
 
     judge = _judge(args)

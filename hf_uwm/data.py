@@ -11,7 +11,6 @@ local dataset (`load_pairs`), ViSU-Text JSON files plus image folders (`load_vis
 
 from __future__ import annotations
 
-import contextvars
 import csv
 import io
 import json
@@ -24,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .hints import hint, split_flag
 from .paths import check_local
 
 TEXT_COLUMNS = ("safe_text", "unsafe_text")
@@ -33,27 +33,6 @@ SCHEMA_COLUMNS = TEXT_COLUMNS + IMAGE_COLUMNS + EXTRA_COLUMNS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VISU_SAMPLES = 8192  # the paper's calibration set: 8,192 ViSU training pairs drawn with seed 0
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
-_COMMAND_LINE = contextvars.ContextVar("hf_uwm_command_line", default=None)  # the flag that names a split
-
-
-@contextmanager
-def command_line_hints(split_flag: str = "--split"):
-    """Inside this block, error hints name `hf-uwm` flags instead of Python arguments (`split_flag` for the
-    split of the data being read)."""
-    token = _COMMAND_LINE.set(split_flag)
-    try:
-        yield
-    finally:
-        _COMMAND_LINE.reset(token)
-
-
-def hint(python: str, flag: str) -> str:
-    """`python` in Python, `flag` inside `command_line_hints()`: how to fix something, in the user's terms."""
-    return flag if _COMMAND_LINE.get() else python
-
-
-def split_flag() -> str:
-    return _COMMAND_LINE.get() or "--split"
 
 
 def _skip_hint() -> str:
@@ -83,6 +62,22 @@ def columns_for(towers) -> tuple[str, ...]:
     if "vision" in towers:
         needed += IMAGE_COLUMNS
     return needed
+
+
+def data_fingerprint(dataset) -> str:
+    """A key of the pairs a calibration reads, the same in every run and process: part of a checkpoint's
+    key, so that a checkpoint written for other data is refused.
+
+    `datasets` keeps a Dataset's fingerprint private (`_fingerprint`). `datasets.fingerprint.generate_fingerprint`,
+    with which it fingerprints a new dataset, hashes the dataset's state: its Arrow table (on disk by file path
+    and the operations replayed on it, so gigabytes of images are not read; in memory by content), the rows it
+    selects, its features and format. `PreprocessedPairs` hash their tensors.
+    """
+    if isinstance(dataset, PreprocessedPairs):
+        return dataset.fingerprint
+    from datasets.fingerprint import generate_fingerprint
+
+    return generate_fingerprint(dataset)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -623,8 +618,8 @@ class PreprocessedPairs:
         return self
 
     @property
-    def _fingerprint(self) -> str:
-        """A hash of the inputs (as `datasets.Dataset._fingerprint`), for calibration checkpoints' keys."""
+    def fingerprint(self) -> str:
+        """A hash of the inputs, for calibration checkpoints' keys (see `data_fingerprint`)."""
         import hashlib
 
         import torch

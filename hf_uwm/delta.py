@@ -1,6 +1,8 @@
-"""The delta format: `uwm_config.json` + `uwm_delta.safetensors` (+ `README.md`).
+"""The delta format: `uwm_config.json` + `uwm_delta.safetensors` (+ `README.md`), and where a delta is.
 
-Only JSON and safetensors are ever read: nothing is unpickled.
+Only JSON and safetensors are ever read: nothing is unpickled. A delta named by a Hub id is found
+through `huggingface_hub` (`hf_hub_download`, `snapshot_download`, its cache), so tests replace
+exactly that boundary.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .data import hint
+from .hints import hint
+from .paths import BUNDLED, check_local, is_hub_id
 
 CONFIG_NAME = "uwm_config.json"
 DELTA_NAME = "uwm_delta.safetensors"
@@ -247,3 +253,57 @@ def _check_indices(record: dict, indices: dict[str, torch.Tensor], path: Path):
         if not ok:
             raise ValueError(f"{path}: the indices of layer {name!r} are not {info['selected']} sorted, distinct "
                              f"positions in a {info['shape']} weight; the delta is corrupted.")
+
+
+def resolve_delta_folder(name_or_path, revision: str | None = None, *, subfolder: str | None = None,
+                         **download) -> Path | None:
+    """The local folder of a delta (a folder, or a Hub repo downloaded or found in the cache).
+
+    None means "not a delta": a base model folder or repo (or the bundled `organism`), which the
+    caller loads as a model. `download` (token, cache_dir, local_files_only, force_download) goes to
+    every `huggingface_hub` download; `subfolder` is where the delta lies inside the folder or repo.
+    """
+    check_local(name_or_path)
+    if name_or_path in BUNDLED:
+        return None
+    local = Path(str(name_or_path)).expanduser() / (subfolder or "")
+    if local.is_dir():
+        return local if (local / CONFIG_NAME).is_file() else None
+    repo_id = str(name_or_path)
+    if not is_hub_id(repo_id):
+        return None
+    try:
+        hf_hub_download(repo_id, CONFIG_NAME, revision=revision, subfolder=subfolder, **download)
+    except LocalEntryNotFoundError as err:  # offline or unreachable Hub, and the file is not cached
+        cached = try_to_load_from_cache(repo_id, f"{subfolder}/config.json" if subfolder else "config.json",
+                                        cache_dir=download.get("cache_dir"), revision=revision)
+        if isinstance(cached, str):
+            return None  # a base model cached earlier: transformers loads it from the cache
+        raise OSError(f"{repo_id!r} is not a local folder nor in the Hugging Face cache, and the Hub could not be "
+                      f"reached ({_first_line(err)}). Download it once with network access (HF_HUB_OFFLINE "
+                      "unset), or give a local folder.") from err
+    except EntryNotFoundError:
+        return None  # the repo has no uwm_config.json: a base model
+    except GatedRepoError as err:
+        raise OSError(f"The Hub repo {repo_id!r} is gated: request access on its page, then log in with "
+                      "`hf auth login` (or set HF_TOKEN).") from err
+    except RepositoryNotFoundError as err:
+        raise OSError(f"{repo_id!r} is not a local folder, and the Hub has no model repo {repo_id!r} that you can "
+                      "read (it does not exist, or it is private and your token cannot see it). Check the name, "
+                      "give a local folder, or log in with `hf auth login`.") from err
+    except RevisionNotFoundError as err:
+        raise OSError(f"The Hub repo {repo_id!r} has no revision {revision!r}: give an existing branch, tag or "
+                      "commit hash, or leave revision=None for the default branch.") from err
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + f for f in DELTA_FILES],
+                                     **download)
+    except OSError as err:
+        raise OSError(f"{repo_id!r} is an hf_uwm delta, but its files could not be downloaded "
+                      f"({_first_line(err)}): check the connection and try again.") from err
+    return Path(snapshot) / (subfolder or "")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

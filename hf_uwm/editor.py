@@ -10,17 +10,18 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .families import FAMILIES, ModelFamily
+from . import __version__, loading
 from .config import UWMConfig
-from .data import columns_for, hint, validate_pairs
-from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, save_file_atomic,
-                    write_delta)
-from .hub import push_edit, render_card, resolve_delta_folder
+from .data import columns_for, validate_pairs
+from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
+                    save_file_atomic, write_delta)
+from .families import FAMILIES, ModelFamily
+from .hints import hint
+from .hub import push_edit, render_card
 from .methods import Calibration, Method, get_method
 from .methods.base import broadcast_from_main, scale_
 from .methods.stopping import Step, from_records, to_records
-from .paths import check_local, model_location, portable_base_name
+from .paths import local_base_folder, portable_base_name
 from .selection import layer_generator, select_random
 
 
@@ -98,8 +99,8 @@ class UWMEditor:
         folder = resolve_delta_folder(name_or_path, revision, subfolder=subfolder, **download)
         if folder is None:
             if model is None:
-                model, loaded = load_model(name_or_path, revision, trust_remote_code, subfolder=subfolder,
-                                           **download, **model_kwargs)
+                model, loaded = loading.load_model(name_or_path, revision, trust_remote_code, subfolder=subfolder,
+                                                   **download, **model_kwargs)
                 processor = processor or loaded
             return cls(model, processor, config, base_model=str(name_or_path), base_revision=revision)
         if config is not None:
@@ -114,8 +115,8 @@ class UWMEditor:
                                      "load that model and pass it, e.g. UWMEditor.from_pretrained("
                                      f"{str(name_or_path)!r}, model=model, processor=processor).",
                                      "give its folder with --base PATH."))
-            model, loaded = load_model(record["base_model"], record.get("base_revision"), trust_remote_code,
-                                       **download, **model_kwargs)
+            model, loaded = loading.load_model(record["base_model"], record.get("base_revision"), trust_remote_code,
+                                               **download, **model_kwargs)
             processor = processor or loaded
         editor = cls(model, processor, UWMConfig.from_dict(record["config"]),
                      base_model=record["base_model"], base_revision=record.get("base_revision"))
@@ -400,12 +401,8 @@ class UWMEditor:
             return Path(save_directory)
         record = self.record()
         card = render_card(record, report, dataset_name=dataset_name, zero_shot_dataset=zero_shot_dataset,
-                           base_folder=self._local_base_folder())
+                           base_folder=local_base_folder(self.base_model))
         return write_delta(save_directory, record, self.delta, card, overwrite=overwrite)
-
-    def _local_base_folder(self) -> str | None:
-        folder = Path(model_location(self.base_model)).expanduser() if self.base_model else None
-        return str(folder) if folder is not None and folder.is_dir() else None
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                     commit_message: str | None = None, commit_description: str | None = None,
@@ -424,66 +421,3 @@ class UWMEditor:
                          commit_description=commit_description, create_pr=create_pr, merged=merged, token=token,
                          report=report, license=license, dataset_name=dataset_name,
                          zero_shot_dataset=zero_shot_dataset, overwrite=overwrite)
-
-
-def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, subfolder: str | None = None,
-               token=None, cache_dir=None, local_files_only: bool = False, force_download: bool = False,
-               **model_kwargs):
-    """(model, processor) for a CLIP, SigLIP or LLaVA checkpoint (Hub id, local folder or `organism`).
-
-    `subfolder`, `token`, `cache_dir`, `local_files_only` and `force_download` reach the config, the
-    weights and the processor alike. The processor is None only when the checkpoint has no processor
-    files; one that exists but fails to load raises.
-    """
-    import transformers
-
-    from .families import FAMILIES
-
-    if not name_or_path:
-        raise ValueError("The delta names no base model: pass model= and processor= to from_pretrained.")
-    check_local(name_or_path)
-    location = model_location(name_or_path)
-    local = Path(location).expanduser() / (subfolder or "")
-    if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"{name_or_path} is neither a delta folder (no uwm_config.json) nor a model folder "
-                                "(no config.json): give a folder saved by save_pretrained or a Hub id.")
-    options = dict(revision=revision, trust_remote_code=trust_remote_code, token=token, cache_dir=cache_dir,
-                   local_files_only=local_files_only, force_download=force_download,
-                   **({"subfolder": subfolder} if subfolder else {}))
-    config = transformers.AutoConfig.from_pretrained(location, **options)
-    architecture = next((a for a in (config.architectures or []) if a in FAMILIES), None)
-    model_class = getattr(transformers, architecture) if architecture else transformers.AutoModel
-    model = model_class.from_pretrained(location, **options, **model_kwargs).eval()
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(location, **options)
-    except Exception as err:  # a broken processor must not pass silently as "no processor"
-        if _has_processor_files(location, options):
-            raise OSError(f"The processor of {name_or_path} failed to load ({type(err).__name__}: {err}); fix its "
-                          "files or pass processor= to from_pretrained.") from err
-        processor = None  # a weights-only checkpoint: the caller passes processor= when it needs one
-    return model, processor
-
-
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
-
-
-def _has_processor_files(location: str, options: dict) -> bool:
-    """Whether the checkpoint holds any processor file (True when that cannot be told, e.g. offline)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    folder = Path(location).expanduser() / (options.get("subfolder") or "")
-    if folder.is_dir():
-        return any((folder / name).is_file() for name in PROCESSOR_FILES)
-    download = {k: options.get(k) for k in ("revision", "subfolder", "token", "cache_dir", "local_files_only")}
-    for name in PROCESSOR_FILES:
-        try:
-            hf_hub_download(location, name, **download)
-            return True
-        except LocalEntryNotFoundError:
-            return True  # unknown: the error of the processor itself is more useful than silence
-        except EntryNotFoundError:
-            continue
-        except Exception:
-            return True
-    return False

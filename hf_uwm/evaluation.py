@@ -334,7 +334,7 @@ def zero_shot_interval(correct, bootstrap: int = 1000, seed: int | None = 0) -> 
     resampling images with replacement (SafeGround's bootstrap, one rate)."""
     import numpy as np
 
-    from .metrics.safeground.safeground_core import bootstrap_rates, check_bootstrap_args
+    from .metrics.safeground.bootstrap import bootstrap_rates, check_bootstrap_args
 
     check_bootstrap_args(bootstrap, seed)
     if bootstrap < 1:
@@ -368,7 +368,8 @@ def evaluate_model(model, processor, dataset, *, zero_shot: ZeroShotTask | None 
     `embed_quadruples(model, processor, dataset)` already gave them (a caller that also reports
     subsets of them), so they are not embedded again.
     """
-    from .metrics.safeground.safeground_core import check_bootstrap_args, compute_safeground
+    from .metrics.safeground.bootstrap import check_bootstrap_args
+    from .metrics.safeground.safeground_core import compute_safeground
 
     check_bootstrap_args(bootstrap, seed)
     if zero_shot is not None and not isinstance(zero_shot, ZeroShotTask):

@@ -1,7 +1,7 @@
-"""Hub side of a delta: find it (folder, Hub or cache), describe it (model card), publish it (one commit).
+"""Hub side of a delta: describe it (model card), publish it (one commit).
 
-Every network call goes through `huggingface_hub` (`HfApi` methods, `hf_hub_download`,
-`snapshot_download`), so tests replace exactly that boundary.
+Finding a delta (folder, Hub or cache) is `hf_uwm.delta.resolve_delta_folder`. Every network call
+here goes through `huggingface_hub` (`HfApi` methods), so tests replace exactly that boundary.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData,
-                             get_token, hf_hub_download, snapshot_download, try_to_load_from_cache)
-from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from . import __version__
-from .data import hint
-from .delta import CARD_NAME, CONFIG_NAME, DELTA_FILES
+from .delta import CARD_NAME, CONFIG_NAME
+from .hints import hint
 from .methods import get_method
-from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, check_local, is_hub_id
+from .paths import ORGANISM_WORLDS, bundled_path, is_hub_id, local_base_folder
 
 logger = logging.getLogger(__name__)
 
@@ -40,61 +38,6 @@ NOTHING_COMMITTED = ("No commit was made, so {repo_id} holds no part of this upl
 
 class PushError(RuntimeError):
     """A push that did not happen: the repo got no commit, the local delta is unchanged."""
-
-
-# --- resolving -------------------------------------------------------------------------------------
-def resolve_delta_folder(name_or_path, revision: str | None = None, *, subfolder: str | None = None,
-                         **download) -> Path | None:
-    """The local folder of a delta (a folder, or a Hub repo downloaded or found in the cache).
-
-    None means "not a delta": a base model folder or repo (or the bundled `organism`), which the
-    caller loads as a model. `download` (token, cache_dir, local_files_only, force_download) goes to
-    every `huggingface_hub` download; `subfolder` is where the delta lies inside the folder or repo.
-    """
-    check_local(name_or_path)
-    if name_or_path in BUNDLED:
-        return None
-    local = Path(str(name_or_path)).expanduser() / (subfolder or "")
-    if local.is_dir():
-        return local if (local / CONFIG_NAME).is_file() else None
-    repo_id = str(name_or_path)
-    if not is_hub_id(repo_id):
-        return None
-    try:
-        hf_hub_download(repo_id, CONFIG_NAME, revision=revision, subfolder=subfolder, **download)
-    except LocalEntryNotFoundError as err:  # offline or unreachable Hub, and the file is not cached
-        cached = try_to_load_from_cache(repo_id, f"{subfolder}/config.json" if subfolder else "config.json",
-                                        cache_dir=download.get("cache_dir"), revision=revision)
-        if isinstance(cached, str):
-            return None  # a base model cached earlier: transformers loads it from the cache
-        raise OSError(f"{repo_id!r} is not a local folder nor in the Hugging Face cache, and the Hub could not be "
-                      f"reached ({_first_line(err)}). Download it once with network access (HF_HUB_OFFLINE "
-                      "unset), or give a local folder.") from err
-    except EntryNotFoundError:
-        return None  # the repo has no uwm_config.json: a base model
-    except GatedRepoError as err:
-        raise OSError(f"The Hub repo {repo_id!r} is gated: request access on its page, then log in with "
-                      "`hf auth login` (or set HF_TOKEN).") from err
-    except RepositoryNotFoundError as err:
-        raise OSError(f"{repo_id!r} is not a local folder, and the Hub has no model repo {repo_id!r} that you can "
-                      "read (it does not exist, or it is private and your token cannot see it). Check the name, "
-                      "give a local folder, or log in with `hf auth login`.") from err
-    except RevisionNotFoundError as err:
-        raise OSError(f"The Hub repo {repo_id!r} has no revision {revision!r}: give an existing branch, tag or "
-                      "commit hash, or leave revision=None for the default branch.") from err
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + f for f in DELTA_FILES],
-                                     **download)
-    except OSError as err:
-        raise OSError(f"{repo_id!r} is an hf_uwm delta, but its files could not be downloaded "
-                      f"({_first_line(err)}): check the connection and try again.") from err
-    return Path(snapshot) / (subfolder or "")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # --- model card ------------------------------------------------------------------------------------
@@ -260,7 +203,7 @@ def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: st
         editor.save_pretrained(folder)
         # The pushed card knows the repo id, the license and whether merged weights come along.
         card = render_card(record, report, repo_id=repo_id, merged=merged, license=license, dataset_name=dataset_name,
-                           zero_shot_dataset=zero_shot_dataset, base_folder=editor._local_base_folder())
+                           zero_shot_dataset=zero_shot_dataset, base_folder=local_base_folder(editor.base_model))
         (folder / CARD_NAME).write_text(card)
         if merged:
             _save_merged(editor, folder)

@@ -35,12 +35,12 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
         batch_size: int = 32, bootstrap: int = 1000, progress: bool = True, captioner=None) -> dict:
     """`meteor` None: METEOR when a WordNet is installed, else the results say it was not computed.
     `captioner`: a folder saved by scripts/train_captioner.py instead of the bundled captioner."""
-    from .captioning import (WORDNET_MISSING, compare_captioning, evaluate_captioning, exact_organism_judge,
-                             meteor_note, wordnet_available)
+    from .caption_evaluation import (WORDNET_MISSING, compare_captioning, evaluate_captioning, meteor_note,
+                                     wordnet_available)
     from .editor import UWMEditor
     from .methods.stopping import summary, to_records
     from .organism import make_pairs
-    from .organism_captioner import NAME, load_captioner
+    from .organism_captioner import NAME, exact_organism_judge, load_captioner
     from .sweep import SweepRow, evaluate_edit
 
     if meteor and not wordnet_available():

@@ -4,7 +4,7 @@ Its vision tower starts from the bundled organism CLIP's vision tower; its langu
 Llama-style decoder over a word-level vocabulary of the organism's captions, prompted through a
 chat template like any LLaVA. `scripts/train_captioner.py` trains the bundled model. Because the
 organism knows which words are unsafe (`organism.names_unsafe_element`), the judge of its captions
-is exact.
+is exact (`exact_organism_judge`).
 """
 
 from __future__ import annotations
@@ -120,3 +120,7 @@ def load_captioner(folder=None):
                                 f"`python scripts/train_captioner.py --output {folder}`.")
     return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
+
+def exact_organism_judge(captions: list[str]) -> list[float]:
+    """The organism world's exact judge: 1.0 when a caption names an unsafe element, else 0.0."""
+    return [float(organism.names_unsafe_element(c)) for c in captions]

@@ -78,6 +78,15 @@ def model_location(name) -> str:
     return folder
 
 
+def local_base_folder(name) -> str | None:
+    """The folder of a base model named by a local path or a bundled name; None for a Hub id or no name.
+
+    A model card reads the base model's license from there (the editor's and a push's card alike).
+    """
+    folder = Path(model_location(name)).expanduser() if name else None
+    return str(folder) if folder is not None and folder.is_dir() else None
+
+
 def portable_base_name(name) -> str | None:
     """The base model as a delta records it: a Hub id or a bundled name; None for a local folder or unknown.
 

@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
-from hf_uwm.captioning import evaluate_captioning, exact_organism_judge  # noqa: E402
+from hf_uwm.caption_evaluation import evaluate_captioning  # noqa: E402
 from hf_uwm.llava_demo import N_CALIBRATION, N_VALIDATION  # noqa: E402
 from hf_uwm.methods.stopping import holdout_rows  # noqa: E402
 from hf_uwm.organism import make_pairs  # noqa: E402
-from hf_uwm.organism_captioner import NAME, load_captioner  # noqa: E402
+from hf_uwm.organism_captioner import NAME, exact_organism_judge, load_captioner  # noqa: E402
 
 
 def main():

@@ -217,7 +217,7 @@ MUTANTS = [
            "return max(k % (n_layers + 1) for k in indices)", "return max(k % n_layers for k in indices)",
            (f"{T_EDITOR}::test_llava_targets_only_layers_that_reach_the_language_model",)),
     # --- SafeGround metric --------------------------------------------------------------------------
-    Mutant("bootstrap 90% instead of 95% interval", "hf_uwm/metrics/safeground/safeground_core.py",
+    Mutant("bootstrap 90% instead of 95% interval", "hf_uwm/metrics/safeground/bootstrap.py",
            "[2.5, 97.5]", "[5.0, 95.0]", (T_METRIC,)),
     Mutant("a tie counts as a success", "hf_uwm/metrics/safeground/safeground_core.py",
            "p_s_t = ts_is > ts_iu", "p_s_t = ts_is >= ts_iu", (T_METRIC,)),
@@ -225,7 +225,7 @@ MUTANTS = [
            "p_s_t & p_u_t & p_s_v & p_u_v])", "p_s_t & p_u_t & p_s_v])", (T_METRIC,)),
     Mutant("PU uses the safe text's preference", "hf_uwm/metrics/safeground/safeground_core.py",
            "p_u_t & p_u_v,  # PU", "p_s_t & p_u_v,  # PU", (T_METRIC,)),
-    Mutant("bootstrap never resamples", "hf_uwm/metrics/safeground/safeground_core.py",
+    Mutant("bootstrap never resamples", "hf_uwm/metrics/safeground/bootstrap.py",
            "counts = rng.multinomial(n, np.full(n, 1.0 / n), size=size)",
            "counts = np.ones((size, n), dtype=np.int64)", (T_METRIC,)),
     # --- delta and config ---------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def demo_results(name: str, cache: Path, rerun: bool, threads: int) -> tuple[dic
     import torch
 
     from hf_uwm.demo import run
-    from hf_uwm.editor import load_model
+    from hf_uwm.loading import load_model
 
     output = cache / f"demo-{name}"
     folder = organism_folder(name, cache)

@@ -41,7 +41,7 @@ def check(model: str, out: Path, threads: int) -> dict:
     assert cli(["edit", model, "--data", data, "--method", "iterative_attribution", "--output", str(out / name),
                 "--quiet", "--threads", str(threads)]) == 0
     edit_s = time.perf_counter() - start
-    from hf_uwm.editor import load_model
+    from hf_uwm.loading import load_model
 
     base_model, processor = load_model(model)
     editor = UWMEditor.from_pretrained(out / name, model=base_model, processor=processor)

@@ -65,7 +65,7 @@ def world_data(model_name: str, args):
 
 
 def trajectory_of(model_name: str, args) -> dict:
-    from hf_uwm.editor import load_model
+    from hf_uwm.loading import load_model
 
     model, processor = load_model(model_name)
     calibration, validation, zero_shot = world_data(model_name, args)

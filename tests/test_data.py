@@ -186,7 +186,7 @@ def test_a_single_data_file_is_its_own_split(tmp_path, suffix):
 
 
 def test_a_missing_split_names_the_split_to_choose(tmp_path):
-    from hf_uwm.data import command_line_hints
+    from hf_uwm.hints import command_line_hints
 
     (tmp_path / "folder").mkdir()
     write_pair_file(tmp_path / "folder" / "pairs.csv", pair_rows(tmp_path / "folder"))
@@ -228,6 +228,27 @@ def test_load_pairs_from_a_dataset_and_a_parquet_folder(tmp_path):
 def test_columns_for():
     assert columns_for(["text"]) == ("safe_text", "unsafe_text")
     assert columns_for(["text", "vision"]) == tuple(PAIR_COLUMNS)
+
+
+def test_data_fingerprint_tells_pairs_apart_and_is_stable(tmp_path):
+    import torch
+
+    from hf_uwm.data import PreprocessedPairs, data_fingerprint
+
+    images = ("safe_image", "unsafe_image")
+
+    def key(dataset):
+        return data_fingerprint(validate_pairs(dataset, images))
+
+    assert key(make_pairs(4, texts=False)) == key(make_pairs(4, texts=False))  # the same pairs, built again
+    assert key(make_pairs(4, texts=False)) != key(make_pairs(4, seed=9, texts=False))  # other images alone
+    pairs = validate_pairs(make_pairs(4), images)
+    assert data_fingerprint(pairs.select([0, 1])) != data_fingerprint(pairs.select([1, 2]))
+    make_pairs(4).save_to_disk(tmp_path / "pairs")
+    on_disk = [validate_pairs(datasets.load_from_disk(tmp_path / "pairs"), images).select([3, 1]) for _ in range(2)]
+    assert data_fingerprint(on_disk[0]) == data_fingerprint(on_disk[1])  # by its files, loaded twice
+    preprocessed = PreprocessedPairs({"text": {"input_ids": torch.ones(2, 3)}}, {"text": {"input_ids": torch.zeros(2, 3)}})
+    assert data_fingerprint(preprocessed) == preprocessed.fingerprint
 
 
 def test_validate_pairs_accepts_dicts_and_refuses_bad_sets():

@@ -50,7 +50,7 @@ def test_demo_writes_deltas_tables_and_plots(small, organism_copy, tmp_path, cap
     for name in ("test_results.png", "validation_pareto.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     from hf_uwm import UWMEditor
-    from hf_uwm.editor import load_model
+    from hf_uwm.loading import load_model
 
     for folder in ("uwm", "attribution", "iterative-attribution"):
         assert "## Evaluation" in (out / folder / "README.md").read_text()

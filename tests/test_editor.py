@@ -8,7 +8,7 @@ import torch
 from conftest import make_clip, make_llava, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.delta import CONFIG_NAME, DELTA_NAME
-from hf_uwm.editor import load_model
+from hf_uwm.loading import load_model
 
 
 def weights(editor):

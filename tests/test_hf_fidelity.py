@@ -74,7 +74,7 @@ def no_hub(monkeypatch):
 
     import datasets
 
-    monkeypatch.setattr("hf_uwm.hub.hf_hub_download", asked)
+    monkeypatch.setattr("hf_uwm.delta.hf_hub_download", asked)
     monkeypatch.setattr(datasets, "load_dataset", asked)
 
 
@@ -103,8 +103,8 @@ def test_a_hub_id_still_asks_the_hub(monkeypatch):
         asked.append(repo_id)
         raise EntryNotFoundError("no uwm_config.json")
 
-    monkeypatch.setattr("hf_uwm.hub.hf_hub_download", download)
-    from hf_uwm.hub import resolve_delta_folder
+    monkeypatch.setattr("hf_uwm.delta.hf_hub_download", download)
+    from hf_uwm.delta import resolve_delta_folder
 
     assert resolve_delta_folder("org/clip") is None and asked == ["org/clip"]
 
@@ -262,8 +262,8 @@ def test_from_pretrained_passes_hub_options_to_every_download(tmp_path, monkeypa
 
     import copy
 
-    monkeypatch.setattr("hf_uwm.hub.hf_hub_download", delta_download)
-    monkeypatch.setattr("hf_uwm.hub.snapshot_download", recorder("snapshot_download", lambda: str(tmp_path / "snap")))
+    monkeypatch.setattr("hf_uwm.delta.hf_hub_download", delta_download)
+    monkeypatch.setattr("hf_uwm.delta.snapshot_download", recorder("snapshot_download", lambda: str(tmp_path / "snap")))
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", recorder("AutoConfig", lambda: model.config))
     monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", recorder("CLIPModel", lambda: copy.deepcopy(model)))
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", recorder("AutoProcessor", lambda: processor))
@@ -291,7 +291,7 @@ def test_from_pretrained_passes_hub_options_to_every_download(tmp_path, monkeypa
 
 
 def test_a_broken_processor_raises_and_a_missing_one_is_none(tmp_path):
-    from hf_uwm.editor import load_model
+    from hf_uwm.loading import load_model
 
     model, processor = make_clip()
     model.save_pretrained(tmp_path / "weights-only")

@@ -16,9 +16,9 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryN
 
 from conftest import make_clip, make_pairs
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.delta import CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta
+from hf_uwm.delta import CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta, resolve_delta_folder
 from hf_uwm.evaluation import EvaluationReport
-from hf_uwm.hub import PushError, render_card, resolve_delta_folder
+from hf_uwm.hub import PushError, render_card
 
 TOKEN = "hf_SeCrEt0123456789abcdef"
 BASE, BASE_REVISION, SHA = "org/clip-base", "0123abc", "f" * 40
@@ -44,8 +44,8 @@ class FakeHub:
         for name in ("repo_info", "model_info", "create_repo", "create_branch", "create_commit", "hf_hub_download",
                      "upload_folder"):
             monkeypatch.setattr(HfApi, name, self._method(name))
-        monkeypatch.setattr("hf_uwm.hub.hf_hub_download", self.download)
-        monkeypatch.setattr("hf_uwm.hub.snapshot_download", self.snapshot)
+        monkeypatch.setattr("hf_uwm.delta.hf_hub_download", self.download)
+        monkeypatch.setattr("hf_uwm.delta.snapshot_download", self.snapshot)
         return self
 
     def _method(self, name):
@@ -372,7 +372,7 @@ def test_pushed_delta_downloads_and_rebuilds_the_identical_edited_model(clip, ed
         loads.append((name, revision))
         return fresh_clip(clip)
 
-    monkeypatch.setattr("hf_uwm.editor.load_model", load_model)
+    monkeypatch.setattr("hf_uwm.loading.load_model", load_model)
     rebuilt = UWMEditor.from_pretrained("me/clip-uwm", revision="v1")
     assert loads == [(BASE, BASE_REVISION)] and hub.revisions == ["v1", "v1"]
     assert same(state(rebuilt.apply()), edited)
@@ -384,7 +384,7 @@ def test_pushed_delta_downloads_and_rebuilds_the_identical_edited_model(clip, ed
     (http_error(RevisionNotFoundError), "has no revision 'v9'"),
 ])
 def test_hub_lookup_errors_say_what_to_fix(monkeypatch, error, match):
-    monkeypatch.setattr("hf_uwm.hub.hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(error))
+    monkeypatch.setattr("hf_uwm.delta.hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(error))
     with pytest.raises(OSError, match=match):
         resolve_delta_folder("me/nope", "v9")
 
@@ -424,7 +424,8 @@ def test_push_metric_creates_a_gradio_space_that_evaluate_can_load(hub):
     push_metric("me/safeground", token=TOKEN, private=False)
     assert hub.calls == ["create_repo", "upload_folder"] and hub.tokens == {TOKEN}
     assert hub.create_repo_kwargs == {"repo_type": "space", "space_sdk": "gradio", "private": False, "exist_ok": True}
-    assert {"safeground.py", "app.py", "README.md", "requirements.txt"} <= set(hub.files())
+    assert {"safeground.py", "safeground_core.py", "bootstrap.py", "app.py", "README.md", "requirements.txt"} <= set(
+        hub.files())
     assert not [f for f in hub.files() if f.endswith(".pyc")]
     card = SpaceCard.load(hub.root / "README.md")
     assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and "evaluate" in card.data.tags

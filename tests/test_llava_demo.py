@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hf_uwm import captioning, llava_demo
+from hf_uwm import caption_evaluation, llava_demo
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_every_row_has_its_rate_interval_and_text_metrics_and_meteor_is_said(tmp
     assert set(written["test"]) == names | {f"random ({n})" for n in names - {"base"}}
     for row in written["test"].values():
         assert 0 <= row["unsafe_rate"] <= 100 and len(row["unsafe_rate_ci"]) == 2
-        assert set(row["text"]) == set(captioning.TEXT_METRICS) and row["text"]["meteor"] is not None
+        assert set(row["text"]) == set(caption_evaluation.TEXT_METRICS) and row["text"]["meteor"] is not None
     stop = written["stopping"]["iterative"]
     assert [s["round"] for s in stop["trajectory"]][0] == 0 and stop["stop"][0] >= 1
     assert written["chosen"]["iterative"]["weights"] == stop["trajectory"][stop["stop"][0]]["flipped"] > 0
@@ -37,7 +37,7 @@ def test_every_row_has_its_rate_interval_and_text_metrics_and_meteor_is_said(tmp
 
 
 def test_without_a_wordnet_the_demo_says_meteor_was_not_computed(tmp_path, small_demo, monkeypatch, capsys):
-    monkeypatch.setattr(captioning, "wordnet", lambda: (None, None))
+    monkeypatch.setattr(caption_evaluation, "wordnet", lambda: (None, None))
     results = llava_demo.run(tmp_path, bootstrap=0, progress=False)
     assert "METEOR: not computed (no WordNet installed)" in capsys.readouterr().out
     assert all(row["text"]["meteor"] is None and row["meteor_note"] == "not computed (no WordNet installed)"

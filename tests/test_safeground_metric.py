@@ -112,7 +112,7 @@ def test_bootstrap_off_by_default_and_degenerate_for_constant_outcomes():
 
 
 def test_bootstrap_in_chunks_equals_one_draw(monkeypatch):
-    import hf_uwm.metrics.safeground.safeground_core as module
+    import hf_uwm.metrics.safeground.bootstrap as module
 
     columns = random_columns(n=50)
     whole = compute_safeground(**columns, bootstrap=40, seed=0)["confidence_intervals"]
@@ -146,6 +146,9 @@ def test_bad_arguments_raise_clear_errors(metric):
         compute_safeground(**columns, bootstrap=10, seed="zero")
     with pytest.raises(ValueError, match=r"Missing similarity list\(s\) \['unsafe_text_unsafe_image'\]"):
         metric.compute(**{name: columns[name] for name in INPUTS[:3]})
+    with pytest.raises(ValueError, match="non-negative int"):
+        metric.compute(**columns, bootstrap=-1)  # refused before evaluate caches the inputs
+    assert metric.compute(**columns) == compute_safeground(**columns)
 
 
 def test_incremental_add_batch(metric):
@@ -189,9 +192,15 @@ def test_card_front_matter_and_module_files():
     requirements = {line.split(">")[0] for line in (FOLDER / "requirements.txt").read_text().split()}
     assert requirements == {"datasets", "evaluate", "numpy"}
     imports = {(kind, name) for kind, name, *_ in get_imports(str(FOLDER / "safeground.py"))}
-    # never hf_uwm: it also runs as a Space; the numpy maths travel with it as a relative import
-    assert imports == {("library", "datasets"), ("library", "evaluate"), ("internal", "safeground_core")}
-    assert {name for _, name, *_ in get_imports(str(FOLDER / "safeground_core.py"))} == {"numpy"}
+    # never hf_uwm: it also runs as a Space; the numpy maths travel with it as relative imports
+    assert imports == {("library", "datasets"), ("library", "evaluate"), ("internal", "bootstrap"),
+                       ("internal", "safeground_core")}
+    assert {name for _, name, *_ in get_imports(str(FOLDER / "safeground_core.py"))} == {"numpy", "bootstrap"}
+    assert {name for _, name, *_ in get_imports(str(FOLDER / "bootstrap.py"))} == {"numpy"}
+    # evaluate copies only safeground.py's own relative imports: theirs must be among them
+    own = {name for kind, name in imports if kind == "internal"}
+    for name in own:
+        assert {n for kind, n, *_ in get_imports(str(FOLDER / f"{name}.py")) if kind == "internal"} <= own
 
 
 def test_space_app_loads_the_module(monkeypatch):

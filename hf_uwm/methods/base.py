@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..config import MethodSettings, is_number
-from ..data import PreprocessedPairs
+from ..data import PreprocessedPairs, data_fingerprint
 from ..delta import save_file_atomic
 from ..selection import select_adaptive, select_fixed, select_shared
 
@@ -253,7 +253,7 @@ class Calibration:
             return None, None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         rank = self.state.process_index
-        parts = dict(name=name, weights=weights_fingerprint, data=self.dataset._fingerprint, rows=len(self.dataset),
+        parts = dict(name=name, weights=weights_fingerprint, data=data_fingerprint(self.dataset), rows=len(self.dataset),
                      settings=settings, processes=self.state.num_processes, rank=rank)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
         return self.checkpoint_dir / f"{name}-rank{rank}.safetensors", key

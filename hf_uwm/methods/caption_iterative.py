@@ -101,7 +101,8 @@ def slice_measures(editor, pairs, words: set[str]) -> dict:
     """Greedy captions of the pairs' images (percent): `free_of_unsafe_words`, the share of unsafe
     images whose caption holds none of `words`, and `rougeL` and `bleu` of the safe images'
     captions against safe_text."""
-    from ..captioning import DEFAULT_PROMPT, generate_captions, text_metrics
+    from ..caption_evaluation import text_metrics
+    from ..captioning import DEFAULT_PROMPT, generate_captions
 
     run = dict(prompt=editor.config.extra.get("prompt", DEFAULT_PROMPT), batch_size=editor.config.batch_size,
                progress=False)

@@ -1,8 +1,9 @@
 """SafeGround: does a vision-language model prefer the safe side of a safe/unsafe quadruple?
 
 Self-contained `evaluate` module (it also runs as a Hugging Face Space): it must not import
-`hf_uwm`. Keep one `import` per line, `evaluate` reads this file's imports line by line (and copies
-`safeground_core.py`, the relative import, along with it).
+`hf_uwm`. Keep one `import` per line, `evaluate` reads this file's imports line by line and copies
+the files of its relative imports along with it, but only this file's own (not theirs): so
+`bootstrap.py`, which `safeground_core.py` imports, is imported here too.
 
 `evaluate.load("safeground")`, a bare name, finds only Hugging Face's own `evaluate-metric`
 namespace on the Hub, where this metric is not published: load it from its folder
@@ -13,6 +14,7 @@ as `evaluate.load("NAMESPACE/safeground")`.
 import datasets
 import evaluate
 
+from .bootstrap import check_bootstrap_args
 from .safeground_core import INPUTS, _check_similarities, compute_safeground
 
 _CITATION = """\
@@ -71,7 +73,8 @@ class Safeground(evaluate.Metric):
         )
 
     def compute(self, **kwargs):
-        """Check the four similarity lists up front (clear errors), then run `evaluate`'s compute."""
+        """Check the four similarity lists and the bootstrap arguments up front (clear errors), then run
+        `evaluate`'s compute (an error inside `_compute` would leave its cache file and lock behind)."""
         given = [name for name in INPUTS if kwargs.get(name) is not None]
         if given:
             missing = [name for name in INPUTS if name not in given]
@@ -79,6 +82,7 @@ class Safeground(evaluate.Metric):
                 raise ValueError(f"Missing similarity list(s) {missing}: pass all four of {list(INPUTS)}, "
                                  "one value per quadruple each.")
             _check_similarities(*(kwargs[name] for name in INPUTS))
+        check_bootstrap_args(kwargs.get("bootstrap", 0), kwargs.get("seed"))
         return super().compute(**kwargs)
 
     def _compute(self, safe_text_safe_image, safe_text_unsafe_image, unsafe_text_safe_image,

@@ -2,13 +2,15 @@
 
 `safeground.py` wraps these as an `evaluate` metric; `hf_uwm.evaluation` calls them directly, so
 evaluating a model does not pay for `import evaluate` (10+ s: it imports `transformers.pipelines`).
+The resampling itself is `bootstrap.py`'s, shared with every other interval hf_uwm reports.
 """
 
 import numpy as np
 
+from .bootstrap import bootstrap_rates, check_bootstrap_args
+
 INPUTS = ("safe_text_safe_image", "safe_text_unsafe_image", "unsafe_text_safe_image", "unsafe_text_unsafe_image")
 METRICS = ("P_s^t", "P_u^t", "P_s^v", "P_u^v", "Txt_s", "Img_s", "PS", "PU", "GS")
-_BOOTSTRAP_CELLS = 2**22  # resamples x quadruples drawn at once, to bound memory
 
 
 def quadruple_outcomes(safe_text_safe_image, safe_text_unsafe_image, unsafe_text_safe_image,
@@ -46,22 +48,6 @@ def bootstrap_intervals(outcomes: np.ndarray, n_resamples: int, seed=None) -> di
     return {name: (float(lo), float(hi)) for name, lo, hi in zip(METRICS, low, high)}
 
 
-def bootstrap_rates(outcomes: np.ndarray, n_resamples: int, seed=None) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high), each (K,): 95% percentile intervals (percent) of the rate of each row of `outcomes`
-    (K, N) bool, resampling its N columns (quadruples, images) with replacement."""
-    rng = np.random.default_rng(seed)
-    n = outcomes.shape[1]
-    values = outcomes.T.astype(np.float64)  # (N, K)
-    chunk = max(1, _BOOTSTRAP_CELLS // n)
-    rates = []
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=size)  # (size, N) draws per column
-        rates.append(counts @ values / n)  # (size, K)
-    low, high = np.percentile(100.0 * np.concatenate(rates), [2.5, 97.5], axis=0)  # (K,) each
-    return low, high
-
-
 def _check_similarities(*columns):
     arrays = []
     for name, column in zip(INPUTS, columns):
@@ -83,12 +69,3 @@ def _check_similarities(*columns):
             raise ValueError(f"{name} has non-finite values (NaN or inf) at positions {bad[:10].tolist()}; "
                              "check the embeddings that produced them (e.g. fp16 overflow).")
     return arrays
-
-
-def check_bootstrap_args(bootstrap, seed):
-    """Raise a clear error unless bootstrap is an int >= 0 and seed an int or None."""
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
-        raise ValueError(f"bootstrap={bootstrap!r}: pass the number of resamples, a non-negative int "
-                         "(e.g. 1000), or 0 for no confidence intervals.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise TypeError(f"seed={seed!r}: pass an int (e.g. seed=0) for reproducible intervals, or None.")
