@@ -450,7 +450,6 @@ def _progress_bars(enabled: bool):
 
 
 def run_eval(args):
-    from .delta import resolve_delta_folder
     from .evaluation import compare, evaluate_model
     from .sweep import evaluate_edit
 
