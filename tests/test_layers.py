@@ -111,3 +111,15 @@ def test_the_checks_see_violations():
     assert private_dataset_reads(ast.parse("key = self.dataset._fingerprint\nrows = datasets._private")) == [
         "line 1: ._fingerprint", "line 2: ._private"]
     assert private_dataset_reads(ast.parse("n = dataset.num_rows\nx = self._cache")) == []
+
+
+def test_methods_read_only_the_edit_interface_of_the_editor():
+    from hf_uwm.methods.base import Edit
+
+    allowed = {name for name in vars(Edit) if not name.startswith("_")} | set(Edit.__annotations__)
+    read = set()
+    for path in sorted((PACKAGE / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "editor":
+                read.add((path.name, node.attr))
+    assert read and {attr for _, attr in read} <= allowed, sorted(r for r in read if r[1] not in allowed)

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -49,6 +50,24 @@ class SelectionSettings(MethodSettings):
         self.check("selection", self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}")
         self.check("density", is_number(self.density) and 0 < self.density <= 1,
                    "density must be a number in (0, 1] (the fraction of weights per layer for selection='fixed')")
+
+
+class Edit(Protocol):
+    """All a method reads of the edit it calibrates (`UWMEditor` passes itself; tests/test_layers.py
+    checks that the methods read nothing else of it)."""
+
+    model: torch.nn.Module
+    processor: object
+    family: object          # ModelFamily
+    config: object          # UWMConfig
+    layers: dict            # tower -> {layer name: nn.Linear}
+    fingerprint: str | None
+
+    @property
+    def towers(self) -> tuple[str, ...]: ...
+
+    @property
+    def target_layers(self) -> dict: ...
 
 
 class Method:
@@ -101,11 +120,11 @@ class Method:
         """Settings whose `None` means "the family's default", written out for a saved delta."""
         return {"tau": config.tau or family.spec.tau} if "tau" in config.field_names() else {}
 
-    def data_towers(self, editor) -> tuple[str, ...]:
+    def data_towers(self, editor: Edit) -> tuple[str, ...]:
         """The towers whose columns the calibration pairs need."""
         return ("text", "vision") if self.needs_both_towers else editor.towers
 
-    def calibrate(self, editor, run: "Calibration") -> dict[str, torch.Tensor]:
+    def calibrate(self, editor: Edit, run: "Calibration") -> dict[str, torch.Tensor]:
         """Per target layer what `select` reads: a score per weight (for an iterative method, the
         round in which each weight was flipped)."""
         raise NotImplementedError
