@@ -484,7 +484,7 @@ def run_eval(args):
 
 def _is_delta(args) -> bool:
     """Whether MODEL_OR_DELTA is a delta; refuses --random-control for a model (before any work)."""
-    from .hub import resolve_delta_folder
+    from .delta import resolve_delta_folder
 
     delta = resolve_delta_folder(args.model, args.revision, token=args.token) is not None
     if args.random_control and not delta:
