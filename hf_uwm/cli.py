@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError, ImportError) as err:
         print(f"hf-uwm {args.command}: error: {err}", file=sys.stderr)
         return 1
 

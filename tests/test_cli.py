@@ -235,3 +235,12 @@ def test_warnings_are_one_line_of_the_command(files, csv_pairs, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "hf-uwm edit: warning: Asked for 300 pairs but" in run.stderr
     assert "UserWarning" not in run.stderr and "data.py" not in run.stderr and "return _finish" not in run.stderr
+
+
+def test_a_missing_optional_dependency_is_a_message_not_a_traceback(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)   # as if `hf_uwm[captioning]` were not installed
+    assert main(["eval-captions", "organism-captioner", "--data", "organism", "--samples", "2", "--no-meteor",
+                 "--bootstrap", "0", "--max-new-tokens", "2", "--quiet"]) == 1
+    assert "pip install hf_uwm[captioning]" in capsys.readouterr().err
