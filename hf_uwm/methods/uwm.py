@@ -55,8 +55,7 @@ class UWMStatistics(Method):
     def _tower_scores(self, editor, tower: str, run: Calibration) -> dict[str, torch.Tensor]:
         cfg, layers, family = editor.config, editor.layers[tower], editor.family
         running = RunningScores(layers, cfg.method, cfg.token_norm, cfg.eps)
-        settings = {k: getattr(cfg, k) for k in ("token_norm", "eps", "batch_size", f"{tower}_targets")}
-        settings["score"] = cfg.method   # the key's former name: checkpoints written before stay valid
+        settings = {k: getattr(cfg, k) for k in ("method", "token_norm", "eps", "batch_size", f"{tower}_targets")}
         path, key = run.checkpoint(tower, editor.fingerprint, settings)
         first = running.load(path, key)
         n_batches = len(run.batch_bounds())
