@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import sys
@@ -344,9 +343,10 @@ def _config(args, **overrides):
 
 def _check_method_flags(args):
     """Refuse flags the chosen method would ignore: `--tau 0.05` must not pass silently into another method."""
+    from .config import setting_names
     from .methods import get_method
 
-    own = {f.name for f in dataclasses.fields(get_method(args.method).settings_class)}
+    own = setting_names(get_method(args.method).settings_class)
     foreign = [name for name in METHOD_SETTINGS if getattr(args, name, None) is not None and name not in own]
     if not foreign:
         return

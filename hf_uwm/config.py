@@ -25,8 +25,13 @@ class MethodSettings:
     `__post_init__` with `check`."""
 
     def check(self, name: str, ok: bool, allowed: str):
-        if not ok:
-            raise ValueError(f"UWMConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
+        check_field(self, name, ok, allowed)
+
+
+def check_field(owner, name: str, ok: bool, allowed: str):
+    """Refuse `owner.name` unless `ok`, naming the field as the user writes it (`UWMConfig.<name>`)."""
+    if not ok:
+        raise ValueError(f"UWMConfig.{name}={getattr(owner, name)!r} is invalid: {allowed}.")
 
 
 @dataclass(init=False)
@@ -70,8 +75,7 @@ class UWMConfig:
 
     def _check(self):
         def check(name, ok, allowed):
-            if not ok:
-                raise ValueError(f"UWMConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
+            check_field(self, name, ok, allowed)
 
         from .methods import method_names
 
@@ -96,14 +100,14 @@ class UWMConfig:
     def __getattr__(self, name: str):
         # Reached only when normal lookup fails: the method's own settings read as config attributes.
         settings = self.__dict__.get("settings")
-        if settings is not None and name in _field_names(type(settings)):
+        if settings is not None and name in setting_names(settings):
             return getattr(settings, name)
         raise AttributeError(f"UWMConfig of method={self.__dict__.get('method')!r} has no setting {name!r}"
                              + (f"; its settings are {sorted(self.field_names())}" if settings is not None else ""))
 
     def field_names(self) -> tuple[str, ...]:
         """The settings this config holds: the shared fields and the method's own."""
-        return tuple(SHARED_FIELDS) + _field_names(type(self.settings))
+        return SHARED_FIELDS + setting_names(self.settings)
 
     @classmethod
     def baseline(cls, method: str, sparsity: float = 0.02, **settings) -> "UWMConfig":
@@ -113,9 +117,7 @@ class UWMConfig:
 
         `method` is "g_unsafe" or "g_safeclip"; `settings` set any other field (targets, batch_size...).
         """
-        from .methods import get_method
-
-        if method not in BASELINES or not hasattr(get_method(method), "loss"):
+        if method not in BASELINES:
             raise ValueError(f"UWMConfig.baseline: method must be one of {BASELINES}, got {method!r}.")
         fixed = sorted(set(settings) & {"method", "score", "selection", "density", "alpha"})
         if fixed:
@@ -144,7 +146,7 @@ class UWMConfig:
         data.pop("score", None)
         from .methods import get_method
 
-        own = _field_names(get_method(method).settings_class)
+        own = setting_names(get_method(method).settings_class)
         if legacy:
             data = {k: v for k, v in data.items() if k in SHARED_FIELDS or k in own}
         unknown = sorted(set(data) - set(SHARED_FIELDS) - set(own))
@@ -168,35 +170,34 @@ class UWMConfig:
 SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(UWMConfig) if f.name != "settings")
 # The paper's training-free baselines: gradient magnitudes, pruned at a sparsity.
 BASELINES = ("g_unsafe", "g_safeclip")
+
+
 def _settings_for(method: str, settings, given: dict) -> MethodSettings:
     """`method`'s settings: `settings` (its own, or another method's whose fields of the same name
     carry over, or a dict), updated with `given`; refuses a keyword that is no setting of `method`."""
     from .methods import get_method
 
     settings_class = get_method(method).settings_class
-    own = _field_names(settings_class)
+    own = setting_names(settings_class)
+    if isinstance(settings, MethodSettings):
+        carried = {name: getattr(settings, name) for name in setting_names(settings) if name in own}
+    elif isinstance(settings, dict):
+        carried, given = {}, {**settings, **given}
+    elif settings is None:
+        carried = {}
+    else:
+        raise TypeError(f"settings must be a dict or the method's settings dataclass, got {type(settings).__name__}.")
     unknown = sorted(set(given) - set(own))
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not {'a setting' if len(unknown) == 1 else 'settings'} of "
                          f"method={method!r}; its own settings are {sorted(own)}, and every method has "
                          f"{sorted(SHARED_FIELDS)}.")
-    if isinstance(settings, MethodSettings):
-        carried = {name: getattr(settings, name) for name in _field_names(type(settings)) if name in own}
-    elif isinstance(settings, dict):
-        carried = dict(settings)
-        wrong = sorted(set(carried) - set(own))
-        if wrong:
-            raise ValueError(f"settings={settings!r}: {wrong} are no settings of method={method!r}; its settings "
-                             f"are {sorted(own)}.")
-    elif settings is None:
-        carried = {}
-    else:
-        raise TypeError(f"settings must be a dict or the method's settings dataclass, got {type(settings).__name__}.")
     return settings_class(**{**carried, **given})
 
 
-def _field_names(settings_class) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(settings_class))
+def setting_names(settings) -> tuple[str, ...]:
+    """The fields of a method's settings (its dataclass or an instance of it)."""
+    return tuple(f.name for f in dataclasses.fields(settings))
 
 
 def is_number(value) -> bool:

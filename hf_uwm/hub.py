@@ -6,7 +6,6 @@ here goes through `huggingface_hub` (`HfApi` methods), so tests replace exactly 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import tempfile
@@ -18,6 +17,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from . import __version__
+from .config import setting_names
 from .delta import CARD_NAME, CONFIG_NAME
 from .hints import hint
 from .methods import get_method
@@ -156,8 +156,7 @@ def _card_context(record: dict, reports: dict) -> dict:
 
 def _own_settings(method) -> tuple[str, ...]:
     """The method's own settings, for the card's settings table (selection has its own row)."""
-    return tuple(f.name for f in dataclasses.fields(method.settings_class) if f.name not in ("tau", "selection",
-                                                                                             "density"))
+    return tuple(name for name in setting_names(method.settings_class) if name not in ("tau", "selection", "density"))
 
 
 def _evaluation_table(reports: dict) -> dict:

@@ -110,9 +110,6 @@ class IterativeEdit(Method):
         """(goal %, knowledge points lost, other measures) on the held-out pairs, as edited so far."""
         raise NotImplementedError
 
-    def resolved_settings(self, family, config) -> dict:
-        return {}
-
     # --- selection -----------------------------------------------------------------------------
     def select(self, scores: dict[str, torch.Tensor], config, trajectory=None) -> dict[str, torch.Tensor]:
         """The weights flipped in the rounds that `kept_rounds` keeps."""
