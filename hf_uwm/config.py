@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,11 @@ DEFAULT_METHOD = "ratio"   # UWM as published; `hf-uwm edit` recommends another 
 @dataclass
 class MethodSettings:
     """Base of a method's own settings; subclasses are dataclasses that check their fields in
-    `__post_init__` with `check`."""
+    `__post_init__` with `check`. `saved_defaults` are what a config saved whole before a field
+    existed had in effect (a later release may give that field a new default); a dict that lacks
+    other settings too (written by hand) gets today's defaults."""
+
+    saved_defaults: typing.ClassVar[dict] = {}
 
     def check(self, name: str, ok: bool, allowed: str):
         check_field(self, name, ok, allowed)
@@ -149,6 +154,9 @@ class UWMConfig:
         own = setting_names(get_method(method).settings_class)
         if legacy:
             data = {k: v for k, v in data.items() if k in SHARED_FIELDS or k in own}
+        saved_defaults = get_method(method).settings_class.saved_defaults
+        if all(k in data for k in own if k not in saved_defaults):   # written whole, before those fields existed
+            data = {**saved_defaults, **data}
         unknown = sorted(set(data) - set(SHARED_FIELDS) - set(own))
         if unknown:
             raise ValueError(f"Unknown UWMConfig field(s) {unknown} for method={method!r}; its fields are "

@@ -68,18 +68,23 @@ def log_p(model, processor, image, caption):
 
 
 def hand_gradients(model, processor, data, weights, probes):
-    """∂m/∂W, and Σ_bt r_pbt ∂ℓ_bt/∂W per probe and Σ_bt (∂ℓ_bt/∂W)², flattened and concatenated,
-    with ℓ_bt the log-probability of safe caption b's token at position t given its safe image."""
+    """∂m/∂W, Σ_t r_pbt ∂ℓ_bt/∂W per probe and caption (P, N, n), and Σ_bt (∂ℓ_bt/∂W)², flattened and
+    concatenated, with ℓ_bt the log-probability of safe caption b's token at position t given its safe image."""
     margin = sum(log_p(model, processor, r["unsafe_image"], r["safe_text"])
                  - log_p(model, processor, r["unsafe_image"], r["unsafe_text"]) for r in data) / len(data)
     g = torch.cat([x.flatten() for x in torch.autograd.grad(margin, weights)])
-    probed, exact = 0, 0
+    probed, exact = [0] * len(data), 0
     for b, row in enumerate(data):
         for t, ll in token_log_p(model, processor, row["safe_image"], row["safe_text"]).items():
             grad = torch.cat([x.flatten() for x in torch.autograd.grad(ll, weights, retain_graph=True)])
-            probed = probed + probes[:, b, t, None].double() * grad                           # (P, n)
+            probed[b] = probed[b] + probes[:, b, t, None].double() * grad                     # (P, n)
             exact = exact + grad.square()
-    return g, probed, exact
+    return g, torch.stack(probed, 1), exact
+
+
+def hand_curvature(probed, estimator):
+    """G from per-caption probe gradients (P, N, n): squared per caption, or summed over them first."""
+    return (probed.square().sum(1) if estimator == "per_item" else probed.sum(1).square()).mean(0)
 
 
 def hand_rounds(model, processor, data, cfg, layers):
@@ -92,7 +97,7 @@ def hand_rounds(model, processor, data, cfg, layers):
             w = torch.cat([x.detach().flatten() for x in weights])
             directions = probe_directions(cfg.seed, r, list(range(len(data))), cfg.curvature_probes, MAX_TOKENS)
             g, probed, _ = hand_gradients(model, processor, data, weights, directions)
-            G = probed.square().mean(0)                                                        # (n,)
+            G = hand_curvature(probed, cfg.curvature_estimator)                                # (n,)
             a, h = -w * g, (1 - cfg.alpha) ** 2 * w.square() * G
             score = a / a.abs().mean() - cfg.curvature_weight * h / h.mean()
             score[flipped > 0] = -math.inf
@@ -116,16 +121,19 @@ def _bounds(weights):
 
 
 # --- the tests ----------------------------------------------------------------------------------
-def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, data):
+@pytest.mark.parametrize("estimator", ["per_item", "summed"])
+def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, data, estimator):
     probes = 3
-    editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=2, seed=3))
+    editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=2, seed=3,
+                                                     curvature_estimator=estimator))
     run = Calibration(data, _OneProcess, editor.family, 2, progress=False)
     grads, estimate = margin_and_fisher(editor, run, 4)
     weights = [layer.weight for layer in editor.target_layers.values()]
-    # The estimate is (1/P) Σ_p (Σ_bt r_pbt ∂ℓ_bt/∂W)² with the probes of round 4, summed over both batches.
+    # With the probes of round 4, over both batches: per_item (1/P) Σ_pb (Σ_t r_pbt ∂ℓ_bt/∂W)²,
+    # summed (1/P) Σ_p (Σ_bt r_pbt ∂ℓ_bt/∂W)².
     directions = probe_directions(3, 4, [0, 1, 2], probes, MAX_TOKENS)                        # (P, N, T)
     g, probed, _ = hand_gradients(llava64, processor, data, weights, directions)
-    expected = probed.square().mean(0)
+    expected = hand_curvature(probed, estimator)
     assert g.abs().sum() > 0 and expected.sum() > 0
     # Llama's attention takes its softmax in float32 even in a float64 model: agreement to ~1e-7.
     close = dict(rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Deltas written before the config field `score` became `method` load, apply and revert bit for bit."""
+"""Deltas and configs written by earlier versions load, apply, revert and calibrate as they did."""
 
 import hashlib
 import json
@@ -49,3 +49,19 @@ def test_a_new_config_refuses_fields_of_another_method():
         UWMConfig.from_dict({"method": "iterative_attribution", "tau": 0.02})
     with pytest.raises(ValueError, match="score"):
         UWMConfig(method="ratio", score="attribution")
+
+
+def test_a_config_saved_before_the_curvature_estimator_calibrates_as_it_did():
+    """Saved without `curvature_estimator` (before per-item squares): the summed estimator and eight
+    probes it had, so calibrating it again reproduces it; a config saved now keeps per_item."""
+    old = json.loads((LEGACY / "iterative_attribution" / "uwm_config.json").read_text())["config"]
+    assert "curvature_estimator" not in old
+    config = UWMConfig.from_dict(old)
+    assert (config.curvature_estimator, config.curvature_probes) == ("summed", 8)
+    for method in ("iterative_attribution", "caption_iterative"):
+        new = UWMConfig(method=method)
+        saved_before = {k: v for k, v in new.to_dict().items() if k != "curvature_estimator"}
+        assert UWMConfig.from_dict({**saved_before, "method": method}).curvature_estimator == "summed"
+        assert UWMConfig.from_dict({"method": method, "rounds": 3}).curvature_estimator == "per_item"   # by hand
+        assert (new.curvature_estimator, new.curvature_probes) == ("per_item", 1)
+        assert UWMConfig.from_dict(new.to_dict()) == new

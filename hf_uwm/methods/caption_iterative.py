@@ -6,7 +6,7 @@ Each round r, on the calibration pairs that feed gradients (N of them):
 
     m = (1/N) Σ_b [log p(Ts_b | Iu_b) − log p(Tu_b | Iu_b)]          caption attribution's margin
     ℓ_bt = log p(token t of Ts_b | Is_b, tokens < t)      the reference caption of the safe image
-    G = (1/P) Σ_p (∂/∂W Σ_bt r_{p,b,t} · ℓ_bt)²   r ~ N(0, 1) per pair, token and probe, seeded per round
+    G = (1/P) Σ_p Σ_b (∂/∂W Σ_t r_{p,b,t} · ℓ_bt)²   r ~ N(0, 1) per pair, token and probe, seeded per round
     a = −W⊙∂m/∂W / mean|W⊙∂m/∂W|                                      means over all targets
     h = (1−α)²·W²⊙G / mean((1−α)²·W²⊙G)
     score = a − λ·h                                                    (λ = curvature_weight)
@@ -120,10 +120,10 @@ def _words(text: str) -> set[str]:
 def margin_and_fisher(editor, run: Calibration, round_index: int):
     """(g, G) per target layer in one pass over the pairs; G is None when curvature_weight = 0.
 
-    g = ∂m/∂W; G = (1/P) Σ_p (∂/∂W Σ_{b,t} r_{p,b,t}·ℓ_{b,t})² with ℓ_{b,t} the log-probability of
-    the t-th token of the safe caption Ts_b given Is_b (t: position in the sequence). The probe
-    gradients are summed over all pairs (and processes) before they are squared; sums are float32
-    or better. G is computed in round 1 and then every `curvature_every` rounds, and reused in
+    g = ∂m/∂W; G = (1/P) Σ_p Σ_b (∂/∂W Σ_t r_{p,b,t}·ℓ_{b,t})² with ℓ_{b,t} the log-probability of
+    the t-th token of the safe caption Ts_b given Is_b (t: position in the sequence), each image's
+    gradient squared on its own (`curvature_estimator="per_item"`) or their sum over all pairs (and
+    processes) squared (`"summed"`); sums are float32 or better. G is computed in round 1 and then every `curvature_every` rounds, and reused in
     between (kept on the run, like the CLIP form's).
     """
     from ..captioning import token_log_likelihoods
@@ -141,12 +141,12 @@ def margin_and_fisher(editor, run: Calibration, round_index: int):
             sums.add_margin(m, keep_graph=False)
             if not sums.probes:
                 continue
-            with run.autocast():
+            with run.autocast(), sums.probed():
                 ll = token_log_likelihoods(editor.model, safe_inputs)                        # (B, T)
             if ll.shape[1] > MAX_TOKENS:
                 raise ValueError(f"A safe caption runs past {MAX_TOKENS} tokens with its prompt: shorten it.")
             directions = probe_directions(cfg.seed, round_index, rows, sums.probes, MAX_TOKENS)[..., :ll.shape[1]]
-            sums.add_probes(ll, directions)
+            sums.add_probes(ll, directions, len(rows))
     return sums.result()
 
 
