@@ -100,7 +100,8 @@ def table(rows: list[dict]) -> str:
                 return ", ".join(format(d[key], form) for d in draws)
 
             lines.append(
-                f"| {r['model']} | {name} | {each('rounds', 'd')} | {each('weights', ',')} | {each('calibrate_s', '.1f')} | "
+                f"| {r['model']} | {name} | {each('rounds', 'd')} | {each('weights', ',')} | "
+                f"{each('calibrate_s', '.1f')} | "
                 f"{e['draw_overlap']:.1f} | {edit['safeground']['GS']:.1f} [{low:.1f}, {high:.1f}] | "
                 f"{control['safeground']['GS']:.1f} | {edit['zero_shot'] - base:+.1f} |")
     lines.append("")

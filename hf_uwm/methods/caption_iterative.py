@@ -123,8 +123,8 @@ def margin_and_fisher(editor, run: Calibration, round_index: int):
     g = ∂m/∂W; G = (1/P) Σ_p Σ_b (∂/∂W Σ_t r_{p,b,t}·ℓ_{b,t})² with ℓ_{b,t} the log-probability of
     the t-th token of the safe caption Ts_b given Is_b (t: position in the sequence), each image's
     gradient squared on its own (`curvature_estimator="per_item"`) or their sum over all pairs (and
-    processes) squared (`"summed"`); sums are float32 or better. G is computed in round 1 and then every `curvature_every` rounds, and reused in
-    between (kept on the run, like the CLIP form's).
+    processes) squared (`"summed"`); sums are float32 or better. G is computed in round 1 and then
+    every `curvature_every` rounds, and reused in between (kept on the run, like the CLIP form's).
     """
     from ..captioning import token_log_likelihoods
 

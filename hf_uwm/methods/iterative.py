@@ -11,9 +11,10 @@ Each round r, with the margin m = (1/N) Σ_b [2·s(Tu,Iu) − s(Tu,Is) − s(Ts,
 
 G is a Gauss-Newton diagonal of the normalised safe-caption embeddings T (E[(Σ_k r_k J_k)²] = Σ_k J_k²),
 and h the second-order change of T when w becomes αw. Each caption's gradient is squared on its own
-(`curvature_estimator="per_item"`): one probe's backward then estimates G about as well as the sum
-over all captions squared after eight (`"summed"`, the estimator before, kept to reproduce old configs). The top ⌈δ·n⌉ weights not flipped yet (over
-all target layers jointly with a shared budget, else per layer) are multiplied by α; the delta is
+(`curvature_estimator="per_item"`): one probe's backward then estimates G with less noise than eight
+probes whose gradients are summed over all captions before the square (`"summed"`, the estimator
+before, kept to reproduce old configs). The top ⌈δ·n⌉ weights not flipped yet (over all target
+layers jointly with a shared budget, else per layer) are multiplied by α; the delta is
 the union of the rounds. The scores kept are the round in which each weight was flipped (0: never),
 so any number of rounds up to the calibrated one is re-selected without a forward pass.
 
@@ -48,8 +49,8 @@ CURVATURE_ESTIMATORS = ("per_item", "summed")
 class IterativeSettings(MethodSettings):
     """At most `rounds` rounds, each flipping the top `round_density` of the target weights not flipped
     yet, by a − curvature_weight · h (`curvature_probes` random probes per item estimate the curvature
-    by `curvature_estimator`, anew every `curvature_every` rounds). A seeded `holdout` share of the calibration pairs never feeds a
-    gradient; after each round the edit stops once their goal measure reaches `goal` (percent) or
+    by `curvature_estimator`, anew every `curvature_every` rounds). A seeded `holdout` share of the
+    calibration pairs never feeds a gradient; after each round the edit stops once their goal measure reaches `goal` (percent) or
     keeps the round before the first that costs more than `knowledge_budget` points. `goal=None` and
     `knowledge_budget=None` switch either half off; with both off and `holdout=0` every round runs.
     The defaults of iterative attribution were chosen on validation splits of three organisms
