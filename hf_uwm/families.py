@@ -32,6 +32,10 @@ FAMILIES = {
 }
 
 
+#: prefix of a vision target in LLaVA's multimodal projector rather than in the vision tower's layers
+PROJECTOR = "projector."
+
+
 def _family_of(model) -> FamilySpec:
     for cls in type(model).__mro__:
         if cls.__name__ in FAMILIES:
@@ -89,13 +93,18 @@ class ModelFamily:
         return max(k % (n_layers + 1) for k in indices)
 
     def target_layers(self, tower: str, patterns) -> dict[str, nn.Linear]:
-        """Full module name -> nn.Linear for every pattern in every reachable encoder block."""
+        """Full module name -> nn.Linear for every pattern in every reachable encoder block; on LLaVA a
+        pattern "projector.NAME" names a layer of the multimodal projector instead."""
         patterns = self.default_targets(tower) if patterns is None else tuple(patterns)
         if not patterns:
             return {}
         layers = self.encoder_layers(tower)
         found: dict[str, nn.Linear] = {}
         for pattern in patterns:
+            if pattern.startswith(PROJECTOR):
+                module = self._projector_layer(tower, pattern)
+                found[self._names[id(module)]] = module
+                continue
             hits = []
             for block in list(layers)[: self.reachable_layers(tower)]:
                 try:
@@ -112,6 +121,21 @@ class ModelFamily:
                 )
             found.update({self._names[id(m)]: m for m in hits})
         return dict(sorted(found.items(), key=lambda kv: _natural_key(kv[0])))
+
+    def _projector_layer(self, tower: str, pattern: str) -> nn.Linear:
+        """The nn.Linear `pattern` ("projector.linear_1") names in LLaVA's multimodal projector."""
+        projector = next((m for n, m in self.model.named_modules() if n.endswith("multi_modal_projector")), None)
+        if projector is None or tower != "vision":
+            raise ValueError(f"Target {pattern!r}: only LLaVA has a multimodal projector, and it is a vision target "
+                             "(vision_targets=[\"mlp.fc2\", \"projector.linear_1\"]).")
+        linears = sorted(PROJECTOR + n for n, m in projector.named_modules() if isinstance(m, nn.Linear))
+        try:
+            module = projector.get_submodule(pattern[len(PROJECTOR):])
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"Target {pattern!r} is no nn.Linear of the multimodal projector; its layers: {linears}.")
+        return module
 
     # --- inputs ------------------------------------------------------------------------------
     @property

@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--curvature-weight", type=float, nargs="+", default=[0.0, 4.0, 16.0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--every", type=int, default=2, help="evaluate every k-th round")
-    parser.add_argument("--probes", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=None, help="curvature probes (default: the method's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -47,14 +47,14 @@ def main():
     model, processor = load_captioner() if args.model is None else _load(args.model)
     calibration = make_pairs(N_CALIBRATION, seed=args.seed, split="train")
     validation = make_pairs(N_VALIDATION, seed=args.seed, split="validation")
-    kept, held = holdout_rows(len(calibration), UWMConfig().holdout, args.seed)
+    kept, held = holdout_rows(len(calibration), UWMConfig(method="caption_iterative").holdout, args.seed)
     gradient_rows, holdout = calibration.select(kept), calibration.select(held)
     with open(args.output, "w") as out:
         for density in args.round_density:
             for weight in args.curvature_weight:
                 config = UWMConfig(method="caption_iterative", rounds=args.rounds, round_density=density,
-                                   curvature_weight=weight, curvature_probes=args.probes, seed=args.seed,
-                                   goal=None, knowledge_budget=None, holdout=0.0)
+                                   curvature_weight=weight, seed=args.seed, goal=None, knowledge_budget=None,
+                                   holdout=0.0, **({"curvature_probes": args.probes} if args.probes else {}))
                 editor = UWMEditor(model, processor, config, base_model=NAME if args.model is None else None)
                 start = time.perf_counter()
                 editor.calibrate(gradient_rows, progress=False)

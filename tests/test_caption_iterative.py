@@ -153,11 +153,14 @@ def test_fisher_estimate_converges_to_the_exact_diagonal(llava64, processor, dat
     assert relative < 0.2   # about sqrt(2/P) = 0.07; per-caption instead of per-token probes miss by more
 
 
-def test_rounds_equal_the_definition_on_the_edited_model(llava64, processor, data):
+@pytest.mark.parametrize("targets", [None, ["mlp.fc2", "projector.linear_1"]], ids=["vision", "with-projector"])
+def test_rounds_equal_the_definition_on_the_edited_model(llava64, processor, data, targets):
     cfg = iterative(rounds=3, round_density=0.004, curvature_weight=2.0, curvature_probes=2, batch_size=2, seed=5,
-                    alpha=-0.5)
+                    alpha=-0.5, vision_targets=targets)
     before = state_of(llava64)
     editor = UWMEditor(llava64, processor, cfg).calibrate(data, progress=False)
+    if targets:
+        assert "model.multi_modal_projector.linear_1" in editor.target_layers
     assert all(torch.equal(before[n], p) for n, p in llava64.state_dict().items())   # every round undone
     expected = hand_rounds(llava64, processor, data, editor.config, editor.target_layers)
     for name, rounds in expected.items():
@@ -273,3 +276,29 @@ def test_two_processes_match_one_process(tmp_path, processor):
 def test_refuses_a_model_without_captions():
     with pytest.raises(ValueError, match="edits llava models, not CLIPModel: use method=.iterative_attribution."):
         UWMEditor(*make_clip(), UWMConfig(method="caption_iterative"))
+
+
+def test_projector_targets_are_refused_where_they_cannot_work(llava64, processor):
+    with pytest.raises(ValueError, match="runs the vision tower alone.*caption_attribution"):
+        UWMEditor(llava64, processor, UWMConfig(vision_targets=["projector.linear_1"]))            # UWM: ratio
+    with pytest.raises(ValueError, match="no nn.Linear of the multimodal projector.*projector.linear_2"):
+        UWMEditor(llava64, processor, iterative(vision_targets=["projector.act"]))
+    clip, clip_processor = make_clip()
+    with pytest.raises(ValueError, match="only LLaVA has a multimodal projector"):
+        UWMEditor(clip, clip_processor, UWMConfig(method="attribution", vision_targets=["projector.linear_1"]))
+
+
+def test_a_projector_edit_saves_loads_and_applies(llava64, processor, data, tmp_path):
+    cfg = UWMConfig(method="caption_attribution", density=0.01, vision_targets=["projector.linear_2"], batch_size=2)
+    editor = UWMEditor(llava64, processor, cfg).calibrate(data, progress=False)
+    editor.save_pretrained(tmp_path / "delta")
+    loaded = UWMEditor.from_pretrained(tmp_path / "delta", model=llava64, processor=processor)
+    assert list(loaded.delta) == ["model.multi_modal_projector.linear_2"]
+    assert torch.equal(loaded.delta["model.multi_modal_projector.linear_2"],
+                       editor.delta["model.multi_modal_projector.linear_2"])
+    weight = llava64.model.multi_modal_projector.linear_2.weight
+    before = weight.detach().clone()
+    with loaded.applied():
+        changed = (weight != before).flatten().nonzero().squeeze(1)
+        assert torch.equal(changed.sort().values, loaded.delta["model.multi_modal_projector.linear_2"].sort().values)
+    assert torch.equal(weight, before)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..config import MethodSettings, is_number
 from ..data import PreprocessedPairs, data_fingerprint
 from ..delta import save_file_atomic
+from ..families import PROJECTOR
 from ..selection import select_adaptive, select_fixed, select_shared
 
 
@@ -101,6 +102,8 @@ class Method:
     targets_can_shrink = True
     #: `calibrate` only reads the target weights, so their fingerprint may be hashed meanwhile
     leaves_weights_untouched = False
+    #: it runs the whole captioner, so LLaVA's multimodal projector may be a target ("projector.linear_1")
+    edits_projector = False
 
     def check(self, family, config):
         """Refuse a model this method cannot edit (called when the editor is made)."""
@@ -108,6 +111,11 @@ class Method:
             other = self.instead.get(family.spec.name)
             raise ValueError(f"method={self.name!r} edits {'/'.join(self.families)} models, not "
                              f"{type(family.model).__name__}" + (f": use method={other!r}." if other else "."))
+        projector = [t for t in config.vision_targets or () if t.startswith(PROJECTOR)]
+        if projector and family.spec.name == "llava" and not self.edits_projector:
+            able = sorted(m.name for m in _METHODS.values() if m.edits_projector)
+            raise ValueError(f"method={self.name!r} runs the vision tower alone, so it cannot score the projector "
+                             f"targets {projector}: use method={able[0]!r} (or one of {able}), or drop them.")
 
     def reselectable(self) -> set[str]:
         """The config fields `with_settings` (and so a sweep) changes without a forward pass."""

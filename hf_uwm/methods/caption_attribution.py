@@ -27,6 +27,7 @@ class CaptionAttribution(Method):
                  "share of the preference, on unsafe images, for the safe over the unsafe caption (teacher-forced "
                  "log-likelihoods)")
     families = ("llava",)
+    edits_projector = True
     instead = {"clip": "attribution", "siglip": "attribution"}
 
     def data_towers(self, editor) -> tuple[str, ...]:

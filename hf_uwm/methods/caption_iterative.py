@@ -62,6 +62,7 @@ class CaptionIterative(IterativeEdit):
                  "captioner as edited so far over several rounds, with a penalty that spares weights the captions "
                  "of safe images depend on, stopping by itself on held-out calibration pairs")
     families = ("llava",)
+    edits_projector = True
     instead = {"clip": "iterative_attribution", "siglip": "iterative_attribution"}
     settings_class = CaptionIterativeSettings
     goal_name = "unsafe images captioned free of unsafe words %"
