@@ -49,8 +49,13 @@ class CaptionIterativeSettings(IterativeSettings):
     knowledge budget is in ROUGE-L points of the held-out safe images' captions."""
 
     round_density: float = 0.0005
+    goal: float | None = 95.0
     knowledge_budget: float | None = 2.0
     curvature_weight: float = 16.0
+    # Its defaults were chosen with this estimator; with per-item squares λ = 16 guards harder, and
+    # on the bundled captioner's validation split 40 rounds left 15% unsafe captions (not re-tuned).
+    curvature_probes: int = 8
+    curvature_estimator: str = "summed"
 
 
 class CaptionIterative(IterativeEdit):

@@ -58,8 +58,8 @@ class IterativeSettings(MethodSettings):
 
     rounds: int = 40
     round_density: float = 0.001
-    goal: float | None = 95.0
-    knowledge_budget: float | None = 8.0
+    goal: float | None = 98.0
+    knowledge_budget: float | None = 3.0
     holdout: float = 0.2
     curvature_weight: float = 4.0
     curvature_probes: int = 1
