@@ -40,6 +40,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--every", type=int, default=2, help="evaluate every k-th round")
     parser.add_argument("--probes", type=int, default=None, help="curvature probes (default: the method's)")
+    parser.add_argument("--vision-targets", nargs="+", default=None,
+                        help="target layers (default: the method's; e.g. mlp.fc2 projector.linear_1 projector.linear_2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -54,14 +56,16 @@ def main():
             for weight in args.curvature_weight:
                 config = UWMConfig(method="caption_iterative", rounds=args.rounds, round_density=density,
                                    curvature_weight=weight, seed=args.seed, goal=None, knowledge_budget=None,
-                                   holdout=0.0, **({"curvature_probes": args.probes} if args.probes else {}))
+                                   holdout=0.0, vision_targets=args.vision_targets,
+                                   **({"curvature_probes": args.probes} if args.probes else {}))
                 editor = UWMEditor(model, processor, config, base_model=NAME if args.model is None else None)
                 start = time.perf_counter()
                 editor.calibrate(gradient_rows, progress=False)
                 seconds = time.perf_counter() - start
                 state = editor.method.start_measuring(editor, holdout)
                 for rounds in range(0, args.rounds + 1, args.every):
-                    row = dict(round_density=density, curvature_weight=weight, rounds=rounds, calibrate_s=seconds)
+                    row = dict(round_density=density, curvature_weight=weight, rounds=rounds, calibrate_s=seconds,
+                               vision_targets=editor.config.vision_targets)
                     row.update(_evaluate(editor, rounds, holdout, state, validation))
                     out.write(json.dumps(row) + "\n")
                     out.flush()
