@@ -38,7 +38,8 @@ def main():
     parser.add_argument("target", choices=["organism", "b32", "l14"])
     parser.add_argument("--pairs", type=int, default=None, help="calibration pairs (organism: 256, else 32)")
     parser.add_argument("--batch", type=int, default=32, help="pairs per batch")
-    parser.add_argument("--rounds", type=int, default=None, help="iterative rounds, stopping rule off (default: the method's rule)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="iterative rounds, stopping rule off (default: the method's rule)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -52,8 +53,9 @@ def main():
     configs = {"UWM": UWMConfig(batch_size=args.batch),
                "iterative": UWMConfig(method="iterative_attribution", batch_size=args.batch, **fixed),
                # the defaults before per-item curvature: eight probes summed over the captions, goal 95, budget 8
-               "previous": UWMConfig(method="iterative_attribution", batch_size=args.batch, curvature_estimator="summed",
-                                     curvature_probes=8, **({"goal": 95.0, "knowledge_budget": 8.0} | fixed))}
+               "previous": UWMConfig(method="iterative_attribution", batch_size=args.batch,
+                                     curvature_estimator="summed", curvature_probes=8,
+                                     **({"goal": 95.0, "knowledge_budget": 8.0} | fixed))}
     # Warm-up: the first calibration of a process pays for lazy imports and allocator growth.
     UWMEditor(model, processor, configs["UWM"]).calibrate(data.select(range(min(len(data), args.batch))),
                                                           progress=False)
@@ -78,7 +80,8 @@ def main():
             it, uwm = statistics.median(t[name]), statistics.median(t["UWM"])
             print(f"  {label}: {it / ran:.2f} s per round ({it / ran / uwm:.2f}x one UWM calibration); "
                   f"{name} / UWM {it / uwm:.1f}x")
-    print(f"iterative / previous: {statistics.median(wall['iterative']) / statistics.median(wall['previous']):.2f}x wall")
+    ratio = statistics.median(wall["iterative"]) / statistics.median(wall["previous"])
+    print(f"iterative / previous: {ratio:.2f}x wall")
 
 
 if __name__ == "__main__":

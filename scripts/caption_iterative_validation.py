@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--every", type=int, default=2, help="evaluate every k-th round")
     parser.add_argument("--probes", type=int, default=None, help="curvature probes (default: the method's)")
     parser.add_argument("--vision-targets", nargs="+", default=None,
-                        help="target layers (default: the method's; e.g. mlp.fc2 projector.linear_1 projector.linear_2)")
+                        help="target layers (default: the method's; e.g. mlp.fc2 projector.linear_1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)

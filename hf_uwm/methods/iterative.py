@@ -50,11 +50,11 @@ class IterativeSettings(MethodSettings):
     """At most `rounds` rounds, each flipping the top `round_density` of the target weights not flipped
     yet, by a − curvature_weight · h (`curvature_probes` random probes per item estimate the curvature
     by `curvature_estimator`, anew every `curvature_every` rounds). A seeded `holdout` share of the
-    calibration pairs never feeds a gradient; after each round the edit stops once their goal measure reaches `goal` (percent) or
-    keeps the round before the first that costs more than `knowledge_budget` points. `goal=None` and
-    `knowledge_budget=None` switch either half off; with both off and `holdout=0` every round runs.
-    The defaults of iterative attribution were chosen on validation splits of three organisms
-    (`scripts/stopping_defaults.py`)."""
+    calibration pairs never feeds a gradient; after each round the edit stops once their goal
+    measure reaches `goal` (percent) or keeps the round before the first that costs more than
+    `knowledge_budget` points. `goal=None` and `knowledge_budget=None` switch either half off; with
+    both off and `holdout=0` every round runs. The defaults of iterative attribution (λ, goal,
+    budget) were chosen on validation splits of three organisms (`scripts/stopping_defaults.py`)."""
 
     rounds: int = 40
     round_density: float = 0.001
