@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .paths import check_local, model_location
+from .paths import check_local, is_hub_id, model_location
 
 
 def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, subfolder: str | None = None,
@@ -32,6 +32,8 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, 
     if local.exists() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{name_or_path} is neither a delta folder (no uwm_config.json) nor a model folder "
                                 "(no config.json): give a folder saved by save_pretrained or a Hub id.")
+    if not local.exists() and not is_hub_id(location):
+        raise FileNotFoundError(f"{name_or_path} is no folder here and no Hub repo id (owner/name): check the path.")
     options = dict(revision=revision, trust_remote_code=trust_remote_code, token=token, cache_dir=cache_dir,
                    local_files_only=local_files_only, force_download=force_download,
                    **({"subfolder": subfolder} if subfolder else {}))

@@ -284,6 +284,12 @@ def test_corrupted_config_and_missing_config_are_refused(saved, tmp_path):
         UWMEditor.from_pretrained(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("name", ["nope_dir/", "not a repo"])
+def test_a_missing_name_that_is_no_hub_id_is_a_file_not_found_error(name):
+    with pytest.raises(FileNotFoundError, match="no folder here and no Hub repo id"):
+        UWMEditor.from_pretrained(name)
+
+
 def test_read_delta_without_config_is_a_file_not_found_error(tmp_path):
     from hf_uwm.delta import read_delta
 

@@ -158,7 +158,7 @@ class IterativeEdit(Method):
                 f"knowledge budget {config['knowledge_budget']} points)" if stop and stop.get("reason") else "")
         return (f"iterative, {rounds}{rule}; rounds of {config['round_density']:g} of the target weights "
                 f"({'one budget over all layers' if config['shared_budget'] else 'per layer'}), "
-                f"curvature weight λ = {config['curvature_weight']:g}, {config['curvature_probes']} probes")
+                f"curvature weight λ = {config['curvature_weight']:g}, {_probes_text(config)}")
 
     # --- the round loop ------------------------------------------------------------------------
     def calibrate(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
@@ -242,6 +242,13 @@ class IterativeEdit(Method):
             chosen = {name: select_top(s, math.ceil(cfg.round_density * s.numel()), name)
                       for name, s in scores.items()}
         return broadcast_from_main(chosen)
+
+
+def _probes_text(config: dict) -> str:
+    """How the curvature was estimated, for the card (configs saved before the estimator: summed)."""
+    probes = config.get("curvature_probes", 8)
+    per = "per item" if config.get("curvature_estimator", "summed") == "per_item" else "summed over the pairs"
+    return f"{probes} curvature probe{'s' if probes != 1 else ''} ({per})"
 
 
 class IterativeAttribution(IterativeEdit):
