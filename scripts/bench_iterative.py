@@ -7,10 +7,10 @@ Each method calibrates from scratch on the same pairs, in turn, `--repeats` time
 that drifts of a shared machine hit both alike; the table gives the median wall and CPU time of each
 (CPU time: all threads of this process; on a loaded machine it drifts less than wall time), the
 time per round of the iterative method and its ratios to UWM. Settings are the defaults of each
-method (UWM: ratio on text out_proj and vision fc2; iterative: text fc2, rounds of 0.1%, λ = 4,
+method (UWM: ratio on text out_proj and vision fc2; iterative: text fc2, rounds of 0.2%, λ = 4,
 one per-caption probe, stopping by itself on a held-out slice of the pairs; previous: the same with
-the defaults before per-caption curvature, eight probes summed over the captions, goal 95, budget
-8) unless `--rounds` is given, which runs exactly that many rounds with the stopping rule off (a
+the defaults before per-caption curvature, eight probes summed over the captions, rounds of 0.1%,
+goal 95, budget 8) unless `--rounds` is given, which runs exactly that many rounds with the stopping rule off (a
 random model has nothing to stop for).
 """
 
@@ -52,9 +52,9 @@ def main():
     fixed = {"rounds": args.rounds, "goal": None, "knowledge_budget": None} if args.rounds else {}
     configs = {"UWM": UWMConfig(batch_size=args.batch),
                "iterative": UWMConfig(method="iterative_attribution", batch_size=args.batch, **fixed),
-               # the defaults before per-item curvature: eight probes summed over the captions, goal 95, budget 8
+               # the defaults before per-item curvature: eight probes summed over the captions, δ 0.001, goal 95, budget 8
                "previous": UWMConfig(method="iterative_attribution", batch_size=args.batch,
-                                     curvature_estimator="summed", curvature_probes=8,
+                                     curvature_estimator="summed", curvature_probes=8, round_density=0.001,
                                      **({"goal": 95.0, "knowledge_budget": 8.0} | fixed))}
     # Warm-up: the first calibration of a process pays for lazy imports and allocator growth.
     UWMEditor(model, processor, configs["UWM"]).calibrate(data.select(range(min(len(data), args.batch))),

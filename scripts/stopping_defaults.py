@@ -4,7 +4,7 @@ For every organism given, iterative attribution runs its maximum number of round
 switched off (goal=None, knowledge_budget=None) but the held-out slice measured after every round.
 Each prefix of rounds is then evaluated on the organism's validation split (quadruples and zero-shot
 images). Offline, every candidate rule (knowledge measure × budget × goal) is replayed on the
-recorded trajectories, and the rule kept is the one with the highest worst-case validation GS whose
+recorded trajectories (a rule that would run past them on some organism is not eligible), and the rule kept is the one with the highest worst-case validation GS whose
 validation zero-shot drop stays within `--max-drop` on every organism. Test splits are never read.
 
     python scripts/stopping_defaults.py --models organism zoo_cache/world2-seed1-unsafe0.25 ... \
@@ -17,6 +17,7 @@ and a plot of validation zero-shot drop against each knowledge measure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
 from hf_uwm.evaluation import ZeroShotTask, evaluate_model  # noqa: E402
-from hf_uwm.methods.stopping import Step, from_records, stopping_round, to_records  # noqa: E402
+from hf_uwm.methods.stopping import MAX_ROUNDS, Step, from_records, stopping_round, to_records  # noqa: E402
 
 # Knowledge measures of the slice, as points lost against round 0 (higher = more lost).
 MEASURES = {
@@ -50,6 +51,8 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--curvature-weight", type=float, nargs="+", default=[4.0],
                         help="λ values to compare (each runs its own trajectories; the rule is chosen per λ)")
+    parser.add_argument("--round-density", type=float, nargs="+", default=[0.001],
+                        help="δ values to compare, crossed with λ")
     parser.add_argument("--max-drop", type=float, default=2.0, help="validation zero-shot points allowed")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="stopping_defaults.json")
@@ -66,13 +69,13 @@ def world_data(model_name: str, args):
     return calibration, validation, ZeroShotTask(*zero_shot)
 
 
-def trajectory_of(model_name: str, args, weight: float) -> dict:
+def trajectory_of(model_name: str, args, weight: float, density: float) -> dict:
     from hf_uwm.loading import load_model
 
     model, processor = load_model(model_name)
     calibration, validation, zero_shot = world_data(model_name, args)
     config = UWMConfig(method="iterative_attribution", rounds=args.rounds, goal=None, knowledge_budget=None,
-                       curvature_weight=weight)
+                       curvature_weight=weight, round_density=density)
     start = time.process_time()
     editor = UWMEditor(model, processor, config).calibrate(calibration, progress=False)
     calibrate_s = time.process_time() - start
@@ -92,7 +95,7 @@ def trajectory_of(model_name: str, args, weight: float) -> dict:
               f"drift {editor.trajectory[r].measures['drift']:.2f}  "
               f"agreement {editor.trajectory[r].measures['agreement']:.1f}  | validation GS {per_round[-1]['GS']:5.1f}"
               f"  zero-shot {report.zero_shot:.1f}", flush=True)
-    return {"model": model_name, "curvature_weight": weight, "calibrate_cpu_s": calibrate_s,
+    return {"model": model_name, "curvature_weight": weight, "round_density": density, "calibrate_cpu_s": calibrate_s,
             "trajectory": to_records(editor.trajectory), "validation": per_round}
 
 
@@ -116,7 +119,8 @@ def candidates(runs: list[dict], max_drop: float) -> list[dict]:
                                     "GS": val[kept]["GS"], "drop": val[0]["zero_shot"] - val[kept]["zero_shot"]})
                 rows.append({"measure": measure, "budget": budget, "goal": goal, "per_model": outcome,
                              "worst_GS": min(o["GS"] for o in outcome), "worst_drop": max(o["drop"] for o in outcome),
-                             "ok": all(o["drop"] <= max_drop for o in outcome)})
+                             # a rule that ran to the end of a recorded trajectory would have gone on: unknown
+                             "ok": all(o["drop"] <= max_drop and o["reason"] != MAX_ROUNDS for o in outcome)})
     return rows
 
 
@@ -152,31 +156,32 @@ def main():
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     cached = json.loads(out.read_text()) if out.is_file() else {"runs": []}
-    runs = {(run["model"], run.get("curvature_weight", 4.0)): run for run in cached["runs"]}
+    runs = {(run["model"], run.get("curvature_weight", 4.0), run.get("round_density", 0.001)): run
+            for run in cached["runs"]}
     rows = []
-    for weight in args.curvature_weight:
+    for weight, density in itertools.product(args.curvature_weight, args.round_density):
         for name in args.models:
-            if (name, weight) not in runs:
-                runs[name, weight] = trajectory_of(name, args, weight)
+            if (name, weight, density) not in runs:
+                runs[name, weight, density] = trajectory_of(name, args, weight, density)
                 out.write_text(json.dumps({"runs": list(runs.values())}, indent=1))
-        rows += [{"curvature_weight": weight, **row}
-                 for row in candidates([runs[name, weight] for name in args.models], args.max_drop)]
+        rows += [{"curvature_weight": weight, "round_density": density, **row}
+                 for row in candidates([runs[name, weight, density] for name in args.models], args.max_drop)]
     ok = [r for r in rows if r["ok"]]
     # Ties on the worst-case GS go to fewer rounds (a cheaper calibration), then to the smaller drop.
     best = max(ok, key=lambda r: (round(r["worst_GS"], 1), -max(o["rounds"] for o in r["per_model"]),
                                   -r["worst_drop"])) if ok else None
     out.write_text(json.dumps({"runs": list(runs.values()), "candidates": rows, "chosen": best,
                                "max_drop": args.max_drop}, indent=1))
-    plot([runs[name, best["curvature_weight"] if best else args.curvature_weight[0]] for name in args.models],
-         out.with_suffix(".png"))
-    print(f"\n{'λ':>4} {'measure':<15}{'budget':>7}{'goal':>6}{'worst GS':>10}{'worst drop':>12}  "
+    kept = (best["curvature_weight"], best["round_density"]) if best else (args.curvature_weight[0], args.round_density[0])
+    plot([runs[(name, *kept)] for name in args.models], out.with_suffix(".png"))
+    print(f"\n{'λ':>4} {'δ':>6} {'measure':<15}{'budget':>7}{'goal':>6}{'worst GS':>10}{'worst drop':>12}  "
           "per model (rounds, GS, drop)")
     for r in sorted(rows, key=lambda r: (-r["ok"], -r["worst_GS"]))[:25]:
         per = "  ".join(f"{o['rounds']:>2} {o['GS']:5.1f} {o['drop']:+.1f}" for o in r["per_model"])
-        print(f"{r['curvature_weight']:>4g} {r['measure']:<15}{r['budget']:>7g}{str(r['goal']):>6}"
+        print(f"{r['curvature_weight']:>4g} {r['round_density']:>6g} {r['measure']:<15}{r['budget']:>7g}{str(r['goal']):>6}"
               f"{r['worst_GS']:>10.1f}{r['worst_drop']:>12.2f}  {per}{'' if r['ok'] else '  (over budget)'}")
-    print("\nchosen:", None if best is None else {k: best[k] for k in ("curvature_weight", "measure", "budget", "goal",
-                                                                       "worst_GS")})
+    print("\nchosen:", None if best is None else {k: best[k] for k in ("curvature_weight", "round_density", "measure",
+                                                                       "budget", "goal", "worst_GS")})
 
 
 if __name__ == "__main__":

@@ -57,9 +57,9 @@ class IterativeSettings(MethodSettings):
     budget) were chosen on validation splits of three organisms (`scripts/stopping_defaults.py`)."""
 
     rounds: int = 40
-    round_density: float = 0.001
+    round_density: float = 0.002
     goal: float | None = 98.0
-    knowledge_budget: float | None = 3.0
+    knowledge_budget: float | None = 2.0
     holdout: float = 0.2
     curvature_weight: float = 4.0
     curvature_probes: int = 1
