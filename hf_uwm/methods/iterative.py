@@ -246,8 +246,9 @@ class IterativeEdit(Method):
 
 def _probes_text(config: dict) -> str:
     """How the curvature was estimated, for the card (configs saved before the estimator: summed)."""
-    probes = config.get("curvature_probes", 8)
-    per = "per item" if config.get("curvature_estimator", "summed") == "per_item" else "summed over the pairs"
+    config = {**IterativeSettings.saved_defaults, **config}
+    probes = config["curvature_probes"]
+    per = "per item" if config["curvature_estimator"] == "per_item" else "summed over the pairs"
     return f"{probes} curvature probe{'s' if probes != 1 else ''} ({per})"
 
 
@@ -450,11 +451,11 @@ class RoundSums:
             grad_outputs[:items] = directions[p].to(output)
             deltas = torch.autograd.grad(output, [y for _, _, y in recorded], grad_outputs=grad_outputs,
                                          retain_graph=p + 1 < self.probes, allow_unused=True)
+            add = _item_gradient_squares if self.per_item else _summed_gradient
             for i, total in enumerate(self.squares if self.per_item else self.probe_sums[p]):
                 pairs = [(x[:items], d[:items]) for (j, x, _), d in zip(recorded, deltas) if j == i and d is not None]
                 if pairs:
-                    total += _item_gradient_squares(pairs, total.dtype) if self.per_item else sum(
-                        torch.einsum("bso,bsi->oi", *_flat(d, x, total.dtype)) for x, d in pairs)
+                    total += add(pairs, total.dtype)
 
     def result(self):
         """(g, G) per layer, summed over processes; G the fresh estimate (kept on the run), the one
@@ -474,6 +475,11 @@ def _flat(delta: torch.Tensor, x: torch.Tensor, dtype) -> tuple[torch.Tensor, to
     """(b, ..., out), (b, ..., in) -> (b, s, out), (b, s, in) in `dtype`: every position of an item."""
     b = x.shape[0]
     return delta.reshape(b, -1, delta.shape[-1]).to(dtype), x.reshape(b, -1, x.shape[-1]).to(dtype)
+
+
+def _summed_gradient(pairs: list, dtype) -> torch.Tensor:
+    """Σ_b Σ_calls δ_bᵀ x_b for one layer's calls [(x, δ)]: (out, in), the items' gradients summed."""
+    return sum(torch.einsum("bso,bsi->oi", *_flat(d, x, dtype)) for x, d in pairs)
 
 
 def _item_gradient_squares(pairs: list, dtype, max_elements: int = 2 ** 24) -> torch.Tensor:
