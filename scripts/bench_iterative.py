@@ -52,7 +52,8 @@ def main():
     fixed = {"rounds": args.rounds, "goal": None, "knowledge_budget": None} if args.rounds else {}
     configs = {"UWM": UWMConfig(batch_size=args.batch),
                "iterative": UWMConfig(method="iterative_attribution", batch_size=args.batch, **fixed),
-               # the defaults before per-item curvature: eight probes summed over the captions, δ 0.001, goal 95, budget 8
+               # the defaults before per-item curvature: eight probes summed over the captions, δ 0.001,
+               # goal 95, budget 8
                "previous": UWMConfig(method="iterative_attribution", batch_size=args.batch,
                                      curvature_estimator="summed", curvature_probes=8, round_density=0.001,
                                      **({"goal": 95.0, "knowledge_budget": 8.0} | fixed))}

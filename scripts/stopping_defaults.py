@@ -4,8 +4,9 @@ For every organism given, iterative attribution runs its maximum number of round
 switched off (goal=None, knowledge_budget=None) but the held-out slice measured after every round.
 Each prefix of rounds is then evaluated on the organism's validation split (quadruples and zero-shot
 images). Offline, every candidate rule (knowledge measure × budget × goal) is replayed on the
-recorded trajectories (a rule that would run past them on some organism is not eligible), and the rule kept is the one with the highest worst-case validation GS whose
-validation zero-shot drop stays within `--max-drop` on every organism. Test splits are never read.
+recorded trajectories (a rule that would run past them on some organism is not eligible), and the
+rule kept is the one with the highest worst-case validation GS whose validation zero-shot drop stays
+within `--max-drop` on every organism. Test splits are never read.
 
     python scripts/stopping_defaults.py --models organism zoo_cache/world2-seed1-unsafe0.25 ... \
         --out docs/stopping_defaults.json
@@ -172,14 +173,16 @@ def main():
                                   -r["worst_drop"])) if ok else None
     out.write_text(json.dumps({"runs": list(runs.values()), "candidates": rows, "chosen": best,
                                "max_drop": args.max_drop}, indent=1))
-    kept = (best["curvature_weight"], best["round_density"]) if best else (args.curvature_weight[0], args.round_density[0])
+    kept = ((best["curvature_weight"], best["round_density"]) if best
+            else (args.curvature_weight[0], args.round_density[0]))
     plot([runs[(name, *kept)] for name in args.models], out.with_suffix(".png"))
     print(f"\n{'λ':>4} {'δ':>6} {'measure':<15}{'budget':>7}{'goal':>6}{'worst GS':>10}{'worst drop':>12}  "
           "per model (rounds, GS, drop)")
     for r in sorted(rows, key=lambda r: (-r["ok"], -r["worst_GS"]))[:25]:
         per = "  ".join(f"{o['rounds']:>2} {o['GS']:5.1f} {o['drop']:+.1f}" for o in r["per_model"])
-        print(f"{r['curvature_weight']:>4g} {r['round_density']:>6g} {r['measure']:<15}{r['budget']:>7g}{str(r['goal']):>6}"
-              f"{r['worst_GS']:>10.1f}{r['worst_drop']:>12.2f}  {per}{'' if r['ok'] else '  (over budget)'}")
+        print(f"{r['curvature_weight']:>4g} {r['round_density']:>6g} {r['measure']:<15}{r['budget']:>7g}"
+              f"{str(r['goal']):>6}{r['worst_GS']:>10.1f}{r['worst_drop']:>12.2f}  {per}"
+              f"{'' if r['ok'] else '  (not eligible)'}")
     print("\nchosen:", None if best is None else {k: best[k] for k in ("curvature_weight", "round_density", "measure",
                                                                        "budget", "goal", "worst_GS")})
 
