@@ -202,6 +202,19 @@ def test_one_probe_per_caption_estimates_the_curvature_better_than_one_summed_pr
     assert errors["per_item"] < 0.6 * errors["summed"], errors
 
 
+def test_item_gradients_of_a_layer_called_twice_sum_the_calls_before_the_square():
+    """A target layer run twice in one forward (a shared module): item b's gradient is the sum over
+    its calls of δ_bᵀ x_b, over every position of the item (here a 2-d grid of positions)."""
+    from hf_uwm.methods.iterative import _item_gradient_squares, _summed_gradient
+
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64),        # x: (b, 2, 4, in)
+              torch.randn(3, 2, 4, 6, generator=g, dtype=torch.float64)) for _ in range(2)]   # δ: (b, 2, 4, out)
+    per_item = [sum(d[b].reshape(-1, 6).T @ x[b].reshape(-1, 5) for x, d in calls) for b in range(3)]   # (out, in)
+    torch.testing.assert_close(_item_gradient_squares(calls, torch.float64), sum(grad.square() for grad in per_item))
+    torch.testing.assert_close(_summed_gradient(calls, torch.float64), sum(per_item))
+
+
 # --- resuming and processes ----------------------------------------------------------------------
 class Killed(Exception):
     pass

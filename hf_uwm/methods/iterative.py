@@ -367,8 +367,8 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
     """(g, G) per target layer in one pass over the pairs; G is None when curvature_weight = 0.
 
     g = ∂m/∂W; G = (1/P) Σ_p Σ_b (∂/∂W r_{p,b}·T(Ts_b))² (per item), or with the sum over all pairs
-    (and processes) taken before the square (summed); sums are float32 or better. The safe-caption
-    embeddings of the margin's forward serve the probes too. When no vision weight is a target,
+    (and processes) taken before the square (summed); sums are float32 or better. The safe captions'
+    forward serves the margin and the probes. When no vision weight is a target,
     images are embedded once per run. G is computed in round 1 and then every `curvature_every`
     rounds, and reused in between (kept on the run).
     """
@@ -379,16 +379,19 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
     with gradients_on(editor.model, sums.weights):
         for i, rows, inputs in run.batches(preprocess, f"round {round_index}", leave=False, keep=True):
             b = len(rows)
-            text_inputs = inputs[0] if images is None else inputs
+            text_inputs = family.to_device(inputs[0] if images is None else inputs)
             with run.autocast():
+                # Safe and unsafe captions go forward apart, so the probes backpropagate through the
+                # safe ones only (the padding is fixed per run: an item's embedding is the same).
                 with sums.probed() if sums.probes else nullcontext():
-                    texts = family.embed_text(family.to_device(text_inputs))                 # (2B, D)
+                    safe = family.embed_text({k: v[:b] for k, v in text_inputs.items()})     # (B, D)
+                unsafe = family.embed_text({k: v[b:] for k, v in text_inputs.items()})       # (B, D)
                 batch_images = (family.embed_images(family.to_device(inputs[1])) if images is None
                                 else images[i])                                               # (2B, D)
-            sums.add_margin(preference_margin(texts[:b], texts[b:], batch_images[:b], batch_images[b:]),
+            sums.add_margin(preference_margin(safe, unsafe, batch_images[:b], batch_images[b:]),
                             keep_graph=sums.probes > 0)
-            if sums.probes:   # the safe captions [:b] are probed
-                sums.add_probes(texts, probe_directions(cfg.seed, round_index, rows, sums.probes, texts.shape[-1]), b)
+            if sums.probes:
+                sums.add_probes(safe, probe_directions(cfg.seed, round_index, rows, sums.probes, safe.shape[-1]), b)
     return sums.result()
 
 
@@ -482,19 +485,20 @@ def _summed_gradient(pairs: list, dtype) -> torch.Tensor:
     return sum(torch.einsum("bso,bsi->oi", *_flat(d, x, dtype)) for x, d in pairs)
 
 
-def _item_gradient_squares(pairs: list, dtype, max_elements: int = 2 ** 24) -> torch.Tensor:
-    """Σ_b (Σ_calls δ_bᵀ x_b)² for one layer's calls [(x, δ)]: (out, in), items taken in chunks of
-    at most `max_elements` per-item gradient entries (never all items' gradients at once)."""
-    x0, d0 = pairs[0]
-    items, out, width = x0.shape[0], d0.shape[-1], x0.shape[-1]
-    chunk = max(1, max_elements // (out * width))
-    total = torch.zeros((out, width), dtype=dtype, device=x0.device)
-    for start in range(0, items, chunk):
-        rows = slice(start, start + chunk)
-        grads = torch.einsum("bso,bsi->boi", *_flat(d0[rows], x0[rows], dtype))                         # (c, out, in)
-        for x, d in pairs[1:]:
-            grads += torch.einsum("bso,bsi->boi", *_flat(d[rows], x[rows], dtype))
-        total += grads.square_().sum(0)
+def _item_gradient_squares(pairs: list, dtype) -> torch.Tensor:
+    """Σ_b (Σ_calls δ_bᵀ x_b)² for one layer's calls [(x, δ)]: (out, in). One item's gradient at a
+    time in one buffer: a batched product would write every item's (out, in) gradient to memory and
+    read it back to square it, which costs more than the products themselves when items are short."""
+    b = pairs[0][0].shape[0]
+    flats = [(d.reshape(b, -1, d.shape[-1]), x.reshape(b, -1, x.shape[-1])) for x, d in pairs]   # (b, s, out/in)
+    d0, x0 = flats[0]
+    total = torch.zeros((d0.shape[-1], x0.shape[-1]), dtype=dtype, device=x0.device)
+    grad = torch.empty_like(total)
+    for item in range(b):   # converted per item: never all items' inputs at once in `dtype`
+        torch.mm(d0[item].T.to(dtype), x0[item].to(dtype), out=grad)       # (out, in)
+        for d, x in flats[1:]:
+            grad.addmm_(d[item].T.to(dtype), x[item].to(dtype))
+        total.addcmul_(grad, grad)
     return total
 
 
