@@ -173,9 +173,26 @@ def phase(args):
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
+    print(json.dumps({"phase": args.phase, "seconds": seconds, "peak_gib": peak_gib(args.device)}))
+
+
+def peak_gib(device: str) -> float:
+    """Peak GPU memory allocated on a GPU, else this process's peak RSS, in GiB."""
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"phase": args.phase, "seconds": seconds, "peak_gib": peak / 2**30}))
+    return peak / 2**30
+
+
+def interleaved(script: str, flag: str, names: list[str], argv: list[str], repeats: int) -> dict[str, list[dict]]:
+    """Each name's phase run `repeats` times, each run in a fresh process (its peak memory is its own)
+    and the names taking turns (a b a b ...); a run's result is the JSON of its last stdout line."""
+    runs = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            out = subprocess.run([sys.executable, script, flag, name, *argv], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1]
+            runs[name].append(json.loads(out))
+    return runs
 
 
 def main():
@@ -192,13 +209,9 @@ def main():
     args = parser.parse_args()
     if args.phase:
         return phase(args)
-    runs = {name: [] for name in args.phases.split(",")}
-    for _ in range(args.repeats):
-        for name in runs:
-            cmd = [sys.executable, __file__, "--phase", name] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k not in ("phase", "phases", "repeats")]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            runs[name].append(json.loads(out))
+    runs = interleaved(__file__, "--phase", args.phases.split(","),
+                       [f"--{k}={v}" for k, v in vars(args).items() if k not in ("phase", "phases", "repeats")],
+                       args.repeats)
     sec = {k: float(np.median([r["seconds"] for r in v])) for k, v in runs.items()}
     mem = {k: max(r["peak_gib"] for r in v) for k, v in runs.items()}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
