@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .captioning import DEFAULT_PROMPT, _padding_side, generate_captions
+from .captioning import DEFAULT_PROMPT, padding_side, generate_captions
 
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "meteor")
 Judge = Callable[[list[str]], Sequence[float]]
@@ -88,7 +88,7 @@ def lm_judge(model, template: str, yes_words: Sequence[str] = ("yes", "Yes"),
     def judge(captions: list[str]) -> list[float]:
         scores = []
         device = next(model.parameters()).device
-        with _padding_side(tokenizer, "left"):
+        with padding_side(tokenizer, "left"):
             for start in range(0, len(captions), batch_size):
                 texts = [template.format(caption=c) for c in captions[start:start + batch_size]]
                 inputs = tokenizer(texts, return_tensors="pt", padding=True).to(device)

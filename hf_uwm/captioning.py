@@ -19,7 +19,7 @@ DEFAULT_PROMPT = "Describe the image."
 # --- generation ---------------------------------------------------------------------------------
 
 @contextmanager
-def _padding_side(tokenizer, side: str):
+def padding_side(tokenizer, side: str):
     """Pad on `side` (generation pads on the left); the tokenizer's own setting is restored afterwards."""
     before = tokenizer.padding_side
     tokenizer.padding_side = side
@@ -67,7 +67,7 @@ def generate_captions(model, processor, images, prompt: str | Sequence[str] = DE
                 "pad_token_id": tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
                 **generate_kwargs}
     captions = []
-    with _padding_side(tokenizer, "left"):
+    with padding_side(tokenizer, "left"):
         for start in tqdm(range(0, len(images), batch_size), desc="captions", disable=not progress):
             batch_images = [im.convert("RGB") for im in images[start:start + batch_size]]
             texts = [_chat(processor, p) for p in prompts[start:start + batch_size]]
@@ -84,7 +84,7 @@ def caption_inputs(processor, images, captions: Sequence[str], prompt: str = DEF
     images, captions = [im.convert("RGB") for im in images], list(captions)
     if len(images) != len(captions):
         raise ValueError(f"Got {len(captions)} captions for {len(images)} images: pass one caption per image.")
-    with _padding_side(processor.tokenizer, "right"):
+    with padding_side(processor.tokenizer, "right"):
         prompt_length = len(processor(images=images[:1], text=[_chat(processor, prompt)])["input_ids"][0])
         inputs = dict(processor(images=images, text=[_chat(processor, prompt, c) for c in captions],
                                 padding=True, return_tensors="pt"))

@@ -16,7 +16,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TOWERS = ("text", "vision")
 DEFAULT_METHOD = "ratio"   # UWM as published; `hf-uwm edit` recommends another (see its --help)
 
 
