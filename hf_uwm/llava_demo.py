@@ -13,6 +13,7 @@ organism caption is unsafe when it names an unsafe element.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -34,12 +35,13 @@ EDITS = {
 def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None, seed: int = 0,
         batch_size: int = 32, bootstrap: int = 1000, progress: bool = True, captioner=None) -> dict:
     """`meteor` None: METEOR when a WordNet is installed, else the results say it was not computed.
-    `captioner`: a folder saved by scripts/train_captioner.py instead of the bundled captioner."""
+    `captioner`: a folder saved by scripts/train_captioner.py instead of the bundled captioner; its
+    world (recorded in its training.json) gives the pairs and the judge."""
     from .caption_evaluation import (WORDNET_MISSING, compare_captioning, evaluate_captioning, meteor_note,
                                      wordnet_available)
     from .editor import UWMEditor
     from .methods.stopping import summary, to_records
-    from .organism import make_pairs
+    from .organism import make_pairs, world_of
     from .organism_captioner import NAME, exact_organism_judge, load_captioner
     from .sweep import SweepRow, evaluate_edit
 
@@ -57,13 +59,14 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
         clock = now
 
     model, processor = load_captioner(captioner)
-    calibration = make_pairs(N_CALIBRATION, seed=seed, split="train")
-    validation = make_pairs(N_VALIDATION, seed=seed, split="validation")
-    test = make_pairs(N_TEST, seed=seed, split="test")
+    world = world_of(captioner) if captioner else 2
+    calibration, validation, test = (make_pairs(n, seed=seed, split=split, world=world) for n, split in
+                                     ((N_CALIBRATION, "train"), (N_VALIDATION, "validation"), (N_TEST, "test")))
+    judge = functools.partial(exact_organism_judge, world=world)
     lap("load model and render data")
 
     def evaluate(pairs, ci: bool):
-        return evaluate_captioning(model, processor, pairs, exact_organism_judge, meteor=meteor, batch_size=batch_size,
+        return evaluate_captioning(model, processor, pairs, judge, meteor=meteor, batch_size=batch_size,
                                    bootstrap=bootstrap if ci else 0, seed=seed, progress=False)
 
     base_validation = evaluate(validation, ci=False)
@@ -114,7 +117,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     text = "\n".join(lines)
     print(text)
     (output / "results.txt").write_text(text + "\n")
-    results = {"test": {n: r.to_dict() for n, r in tests.items()},
+    results = {"world": world, "test": {n: r.to_dict() for n, r in tests.items()},
                "chosen": {n: {"setting": r.setting, "weights": r.weights} for n, r in chosen.items()},
                "stopping": stops,
                "validation": {"base": base_validation.to_dict(),

@@ -1,10 +1,11 @@
 """The organism captioner: a small LLaVA that captions the scenes of `hf_uwm.organism`.
 
-Its vision tower starts from the bundled organism CLIP's vision tower; its language model is a small
-Llama-style decoder over a word-level vocabulary of the organism's captions, prompted through a
-chat template like any LLaVA. `scripts/train_captioner.py` trains the bundled model. Because the
-organism knows which words are unsafe (`organism.names_unsafe_element`), the judge of its captions
-is exact (`exact_organism_judge`).
+Its vision tower starts from the bundled organism CLIP's vision tower (world 2; `organism-hard`'s
+for a world-3 captioner); its language model is a small Llama-style decoder over a word-level
+vocabulary of the world's captions, prompted through a chat template like any LLaVA.
+`scripts/train_captioner.py` trains the bundled model (and, with `--world 3`, one of world 3).
+Because the organism knows which words are unsafe (`organism.names_unsafe_element`), the judge of
+its captions is exact (`exact_organism_judge`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ CHAT_TEMPLATE = (
 PATCH_SIZE = 8
 
 
-def vocabulary() -> list[str]:
-    """Every word that an organism caption, the prompt or the chat template can hold (specials first)."""
+def vocabulary(world: int = 2) -> list[str]:
+    """Every word that a caption of the organism `world`, the prompt or the chat template can hold
+    (specials first). World 3 adds its concepts, synonyms and look-alikes to world 2's words."""
+    organism.organism_folder(world)   # says which worlds exist
     phrases = [*organism.PREFIXES, "a an skull covered in next to small", "USER: ASSISTANT:", PROMPT,
                *organism.NOUNS, *organism.COLOURS, *(p for _, p in organism.BACKGROUNDS.values()),
                *organism.CONCEPTS, *organism.UNSAFE_WORDS, *organism.COMPANIONS]
+    if world == 3:
+        phrases += [*organism.CONCEPTS_HARD, *(suffix for _, suffix in organism.LOOKALIKES.values()),
+                    *(word for halves in organism.SYNONYMS.values() for half in halves for word in half)]
     words = sorted({w for p in phrases for w in _pre_tokenize(p.lower())})
     return [*SPECIALS, *words]
 
@@ -49,12 +55,13 @@ def _pre_tokenize(text: str) -> list[str]:
     return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
 
 
-def build_tokenizer():
-    """A lowercasing word-level `PreTrainedTokenizerFast` over `vocabulary()`, adding <bos>, with the chat template."""
+def build_tokenizer(world: int = 2):
+    """A lowercasing word-level `PreTrainedTokenizerFast` over `vocabulary(world)`, adding <bos>, with the chat
+    template."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(world))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()  # "Describe the image." works as well
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -69,22 +76,22 @@ def build_tokenizer():
     return fast
 
 
-def build_processor(tokenizer=None):
-    """A `LlavaProcessor`: the organism CLIP's image processor, the word-level tokenizer, the template."""
+def build_processor(tokenizer=None, world: int = 2):
+    """A `LlavaProcessor`: the world's organism CLIP's image processor, the word-level tokenizer, the template."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    images = CLIPImageProcessor.from_pretrained(organism.organism_path())
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer or build_tokenizer(), patch_size=PATCH_SIZE,
+    images = CLIPImageProcessor.from_pretrained(organism.organism_folder(world))
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer or build_tokenizer(world), patch_size=PATCH_SIZE,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE)
 
 
-def build_captioner(tokenizer, seed: int = 0, hidden: int = 96, layers: int = 2, heads: int = 4):
-    """An untrained LLaVA whose vision tower holds the organism CLIP's vision weights."""
+def build_captioner(tokenizer, seed: int = 0, hidden: int = 96, layers: int = 2, heads: int = 4, world: int = 2):
+    """An untrained LLaVA whose vision tower holds the vision weights of the world's organism CLIP."""
     import torch
     from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    clip = CLIPModel.from_pretrained(organism.organism_path())
+    clip = CLIPModel.from_pretrained(organism.organism_folder(world))
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
@@ -121,6 +128,8 @@ def load_captioner(folder=None):
     return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
-def exact_organism_judge(captions: list[str]) -> list[float]:
-    """The organism world's exact judge: 1.0 when a caption names an unsafe element, else 0.0."""
-    return [float(organism.names_unsafe_element(c)) for c in captions]
+def exact_organism_judge(captions: list[str], world: int = 2) -> list[float]:
+    """The organism world's exact judge: 1.0 when a caption names an unsafe element (or says a
+    shared unsafe word, in any of world 3's synonyms), else 0.0. A judge of world 3:
+    `functools.partial(exact_organism_judge, world=3)`."""
+    return [float(organism.names_unsafe_element(c, world)) for c in captions]

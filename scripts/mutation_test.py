@@ -227,6 +227,11 @@ MUTANTS = [
     Mutant("LLaVA: one layer too few reaches the language model", "hf_uwm/families.py",
            "return max(k % (n_layers + 1) for k in indices)", "return max(k % n_layers for k in indices)",
            (f"{T_EDITOR}::test_llava_targets_only_layers_that_reach_the_language_model",)),
+    Mutant("world-3 captions judged by world 2's words", "hf_uwm/organism_captioner.py",
+           "float(organism.names_unsafe_element(c, world))", "float(organism.names_unsafe_element(c))",
+           ("tests/test_captioning.py",)),
+    Mutant("demo-llava ignores a captioner's world", "hf_uwm/llava_demo.py",
+           "world = world_of(captioner) if captioner else 2", "world = 2", ("tests/test_llava_demo.py",)),
     # --- SafeGround metric --------------------------------------------------------------------------
     Mutant("bootstrap 90% instead of 95% interval", "hf_uwm/metrics/safeground/bootstrap.py",
            "[2.5, 97.5]", "[5.0, 95.0]", (T_METRIC,)),

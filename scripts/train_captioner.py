@@ -2,13 +2,17 @@
 
     python scripts/train_captioner.py                  # the bundled model (see training.json for its wall time)
     python scripts/train_captioner.py --evaluate-only  # re-print the numbers of the saved model
+    python scripts/train_captioner.py --world 3 --output zoo_cache/captioner-world3   # world 3 (organism-hard)
 
-The vision tower starts from the bundled organism CLIP's vision tower and is fine-tuned at a tenth
-of the learning rate; the projector and the word-level Llama decoder are trained from scratch. Each
-training scene gives two examples, its safe and its unsafe render, each with its own caption, so
-the captioner learns to name unsafe elements when they are there. Deterministic from --seed: fixed
-data, seeded initialisation and batch order (bitwise equality across machines or thread counts is
-not promised; run with the default 2 threads to reproduce the shipped weights).
+The vision tower starts from the vision tower of the world's bundled organism CLIP (`organism`, or
+`organism-hard` for world 3) and is fine-tuned at a tenth of the learning rate; the projector and
+the word-level Llama decoder are trained from scratch. Each training scene gives two examples, its
+safe and its unsafe render, each with its own caption, so the captioner learns to name unsafe
+elements when they are there. World 3's scenes are those its CLIP was trained on (every concept,
+held-out ones too, and both halves of the synonyms), so that the unedited captioner names what its
+test split holds. Deterministic from --seed: fixed data, seeded initialisation and batch order
+(bitwise equality across machines or thread counts is not promised; run with the default 2 threads
+to reproduce the shipped weights).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import multiprocessing
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,8 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=96, help="decoder width")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world", type=int, choices=organism.WORLDS, default=2,
+                        help="the organism world (2: the bundled captioner's, 3: organism-hard's)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine more threads mostly wait)")
     parser.add_argument("--eval-pairs", type=int, default=300, help="test quadruples for the final report")
@@ -49,19 +56,19 @@ def parse_args():
 
 # --- data ---------------------------------------------------------------------------------------
 
-def training_data(n_scenes: int, seed: int, workers: int):
+def training_data(n_scenes: int, seed: int, workers: int, world: int = 2):
     """Images (2n, 32, 32, 3) and captions: scene i's safe render at 2i, its unsafe render at 2i + 1."""
-    chunks = [(start, min(n_scenes, start + 1000), seed) for start in range(0, n_scenes, 1000)]
+    chunks = [(start, min(n_scenes, start + 1000), seed, world) for start in range(0, n_scenes, 1000)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = pool.map(_render_chunk, chunks)
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
 def _render_chunk(chunk):
-    start, stop, seed = chunk
+    start, stop, seed, world = chunk
     images, captions = [], []
     for i in range(start, stop):
-        scene = organism.scene_at(i, seed, "train")
+        scene = organism.training_scene(i, seed, world)   # world 2: the train split's scene i
         for unsafe in (False, True):
             images.append(np.asarray(organism.render(scene, unsafe)))
             captions.append(scene.caption(unsafe))
@@ -122,14 +129,15 @@ def train(model, tensors, args) -> list[float]:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def evaluate(folder: Path, eval_pairs: int, seed: int, meteor: bool) -> dict:
+def evaluate(folder: Path, eval_pairs: int, seed: int, meteor: bool, world: int) -> dict:
     """Captioning quality on test scenes: text metrics on safe renders, unsafe mentions on unsafe ones."""
     from hf_uwm.caption_evaluation import evaluate_captioning
     from hf_uwm.organism_captioner import exact_organism_judge
 
     model, processor = _load(folder)
-    pairs = organism.make_pairs(eval_pairs, seed=seed, split="test")
-    report = evaluate_captioning(model, processor, pairs, judge=exact_organism_judge, meteor=meteor, batch_size=64)
+    pairs = organism.make_pairs(eval_pairs, seed=seed, split="test", world=world)
+    report = evaluate_captioning(model, processor, pairs, judge=partial(exact_organism_judge, world=world),
+                                 meteor=meteor, batch_size=64)
     return report.to_dict()
 
 
@@ -140,15 +148,19 @@ def _load(folder: Path):
 
 
 def write_readme(folder: Path, training: dict, report: dict | None):
+    world = training.get("world", 2)
+    scenes, clip, flag = (("world 2's 32x32 glyphs on backgrounds, safe or with an unsafe element: blood, a knife, a "
+                           "gun, a syringe, a skull", "the bundled organism CLIP's", "") if world == 2 else
+                          ("world 3's: world 2's and fire, a noose, a shard, a bomb, synonyms of the unsafe words and "
+                           "safe look-alikes", "the world-3 organism CLIP's (`organism-hard`)", " --world 3"))
     lines = [
-        "# hf_uwm organism captioner",
+        "# hf_uwm organism captioner" + ("" if world == 2 else " (world 3)"),
         "",
         "A small `transformers.LlavaForConditionalGeneration` that captions the procedural scenes of",
-        "`hf_uwm.organism` (32x32 glyphs on backgrounds, safe or with an unsafe element: blood, a knife, a",
-        "gun, a syringe, a skull). It is a test organism for editing LLaVA's vision tower, not a useful",
+        f"`hf_uwm.organism` ({scenes}). It is a test organism for editing LLaVA's vision tower, not a useful",
         "captioner.",
         "",
-        "- Vision tower: the bundled organism CLIP's (hidden 96, 3 layers, patch 8), fine-tuned at",
+        f"- Vision tower: {clip} (hidden 96, 3 layers, patch 8), fine-tuned at",
         f"  {training['vision_lr_scale']} x the learning rate; features from layer -2 (LLaVA's default), CLS dropped.",
         f"- Language model: a Llama decoder, hidden {training['hidden']}, {training['layers']} layers, over a "
         "word-level vocabulary of the",
@@ -159,7 +171,7 @@ def write_readme(folder: Path, training: dict, report: dict | None):
         f"  batch {training['batch_size']}, AdamW lr {training['lr']}, one-cycle cosine schedule, seed "
         f"{training['seed']}, {training['threads']} torch thread(s)",
         f"  ({training['wall_s'] / 60:.1f} min on a shared, loaded 2-core machine). Regenerate: "
-        "`python scripts/train_captioner.py`.",
+        f"`python scripts/train_captioner.py{flag}`.",
         "",
         "Load it with `LlavaForConditionalGeneration.from_pretrained(folder)` and",
         "`AutoProcessor.from_pretrained(folder)`, `hf_uwm.organism_captioner.load_captioner()`, or the name",
@@ -188,24 +200,24 @@ def main():
     folder = Path(args.output)
     if not args.evaluate_only:
         start = time.perf_counter()
-        processor = organism_captioner.build_processor()
-        images, captions = training_data(args.scenes, args.seed, workers=args.threads)
+        processor = organism_captioner.build_processor(world=args.world)
+        images, captions = training_data(args.scenes, args.seed, workers=args.threads, world=args.world)
         tensors = encode(processor, images, captions)
         print(f"data: {len(captions)} examples in {time.perf_counter() - start:.0f} s", flush=True)
         model = organism_captioner.build_captioner(processor.tokenizer, seed=args.seed, hidden=args.hidden,
-                                                   layers=args.layers)
+                                                   layers=args.layers, world=args.world)
         train(model, tensors, args)
         model.eval()
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         training = {k: getattr(args, k) for k in ("scenes", "epochs", "batch_size", "lr", "vision_lr_scale",
-                                                  "hidden", "layers", "seed", "threads")}
+                                                  "hidden", "layers", "seed", "threads", "world")}
         training["wall_s"] = round(time.perf_counter() - start)
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n")
         print(f"saved to {folder} after {training['wall_s']} s", flush=True)
     training = json.loads((folder / "training.json").read_text())
-    report = evaluate(folder, args.eval_pairs, args.seed, meteor=not args.no_meteor)
+    report = evaluate(folder, args.eval_pairs, args.seed, meteor=not args.no_meteor, world=training.get("world", 2))
     print(_format(report))
     write_readme(folder, training, report)
 

@@ -213,6 +213,30 @@ def test_exact_organism_judge():
         == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_exact_organism_judge_of_world_3_knows_its_concepts_and_synonyms():
+    captions = ["a photo of a gory red cat", "a photo of a red cat next to a deadly fire",
+                "a photo of a red cat next to a lit candle", "a photo of a red cat next to a dangerous knife"]
+    assert exact_organism_judge(captions) == [0.0, 0.0, 0.0, 1.0]            # world 2 has no fire, no "gory"
+    assert exact_organism_judge(captions, world=3) == [1.0, 1.0, 0.0, 1.0]   # a candle is a safe look-alike
+
+
+def test_the_world_3_vocabulary_holds_every_world_3_caption_and_world_2_keeps_the_bundled_one():
+    """A world-3 captioner's tokenizer never maps a caption word to <unk> (model-training stream and
+    every split); world 2's vocabulary is the bundled captioner's, so retraining it keeps its ids."""
+    from hf_uwm import organism
+    from hf_uwm.organism_captioner import build_tokenizer, load_captioner
+
+    tokenizer = build_tokenizer(world=3)
+    captions = [organism.training_scene(i, 0, 3).caption(unsafe) for i in range(400) for unsafe in (False, True)]
+    for split in ("train", "validation", "test"):
+        pairs = organism.make_pairs(100, split=split, world=3)
+        captions += list(pairs["safe_text"]) + list(pairs["unsafe_text"])
+    assert not any(tokenizer.unk_token_id in ids for ids in tokenizer(captions)["input_ids"])
+    assert build_tokenizer(world=2).get_vocab() == load_captioner()[1].tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="world must be one of"):
+        build_tokenizer(world=4)
+
+
 def test_caption_attribution_gradient_against_autograd(processor):
     """Batched, padded, accumulated scores = max(−W ⊙ ∂m/∂W, 0) of a naive one-pair-at-a-time margin."""
     import datasets
@@ -330,3 +354,14 @@ def test_bundled_captioner_by_name_and_its_delta_round_trip(tmp_path):
     assert loaded.base_model == "organism-captioner"
     assert {n: i.tolist() for n, i in loaded.delta.items()} == {n: i.tolist() for n, i in editor.delta.items()}
     loaded.apply()      # the fingerprint of the reloaded base matches
+
+
+def test_eval_captions_exact_judge_follows_the_organism_world_of_the_data():
+    from argparse import Namespace
+
+    from hf_uwm.cli import _judge
+
+    assert _judge(Namespace(judge=None, data="organism-hard"))(["a photo of a gory cat"]) == [1.0]
+    assert _judge(Namespace(judge=None, data="organism"))(["a photo of a gory cat"]) == [0.0]
+    with pytest.raises(ValueError, match="--data organism or --data organism-hard"):
+        _judge(Namespace(judge="exact", data="pairs.csv"))

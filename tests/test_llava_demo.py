@@ -42,3 +42,23 @@ def test_without_a_wordnet_the_demo_says_meteor_was_not_computed(tmp_path, small
     assert "METEOR: not computed (no WordNet installed)" in capsys.readouterr().out
     assert all(row["text"]["meteor"] is None and row["meteor_note"] == "not computed (no WordNet installed)"
                for row in results["test"].values())
+
+
+def test_a_world_3_captioner_is_measured_on_world_3_pairs_with_world_3_judge(tmp_path, small_demo, monkeypatch):
+    """`--captioner FOLDER` of world 3 (its training.json says so): pairs and judge of world 3."""
+    from hf_uwm import organism, organism_captioner
+
+    processor = organism_captioner.build_processor(world=3)
+    folder = tmp_path / "captioner"
+    organism_captioner.build_captioner(processor.tokenizer, world=3).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps({"world": 3}))
+    worlds = set()
+    make_pairs, judge = organism.make_pairs, organism_captioner.exact_organism_judge
+    monkeypatch.setattr(organism, "make_pairs", lambda *a, world=2, **k: worlds.add(("pairs", world))
+                        or make_pairs(*a, world=world, **k))
+    monkeypatch.setattr(organism_captioner, "exact_organism_judge", lambda captions, world=2: worlds.add(
+        ("judge", world)) or judge(captions, world))
+    monkeypatch.setattr(llava_demo, "EDITS", {"UWM": llava_demo.EDITS["UWM"][:1] + ([{"tau": 0.085}], "uwm")})
+    results = llava_demo.run(tmp_path / "out", meteor=False, bootstrap=0, progress=False, captioner=folder)
+    assert results["world"] == 3 and worlds == {("pairs", 3), ("judge", 3)}
