@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
 from hf_uwm.caption_evaluation import evaluate_captioning  # noqa: E402
 from hf_uwm.llava_demo import N_CALIBRATION, N_VALIDATION  # noqa: E402
+from hf_uwm.methods.caption_iterative import KNOWLEDGE_CURVATURES  # noqa: E402
+from hf_uwm.methods.iterative import CURVATURE_ESTIMATORS  # noqa: E402
 from hf_uwm.methods.stopping import holdout_rows  # noqa: E402
 from hf_uwm.organism import make_pairs  # noqa: E402
 from hf_uwm.organism_captioner import NAME, exact_organism_judge, load_captioner  # noqa: E402
@@ -40,6 +42,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--every", type=int, default=2, help="evaluate every k-th round")
     parser.add_argument("--probes", type=int, default=None, help="curvature probes (default: the method's)")
+    parser.add_argument("--curvature-estimator", default=None, choices=CURVATURE_ESTIMATORS,
+                        help="how the curvature probes are squared (default: the method's)")
+    parser.add_argument("--knowledge-curvature", default=None, choices=KNOWLEDGE_CURVATURES,
+                        help="which log-probabilities the curvature guards (default: the method's)")
+    parser.add_argument("--safe-likelihood-weight", type=float, default=None,
+                        help="μ, the weight of the safe captions' log-likelihood in the margin (default: the method's)")
     parser.add_argument("--vision-targets", nargs="+", default=None,
                         help="target layers (default: the method's; e.g. mlp.fc2 projector.linear_1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -57,7 +65,9 @@ def main():
                 config = UWMConfig(method="caption_iterative", rounds=args.rounds, round_density=density,
                                    curvature_weight=weight, seed=args.seed, goal=None, knowledge_budget=None,
                                    holdout=0.0, vision_targets=args.vision_targets,
-                                   **({"curvature_probes": args.probes} if args.probes else {}))
+                                   **_given(curvature_probes=args.probes, curvature_estimator=args.curvature_estimator,
+                                          knowledge_curvature=args.knowledge_curvature,
+                                          safe_likelihood_weight=args.safe_likelihood_weight))
                 editor = UWMEditor(model, processor, config, base_model=NAME if args.model is None else None)
                 start = time.perf_counter()
                 editor.calibrate(gradient_rows, progress=False)
@@ -65,7 +75,11 @@ def main():
                 state = editor.method.start_measuring(editor, holdout)
                 for rounds in range(0, args.rounds + 1, args.every):
                     row = dict(round_density=density, curvature_weight=weight, rounds=rounds, calibrate_s=seconds,
-                               vision_targets=editor.config.vision_targets)
+                               vision_targets=editor.config.vision_targets,
+                               curvature_estimator=editor.config.curvature_estimator,
+                               curvature_probes=editor.config.curvature_probes,
+                               knowledge_curvature=editor.config.knowledge_curvature,
+                               safe_likelihood_weight=editor.config.safe_likelihood_weight)
                     row.update(_evaluate(editor, rounds, holdout, state, validation))
                     out.write(json.dumps(row) + "\n")
                     out.flush()
@@ -77,15 +91,21 @@ def _evaluate(editor, rounds, holdout, state, validation) -> dict:
     if edit:
         edit.apply()
     try:
-        goal, cost, _ = editor.method.measure(editor, holdout, state)
+        goal, cost, measures = editor.method.measure(editor, holdout, state)
         report = evaluate_captioning(editor.model, editor.processor, validation, exact_organism_judge, meteor=False,
                                      batch_size=32, bootstrap=0, progress=False)
     finally:
         if edit:
             edit.revert()
     return dict(weights=sum(edit.counts().values()) if edit else 0, holdout_goal=goal, holdout_cost=cost,
+                holdout_bleu=measures["bleu"],
                 unsafe=report.unsafe_rate, false_alarms=report.unsafe_rate_safe_images,
                 rougeL=report.text["rougeL"], bleu=report.text["bleu"])
+
+
+def _given(**settings) -> dict:
+    """The settings given on the command line (the method's defaults for the others)."""
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def _load(folder):

@@ -14,8 +14,8 @@ import torch
 from conftest import make_clip, make_pairs
 from hf_uwm import UWMConfig, UWMEditor, caption_evaluation, captioning
 from hf_uwm.methods import Calibration
-from hf_uwm.methods.caption_iterative import (MAX_TOKENS, CaptionIterative, margin_and_fisher, slice_measures,
-                                              unsafe_words)
+from hf_uwm.methods.caption_iterative import (MAX_CAPTION_TOKENS, MAX_TOKENS, CaptionIterative, margin_and_fisher,
+                                              slice_measures, unsafe_words)
 from hf_uwm.methods.iterative import probe_directions
 from hf_uwm.organism_captioner import build_processor
 from test_captioning import tiny_llava
@@ -51,8 +51,8 @@ def state_of(model):
 
 
 # --- the definition, written out: one pair at a time, no padding ----------------------------------
-def token_log_p(model, processor, image, caption):
-    """{sequence position t: log p(token t + 1 | image, tokens ≤ t)} over the caption's tokens, by hand."""
+def position_log_ps(model, processor, image, caption):
+    """{sequence position t: (log p(· | image, tokens ≤ t) (V,), token t + 1)} over the caption's tokens, by hand."""
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": captioning.DEFAULT_PROMPT}]}]
     prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
     text = processor.apply_chat_template(turn + [{"role": "assistant", "content": [{"type": "text", "text": caption}]}])
@@ -60,26 +60,55 @@ def token_log_p(model, processor, image, caption):
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     logits, ids = model(**inputs).logits[0], inputs["input_ids"][0]
-    return {t - 1: logits[t - 1].log_softmax(-1)[ids[t]] for t in range(start, len(ids))}
+    return {t - 1: (logits[t - 1].log_softmax(-1), ids[t]) for t in range(start, len(ids))}
+
+
+def token_log_p(model, processor, image, caption):
+    """{sequence position t: log p(token t + 1 | image, tokens ≤ t)} over the caption's tokens, by hand."""
+    return {t: lp[token] for t, (lp, token) in position_log_ps(model, processor, image, caption).items()}
 
 
 def log_p(model, processor, image, caption):
     return sum(token_log_p(model, processor, image, caption).values())
 
 
-def hand_gradients(model, processor, data, weights, probes):
-    """∂m/∂W, Σ_t r_pbt ∂ℓ_bt/∂W per probe and caption (P, N, n), and Σ_bt (∂ℓ_bt/∂W)², flattened and
-    concatenated, with ℓ_bt the log-probability of safe caption b's token at position t given its safe image."""
+def flat_grad(value, weights):
+    return torch.cat([x.flatten() for x in torch.autograd.grad(value, weights, retain_graph=True)])
+
+
+def hand_gradients(model, processor, data, weights, probes, curvature="reference", mu=0.0, exact=False):
+    """∂(m + μ·L)/∂W, the probe gradients per probe and caption (P, N, n) and, when `exact`, their
+    expectation's definition, flattened and concatenated. L = (1/N) Σ_b log p(Ts_b | Is_b).
+
+    reference: Σ_t r_pbt ∂ℓ_bt/∂W, r (P, N, T) by sequence position; exact Σ_bt (∂ℓ_bt/∂W)².
+    vocabulary: Σ_tv r_pbiv ∂ log p_btv/∂W, r (P, N, caption positions, V) by caption position i;
+    exact Σ_btv (∂ log p_btv/∂W)²."""
     margin = sum(log_p(model, processor, r["unsafe_image"], r["safe_text"])
-                 - log_p(model, processor, r["unsafe_image"], r["unsafe_text"]) for r in data) / len(data)
-    g = torch.cat([x.flatten() for x in torch.autograd.grad(margin, weights)])
-    probed, exact = [0] * len(data), 0
+                 - log_p(model, processor, r["unsafe_image"], r["unsafe_text"])
+                 + mu * log_p(model, processor, r["safe_image"], r["safe_text"]) for r in data) / len(data)
+    g = flat_grad(margin, weights)
+    probed, total = [0] * len(data), 0
     for b, row in enumerate(data):
-        for t, ll in token_log_p(model, processor, row["safe_image"], row["safe_text"]).items():
-            grad = torch.cat([x.flatten() for x in torch.autograd.grad(ll, weights, retain_graph=True)])
-            probed[b] = probed[b] + probes[:, b, t, None].double() * grad                     # (P, n)
-            exact = exact + grad.square()
-    return g, torch.stack(probed, 1), exact
+        positions = position_log_ps(model, processor, row["safe_image"], row["safe_text"])
+        for i, (t, (lp, token)) in enumerate(sorted(positions.items())):
+            if curvature == "reference":
+                grad = flat_grad(lp[token], weights)
+                probed[b] = probed[b] + probes[:, b, t, None].double() * grad                     # (P, n)
+                total = total + grad.square() if exact else 0
+                continue
+            probed[b] = probed[b] + torch.stack([flat_grad(probes[p, b, i].to(lp) @ lp, weights)
+                                                 for p in range(probes.shape[0])])                 # (P, n)
+            if exact:
+                total = total + sum(flat_grad(lp[v], weights).square() for v in range(lp.shape[0]))
+    return g, torch.stack(probed, 1), total
+
+
+def hand_probes(cfg, round_index, n, vocab):
+    """The probe directions of a round for rows 0..n-1, as the definition indexes them."""
+    if cfg.knowledge_curvature == "reference":
+        return probe_directions(cfg.seed, round_index, list(range(n)), cfg.curvature_probes, MAX_TOKENS)
+    noise = probe_directions(cfg.seed, round_index, list(range(n)), cfg.curvature_probes, MAX_CAPTION_TOKENS * vocab)
+    return noise.view(cfg.curvature_probes, n, MAX_CAPTION_TOKENS, vocab)
 
 
 def hand_curvature(probed, estimator):
@@ -92,11 +121,12 @@ def hand_rounds(model, processor, data, cfg, layers):
     weights = [layer.weight for layer in layers.values()]
     original = [w.detach().clone() for w in weights]
     flipped = torch.zeros(sum(w.numel() for w in weights), dtype=torch.int32)
+    vocab = model.config.text_config.vocab_size
     try:
         for r in range(1, cfg.rounds + 1):
             w = torch.cat([x.detach().flatten() for x in weights])
-            directions = probe_directions(cfg.seed, r, list(range(len(data))), cfg.curvature_probes, MAX_TOKENS)
-            g, probed, _ = hand_gradients(model, processor, data, weights, directions)
+            g, probed, _ = hand_gradients(model, processor, data, weights, hand_probes(cfg, r, len(data), vocab),
+                                          cfg.knowledge_curvature, cfg.safe_likelihood_weight)
             G = hand_curvature(probed, cfg.curvature_estimator)                                # (n,)
             a, h = -w * g, (1 - cfg.alpha) ** 2 * w.square() * G
             score = a / a.abs().mean() - cfg.curvature_weight * h / h.mean()
@@ -122,17 +152,19 @@ def _bounds(weights):
 
 # --- the tests ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("estimator", ["per_item", "summed"])
-def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, data, estimator):
-    probes = 3
+@pytest.mark.parametrize("curvature,mu", [("vocabulary", 3.0), ("reference", 0.0)])
+def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, data, estimator, curvature, mu):
+    probes = 2
     editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=2, seed=3,
-                                                     curvature_estimator=estimator))
+                                                     curvature_estimator=estimator, knowledge_curvature=curvature,
+                                                     safe_likelihood_weight=mu))
     run = Calibration(data, _OneProcess, editor.family, 2, progress=False)
     grads, estimate = margin_and_fisher(editor, run, 4)
     weights = [layer.weight for layer in editor.target_layers.values()]
-    # With the probes of round 4, over both batches: per_item (1/P) Σ_pb (Σ_t r_pbt ∂ℓ_bt/∂W)²,
-    # summed (1/P) Σ_p (Σ_bt r_pbt ∂ℓ_bt/∂W)².
-    directions = probe_directions(3, 4, [0, 1, 2], probes, MAX_TOKENS)                        # (P, N, T)
-    g, probed, _ = hand_gradients(llava64, processor, data, weights, directions)
+    # With the probes of round 4, over both batches: per_item (1/P) Σ_pb (probe gradient of b)²,
+    # summed (1/P) Σ_p (Σ_b probe gradient of b)².
+    directions = hand_probes(editor.config, 4, len(data), llava64.config.text_config.vocab_size)
+    g, probed, _ = hand_gradients(llava64, processor, data, weights, directions, curvature, mu)
     expected = hand_curvature(probed, estimator)
     assert g.abs().sum() > 0 and expected.sum() > 0
     # Llama's attention takes its softmax in float32 even in a float64 model: agreement to ~1e-7.
@@ -142,21 +174,45 @@ def test_margin_gradient_and_fisher_probes_equal_autograd(llava64, processor, da
                                **close, atol=1e-7 * expected.max())
 
 
-def test_fisher_estimate_converges_to_the_exact_diagonal(llava64, processor, data):
-    """With many probes the estimate reaches Σ_bt (∂ℓ_bt/∂W)², the exact Gauss-Newton diagonal."""
+def test_the_safe_likelihood_adds_its_gradient_to_the_margin(llava64, processor, data):
+    """g(μ) − g(0) = μ·∂L/∂W, L = (1/N) Σ_b log p(Ts_b | Is_b): checked against the hand margin without it."""
+    weights_of = lambda e: [layer.weight for layer in e.target_layers.values()]   # noqa: E731
+    grads = {}
+    for mu in (0.0, 2.5):
+        editor = UWMEditor(llava64, processor, iterative(batch_size=2, curvature_weight=0.0, safe_likelihood_weight=mu))
+        g, curvature = margin_and_fisher(editor, Calibration(data, _OneProcess, editor.family, 2, progress=False), 1)
+        assert curvature is None
+        grads[mu] = torch.cat([x.flatten() for x in g.values()])
+    likelihood = sum(log_p(llava64, processor, r["safe_image"], r["safe_text"]) for r in data) / len(data)
+    expected = 2.5 * flat_grad(likelihood, weights_of(editor))
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(grads[2.5] - grads[0.0], expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
+
+
+@pytest.mark.parametrize("curvature", ["reference", "vocabulary"])
+def test_fisher_estimate_converges_to_the_exact_diagonal(llava64, processor, data, curvature):
+    """With many probes the estimate reaches its exact Gauss-Newton diagonal: Σ_bt (∂ℓ_bt/∂W)² of
+    the reference tokens, or Σ_btv (∂ log p_btv/∂W)² of every word."""
     probes = 400
-    editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=3, seed=1))
+    editor = UWMEditor(llava64, processor, iterative(curvature_probes=probes, batch_size=3, seed=1,
+                                                     knowledge_curvature=curvature))
     _, estimate = margin_and_fisher(editor, Calibration(data, _OneProcess, editor.family, 3, progress=False), 1)
     weights = [layer.weight for layer in editor.target_layers.values()]
-    _, _, exact = hand_gradients(llava64, processor, data, weights, torch.zeros(1, 3, MAX_TOKENS))
+    vocab = llava64.config.text_config.vocab_size
+    unused = torch.zeros(1, 3, MAX_TOKENS) if curvature == "reference" else torch.zeros(1, 3, MAX_CAPTION_TOKENS, vocab)
+    _, _, exact = hand_gradients(llava64, processor, data, weights, unused, curvature, exact=True)
     relative = float((torch.cat([x.flatten() for x in estimate.values()]) - exact).norm() / exact.norm())
     assert relative < 0.2   # about sqrt(2/P) = 0.07; per-caption instead of per-token probes miss by more
 
 
-@pytest.mark.parametrize("targets", [None, ["mlp.fc2", "projector.linear_1"]], ids=["vision", "with-projector"])
-def test_rounds_equal_the_definition_on_the_edited_model(llava64, processor, data, targets):
-    cfg = iterative(rounds=3, round_density=0.004, curvature_weight=2.0, curvature_probes=2, batch_size=2, seed=5,
-                    alpha=-0.5, vision_targets=targets)
+@pytest.mark.parametrize("targets, knowledge", [
+    (None, {}), (["mlp.fc2", "projector.linear_1"], {}),
+    (None, dict(knowledge_curvature="reference", safe_likelihood_weight=0.0, curvature_estimator="summed")),
+    (None, dict(curvature_weight=0.0, safe_likelihood_weight=0.0))],   # no safe images needed at all
+    ids=["vision", "with-projector", "the-edit-before", "margin-only"])
+def test_rounds_equal_the_definition_on_the_edited_model(llava64, processor, data, targets, knowledge):
+    cfg = iterative(**{**dict(rounds=3, round_density=0.004, curvature_weight=2.0, curvature_probes=2, batch_size=2,
+                              seed=5, alpha=-0.5, vision_targets=targets), **knowledge})
     before = state_of(llava64)
     editor = UWMEditor(llava64, processor, cfg).calibrate(data, progress=False)
     if targets:
@@ -302,3 +358,33 @@ def test_a_projector_edit_saves_loads_and_applies(llava64, processor, data, tmp_
         changed = (weight != before).flatten().nonzero().squeeze(1)
         assert torch.equal(changed.sort().values, loaded.delta["model.multi_modal_projector.linear_2"].sort().values)
     assert torch.equal(weight, before)
+
+
+def test_the_card_says_which_knowledge_terms_were_used():
+    method = CaptionIterative()
+    new = UWMConfig(method="caption_iterative").to_dict()
+    assert method.selection_text(new, None).endswith(
+        "1 curvature probe (per item) of every word's log-probability in the safe captions, safe-caption likelihood "
+        "weight μ = 12")
+    before = {k: v for k, v in new.items() if k not in ("knowledge_curvature", "safe_likelihood_weight")}
+    assert method.selection_text(before, None).endswith("of the reference token's log-probability in the safe "
+                                                        "captions, safe-caption likelihood weight μ = 0")
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("knowledge_curvature", "fisher", "knowledge_curvature must be one of"),
+    ("safe_likelihood_weight", -1.0, "safe_likelihood_weight must be a finite number ≥ 0"),
+    ("safe_likelihood_weight", math.inf, "safe_likelihood_weight must be a finite number ≥ 0")])
+def test_bad_knowledge_settings_are_refused_with_how_to_fix(setting, value, words):
+    with pytest.raises(ValueError, match=words):
+        UWMConfig(method="caption_iterative", **{setting: value})
+
+
+def test_a_caption_longer_than_the_vocabulary_probes_is_refused(llava64, processor, monkeypatch):
+    import hf_uwm.methods.caption_iterative as module
+
+    monkeypatch.setattr(module, "MAX_CAPTION_TOKENS", 2)
+    editor = UWMEditor(llava64, processor, iterative(batch_size=2))
+    run = Calibration(make_pairs(2, seed=1), _OneProcess, editor.family, 2, progress=False)
+    with pytest.raises(ValueError, match="runs past 2 tokens: shorten it"):
+        margin_and_fisher(editor, run, 1)

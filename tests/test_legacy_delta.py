@@ -58,11 +58,24 @@ def test_a_config_saved_before_the_curvature_estimator_calibrates_as_it_did():
     assert "curvature_estimator" not in old
     config = UWMConfig.from_dict(old)
     assert (config.curvature_estimator, config.curvature_probes) == ("summed", 8)
-    # The caption form keeps the estimator its defaults were chosen with.
-    for method, default in (("iterative_attribution", ("per_item", 1)), ("caption_iterative", ("summed", 8))):
+    for method in ("iterative_attribution", "caption_iterative"):
         new = UWMConfig(method=method)
         saved_before = {k: v for k, v in new.to_dict().items() if k != "curvature_estimator"}
         assert UWMConfig.from_dict({**saved_before, "method": method}).curvature_estimator == "summed"
-        assert UWMConfig.from_dict({"method": method, "rounds": 3}).curvature_estimator == default[0]   # by hand
-        assert (new.curvature_estimator, new.curvature_probes) == default
+        assert UWMConfig.from_dict({"method": method, "rounds": 3}).curvature_estimator == "per_item"   # by hand
+        assert (new.curvature_estimator, new.curvature_probes) == ("per_item", 1)
         assert UWMConfig.from_dict(new.to_dict()) == new
+
+
+def test_a_caption_config_saved_before_the_knowledge_terms_calibrates_as_it_did():
+    """Saved whole without `knowledge_curvature` and `safe_likelihood_weight`: the reference tokens'
+    curvature and no likelihood term, as then; its other saved settings (λ = 16...) are its own."""
+    new = UWMConfig(method="caption_iterative")
+    assert (new.knowledge_curvature, new.safe_likelihood_weight) == ("vocabulary", 12.0)
+    old = {**{k: v for k, v in new.to_dict().items() if k not in ("knowledge_curvature", "safe_likelihood_weight")},
+           "curvature_weight": 16.0, "round_density": 0.0005, "curvature_estimator": "summed", "curvature_probes": 8}
+    config = UWMConfig.from_dict(old)
+    assert (config.knowledge_curvature, config.safe_likelihood_weight) == ("reference", 0.0)
+    assert (config.curvature_weight, config.curvature_estimator, config.curvature_probes) == (16.0, "summed", 8)
+    by_hand = UWMConfig.from_dict({"method": "caption_iterative", "rounds": 3})   # not whole: today's defaults
+    assert (by_hand.knowledge_curvature, by_hand.safe_likelihood_weight) == ("vocabulary", 12.0)

@@ -352,7 +352,10 @@ def read_checkpoint(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict
 
 
 def _tensors(inputs):
-    """The tensors of a batch's inputs: a dict of tensors, or a tuple of such dicts."""
+    """The tensors of a batch's inputs: a dict of tensors, or a tuple of such dicts (None: an input
+    the method does not need, as the safe images of caption_iterative without its knowledge terms)."""
+    if inputs is None:
+        return []
     if isinstance(inputs, torch.Tensor):
         return [inputs]
     values = inputs.values() if isinstance(inputs, dict) else inputs

@@ -1,22 +1,28 @@
 """Iterative, knowledge-guarded caption attribution (beyond the paper; LLaVA): flip vision-tower
-weights in rounds, re-scored on the captioner as edited so far, with a second-order penalty for
-what the flips cost the captions of safe images.
+weights in rounds, re-scored on the captioner as edited so far, with a first- and a second-order
+term for what the flips cost the captions of safe images.
 
 Each round r, on the calibration pairs that feed gradients (N of them):
 
     m = (1/N) Σ_b [log p(Ts_b | Iu_b) − log p(Tu_b | Iu_b)]          caption attribution's margin
-    ℓ_bt = log p(token t of Ts_b | Is_b, tokens < t)      the reference caption of the safe image
-    G = (1/P) Σ_p Σ_b (∂/∂W Σ_t r_{p,b,t} · ℓ_bt)²   r ~ N(0, 1) per pair, token and probe, seeded per round
-    a = −W⊙∂m/∂W / mean|W⊙∂m/∂W|                                      means over all targets
+    L = (1/N) Σ_b log p(Ts_b | Is_b)                  the reference captions of the safe images
+    log p_btv = log p(word v at token t | Is_b, tokens of Ts_b < t)   every word v of the vocabulary
+    G = (1/P) Σ_p Σ_b (∂/∂W Σ_tv r_{p,b,t,v} · log p_btv)²   r ~ N(0, 1) per pair, caption token, word and
+                                                               probe, seeded per round
+    a = −W⊙∂(m + μ·L)/∂W / mean|W⊙∂(m + μ·L)/∂W|                     means over all targets
     h = (1−α)²·W²⊙G / mean((1−α)²·W²⊙G)
-    score = a − λ·h                                                    (λ = curvature_weight)
+    score = a − λ·h                                   (μ = safe_likelihood_weight, λ = curvature_weight)
 
-E[G] = Σ_bt (∂ℓ_bt/∂W)², the Gauss-Newton (empirical Fisher) diagonal of the safe captions' token
-log-likelihoods, so h is the summed squared change of every safe-caption token's log-probability
-when w becomes αw (to second order); per token, so a flip that raises one word and lowers another
-of the same caption still counts. The gradients are taken on the vision tower's target weights only.
-Flipping w to αw changes m by (α − 1)·w·∂m/∂w, so for α < 1 the weights with W⊙∂m/∂W < 0 raise
-the safe margin: a is high for them.
+Flipping w to αw changes m + μ·L by (α − 1)·w·∂(m + μ·L)/∂w, so for α < 1 a is high for the
+weights whose flip raises the safe margin on unsafe images while keeping (to first order) the
+likelihood of the safe images' own captions: μ·L guards the direction every safe caption moves in
+(an edit that ends unsafe captions early also ends safe ones early). E[G] = Σ_bt Σ_v (∂ log p_btv/∂W)²,
+the Gauss-Newton diagonal of the safe captions' next-token log-softmax, so h is the summed squared
+change of every word's log-probability at every token when w becomes αw (to second order). It
+guards the words the model is sure of: there the reference token's own gradient ∂ℓ_bt/∂W is
+about 0 (`knowledge_curvature="reference"`: E[G] = Σ_bt (∂ℓ_bt/∂W)², the empirical Fisher of the
+reference tokens, the curvature before), while a flip far from w (α = −1) still moves its rivals.
+The gradients are taken on the vision tower's target weights only.
 
 The held-out slice measures, on greedy captions of the model as edited so far:
 - goal: the percent of its unsafe images whose caption holds none of the slice's unsafe words, the
@@ -28,34 +34,59 @@ The held-out slice measures, on greedy captions of the model as edited so far:
 
 from __future__ import annotations
 
+import math
 import re
+import typing
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from ..config import is_number
 from .base import Calibration, register_method
 from .caption_attribution import _MarginInputs, caption_margin
 from .gradients import gradients_on
 from .iterative import IterativeEdit, IterativeSettings, RoundSums, guarded_scores, probe_directions
 
 
-MAX_TOKENS = 4096   # probe coordinates drawn per pair: one per token position of prompt and caption
+MAX_TOKENS = 4096   # reference probes drawn per pair: one per token position of prompt and caption
+MAX_CAPTION_TOKENS = 256   # vocabulary probes drawn per pair: one per caption position and word
+KNOWLEDGE_CURVATURES = ("vocabulary", "reference")
 
 
 @dataclass
 class CaptionIterativeSettings(IterativeSettings):
-    """The rounds and stopping rule of the caption form; the defaults were chosen by
-    scripts/caption_iterative_validation.py on the validation split of two organism captioners. Its
-    knowledge budget is in ROUGE-L points of the held-out safe images' captions."""
+    """The rounds, knowledge terms and stopping rule of the caption form. Its knowledge budget is in
+    ROUGE-L points of the held-out safe images' captions; `safe_likelihood_weight` is μ and
+    `knowledge_curvature` which log-probabilities G guards (see the module).
 
-    round_density: float = 0.0005
+    The defaults (round density 0.001, λ = 4 with the vocabulary curvature and one per-item probe,
+    μ = 12, at most 40 rounds, goal 95) were chosen by scripts/caption_iterative_validation.py on
+    the validation split of the bundled captioner and checked on the seed-1 captioner's (docs/llava.md,
+    "Choosing the iterative defaults"); the reference curvature with μ = 0, λ = 16, round density
+    0.0005 and eight summed probes is the edit before."""
+
+    round_density: float = 0.001
     goal: float | None = 95.0
     knowledge_budget: float | None = 2.0
-    curvature_weight: float = 16.0
-    # Its defaults were chosen with this estimator; with per-item squares λ = 16 guards harder, and
-    # on the bundled captioner's validation split 40 rounds left 15% unsafe captions (not re-tuned).
-    curvature_probes: int = 8
-    curvature_estimator: str = "summed"
+    curvature_weight: float = 4.0
+    knowledge_curvature: str = "vocabulary"
+    safe_likelihood_weight: float = 12.0
+
+    # Saved before the vocabulary curvature and the safe likelihood: the reference tokens' curvature,
+    # no likelihood term (and, saved before per-item squares, eight summed probes).
+    saved_defaults: typing.ClassVar[dict] = {**IterativeSettings.saved_defaults, "knowledge_curvature": "reference",
+                                             "safe_likelihood_weight": 0.0}
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check("knowledge_curvature", self.knowledge_curvature in KNOWLEDGE_CURVATURES,
+                   f"knowledge_curvature must be one of {KNOWLEDGE_CURVATURES} (vocabulary: every word's "
+                   "log-probability at each position of the safe captions; reference: the reference token's only)")
+        self.check("safe_likelihood_weight", is_number(self.safe_likelihood_weight)
+                   and math.isfinite(self.safe_likelihood_weight) and self.safe_likelihood_weight >= 0,
+                   "safe_likelihood_weight must be a finite number ≥ 0 (the weight μ of the safe captions' "
+                   "log-likelihood in the margin; 0: none)")
 
 
 class CaptionIterative(IterativeEdit):
@@ -71,7 +102,14 @@ class CaptionIterative(IterativeEdit):
     instead = {"clip": "iterative_attribution", "siglip": "iterative_attribution"}
     settings_class = CaptionIterativeSettings
     goal_name = "unsafe images captioned free of unsafe words %"
-    score_settings = IterativeEdit.score_settings + ("extra",)
+    score_settings = IterativeEdit.score_settings + ("extra", "knowledge_curvature",
+                                                       "safe_likelihood_weight")
+
+    def selection_text(self, config: dict, stop: dict | None) -> str:
+        config = {**self.settings_class.saved_defaults, **config}   # records saved before the knowledge terms
+        words = "every word's" if config["knowledge_curvature"] == "vocabulary" else "the reference token's"
+        return (f"{super().selection_text(config, stop)} of {words} log-probability in the safe captions, "
+                f"safe-caption likelihood weight μ = {config['safe_likelihood_weight']:g}")
 
     def data_towers(self, editor) -> tuple[str, ...]:
         return ("text", "vision")  # safe and unsafe captions; safe and unsafe images
@@ -126,34 +164,63 @@ def _words(text: str) -> set[str]:
 def margin_and_fisher(editor, run: Calibration, round_index: int):
     """(g, G) per target layer in one pass over the pairs; G is None when curvature_weight = 0.
 
-    g = ∂m/∂W; G = (1/P) Σ_p Σ_b (∂/∂W Σ_t r_{p,b,t}·ℓ_{b,t})² with ℓ_{b,t} the log-probability of
-    the t-th token of the safe caption Ts_b given Is_b (t: position in the sequence), each image's
-    gradient squared on its own (`curvature_estimator="per_item"`) or their sum over all pairs (and
-    processes) squared (`"summed"`); sums are float32 or better. G is computed in round 1 and then
-    every `curvature_every` rounds, and reused in between (kept on the run, like the CLIP form's).
+    g = ∂(m + μ·L)/∂W with L = (1/N) Σ_bt ℓ_bt, ℓ_bt the log-probability of the t-th token of the safe
+    caption Ts_b given Is_b (t: position in the sequence) and μ = safe_likelihood_weight. G is the
+    probed Gauss-Newton diagonal that `_probed` describes, each image's gradient squared on its own
+    (`curvature_estimator="per_item"`) or their sum over all pairs (and processes) squared
+    (`"summed"`); sums are float32 or better. G is computed in round 1 and then every
+    `curvature_every` rounds, and reused in between (kept on the run, like the CLIP form's).
     """
-    from ..captioning import token_log_likelihoods
+    from ..captioning import next_token_log_probs
 
     cfg = editor.config
+    mu = cfg.safe_likelihood_weight
     sums = RoundSums(editor, run, round_index)
     # One preprocessing for every round (the kept batches replay it), with the safe images whenever
-    # some round needs the curvature.
-    preprocess = _RoundInputs(editor.processor, cfg.extra.get("prompt"), cfg.curvature_weight > 0)
+    # some round needs them.
+    preprocess = _RoundInputs(editor.processor, cfg.extra.get("prompt"), cfg.curvature_weight > 0 or mu > 0)
     with gradients_on(editor.model, sums.weights):
         for _, rows, (margin_inputs, safe_inputs) in run.batches(preprocess, f"round {round_index}", leave=False,
                                                                  keep=True):
             with run.autocast():
                 m = caption_margin(editor.model, margin_inputs, len(rows))
             sums.add_margin(m, keep_graph=False)
-            if not sums.probes:
+            if not sums.probes and not mu:
                 continue
-            with run.autocast(), sums.probed():
-                ll = token_log_likelihoods(editor.model, safe_inputs)                        # (B, T)
-            if ll.shape[1] > MAX_TOKENS:
-                raise ValueError(f"A safe caption runs past {MAX_TOKENS} tokens with its prompt: shorten it.")
-            directions = probe_directions(cfg.seed, round_index, rows, sums.probes, MAX_TOKENS)[..., :ll.shape[1]]
-            sums.add_probes(ll, directions, len(rows))
+            with run.autocast(), sums.probed() if sums.probes else nullcontext():
+                log_probs, next_ids, caption = next_token_log_probs(editor.model, safe_inputs)  # (B, T, V), (B, T) ×2
+            ll = log_probs.gather(-1, next_ids[..., None]).squeeze(-1) * caption                  # (B, T)
+            if mu:
+                sums.add_margin(mu * ll.sum(), keep_graph=sums.probes > 0)
+            if sums.probes:
+                sums.add_probes(*_probed(cfg, round_index, rows, sums.probes, log_probs, ll, caption), len(rows))
     return sums.result()
+
+
+def _probed(cfg, round_index: int, rows, probes: int, log_probs, ll, caption) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, directions (P, B, *output.shape[1:])) whose probe gradients square, in expectation,
+    to the Gauss-Newton diagonal `knowledge_curvature` names; r ~ N(0, 1), drawn per pair and round.
+
+    reference: output ℓ_bt (B, T), one r per position: E = Σ_bt (∂ℓ_bt/∂W)², the empirical Fisher of
+    the reference tokens. It vanishes where the model is sure of the reference token, however far a
+    flip may move the other words there.
+    vocabulary: output log p_btv (B, T, V), one r per caption position and word:
+    E = Σ_bt Σ_v (∂ log p_btv/∂W)², the squared change of every word's log-probability, which does not
+    vanish where the model is sure (the log-softmax's Jacobian keeps the rival words).
+    """
+    b, t, v = log_probs.shape
+    if cfg.knowledge_curvature == "reference":
+        if t > MAX_TOKENS:
+            raise ValueError(f"A safe caption runs past {MAX_TOKENS} tokens with its prompt: shorten it.")
+        return ll, probe_directions(cfg.seed, round_index, rows, probes, MAX_TOKENS)[..., :t]       # (P, B, T)
+    first = int(caption.float().argmax(1).min())   # the first position that predicts a caption token
+    if t - first > MAX_CAPTION_TOKENS:
+        raise ValueError(f"A safe caption runs past {MAX_CAPTION_TOKENS} tokens: shorten it.")
+    # Keyed by caption position, not by the batch's padded length, so any batch size draws the same r.
+    noise = probe_directions(cfg.seed, round_index, rows, probes, MAX_CAPTION_TOKENS * v)
+    directions = torch.zeros(probes, b, t, v, dtype=noise.dtype)
+    directions[:, :, first:] = noise.view(probes, b, MAX_CAPTION_TOKENS, v)[:, :, :t - first]
+    return log_probs * caption[..., None], directions                                             # (B, T, V)
 
 
 class _RoundInputs:
