@@ -204,7 +204,8 @@ def _probed(cfg, round_index: int, rows, probes: int, log_probs, ll, caption) ->
     reference: output ℓ_bt (B, T), one r per position: E = Σ_bt (∂ℓ_bt/∂W)², the empirical Fisher of
     the reference tokens. It vanishes where the model is sure of the reference token, however far a
     flip may move the other words there.
-    vocabulary: output log p_btv (B, T, V), one r per caption position and word:
+    vocabulary: output log p_btv (B, T', V) from the first caption position on, one r per caption
+    position and word:
     E = Σ_bt Σ_v (∂ log p_btv/∂W)², the squared change of every word's log-probability, which does not
     vanish where the model is sure (the log-softmax's Jacobian keeps the rival words).
     """
@@ -216,11 +217,11 @@ def _probed(cfg, round_index: int, rows, probes: int, log_probs, ll, caption) ->
     first = int(caption.float().argmax(1).min())   # the first position that predicts a caption token
     if t - first > MAX_CAPTION_TOKENS:
         raise ValueError(f"A safe caption runs past {MAX_CAPTION_TOKENS} tokens: shorten it.")
-    # Keyed by caption position, not by the batch's padded length, so any batch size draws the same r.
+    # Keyed by caption position, not by the batch's padded length, so any batch size draws the same r;
+    # the positions before the first caption token (prompt, image tokens) are left out, not zero-probed.
     noise = probe_directions(cfg.seed, round_index, rows, probes, MAX_CAPTION_TOKENS * v)
-    directions = torch.zeros(probes, b, t, v, dtype=noise.dtype)
-    directions[:, :, first:] = noise.view(probes, b, MAX_CAPTION_TOKENS, v)[:, :, :t - first]
-    return log_probs * caption[..., None], directions                                             # (B, T, V)
+    directions = noise.view(probes, b, MAX_CAPTION_TOKENS, v)[:, :, :t - first]                 # (P, B, T', V)
+    return (log_probs * caption[..., None])[:, first:], directions                                # (B, T', V)
 
 
 class _RoundInputs:
