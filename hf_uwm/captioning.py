@@ -56,6 +56,10 @@ def generate_captions(model, processor, images, prompt: str | Sequence[str] = DE
     batches are left-padded, decoding is greedy unless `generate_kwargs` say otherwise, and only the
     generated tokens are decoded. Batched captions equal one-by-one captions.
     """
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(f"Captioning needs a model that writes text, such as LlavaForConditionalGeneration; "
+                        f"{type(model).__name__} does not. Measure a CLIP or SigLIP with `hf-uwm eval` "
+                        "(hf_uwm.evaluation.evaluate_model) instead.")
     images = list(images)
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(images):

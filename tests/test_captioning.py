@@ -101,6 +101,14 @@ def test_judge_receives_exactly_the_captions_in_order(llava, processor):
     assert isinstance(pairs, datasets.Dataset)
 
 
+def test_a_model_that_writes_no_text_is_refused_before_any_captioning(processor):
+    from conftest import make_clip
+
+    clip, _ = make_clip()
+    with pytest.raises(TypeError, match="CLIPModel does not.*hf-uwm eval"):
+        captioning.generate_captions(clip, processor, images(2))
+
+
 def test_judge_output_is_checked(llava, processor):
     with pytest.raises(ValueError, match="one P\\(unsafe\\) per caption"):
         caption_evaluation.judge_captions(lambda c: [0.5], ["a", "b"])
