@@ -106,14 +106,14 @@ def token_log_likelihoods(model, inputs: dict) -> torch.Tensor:
     """(B, L - 1) log p of token t + 1 at position t for the caption's tokens, 0 elsewhere (prompt,
     padding), from `caption_inputs` output. Right padding only appends, so a caption's position t
     is the same in any batch. Differentiable."""
-    log_probs, next_ids, caption = next_token_log_probs(model, inputs)             # (B, L - 1, vocab), 2 × (B, L - 1)
-    return log_probs.gather(-1, next_ids[..., None]).squeeze(-1) * caption
+    return next_token_log_probs(model, inputs)[1]
 
 
 def next_token_log_probs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log_probs, next_ids, caption) from `caption_inputs` output: the (B, L - 1, vocab) log-softmax
-    at every position (float32 or finer), the (B, L - 1) token that follows each position, and the
-    (B, L - 1) mask of the positions that predict a caption token. Differentiable."""
+    """(log_probs, token_log_likelihoods, caption) from `caption_inputs` output: the (B, L - 1, vocab)
+    log-softmax at every position (float32 or finer), the (B, L - 1) log p of the token that follows
+    each caption position (0 elsewhere), and the (B, L - 1) mask of the positions that predict a
+    caption token. Differentiable."""
     inputs = _to_model(inputs, model)
     start = inputs.pop("caption_start")                                            # (B,)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]                     # (B, L) right-padded
@@ -121,7 +121,7 @@ def next_token_log_probs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
     caption = mask[:, 1:].bool() & (positions[None, :] >= start[:, None])         # (B, L - 1)
     logits = model(**inputs).logits[:, :-1]                                        # (B, L - 1, vocab)
     log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-    return log_probs, ids[:, 1:], caption
+    return log_probs, log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1) * caption, caption
 
 
 def caption_log_likelihood(model, processor, images, captions: Sequence[str],

@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import re
 import typing
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -105,10 +104,9 @@ class CaptionIterative(IterativeEdit):
     score_settings = IterativeEdit.score_settings + ("extra", "knowledge_curvature",
                                                        "safe_likelihood_weight")
 
-    def selection_text(self, config: dict, stop: dict | None) -> str:
-        config = {**self.settings_class.saved_defaults, **config}   # records saved before the knowledge terms
+    def curvature_text(self, config: dict) -> str:
         words = "every word's" if config["knowledge_curvature"] == "vocabulary" else "the reference token's"
-        return (f"{super().selection_text(config, stop)} of {words} log-probability in the safe captions, "
+        return (f"{super().curvature_text(config)} of {words} log-probability in the safe captions, "
                 f"safe-caption likelihood weight μ = {config['safe_likelihood_weight']:g}")
 
     def data_towers(self, editor) -> tuple[str, ...]:
@@ -187,13 +185,12 @@ def margin_and_fisher(editor, run: Calibration, round_index: int):
             sums.add_margin(m, keep_graph=False)
             if not sums.probes and not mu:
                 continue
-            with run.autocast(), sums.probed() if sums.probes else nullcontext():
-                log_probs, next_ids, caption = next_token_log_probs(editor.model, safe_inputs)  # (B, T, V), (B, T) ×2
-            ll = log_probs.gather(-1, next_ids[..., None]).squeeze(-1) * caption                  # (B, T)
+            with run.autocast(), sums.probed():
+                log_probs, ll, caption = next_token_log_probs(editor.model, safe_inputs)   # (B, T, V), (B, T) ×2
             if mu:
                 sums.add_margin(mu * ll.sum(), keep_graph=sums.probes > 0)
             if sums.probes:
-                sums.add_probes(*_probed(cfg, round_index, rows, sums.probes, log_probs, ll, caption), len(rows))
+                sums.add_probes(*_probed(cfg, round_index, rows, sums.probes, log_probs, ll, caption))
     return sums.result()
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import typing
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -153,12 +153,19 @@ class IterativeEdit(Method):
         return kept, reason
 
     def selection_text(self, config: dict, stop: dict | None) -> str:
+        config = {**self.settings_class.saved_defaults, **config}   # a record saved before newer settings
         rounds = summary(stop["rounds"], stop["reason"], stop["max_rounds"]) if stop else f"{config['rounds']} rounds"
         rule = (f" (held-out {config['holdout']:g} of the calibration pairs: goal {self.goal_name} ≥ {config['goal']}, "
                 f"knowledge budget {config['knowledge_budget']} points)" if stop and stop.get("reason") else "")
         return (f"iterative, {rounds}{rule}; rounds of {config['round_density']:g} of the target weights "
                 f"({'one budget over all layers' if config['shared_budget'] else 'per layer'}), "
-                f"curvature weight λ = {config['curvature_weight']:g}, {_probes_text(config)}")
+                f"curvature weight λ = {config['curvature_weight']:g}, {self.curvature_text(config)}")
+
+    def curvature_text(self, config: dict) -> str:
+        """How the curvature was estimated, for the card."""
+        probes = config["curvature_probes"]
+        per = "per item" if config["curvature_estimator"] == "per_item" else "summed over the pairs"
+        return f"{probes} curvature probe{'s' if probes != 1 else ''} ({per})"
 
     # --- the round loop ------------------------------------------------------------------------
     def calibrate(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
@@ -242,14 +249,6 @@ class IterativeEdit(Method):
             chosen = {name: select_top(s, math.ceil(cfg.round_density * s.numel()), name)
                       for name, s in scores.items()}
         return broadcast_from_main(chosen)
-
-
-def _probes_text(config: dict) -> str:
-    """How the curvature was estimated, for the card (configs saved before the estimator: summed)."""
-    config = {**IterativeSettings.saved_defaults, **config}
-    probes = config["curvature_probes"]
-    per = "per item" if config["curvature_estimator"] == "per_item" else "summed over the pairs"
-    return f"{probes} curvature probe{'s' if probes != 1 else ''} ({per})"
 
 
 class IterativeAttribution(IterativeEdit):
@@ -383,7 +382,7 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
             with run.autocast():
                 # Safe and unsafe captions go forward apart, so the probes backpropagate through the
                 # safe ones only (the padding is fixed per run: an item's embedding is the same).
-                with sums.probed() if sums.probes else nullcontext():
+                with sums.probed():
                     safe = family.embed_text({k: v[:b] for k, v in text_inputs.items()})     # (B, D)
                 unsafe = family.embed_text({k: v[b:] for k, v in text_inputs.items()})       # (B, D)
                 batch_images = (family.embed_images(family.to_device(inputs[1])) if images is None
@@ -391,7 +390,7 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
             sums.add_margin(preference_margin(safe, unsafe, batch_images[:b], batch_images[b:]),
                             keep_graph=sums.probes > 0)
             if sums.probes:
-                sums.add_probes(safe, probe_directions(cfg.seed, round_index, rows, sums.probes, safe.shape[-1]), b)
+                sums.add_probes(safe, probe_directions(cfg.seed, round_index, rows, sums.probes, safe.shape[-1]))
     return sums.result()
 
 
@@ -423,24 +422,24 @@ class RoundSums:
 
     @contextmanager
     def probed(self):
-        """Record the target layers' inputs and outputs in the forward whose output `add_probes` probes."""
+        """Record the target layers' inputs and outputs in the forward whose output `add_probes` probes
+        (nothing in a round that does not refresh the curvature)."""
         def record(index):
             return lambda module, args, output: self._calls[index].append((args[0].detach(), output))
 
-        handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(self.layers)]
+        handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(self.layers) if self.probes]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def add_probes(self, output: torch.Tensor, directions: torch.Tensor, items: int):
-        """Add the gradients of directions[p, b] · output_b for every probe p and item b < `items`.
+    def add_probes(self, output: torch.Tensor, directions: torch.Tensor):
+        """Add the gradients of directions[p, b] · output_b for every probe p and item b.
 
-        output: (B', ...) from the forward run under `probed()`, its first `items` rows the probed
-        items (the rest get no probe); directions: (P, items, *output.shape[1:]). One backward per
-        probe gives every target layer's output gradients δ; item b's gradient is δ_bᵀ x_b with x
-        the layer's inputs. `per_item` squares each item's gradient (only the probes' noise within
+        output: (B, ...) from the forward run under `probed()`; directions: (P, *output.shape). One
+        backward per probe gives every target layer's output gradients δ; item b's gradient is
+        δ_bᵀ x_b with x the layer's inputs. `per_item` squares each item's gradient (only the probes' noise within
         an item remains, so one probe already estimates E well); `summed` squares their sum over
         all items at the end."""
         calls, self._calls = self._calls, [[] for _ in self.layers]
@@ -449,14 +448,12 @@ class RoundSums:
             if x.shape[0] != output.shape[0]:
                 raise ValueError(f"Target layer {self.names[i]} sees {x.shape[0]} rows for {output.shape[0]} items: "
                                  "the curvature needs target layers that keep one row per item (the batch first).")
-        grad_outputs = torch.zeros_like(output)
         for p in range(self.probes):
-            grad_outputs[:items] = directions[p].to(output)
-            deltas = torch.autograd.grad(output, [y for _, _, y in recorded], grad_outputs=grad_outputs,
+            deltas = torch.autograd.grad(output, [y for _, _, y in recorded], grad_outputs=directions[p].to(output),
                                          retain_graph=p + 1 < self.probes, allow_unused=True)
             add = _item_gradient_squares if self.per_item else _summed_gradient
             for i, total in enumerate(self.squares if self.per_item else self.probe_sums[p]):
-                pairs = [(x[:items], d[:items]) for (j, x, _), d in zip(recorded, deltas) if j == i and d is not None]
+                pairs = [(x, d) for (j, x, _), d in zip(recorded, deltas) if j == i and d is not None]
                 if pairs:
                     total += add(pairs, total.dtype)
 
@@ -474,27 +471,26 @@ class RoundSums:
         return margin, self.run.curvature
 
 
-def _flat(delta: torch.Tensor, x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, ..., out), (b, ..., in) -> (b, s, out), (b, s, in) in `dtype`: every position of an item."""
+def _flat(delta: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, ..., out), (b, ..., in) -> (b, s, out), (b, s, in): every position of an item."""
     b = x.shape[0]
-    return delta.reshape(b, -1, delta.shape[-1]).to(dtype), x.reshape(b, -1, x.shape[-1]).to(dtype)
+    return delta.reshape(b, -1, delta.shape[-1]), x.reshape(b, -1, x.shape[-1])
 
 
 def _summed_gradient(pairs: list, dtype) -> torch.Tensor:
     """Σ_b Σ_calls δ_bᵀ x_b for one layer's calls [(x, δ)]: (out, in), the items' gradients summed."""
-    return sum(torch.einsum("bso,bsi->oi", *_flat(d, x, dtype)) for x, d in pairs)
+    return sum(torch.einsum("bso,bsi->oi", *(t.to(dtype) for t in _flat(d, x))) for x, d in pairs)
 
 
 def _item_gradient_squares(pairs: list, dtype) -> torch.Tensor:
     """Σ_b (Σ_calls δ_bᵀ x_b)² for one layer's calls [(x, δ)]: (out, in). One item's gradient at a
     time in one buffer: a batched product would write every item's (out, in) gradient to memory and
     read it back to square it, which costs more than the products themselves when items are short."""
-    b = pairs[0][0].shape[0]
-    flats = [(d.reshape(b, -1, d.shape[-1]), x.reshape(b, -1, x.shape[-1])) for x, d in pairs]   # (b, s, out/in)
+    flats = [_flat(d, x) for x, d in pairs]                                # each (b, s, out), (b, s, in)
     d0, x0 = flats[0]
     total = torch.zeros((d0.shape[-1], x0.shape[-1]), dtype=dtype, device=x0.device)
     grad = torch.empty_like(total)
-    for item in range(b):   # converted per item: never all items' inputs at once in `dtype`
+    for item in range(x0.shape[0]):   # converted per item: never all items' inputs at once in `dtype`
         torch.mm(d0[item].T.to(dtype), x0[item].to(dtype), out=grad)       # (out, in)
         for d, x in flats[1:]:
             grad.addmm_(d[item].T.to(dtype), x[item].to(dtype))
