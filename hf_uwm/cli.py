@@ -18,7 +18,7 @@ from .paths import ORGANISM, ORGANISM_WORLDS, bundled_path
 # Flags of a method's own settings (each refused for a method that has no such setting); a sweep
 # takes several values of those in GRID_SETTINGS.
 METHOD_SETTINGS = ("tau", "token_norm", "rounds", "round_density", "curvature_weight", "goal", "knowledge_budget",
-                   "holdout")
+                   "knowledge_measure", "holdout")
 GRID_SETTINGS = ("tau", "rounds", "round_density", "curvature_weight")
 SWEEP_ORGANISM_SAMPLES = 300  # validation quadruples a sweep draws from the organism world
 DEFAULT_METHOD = "iterative_attribution"  # of `hf-uwm edit`; see "Which method for my model?" in the README
@@ -256,6 +256,10 @@ def _setting_args(p, grid: bool = False, default_method: str = SWEEP_METHOD):
     p.add_argument("--knowledge-budget", type=_points_or_none, default=None,
                    help=f"iterative methods: stop before the held-out pairs' knowledge measure loses more than "
                         f"this many points (default {defaults.knowledge_budget:g}; 'none': no budget)")
+    p.add_argument("--knowledge-measure", default=None, choices=defaults.knowledge_measures,
+                   help=f"iterative_attribution: what the knowledge budget counts (default {defaults.knowledge_measure}: "
+                        "probability moved between the words of the calibration captions, on their images; agreement: "
+                        "held-out images matching another held-out caption best)")
     p.add_argument("--holdout", type=float, default=None,
                    help=f"iterative methods: share of the calibration pairs held out of the gradients to measure "
                         f"the stopping rule on (default {defaults.holdout:g})")
@@ -465,7 +469,7 @@ def run_eval(args):
     zero_shot = load_zero_shot(args.zero_shot or (args.data if args.data in ORGANISM_WORLDS else None),
                                split=args.split)
     run = dict(zero_shot=zero_shot, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet,
-               batch_size=args.batch_size)
+               batch_size=args.batch_size, subsets=_subsets(args.data, data))
     editor, model, processor = _delta_or_model(args, delta)
     if editor is not None:
         def evaluate(m):
@@ -481,6 +485,14 @@ def run_eval(args):
         print(reports["model"])
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+
+
+def _subsets(source: str, data) -> dict:
+    """GS per concept, and on world-3 organism data on the concepts its calibration split never shows."""
+    from .evaluation import default_subsets
+    from .organism import HELD_OUT
+
+    return default_subsets(data, HELD_OUT if ORGANISM_WORLDS.get(source) == 3 else ())
 
 
 def _is_delta(args) -> bool:
@@ -521,10 +533,12 @@ def _intervals(reports: dict) -> str:
     with_intervals = {name: r for name, r in reports.items() if r.intervals}
     if not with_intervals:
         return ""
-    metrics = next(iter(with_intervals.values())).intervals
+    first = next(iter(with_intervals.values()))
+    rows = [(metric, [r.intervals.get(metric) for r in with_intervals.values()]) for metric in first.intervals]
+    rows += [(f"GS {name}", [r.subsets.get(name, {}).get("interval") for r in with_intervals.values()])
+             for name in first.subsets]
     lines = ["bootstrap 95% intervals (%)" + "".join(f"{name:>18}" for name in with_intervals)]
-    for metric in metrics:
-        cells = [r.intervals.get(metric) for r in with_intervals.values()]
+    for metric, cells in rows:
         lines.append(f"{metric:<27}" + "".join(f"{f'[{c[0]:.1f}, {c[1]:.1f}]' if c else '-':>18}" for c in cells))
     return "\n".join(lines)
 

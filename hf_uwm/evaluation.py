@@ -109,6 +109,9 @@ class EvaluationReport:
     zero_shot: float | None = None
     n_quadruples: int = 0
     zero_shot_interval: tuple[float, float] | None = None  # bootstrap 95% CI over the zero-shot images
+    # GS on subsets of the quadruples (per concept, ...): name -> {"GS", "interval", "quadruples"}
+    subsets: dict[str, dict] = field(default_factory=dict)
+    lookalikes: dict[str, float] | None = None   # `lookalike_preservation` where the data marks look-alikes
 
     def __str__(self) -> str:
         lines = [f"SafeGround on {self.n_quadruples} quadruples (percent)"]
@@ -120,6 +123,13 @@ class EvaluationReport:
         lines.append("Zero-shot accuracy: " + ("not run" if self.zero_shot is None else f"{self.zero_shot:.2f}%")
                      + (f"   95% CI [{self.zero_shot_interval[0]:.2f}, {self.zero_shot_interval[1]:.2f}]"
                         if self.zero_shot_interval else ""))
+        if self.subsets:
+            lines.append("GS by subset (percent)")
+            lines += [f"  {name:<24}{s['GS']:>7.2f}" + (f"   95% CI [{s['interval'][0]:.2f}, {s['interval'][1]:.2f}]"
+                                                        if s.get("interval") else "") + f"   ({s['quadruples']})"
+                      for name, s in self.subsets.items()]
+        if self.lookalikes:
+            lines.append("Look-alikes (percent): " + ", ".join(f"{k} {v:.2f}" for k, v in self.lookalikes.items()))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -189,7 +199,7 @@ def _check_batch_size(batch_size):
         raise ValueError(f"batch_size={batch_size!r}: pass a positive int, e.g. 64.")
 
 
-def _content_keys(inputs: dict[str, torch.Tensor]) -> list[str]:
+def content_keys(inputs: dict[str, torch.Tensor]) -> list[str]:
     """One hash per item of a batch of CPU model inputs: equal for items the model sees identically.
 
     A text's padding positions (`attention_mask` 0), which the model ignores, are left out: a copy
@@ -218,7 +228,7 @@ def _embed(family: ModelFamily, items: list, kind: str, batch_size: int, bar,
                   else family.preprocess_images(batch))
         embed = family.embed_text if kind == "text" else family.embed_images
         chunks.append(embed(family.to_device(inputs)).float().cpu())  # (B, D)
-        keys += _content_keys(inputs)
+        keys += content_keys(inputs)
         bar.update(len(batch))
     return torch.cat(chunks), keys
 
@@ -252,10 +262,15 @@ def embed_quadruples(model, processor, dataset, *, batch_size: int = 64, progres
 
 
 # --- retrieval -------------------------------------------------------------------------------
-def _item_ids(keys: list) -> torch.Tensor:
-    """(n,) int64: equal ids for equal keys, numbered in order of first appearance."""
+def item_ids(keys: list) -> torch.Tensor:
+    """(n,) int64: equal ids for equal keys (copies), numbered in order of first appearance."""
     ids: dict = {}
     return torch.tensor([ids.setdefault(key, len(ids)) for key in keys], dtype=torch.int64)
+
+
+def first_copies(ids: torch.Tensor) -> torch.Tensor:
+    """(distinct,) the index of each distinct item's first copy, in id order, from `item_ids`' ids."""
+    return torch.full((int(ids.max()) + 1,), len(ids)).scatter_reduce(0, ids, torch.arange(len(ids)), "amin")
 
 
 def _recalls(queries: torch.Tensor, query_keys: list, gallery: torch.Tensor, gallery_keys: list,
@@ -267,10 +282,8 @@ def _recalls(queries: torch.Tensor, query_keys: list, gallery: torch.Tensor, gal
     items scoring at least as high as its best-scoring target, so ties count against the hit (like
     SafeGround's strict comparisons); a hit at K is a rank below K.
     """
-    query_ids, gallery_ids = _item_ids(query_keys), _item_ids(gallery_keys)
-    first = torch.full((int(gallery_ids.max()) + 1,), len(gallery_ids)).scatter_reduce(
-        0, gallery_ids, torch.arange(len(gallery_ids)), "amin")  # (G',) first copy of each distinct item
-    distinct = gallery[first].double()  # (G', D)
+    query_ids, gallery_ids = item_ids(query_keys), item_ids(gallery_keys)
+    distinct = gallery[first_copies(gallery_ids)].double()  # (G', D)
     relevant = torch.stack([query_ids, gallery_ids[targets]], 1).unique(dim=0)  # (P, 2) (query id, item id)
     ranks = []
     for start in range(0, len(queries), _QUERY_CHUNK):
@@ -360,13 +373,15 @@ def zero_shot_correct(model, processor, task: ZeroShotTask, *, batch_size: int =
 # --- the pipeline ----------------------------------------------------------------------------
 def evaluate_model(model, processor, dataset, *, zero_shot: ZeroShotTask | None = None, batch_size: int = 64,
                    bootstrap: int = 1000, seed: int | None = 0, progress: bool = True,
-                   embeddings: QuadrupleEmbeddings | None = None) -> EvaluationReport:
+                   embeddings: QuadrupleEmbeddings | None = None, subsets: dict | None = None) -> EvaluationReport:
     """SafeGround (with bootstrap CIs), retrieval recall and optional zero-shot accuracy of one model.
 
     `dataset` is a `datasets.Dataset` (or dict of columns) with safe_text, unsafe_text, safe_image,
     unsafe_image; it is validated before any model work. `embeddings`: its quadruples as
     `embed_quadruples(model, processor, dataset)` already gave them (a caller that also reports
-    subsets of them), so they are not embedded again.
+    subsets of them), so they are not embedded again. `subsets`: {name: one bool per quadruple}
+    to report GS on (default `default_subsets(dataset)`: one per `concept`); a `lookalike` column
+    adds look-alike preservation.
     """
     from .metrics.safeground.bootstrap import check_bootstrap_args
     from .metrics.safeground.safeground_core import compute_safeground
@@ -385,8 +400,42 @@ def evaluate_model(model, processor, dataset, *, zero_shot: ZeroShotTask | None 
         correct = zero_shot_correct(model, processor, zero_shot, batch_size=batch_size, progress=progress)  # (M,)
         accuracy = 100.0 * correct.double().mean().item()
         interval = zero_shot_interval(correct, bootstrap, seed) if bootstrap else None
+    subsets = default_subsets(dataset) if subsets is None else subsets
+    lookalikes = _column(dataset, "lookalike")
+    lookalikes = [bool(x) for x in lookalikes] if lookalikes is not None else None
     return EvaluationReport(safeground, intervals, retrieval_recalls(embeddings), accuracy, len(embeddings.safe_text),
-                            interval)
+                            interval, subset_report(embeddings, subsets, bootstrap=bootstrap, seed=seed),
+                            lookalike_preservation(embeddings, lookalikes) if lookalikes and any(lookalikes) else None)
+
+
+def _column(dataset, name: str):
+    columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset)
+    return list(dataset[name]) if name in columns else None
+
+
+def default_subsets(dataset, unseen_concepts=()) -> dict[str, list[bool]]:
+    """{name: mask}: one subset per value of the `concept` column ("concept blood"), and where
+    `unseen_concepts` are named, "seen concepts" and "unseen concepts" (those calibration never
+    showed); {} without a `concept` column."""
+    concepts = _column(dataset, "concept")
+    if concepts is None:
+        return {}
+    subsets = {f"concept {c}": [x == c for x in concepts] for c in sorted({c for c in concepts if c})}
+    if unseen_concepts:
+        subsets["seen concepts"] = [bool(c) and c not in unseen_concepts for c in concepts]
+        subsets["unseen concepts"] = [c in unseen_concepts for c in concepts]
+    return {name: mask for name, mask in subsets.items() if any(mask)}
+
+
+def subset_report(embeddings: QuadrupleEmbeddings, subsets: dict, *, bootstrap: int = 1000,
+                  seed: int | None = 0) -> dict[str, dict]:
+    """{name: {"GS", "interval" (bootstrap 95%, or None), "quadruples"}} of each subset's quadruples."""
+    report = {}
+    for name, mask in subsets.items():
+        rates, intervals = subset_safeground(embeddings, mask, bootstrap=bootstrap, seed=seed)
+        report[name] = {"GS": rates["GS"], "interval": list(intervals["GS"]) if "GS" in intervals else None,
+                        "quadruples": int(sum(bool(m) for m in mask))}
+    return report
 
 
 # --- subsets: unseen concepts, paraphrases, look-alikes ---------------------------------------
@@ -444,6 +493,11 @@ def compare(reports: dict[str, EvaluationReport]) -> str:
     rows += [(metric, [r.retrieval.get(metric) for r in reports.values()]) for metric in reports[names[0]].retrieval]
     if any(r.zero_shot is not None for r in reports.values()):
         rows.append(("zero-shot acc", [r.zero_shot for r in reports.values()]))
+    rows += [(f"GS {name}", [r.subsets.get(name, {}).get("GS") for r in reports.values()])
+             for name in reports[names[0]].subsets]
+    if reports[names[0]].lookalikes:
+        rows += [(f"look-alike {key}", [(r.lookalikes or {}).get(key) for r in reports.values()])
+                 for key in reports[names[0]].lookalikes]
     # Fixed widths that hold the widest cell, "100.00 (+100.00)", and keep two spaces between columns.
     width = max(len(_cell(100.0, 0.0, True)), *(len(n) for n in names)) + 2
     first = max(len("metric (%)"), *(len(metric) for metric, _ in rows)) + 2

@@ -37,10 +37,13 @@ MEASURES = {
     "drift": lambda s, base: s.measures["drift"],
     "agreement": lambda s, base: base.measures["agreement"] - s.measures["agreement"],
     "agreement_text": lambda s, base: base.measures["agreement_text"] - s.measures["agreement_text"],
+    "vocabulary": lambda s, base: s.measures["vocabulary_shift"],
+    "vocabulary_agreement": lambda s, base: base.measures["vocabulary_agreement"] - s.measures["vocabulary_agreement"],
 }
 GOALS = (None, 90.0, 95.0, 98.0, 100.0)
 BUDGETS = {"drift": (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "agreement": (1, 2, 3, 5, 8, 12),
-           "agreement_text": (1, 2, 3, 5, 8, 12)}
+           "agreement_text": (1, 2, 3, 5, 8, 12), "vocabulary": (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20),
+           "vocabulary_agreement": (1, 2, 3, 5, 8, 12, 16, 20)}
 
 
 def parse_args():

@@ -1,6 +1,7 @@
 """The self-setting strength of iterative attribution: held-out slice, trajectory, stopping rule."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -93,13 +94,13 @@ def counted_cost(monkeypatch):
     at round_density 0.01), so a budget names the round it stops at; the goal stays the slice's GS."""
     start, measure = IterativeAttribution.start_measuring, IterativeAttribution.measure
 
-    def start_measuring(self, editor, holdout):
-        return start(self, editor, holdout), {n: l.weight.detach().clone() for n, l in editor.target_layers.items()}
+    def start_measuring(self, editor, holdout, run=None):
+        return start(self, editor, holdout, run), {n: l.weight.detach().clone() for n, l in editor.target_layers.items()}
 
     def counted(self, editor, holdout, state):
         goal, _, measures = measure(self, editor, holdout, state[0])
         changed = sum(int((l.weight != state[1][n]).sum()) for n, l in editor.target_layers.items())
-        return goal, 100 * changed / sum(w.numel() for w in state[1].values()), measures
+        return goal, 100 * changed / sum(w.numel() for w in state[1].values()), {**measures, "cost_resolution": 0.0}
 
     monkeypatch.setattr(IterativeAttribution, "start_measuring", start_measuring)
     monkeypatch.setattr(IterativeAttribution, "measure", counted)
@@ -115,12 +116,17 @@ def data():
     return unique_pairs(20)
 
 
-def test_the_rule_reads_the_held_out_gs_and_the_images_agreement(clip, data):
-    editor = UWMEditor(*clip, self_setting(goal=None, knowledge_budget=None, rounds=4)).calibrate(data, progress=False)
+@pytest.mark.parametrize("measure", ["vocabulary", "agreement"])
+def test_the_rule_reads_the_held_out_gs_and_the_knowledge_measure_it_is_told(clip, data, measure):
+    editor = UWMEditor(*clip, self_setting(goal=None, knowledge_budget=None, rounds=4, knowledge_measure=measure))
+    editor.calibrate(data, progress=False)
     measures = [step.measures for step in editor.trajectory]
     assert any(m["agreement"] != m["agreement_text"] for m in measures)   # so the two sides are told apart
     for step in editor.trajectory:
-        assert step.goal == step.measures["GS"] and step.cost == 100 - step.measures["agreement"]
+        m = step.measures
+        cost = m["vocabulary_mass_lost"] if measure == "vocabulary" else 100 - m["agreement"]
+        assert step.goal == m["GS"] and step.cost == cost
+        assert m["cost_resolution"] == (100 / len(data) if measure == "vocabulary" else 100 / 4)   # 4 held out
 
 
 def test_the_held_out_slice_never_enters_a_backward_pass(monkeypatch, clip, data):
@@ -157,7 +163,8 @@ def test_images_are_embedded_once_when_no_vision_weight_is_edited(monkeypatch, c
                         or embed(self, inputs))
     UWMEditor(model, processor, self_setting(goal=None, knowledge_budget=None, rounds=3)).calibrate(data, progress=False)
     kept, held = holdout_rows(len(data), 0.2, seed=0)
-    assert sum(calls) == 2 * len(kept) + 2 * len(held)     # once for the gradients' pairs, once for the slice
+    # once for the gradients' pairs, once for the slice, and every safe image once for the vocabulary measure
+    assert sum(calls) == 2 * len(kept) + 2 * len(held) + len(data)
 
 
 def test_calibration_stops_by_the_rule_and_records_why(counted_cost, clip, data):
@@ -283,3 +290,90 @@ def test_a_curvature_kept_between_refreshes_equals_its_first_estimate_and_surviv
     assert any(not torch.equal(reference.scores[n], every.scores[n]) for n in every.scores)   # then reused
     resumed = killed_in_round_2_and_resumed(monkeypatch, tmp_path, clip, data, cfg, [])
     assert all(torch.equal(resumed.scores[n], reference.scores[n]) for n in reference.scores)
+
+
+# --- copies, resolution and float noise ------------------------------------------------------------
+def test_copies_of_a_caption_are_one_caption_so_a_tie_between_them_is_no_change():
+    torch.manual_seed(1)
+    h, d = 6, 8
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    base, images = unit(torch.randn(2 * h, d)), unit(torch.randn(2 * h, d))
+    base[1] = base[0]                                  # caption 1 is a copy of caption 0
+    images[:h] = unit(base[:h] + 0.05 * torch.randn(h, d))
+    edited = base.clone()
+    edited[0] = unit(base[0] - 1e-6 * images[0])       # float rounding between the copies: the image picks copy 1
+    edited[1] = unit(base[1] + 1e-6 * images[0])
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    assert slice_measures(edited, images, base)["agreement"] < 100            # index by index: a change
+    m = slice_measures(edited, images, base, caption_ids=ids)
+    assert m["agreement"] == 100 and m["agreement_text"] == 100
+    assert m["agreement_resolution"] == pytest.approx(100 / h) and m["agreement_text_resolution"] == pytest.approx(100 / 5)
+    # copies of an image are one image too
+    images[1] = images[0]
+    m = slice_measures(edited, images, base, caption_ids=ids, image_ids=ids)
+    assert m["agreement_resolution"] == pytest.approx(100 / 5)
+
+
+def test_vocabulary_measures_equal_their_definitions():
+    from hf_uwm.methods.iterative import vocabulary_measures
+
+    torch.manual_seed(2)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    images, base, words = unit(torch.randn(9, 4)), unit(torch.randn(5, 4)), unit(torch.randn(5, 4))
+    labels = torch.rand(9, 5) < 0.4
+    m = vocabulary_measures(images, labels, words, base, logit_scale=30.0)
+    shift = same = mass = top = 0.0
+    for img, own in zip(images.double(), labels.tolist()):
+        p = [math.exp(30 * float(img @ w)) for w in base.double()]
+        q = [math.exp(30 * float(img @ w)) for w in words.double()]
+        p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+        shift += 0.5 * sum(abs(a - b) for a, b in zip(p, q))
+        best_p, best_q = max(range(5), key=p.__getitem__), max(range(5), key=q.__getitem__)
+        same += best_p == best_q
+        mass += sum(p[v] - q[v] for v in range(5) if own[v])
+        top += own[best_p] - own[best_q]
+    assert m["vocabulary_shift"] == pytest.approx(100 * shift / 9)
+    assert m["vocabulary_agreement"] == pytest.approx(100 * same / 9)
+    assert m["vocabulary_mass_lost"] == pytest.approx(100 * mass / 9)
+    assert m["vocabulary_accuracy_lost"] == pytest.approx(100 * top / 9)
+    assert m["vocabulary_mass_lost_resolution"] == pytest.approx(100 / 9)
+    unchanged = vocabulary_measures(images, labels, base, base, 30.0)
+    assert unchanged["vocabulary_shift"] == unchanged["vocabulary_mass_lost"] == 0
+
+
+def test_the_vocabulary_is_the_words_both_captions_of_a_pair_share():
+    from hf_uwm.methods.iterative import knowledge_vocabulary
+
+    safe = ["a photo of a red cat on grass", "a photo of a blue cat", "a photo of a red dog on sand",
+            "a photo of the dog next to a ball", "an image of a bird"]
+    unsafe = ["a photo of a red cat on grass with blood", "a photo of a blue cat and a knife",
+              "a photo of a dead red dog on sand", "a photo of the dog next to a gun", "an image of a dead bird"]
+    # not "ball" (only in a safe caption), "blood", "dead", "gun", "knife" (only in unsafe ones)
+    assert knowledge_vocabulary(safe, unsafe) == ["bird", "blue", "cat", "dog", "grass", "image", "red", "sand"]
+    assert knowledge_vocabulary(safe[::-1], unsafe[::-1]) == knowledge_vocabulary(safe, unsafe)
+    assert knowledge_vocabulary(safe, unsafe, size=3) == ["cat", "dog", "red"]   # the most frequent
+    with pytest.raises(ValueError, match="share no word"):
+        knowledge_vocabulary(["a photo of a"], ["a photo of the"])
+
+
+def test_a_cost_within_the_measures_resolution_never_stops_an_edit():
+    trajectory = [Step(r, goal, cost, 10 * r, {"cost_resolution": 2.5}) for r, (goal, cost) in
+                  enumerate([(0, 0), (10, 2.5), (20, 2.0), (30, 2.6), (99, 9.0)])]
+    # a budget of 1 point: costs of 2.5 (one item of 40) are noise, 2.6 is more than one item
+    assert stopping_round(trajectory, goal=None, knowledge_budget=1.0, max_rounds=40) == (2, BUDGET_REACHED)
+    assert stopping_round(trajectory, goal=None, knowledge_budget=3.0, max_rounds=40) == (3, BUDGET_REACHED)
+
+
+def test_a_slice_too_small_for_the_rule_is_refused_or_flagged_before_any_compute(monkeypatch, clip):
+    from hf_uwm.methods import iterative
+
+    monkeypatch.setattr(iterative.IterativeAttribution, "round_scores",
+                        lambda *a: pytest.fail("the slice is checked before any round"))
+    with pytest.raises(ValueError, match=r"3 held-out pairs \(0.2 of 15\) move the stopping rule's GS in 33.3-point steps"):
+        UWMEditor(*clip, self_setting()).calibrate(unique_pairs(15), progress=False)
+    with pytest.warns(UserWarning, match=r"8 held-out pairs \(0.2 of 40\) move the stopping rule's GS in 12.5-point steps"):
+        with pytest.raises(pytest.fail.Exception):
+            UWMEditor(*clip, self_setting()).calibrate(make_pairs(40), progress=False)
+    # the rule switched off needs no slice
+    from hf_uwm.methods.iterative import check_slice
+    check_slice(1, 5, self_setting(goal=None, knowledge_budget=None))

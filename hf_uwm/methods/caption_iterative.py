@@ -71,11 +71,13 @@ class CaptionIterativeSettings(IterativeSettings):
     curvature_weight: float = 4.0
     knowledge_curvature: str = "vocabulary"
     safe_likelihood_weight: float = 12.0
+    knowledge_measure: str = "rougeL"
 
+    knowledge_measures: typing.ClassVar[tuple] = ("rougeL",)
     # Saved before the vocabulary curvature and the safe likelihood: the reference tokens' curvature,
     # no likelihood term (and, saved before per-item squares, eight summed probes).
     saved_defaults: typing.ClassVar[dict] = {**IterativeSettings.saved_defaults, "knowledge_curvature": "reference",
-                                             "safe_likelihood_weight": 0.0}
+                                             "safe_likelihood_weight": 0.0, "knowledge_measure": "rougeL"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,15 +122,20 @@ class CaptionIterative(IterativeEdit):
         gains = {name: -w.to(margin_grads[name].dtype) * margin_grads[name] for name, w in weights.items()}
         return guarded_scores(editor.config, weights, gains, curvature, "reach the language model")
 
-    def start_measuring(self, editor, holdout) -> dict:
-        """The slice's unsafe words and the unedited model's ROUGE-L, which the cost is counted from."""
+    def start_measuring(self, editor, holdout, run=None) -> dict:
+        """The slice without copies of an image, its unsafe words and the unedited model's ROUGE-L,
+        which the cost is counted from."""
         words = unsafe_words(holdout)
-        return {"unsafe_words": words, "rougeL": slice_measures(editor, holdout, words)["rougeL"]}
+        holdout = holdout.select(_distinct_image_rows(holdout))
+        return {"slice": holdout, "unsafe_words": words, "rougeL": slice_measures(editor, holdout, words)["rougeL"]}
 
     def measure(self, editor, holdout, state) -> tuple[float, float, dict]:
-        """(goal, cost, measures) of the model as edited so far on the held-out slice (see the module)."""
-        measures = slice_measures(editor, holdout, state["unsafe_words"])
-        return measures["free_of_unsafe_words"], state["rougeL"] - measures["rougeL"], measures
+        """(goal, cost, measures) of the model as edited so far on the held-out slice (see the module);
+        one caption's worth of ROUGE-L (100 / images) is the cost's resolution."""
+        measures = slice_measures(editor, state["slice"], state["unsafe_words"])
+        measures["rougeL_lost"] = state["rougeL"] - measures["rougeL"]
+        measures["cost_resolution"] = measures["rougeL_lost_resolution"] = 100 / len(state["slice"])
+        return measures["free_of_unsafe_words"], measures["rougeL_lost"], measures
 
 
 register_method(CaptionIterative())
@@ -153,6 +160,23 @@ def slice_measures(editor, pairs, words: set[str]) -> dict:
     free = [not _words(caption) & words for caption in unsafe]
     text = text_metrics(safe, pairs["safe_text"], meteor=False)
     return {"free_of_unsafe_words": 100 * sum(free) / len(free), "rougeL": text["rougeL"], "bleu": text["bleu"]}
+
+
+def _distinct_image_rows(pairs) -> list[int]:
+    """The rows whose safe and unsafe images are not a copy of an earlier row's (same pixels): a copy
+    is one item, captioned alike, and would count twice."""
+    import hashlib
+
+    import numpy as np
+
+    seen, rows = set(), []
+    for row, (safe, unsafe) in enumerate(zip(pairs["safe_image"], pairs["unsafe_image"])):
+        key = tuple(hashlib.blake2b(np.asarray(image).tobytes() + image.mode.encode() + str(image.size).encode(),
+                                    digest_size=16).hexdigest() for image in (safe, unsafe))
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
 
 
 def _words(text: str) -> set[str]:

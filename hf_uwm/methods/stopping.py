@@ -9,7 +9,8 @@ calibration pairs that never feeds a gradient, two numbers in percentage points:
 
 The edit stops at the first round whose goal reaches `goal`, keeping that round, or at the first
 round whose cost exceeds `knowledge_budget`, keeping the round before it, whichever comes first;
-otherwise after the last round allowed. A trajectory is the list of `Step`s, `trajectory[0]` the
+otherwise after the last round allowed. A cost no larger than what the measure can resolve on the
+slice (`measures["cost_resolution"]`: one item's worth) never stops an edit, whatever the budget. A trajectory is the list of `Step`s, `trajectory[0]` the
 unedited model (round 0).
 """
 
@@ -59,7 +60,7 @@ def stopping_round(trajectory: list[Step], goal: float | None, knowledge_budget:
     for step in trajectory[1:]:
         if step.round > max_rounds:
             break
-        if knowledge_budget is not None and step.cost > knowledge_budget:
+        if knowledge_budget is not None and step.cost > max(knowledge_budget, step.measures.get("cost_resolution", 0)):
             return step.round - 1, BUDGET_REACHED
         if goal is not None and step.goal >= goal:
             return step.round, GOAL_REACHED
