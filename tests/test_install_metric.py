@@ -164,3 +164,9 @@ def test_card_examples_run_as_doctests(verbatim):
     card = verbatim["card"]
     assert card["tries"] >= 10 and card["failures"] == 0, card["report"]
     assert 'evaluate.load("safeground")' in (SOURCE / "README.md").read_text().split("```python")[1]
+
+
+def test_an_unwritable_cache_is_refused_with_the_variable_to_change(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match=r"evaluate's module cache .* \(set HF_MODULES_CACHE to choose another\)"):
+        install_safeground(tmp_path / "file" / "modules")

@@ -5,8 +5,8 @@ module or cannot be reached, it loads the newest cached download of it instead (
 time of its script), from `<HF_MODULES_CACHE>/evaluate_modules/metrics/evaluate-metric--<name>/<hash>/`.
 `install_safeground` writes that download from the installed metric folder, laid out as `evaluate`
 lays out its own (package `__init__.py` files, the script, the sibling modules it imports, a JSON
-note of its origin, and the folder named by `evaluate`'s own hash of the code), so an official
-`evaluate-metric/safeground` on the Hub would still take precedence.
+note of its origin, and the folder named by `evaluate`'s own hash of the code). An official
+`evaluate-metric/safeground` on the Hub, which `evaluate` asks first, would still take precedence.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def install_safeground(modules_cache: str | os.PathLike | None = None) -> str:
     from evaluate.loading import files_to_hash, get_imports
     from filelock import FileLock
 
+    from ..delta import check_writable
     from . import safeground_path
 
     source = Path(safeground_path())
@@ -39,6 +40,7 @@ def install_safeground(modules_cache: str | os.PathLike | None = None) -> str:
     # the relative imports `evaluate` copies beside the script: the script's own, not theirs
     siblings = {name: source / f"{path}.py" for kind, name, path, _ in get_imports(str(script)) if kind == "internal"}
     cache = Path(modules_cache if modules_cache is not None else config.HF_MODULES_CACHE)
+    check_writable(cache, f"evaluate's module cache {cache} (set HF_MODULES_CACHE to choose another)")
     folder = cache / config.MODULE_NAME_FOR_DYNAMIC_MODULES / "metrics" / f"{NAMESPACE}--{source.name}"
     target = folder / files_to_hash([str(script), *map(str, siblings.values())])
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,10 +51,9 @@ def install_safeground(modules_cache: str | os.PathLike | None = None) -> str:
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=folder))  # not a 64-character hash: evaluate skips it
         try:
             _write_module(staging, script, siblings, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _swap_in(staging, target)
+            _swap_in(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already once swapped in
         _make_newest(target / script.name)
     return str(target)
 
