@@ -39,12 +39,12 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no ./safeground/ folder for evaluate to find first
 
 
-def changed_copy(tmp_path: Path, line: str) -> Path:
-    """The metric folder with one line added to its script, as after an upgrade of hf_uwm."""
-    folder = tmp_path / line.strip("# ") / SOURCE.name
+def upgraded_copy(tmp_path: Path) -> Path:
+    """The metric folder with a line added to its script, as after an upgrade of hf_uwm."""
+    folder = tmp_path / "upgraded" / SOURCE.name
     shutil.copytree(SOURCE, folder, ignore=shutil.ignore_patterns("__pycache__"))
     with open(folder / f"{SOURCE.name}.py", "a") as script:
-        script.write(f"{line}\n")
+        script.write("# upgraded\n")
     return folder
 
 
@@ -102,7 +102,7 @@ def test_install_twice_leaves_one_module_and_the_latest_install_wins(tmp_path, o
     assert Path(install_safeground(cache)) == first and (first / "bootstrap.py").is_file()
     assert sorted(p.name for p in metric_folder(cache).iterdir()) == ["__init__.py", first.name]
 
-    monkeypatch.setattr(hf_uwm.metrics, "safeground_path", lambda: str(changed_copy(tmp_path, "# upgraded")))
+    monkeypatch.setattr(hf_uwm.metrics, "safeground_path", lambda: str(upgraded_copy(tmp_path)))
     upgraded = Path(install_safeground(cache))
     assert upgraded != first and hashes(cache) == sorted([first.name, upgraded.name])
     assert resolve(cache) == upgraded.name
