@@ -173,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     metric.add_argument("--private", action="store_true")
     metric.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
     metric.set_defaults(run=run_push_metric, quiet=True)
+    install = commands.add_parser(
+        "install-metric", help='make evaluate.load("safeground") load the installed SafeGround metric, offline too',
+        description="Copy the SafeGround metric into evaluate's module cache (HF_MODULES_CACHE, default "
+                    "~/.cache/huggingface/modules) as a download of evaluate-metric/safeground, the newest version "
+                    "there. evaluate.load('safeground') loads it when the Hub has no official evaluate-metric/"
+                    "safeground (which would take precedence) or cannot be reached. Run it again after upgrading "
+                    "hf_uwm.")
+    install.set_defaults(run=run_install_metric, quiet=True)
     _captioning_commands(commands)
     return parser
 
@@ -621,6 +629,13 @@ def run_push_metric(args):
 
     info = push_metric(args.repo_id, private=args.private or None, token=args.token)
     print(f"pushed the SafeGround metric to the Space {args.repo_id}: evaluate.load({args.repo_id!r})\n{info}")
+
+
+def run_install_metric(args):
+    from .metrics import install_safeground
+
+    print(f"installed the SafeGround metric in {install_safeground()}\nevaluate.load('safeground') now loads it "
+          "(an official evaluate-metric/safeground on the Hub would take precedence)")
 
 
 def run_demo(args):

@@ -26,7 +26,7 @@ def test_help_explains_the_commands(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "edit", "eval", "sweep", "push-metric"):
+    for command in ("demo", "edit", "eval", "sweep", "push-metric", "install-metric"):
         assert command in out
     assert main([]) == 2
 

@@ -333,7 +333,23 @@ print(sorted(m for m in sys.modules if m == "evaluate" or m.startswith("evaluate
 
 
 # --- 13. the README stands alone and its Python runs as written ---------------------------------------
-def test_readme_python_runs_as_written(tmp_path, monkeypatch):
+@pytest.fixture
+def installed_safeground(tmp_path, monkeypatch):
+    """`hf-uwm install-metric` into a module cache of the test's own, offline: the README's
+    `evaluate.load("safeground")` imports from there, whatever this process imported before."""
+    from evaluate import config
+
+    from hf_uwm.metrics import install_safeground
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(config.HF_MODULES_CACHE)])
+    for name in [m for m in sys.modules if m.split(".")[0] == config.MODULE_NAME_FOR_DYNAMIC_MODULES]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(config, "HF_MODULES_CACHE", tmp_path / "modules")
+    monkeypatch.setattr(config, "HF_EVALUATE_OFFLINE", True)
+    install_safeground()
+
+
+def test_readme_python_runs_as_written(tmp_path, monkeypatch, installed_safeground):
     text = (ROOT / "README.md").read_text()
     assert "SPEC" not in text  # an internal document users do not have
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
@@ -347,3 +363,4 @@ def test_readme_python_runs_as_written(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert json.loads((tmp_path / "organism-edit" / CONFIG_NAME).read_text())["base_model"] == "organism"
     assert namespace["edited"].n_quadruples == 100
+    assert ".evaluate-metric--safeground." in type(namespace["safeground"]).__module__  # the bare name, installed

@@ -5,10 +5,10 @@ Self-contained `evaluate` module (it also runs as a Hugging Face Space): it must
 the files of its relative imports along with it, but only this file's own (not theirs): so
 `bootstrap.py`, which `safeground_core.py` imports, is imported here too.
 
-`evaluate.load("safeground")`, a bare name, finds only Hugging Face's own `evaluate-metric`
-namespace on the Hub, where this metric is not published: load it from its folder
-(`evaluate.load(hf_uwm.metrics.safeground_path())`) or, after `hf-uwm push-metric NAMESPACE/safeground`,
-as `evaluate.load("NAMESPACE/safeground")`.
+`evaluate.load("safeground")`, the bare name, loads it after `hf-uwm install-metric` has copied it
+into evaluate's module cache as a download of `evaluate-metric/safeground`. Otherwise load it from
+its folder (`evaluate.load(hf_uwm.metrics.safeground_path())`) or, after
+`hf-uwm push-metric NAMESPACE/safeground`, as `evaluate.load("NAMESPACE/safeground")`.
 """
 
 import datasets
