@@ -21,7 +21,7 @@ from .config import setting_names
 from .delta import CARD_NAME, CONFIG_NAME
 from .hints import hint
 from .methods import get_method
-from .paths import ORGANISM_WORLDS, bundled_path, is_hub_id, local_base_folder
+from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, is_hub_id, local_base_folder
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ def _card_context(record: dict, reports: dict) -> dict:
         "base_on_hub": is_hub_id(base),
         "base_is_organism": base in ORGANISM_WORLDS,
         "base_folder": record.get("base_model_folder"),
+        # The folder name a user loads the base from, without hf_uwm (the peft snippet).
+        "base_folder_name": (BUNDLED[base] if base in BUNDLED else record.get("base_model_folder")) or "the-base-model",
         "base_link": (f"[{base}](https://huggingface.co/{base})" if is_hub_id(base)
                       else f"`{base or record.get('base_model_folder') or record['model_class']}`"),
         "base_revision": record.get("base_revision"),
