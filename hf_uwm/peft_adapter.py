@@ -32,7 +32,7 @@ def require_peft():
     try:
         from peft import ShiraConfig
     except ImportError:
-        raise ImportError(f"Writing a peft adapter needs peft 0.17 or newer (its SHiRA adapter): {PEFT_INSTALL}.") from None
+        raise ImportError(f"Writing a peft adapter needs peft 0.18 or newer (its SHiRA adapter): {PEFT_INSTALL}.") from None
     return ShiraConfig
 
 
