@@ -157,7 +157,7 @@ def check_output_folder(directory: str | Path, overwrite: bool = False) -> Path:
         if foreign:
             raise FileExistsError(f"{directory} already holds other files {foreign[:5]}; save the delta to "
                                   "an empty or new folder.")
-        if names & {CONFIG_NAME, DELTA_NAME} and not overwrite:
+        if names & {CONFIG_NAME, DELTA_NAME, *ADAPTER_FILES} and not overwrite:
             raise FileExistsError(f"{directory} already holds a delta; " + hint(
                 "pass overwrite=True to replace it", "add --overwrite to replace it") + ", or choose a new folder.")
     check_writable(directory.parent, directory)

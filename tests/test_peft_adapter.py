@@ -191,6 +191,10 @@ def test_overwriting_without_peft_removes_the_stale_adapter(tmp_path):
     model, processor = frozen(make_clip)
     editor = random_edit(model, processor)
     folder = editor.save_pretrained(tmp_path / "d", peft=True)
+    (folder / CONFIG_NAME).unlink()  # a folder holding only an adapter is not replaced unasked either
+    (folder / DELTA_NAME).unlink()
+    with pytest.raises(FileExistsError, match="already holds a delta"):
+        editor.save_pretrained(folder)
     editor.save_pretrained(folder, overwrite=True)
     assert not any((folder / f).exists() for f in ADAPTER_FILES)
 
