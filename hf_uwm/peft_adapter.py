@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .delta import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, check_indices, check_record, save_safetensors
+from .paths import is_hub_id
 
 FORMAT = "hf_uwm.shira"   # the safetensors metadata that marks an adapter written by hf_uwm
 PEFT_TYPE = "SHIRA"
@@ -62,7 +63,7 @@ def adapter_tensors(record: dict, delta: dict[str, torch.Tensor],
     tensors = {}
     for name, idx in delta.items():
         out_features, in_features = record["layers"][name]["shape"]
-        padding = _unselected(idx, out_features * in_features, r * (out_features + in_features) - idx.numel())
+        padding = _unselected(idx, r * (out_features + in_features) - idx.numel())
         flat = torch.cat([idx.cpu().long(), padding])
         values = selected_weights[name].detach().cpu() * (alpha - 1)
         tensors[f"{PREFIX}{name}.shira_indices"] = torch.stack([flat // in_features, flat % in_features]).int()
@@ -70,17 +71,15 @@ def adapter_tensors(record: dict, delta: dict[str, torch.Tensor],
     return tensors
 
 
-def _unselected(idx: torch.Tensor, numel: int, count: int) -> torch.Tensor:
-    """The first `count` positions of a layer of `numel` weights that `idx` does not hold."""
-    free = torch.ones(numel, dtype=torch.bool)
-    free[idx.cpu()] = False
-    return free.nonzero().flatten()[:count]
+def _unselected(idx: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` positions that `idx` does not hold: all lie below count + len(idx), so only
+    those are looked at (not a mask of the whole layer)."""
+    candidates = torch.arange(count + idx.numel())
+    return candidates[~torch.isin(candidates, idx.cpu())][:count]
 
 
 def adapter_config(record: dict, model) -> dict:
     """`adapter_config.json`: a SHiRA config of the installed peft over the delta's layers, for inference."""
-    from .paths import is_hub_id
-
     ShiraConfig = require_peft()
     base = record.get("base_model")
     config = ShiraConfig(r=shira_rank(record), target_modules=sorted(record["layers"]), inference_mode=True,
