@@ -31,7 +31,11 @@ DELTA_NAME = "uwm_delta.safetensors"
 CARD_NAME = "README.md"
 DELTA_FILES = (CONFIG_NAME, DELTA_NAME, CARD_NAME)
 TRAJECTORY_NAME = "trajectory.png"   # the plot `hf-uwm edit` adds beside a delta that stopped by itself
-KNOWN_FILES = DELTA_FILES + (TRAJECTORY_NAME,)   # what a delta folder may hold
+# The same edit as a peft SHiRA adapter, written beside the delta with peft=True (see hf_uwm.peft_adapter).
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+KNOWN_FILES = DELTA_FILES + (TRAJECTORY_NAME,) + ADAPTER_FILES   # what a delta folder may hold
 FORMAT_VERSION = 1
 # The top-level keys of uwm_config.json: what UWMEditor.record() writes, and the stopping trajectory of
 # the iterative methods. A file of an older version has fewer; an unknown key is refused, not ignored.
@@ -153,7 +157,7 @@ def check_output_folder(directory: str | Path, overwrite: bool = False) -> Path:
         if foreign:
             raise FileExistsError(f"{directory} already holds other files {foreign[:5]}; save the delta to "
                                   "an empty or new folder.")
-        if names & {CONFIG_NAME, DELTA_NAME} and not overwrite:
+        if names & {CONFIG_NAME, DELTA_NAME, *ADAPTER_FILES} and not overwrite:
             raise FileExistsError(f"{directory} already holds a delta; " + hint(
                 "pass overwrite=True to replace it", "add --overwrite to replace it") + ", or choose a new folder.")
     check_writable(directory.parent, directory)
@@ -161,8 +165,9 @@ def check_output_folder(directory: str | Path, overwrite: bool = False) -> Path:
 
 
 def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Tensor], card: str, *,
-                overwrite: bool = False) -> Path:
-    """Write the three files into a temporary sibling folder, then move it into place.
+                overwrite: bool = False, extra=None) -> Path:
+    """Write the three files (and whatever `extra(folder)` writes) into a temporary sibling folder, then
+    move it into place.
 
     An existing folder is replaced only if it holds nothing but delta files and `overwrite` is set
     (see `check_output_folder`), so a failure leaves no half-written delta and nothing else the
@@ -180,6 +185,8 @@ def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Te
                                                         "alpha": repr(record["config"]["alpha"])})
         (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (staging / CARD_NAME).write_text(card)
+        if extra is not None:
+            extra(staging)
         _swap_into_place(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -210,6 +217,10 @@ def read_delta(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(record, indices) from a delta folder, checked for consistency; clear errors otherwise."""
     directory = Path(directory)
     config_path, delta_path = directory / CONFIG_NAME, directory / DELTA_NAME
+    if not config_path.is_file() and (directory / ADAPTER_CONFIG_NAME).is_file():
+        from .peft_adapter import read_adapter
+
+        return read_adapter(directory)
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: it is not a delta folder written by "
                                 "UWMEditor.save_pretrained (a base model folder needs config=UWMConfig(...)).")
@@ -217,16 +228,7 @@ def read_delta(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         record = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path} is not valid JSON ({err}); the delta is corrupted: save it again.") from None
-    for key in ("config", "fingerprint", "layers", "format_version"):
-        if key not in record:
-            raise ValueError(f"{config_path} lacks the field {key!r}: it is not an hf_uwm delta config.")
-    if record["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{config_path} has delta format {record['format_version']}; this hf_uwm reads up to "
-                         f"{FORMAT_VERSION}: upgrade hf_uwm.")
-    unknown = sorted(set(record) - set(RECORD_KEYS))
-    if unknown:
-        raise ValueError(f"{config_path} has unknown top-level key(s) {unknown} (known: {list(RECORD_KEYS)}): it was "
-                         "written by a newer hf_uwm (upgrade it) or edited by hand (remove them).")
+    check_record(record, config_path)
     if not delta_path.is_file():
         raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {DELTA_NAME}: the delta is incomplete.")
     try:
@@ -237,11 +239,28 @@ def read_delta(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                    for name, idx in stored.items()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{delta_path} is corrupted or truncated ({err}); save or download the delta again.") from None
-    _check_indices(record, indices, delta_path)
+    check_indices(record, indices, delta_path)
     return record, indices
 
 
-def _check_indices(record: dict, indices: dict[str, torch.Tensor], path: Path):
+def check_record(record, path: Path):
+    """Raise unless `record` (read from `path`) is an hf_uwm delta record this version can read."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} does not hold an hf_uwm delta config (a JSON object).")
+    for key in ("config", "fingerprint", "layers", "format_version"):
+        if key not in record:
+            raise ValueError(f"{path} lacks the field {key!r}: it is not an hf_uwm delta config.")
+    if record["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path} has delta format {record['format_version']}; this hf_uwm reads up to "
+                         f"{FORMAT_VERSION}: upgrade hf_uwm.")
+    unknown = sorted(set(record) - set(RECORD_KEYS))
+    if unknown:
+        raise ValueError(f"{path} has unknown top-level key(s) {unknown} (known: {list(RECORD_KEYS)}): it was "
+                         "written by a newer hf_uwm (upgrade it) or edited by hand (remove them).")
+
+
+def check_indices(record: dict, indices: dict[str, torch.Tensor], path: Path):
+    """Raise unless `indices` are, per layer of `record`, its count of sorted, distinct positions."""
     if set(indices) != set(record["layers"]):
         raise ValueError(f"{path} holds layers {sorted(indices)} but its config lists {sorted(record['layers'])}.")
     for name, idx in indices.items():
@@ -268,7 +287,8 @@ def resolve_delta_folder(name_or_path, revision: str | None = None, *, subfolder
         return None
     local = Path(str(name_or_path)).expanduser() / (subfolder or "")
     if local.is_dir():
-        return local if (local / CONFIG_NAME).is_file() else None
+        # A folder holding only a peft adapter is read as a delta if hf_uwm wrote it, refused clearly if not.
+        return local if (local / CONFIG_NAME).is_file() or (local / ADAPTER_CONFIG_NAME).is_file() else None
     repo_id = str(name_or_path)
     if not is_hub_id(repo_id):
         return None

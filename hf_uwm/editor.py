@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import warnings
 from contextlib import contextmanager
@@ -384,8 +385,12 @@ class UWMEditor:
 
     def save_pretrained(self, save_directory: str | Path, report=None, *, is_main_process: bool = True,
                         dataset_name: str | None = None, zero_shot_dataset: str | None = None,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, peft: bool = False) -> Path:
         """Save the delta (not the base model) to a folder: config, indices and a model card.
+
+        With `peft=True` the folder also holds the same edit as a peft SHiRA adapter
+        (`adapter_config.json`, `adapter_model.safetensors`; see `hf_uwm.peft_adapter`), which
+        `PeftModel.from_pretrained(base_model, folder)` loads without hf_uwm.
 
         The folder must be new or empty; one that holds a delta is replaced only with `overwrite=True`,
         and one that holds anything else never is.
@@ -401,15 +406,33 @@ class UWMEditor:
             return Path(save_directory)
         record = self.record()
         card = render_card(record, report, dataset_name=dataset_name, zero_shot_dataset=zero_shot_dataset,
-                           base_folder=local_base_folder(self.base_model))
-        return write_delta(save_directory, record, self.delta, card, overwrite=overwrite)
+                           base_folder=local_base_folder(self.base_model), peft=peft)
+        return write_delta(save_directory, record, self.delta, card, overwrite=overwrite,
+                           extra=self._adapter_writer(record) if peft else None)
+
+    def _adapter_writer(self, record: dict):
+        """A function that writes the peft adapter into a folder; the base weights at the selected positions
+        are read now (from before the edit, when it is applied), so no later change can enter the adapter."""
+        from .peft_adapter import require_peft, write_adapter
+
+        require_peft()
+        if self.is_applied:
+            selected = self._originals
+        else:
+            self.check_base()  # the adapter's values are (α − 1)·W of the weights the fingerprint names
+            layers = self.target_layers
+            selected = {name: layers[name].weight.detach().view(-1)[idx.to(layers[name].weight.device)]
+                        for name, idx in self.delta.items()}
+        return functools.partial(write_adapter, record=record, delta=self.delta, selected_weights=selected,
+                                 model=self.model)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                     commit_message: str | None = None, commit_description: str | None = None,
                     create_pr: bool = False, merged: bool = False, token: str | None = None, report=None,
                     license: str | None = None, dataset_name: str | None = None,
-                    zero_shot_dataset: str | None = None, overwrite: bool = False):
-        """Upload the delta and its model card (with `merged`, also the edited checkpoint) in one commit.
+                    zero_shot_dataset: str | None = None, overwrite: bool = False, peft: bool = False):
+        """Upload the delta and its model card (with `merged`, also the edited checkpoint; with `peft`, also
+        the same edit as a peft SHiRA adapter, see `save_pretrained`) in one commit.
 
         `report`: an EvaluationReport, or {"base": r0, "UWM": r1, ...} for a before/after table, on
         `dataset_name` (and `zero_shot_dataset`), Hub dataset ids or display names. `create_pr=True`
@@ -420,4 +443,4 @@ class UWMEditor:
         return push_edit(self, repo_id, private=private, revision=revision, commit_message=commit_message,
                          commit_description=commit_description, create_pr=create_pr, merged=merged, token=token,
                          report=report, license=license, dataset_name=dataset_name,
-                         zero_shot_dataset=zero_shot_dataset, overwrite=overwrite)
+                         zero_shot_dataset=zero_shot_dataset, overwrite=overwrite, peft=peft)

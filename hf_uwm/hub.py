@@ -21,7 +21,7 @@ from .config import setting_names
 from .delta import CARD_NAME, CONFIG_NAME
 from .hints import hint
 from .methods import get_method
-from .paths import ORGANISM_WORLDS, bundled_path, is_hub_id, local_base_folder
+from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, is_hub_id, local_base_folder
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ ORGANISM_DATASETS = ("hf_uwm organism world (quadruples)", "hf_uwm organism worl
 
 def render_card(record: dict, report=None, *, repo_id: str | None = None, merged: bool = False,
                 license: str | None = None, dataset_name: str | None = None, zero_shot_dataset: str | None = None,
-                base_folder: str | Path | None = None) -> str:
+                base_folder: str | Path | None = None, peft: bool = False) -> str:
     """The README.md of a delta: YAML metadata and what was edited, how well, how to load it, its limits.
+
+    With `peft` the card describes the peft adapter beside the delta too: the Hub then lists the repo
+    as a peft adapter of its base model and shows peft's loading snippet.
 
     `report` is an `EvaluationReport`, or a dict of them by column name such as
     {"base": r0, "UWM": r1, "random control": r2}; the "UWM" entry (or the only one) fills the model-index.
@@ -68,15 +71,15 @@ def render_card(record: dict, report=None, *, repo_id: str | None = None, merged
         base_model=base if on_hub else None,
         # A delta-only repo is an family of its base (the Hub's model tree); a merged checkpoint is left to the Hub.
         base_model_relation="adapter" if on_hub and not merged else None,
-        library_name="hf_uwm",
+        library_name="peft" if peft else "hf_uwm",
         license=license or _base_license(record, folder=base_folder),
-        tags=[t for t in ("hf_uwm", "uwm", "safety", family_tag) if t],
+        tags=[t for t in ("hf_uwm", "uwm", "safety", family_tag) if t] + (["peft", "shira"] if peft else []),
         pipeline_tag=pipeline_tag if merged or pipeline_tag == "zero-shot-image-classification" else None,
         model_name=model_name if reports else None,
         eval_results=_eval_results(reports, model_name, dataset_name, zero_shot_dataset),
     )
     card = ModelCard.from_template(data, template_path=str(CARD_TEMPLATE), **_card_context(record, reports),
-                                   repo_id=repo_id or "<this folder or repo id>", merged=merged,
+                                   repo_id=repo_id or "<this folder or repo id>", merged=merged, peft=peft,
                                    method_name=method.title, method=method.card_text,
                                    dataset_name=dataset_name, zero_shot_dataset=zero_shot_dataset or "a zero-shot set",
                                    version=__version__)
@@ -138,6 +141,8 @@ def _card_context(record: dict, reports: dict) -> dict:
         "base_on_hub": is_hub_id(base),
         "base_is_organism": base in ORGANISM_WORLDS,
         "base_folder": record.get("base_model_folder"),
+        # The folder name a user loads the base from, without hf_uwm (the peft snippet).
+        "base_folder_name": (BUNDLED[base] if base in BUNDLED else record.get("base_model_folder")) or "the-base-model",
         "base_link": (f"[{base}](https://huggingface.co/{base})" if is_hub_id(base)
                       else f"`{base or record.get('base_model_folder') or record['model_class']}`"),
         "base_revision": record.get("base_revision"),
@@ -180,8 +185,10 @@ def _percent(value, interval=None) -> str:
 def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: str | None = None,
               commit_message: str | None = None, commit_description: str | None = None, create_pr: bool = False,
               merged: bool = False, token: str | None = None, report=None, license: str | None = None,
-              dataset_name: str | None = None, zero_shot_dataset: str | None = None, overwrite: bool = False):
-    """Upload an editor's delta and model card (and, with `merged`, the edited checkpoint) in one commit.
+              dataset_name: str | None = None, zero_shot_dataset: str | None = None, overwrite: bool = False,
+              peft: bool = False):
+    """Upload an editor's delta and model card (and, with `merged`, the edited checkpoint; with `peft`, the
+    same edit as a peft adapter) in one commit.
 
     The repo then holds exactly this edit: files of an earlier push that this one does not write are
     deleted in the same commit. A repo holding anything but an hf_uwm delta of the same base model is
@@ -199,10 +206,11 @@ def push_edit(editor, repo_id: str, *, private: bool | None = None, revision: st
         license = license or _base_license(record, api)
     with tempfile.TemporaryDirectory(prefix="hf_uwm-push-") as tmp:
         folder = Path(tmp) / "upload"
-        editor.save_pretrained(folder)
-        # The pushed card knows the repo id, the license and whether merged weights come along.
+        editor.save_pretrained(folder, peft=peft)
+        # The pushed card knows the repo id, the license and whether merged weights or an adapter come along.
         card = render_card(record, report, repo_id=repo_id, merged=merged, license=license, dataset_name=dataset_name,
-                           zero_shot_dataset=zero_shot_dataset, base_folder=local_base_folder(editor.base_model))
+                           zero_shot_dataset=zero_shot_dataset, base_folder=local_base_folder(editor.base_model),
+                           peft=peft)
         (folder / CARD_NAME).write_text(card)
         if merged:
             _save_merged(editor, folder)

@@ -16,7 +16,7 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryN
 
 from conftest import make_clip, make_pairs
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.delta import CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta, resolve_delta_folder
+from hf_uwm.delta import ADAPTER_FILES, CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta, resolve_delta_folder
 from hf_uwm.evaluation import EvaluationReport
 from hf_uwm.hub import PushError, render_card
 
@@ -282,6 +282,22 @@ def test_merged_push_uploads_loadable_weights_and_leaves_the_model_as_it_was(edi
     assert 'CLIPModel.from_pretrained("me/clip-uwm")' in card.text
     editor.push_to_hub("me/clip-uwm", merged=True, token=TOKEN)  # an applied edit stays applied
     assert editor.is_applied and same(state(editor.model), edited)
+
+
+def test_peft_push_commits_the_delta_and_the_adapter_at_once_and_a_later_push_drops_it(clip, editor, hub):
+    peft = pytest.importorskip("peft")
+    editor.push_to_hub("me/clip-uwm", token=TOKEN, peft=True)
+    [commit] = hub.commits
+    assert commit["added"] == sorted(DELTA_FILES + ADAPTER_FILES) and commit["deleted"] == []
+    card = ModelCard((hub.root / "README.md").read_text())
+    assert card.data.library_name == "peft" and card.data.base_model == BASE
+    assert 'PeftModel.from_pretrained(base, "me/clip-uwm")' in card.text
+    base = fresh_clip(clip)[0].requires_grad_(False)
+    merged = peft.PeftModel.from_pretrained(base, hub.root).merge_and_unload()
+    assert same(state(merged), state(editor.apply()))
+    editor.revert()
+    editor.push_to_hub("me/clip-uwm", token=TOKEN)  # without peft: the adapter would describe a stale edit
+    assert hub.commits[1]["deleted"] == sorted(ADAPTER_FILES) and hub.files() == sorted(DELTA_FILES)
 
 
 def test_repo_with_other_content_is_refused_unless_overwrite(editor, tmp_path, monkeypatch):
