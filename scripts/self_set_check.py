@@ -1,6 +1,6 @@
 """The self-setting default on models nobody tuned it on: one command per model, as a user runs it.
 
-For every model: `hf-uwm edit MODEL --data DATA --method iterative_attribution --output OUT/NAME`
+For every model: `hf-uwm edit MODEL --data DATA --output OUT/NAME`
 (no other setting), then the test split (1,000 quadruples, 500 zero-shot images, bootstrap 95%
 intervals) for the base model, the edit, and a random control flipping as many weights per layer.
 
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_uwm import UWMEditor  # noqa: E402
 from hf_uwm.cli import load_data, load_zero_shot, main as cli  # noqa: E402
-from hf_uwm.evaluation import evaluate_model  # noqa: E402
+from hf_uwm.evaluation import default_subsets, evaluate_model  # noqa: E402
+from hf_uwm.organism import HELD_OUT  # noqa: E402
 from hf_uwm.sweep import evaluate_edit  # noqa: E402
 
 
@@ -34,12 +35,14 @@ def data_name(model: str) -> str:
     return "organism" if organism.world_of(model) == 2 else "organism-hard"
 
 
-def check(model: str, out: Path, threads: int) -> dict:
-    name = Path(model).name
+def check(model: str, out: Path, threads: int, batch_size: int | None = None) -> dict:
+    name = Path(model).name + (f"-bs{batch_size}" if batch_size else "") + (f"-t{threads}" if threads != 1 else "")
     data = data_name(model)
     start = time.perf_counter()
-    assert cli(["edit", model, "--data", data, "--method", "iterative_attribution", "--output", str(out / name),
-                "--quiet", "--threads", str(threads)]) == 0
+    batch = ["--batch-size", str(batch_size)] if batch_size else []
+    if cli(["edit", model, "--data", data, "--output", str(out / name), "--quiet", "--threads", str(threads),
+            "--overwrite", *batch]) != 0:
+        raise SystemExit(f"hf-uwm edit {model} failed")
     edit_s = time.perf_counter() - start
     from hf_uwm.loading import load_model
 
@@ -48,8 +51,11 @@ def check(model: str, out: Path, threads: int) -> dict:
     test = load_data(data, "test", None, 0, default=1000)
     zero_shot = load_zero_shot(data)
 
+    subsets = default_subsets(test, HELD_OUT if data == "organism-hard" else ())
+
     def evaluate(m):
-        return evaluate_model(m, processor, test, zero_shot=zero_shot, bootstrap=1000, seed=0, progress=False)
+        return evaluate_model(m, processor, test, zero_shot=zero_shot, bootstrap=1000, seed=0, progress=False,
+                              subsets=subsets)
 
     reports = {"base": evaluate(base_model), "edit": evaluate_edit(editor, evaluate),
                "random control": evaluate_edit(editor.random_control(), evaluate)}
@@ -60,9 +66,13 @@ def check(model: str, out: Path, threads: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | stopped after (of 40) | why | weights | GS [95% CI] | control GS [95% CI] | zero-shot base → edit "
-             "(drop) | control zero-shot |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(drop) | control zero-shot | unseen concepts GS [95% CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         base, edit, control = (r["test"][k] for k in ("base", "edit", "random control"))
+
+        def unseen(rep):
+            s = rep["subsets"].get("unseen concepts")
+            return f"{s['GS']:.1f} [{s['interval'][0]:.1f}, {s['interval'][1]:.1f}]" if s else "-"
 
         def gs(rep):
             low, high = rep["intervals"]["GS"]
@@ -70,7 +80,7 @@ def table(rows: list[dict]) -> str:
 
         lines.append(f"| {r['model']} | {r['stop']['rounds']} | {r['stop']['reason']} | {r['weights']:,} | {gs(edit)} | "
                      f"{gs(control)} | {base['zero_shot']:.1f} → {edit['zero_shot']:.1f} "
-                     f"({edit['zero_shot'] - base['zero_shot']:+.1f}) | {control['zero_shot']:.1f} |")
+                     f"({edit['zero_shot'] - base['zero_shot']:+.1f}) | {control['zero_shot']:.1f} | {unseen(edit)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -79,6 +89,7 @@ def parse_args():
     parser.add_argument("models", nargs="+")
     parser.add_argument("--out", default="self_set")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None, help="the edit's --batch-size (default: the CLI's)")
     return parser.parse_args()
 
 
@@ -88,7 +99,7 @@ def run():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = [check(model, out, args.threads) for model in args.models]
+    rows = [check(model, out, args.threads, args.batch_size) for model in args.models]
     (out / "self_set.json").write_text(json.dumps(rows, indent=1))
     (out / "self_set.md").write_text(table(rows))
     print(table(rows))

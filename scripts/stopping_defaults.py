@@ -37,13 +37,14 @@ MEASURES = {
     "drift": lambda s, base: s.measures["drift"],
     "agreement": lambda s, base: base.measures["agreement"] - s.measures["agreement"],
     "agreement_text": lambda s, base: base.measures["agreement_text"] - s.measures["agreement_text"],
-    "vocabulary": lambda s, base: s.measures["vocabulary_shift"],
-    "vocabulary_agreement": lambda s, base: base.measures["vocabulary_agreement"] - s.measures["vocabulary_agreement"],
+    "vocabulary_mass": lambda s, base: s.measures["vocabulary_mass_lost"],
+    "vocabulary_accuracy": lambda s, base: s.measures["vocabulary_accuracy_lost"],
+    "vocabulary_shift": lambda s, base: s.measures["vocabulary_shift"],
 }
 GOALS = (None, 90.0, 95.0, 98.0, 100.0)
 BUDGETS = {"drift": (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "agreement": (1, 2, 3, 5, 8, 12),
-           "agreement_text": (1, 2, 3, 5, 8, 12), "vocabulary": (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20),
-           "vocabulary_agreement": (1, 2, 3, 5, 8, 12, 16, 20)}
+           "agreement_text": (1, 2, 3, 5, 8, 12), "vocabulary_mass": (1, 2, 3, 4, 5, 6, 7, 8, 10),
+           "vocabulary_accuracy": (1, 2, 3, 4, 5, 6, 7, 8, 10), "vocabulary_shift": (4, 6, 8, 10, 12, 16, 20)}
 
 
 def parse_args():
@@ -97,7 +98,7 @@ def trajectory_of(model_name: str, args, weight: float, density: float) -> dict:
                           "zero_shot": report.zero_shot, "R@1 Ts->Is": report.retrieval["R@1 Ts->Is"]})
         print(f"{model_name}: round {r:2d}  slice GS {editor.trajectory[r].goal:5.1f}  "
               f"drift {editor.trajectory[r].measures['drift']:.2f}  "
-              f"agreement {editor.trajectory[r].measures['agreement']:.1f}  | validation GS {per_round[-1]['GS']:5.1f}"
+              f"agreement {editor.trajectory[r].measures['agreement']:.1f}  mass lost {editor.trajectory[r].measures['vocabulary_mass_lost']:.2f}  | validation GS {per_round[-1]['GS']:5.1f}"
               f"  zero-shot {report.zero_shot:.1f}", flush=True)
     return {"model": model_name, "curvature_weight": weight, "round_density": density, "calibrate_cpu_s": calibrate_s,
             "trajectory": to_records(editor.trajectory), "validation": per_round}

@@ -370,3 +370,31 @@ def test_embeddings_given_to_evaluate_model_are_not_computed_again(monkeypatch):
     monkeypatch.setattr(evaluation, "embed_quadruples", lambda *a, **k: pytest.fail("embedded again"))
     given = evaluate_model(model, processor, dataset, bootstrap=50, progress=False, embeddings=embeddings)
     assert given.to_dict() == reference.to_dict()
+
+
+# --- per-concept reports ---------------------------------------------------------------------------
+@pytest.mark.parametrize("make_model", [make_clip, make_siglip])
+def test_gs_per_concept_equals_gs_over_that_concepts_rows(make_model):
+    from hf_uwm.evaluation import default_subsets
+
+    model, processor = make_model()
+    data = make_pairs(12, seed=3)
+    data = data.add_column("concept", ["blood", "knife", "gun"] * 4)
+    data = data.add_column("lookalike", [i % 5 == 0 for i in range(12)])
+    report = evaluate_model(model, processor, data, bootstrap=50, progress=False,
+                            subsets=default_subsets(data, unseen_concepts=("gun",)))
+    assert list(report.subsets) == ["concept blood", "concept gun", "concept knife", "seen concepts",
+                                    "unseen concepts"]
+    s = hand_similarities(model, processor, data)
+    for name, rows in [("concept gun", [2, 5, 8, 11]), ("seen concepts", [i for i in range(12) if i % 3 != 2])]:
+        ts_is, ts_iu, tu_is, tu_iu = (s[name] for name in INPUTS)
+        gs = [ts_is[i] > ts_iu[i] and tu_is[i] > tu_iu[i] and ts_is[i] > tu_is[i] and ts_iu[i] > tu_iu[i] for i in rows]
+        assert report.subsets[name]["GS"] == pytest.approx(100 * sum(gs) / len(rows))
+        assert report.subsets[name]["quadruples"] == len(rows)
+        low, high = report.subsets[name]["interval"]
+        assert low <= report.subsets[name]["GS"] <= high
+    assert set(report.lookalikes) == {"R@1 Is->Ts", "prefers own caption"}
+    assert json.loads(json.dumps(report.to_dict()))["subsets"]["unseen concepts"]["quadruples"] == 4
+    assert "GS concept gun" in compare({"a": report, "b": report})
+    # no concept column: no subsets
+    assert evaluate_model(model, processor, make_pairs(4), bootstrap=0, progress=False).subsets == {}

@@ -51,7 +51,7 @@ def test_two_processes_match_one_process(tmp_path, config):
     ranks = [read(tmp_path / f"run.rank{r}.safetensors") for r in (0, 1)]
     assert ranks[0][1]["processes"] == "2"
     model, processor = make_clip(dtype=torch.float64)
-    single = UWMEditor(model, processor, config).calibrate(make_pairs(7, seed=5), progress=False)
+    single = UWMEditor(model, processor, config).calibrate(make_pairs(21, seed=5), progress=False)
     for tensors, meta in ranks:
         # the same held-out measures, and the same round at which the edit stopped
         assert json.loads(meta["stop"]) == (list(single.stop) if single.stop else None)

@@ -292,8 +292,8 @@ class IterativeAttribution(IterativeEdit):
     # --- the held-out slice ---------------------------------------------------------------------
     def start_measuring(self, editor, holdout, run: Calibration | None = None) -> dict:
         """Inputs of the slice (kept on the CPU), the unedited model's safe-caption embeddings, the image
-        embeddings when no vision weight is edited (they cannot change), and the word vocabulary of
-        the calibration captions with the images it is measured on (see `vocabulary_measures`)."""
+        embeddings when no vision weight is edited (they cannot change), and the vocabulary of the
+        calibration captions with the images it is measured on (see `vocabulary_measures`)."""
         family = editor.family
         sliced = Calibration(holdout, _AllRows, family, editor.config.batch_size, progress=False)
         state = {"text": _slice_inputs(sliced, "text"), "vision": _slice_inputs(sliced, "vision")}
@@ -301,21 +301,9 @@ class IterativeAttribution(IterativeEdit):
         state["base"] = _embed_slice(family, state["text"], "text")   # (2H, D)
         state["caption_ids"] = _safe_item_ids(state["text"])
         state["image_ids"] = _safe_item_ids(state["vision"])
+        # every calibration safe image when the edit cannot move them; else the slice's, embedded each round
         pairs = run.dataset if run is not None and "vision" not in editor.towers else holdout
-        words = knowledge_vocabulary(pairs["safe_text"], pairs["unsafe_text"])
-        state["words"] = family.preprocess_text([VOCABULARY_TEMPLATE.format(w) for w in words])
-        state["base_words"] = _embed_words(family, state["words"])                             # (V, D)
-        labels = torch.tensor([[w in caption_words(c) for w in words] for c in pairs["safe_text"]])   # (M, V)
-        if pairs is holdout:   # the slice's safe images, embedded anew every round
-            state["word_images"], ids = None, state["image_ids"]
-        else:   # every calibration safe image: the edit cannot move them
-            every = _slice_inputs(Calibration(pairs, _AllRows, family, editor.config.batch_size, progress=False),
-                                  "vision", safe_only=True)
-            ids = _safe_item_ids(every, safe_only=True)
-            state["word_images"] = _distinct(_embed_slice(family, every, "vision", safe_only=True), ids)
-        # a copy of an image is one image; any caption of it names its words
-        state["word_labels"] = torch.zeros(int(ids.max()) + 1, len(words)).index_add_(0, ids, labels.float()) > 0
-        state["logit_scale"] = _logit_scale(editor.model)
+        state.update(_vocabulary_state(editor, pairs, state["image_ids"] if pairs is holdout else None))
         return state
 
     def measure(self, editor, holdout, state) -> tuple[float, float, dict]:
@@ -348,8 +336,9 @@ def check_slice(held: int, pairs: int, cfg):
 
     if cfg.goal is None and cfg.knowledge_budget is None:
         return
-    fix = (f"calibrate on at least {math.ceil(COARSE_HELD_OUT / cfg.holdout)} pairs, hold out a larger share, or switch "
-           f"the rule off ({hint('goal=None, knowledge_budget=None and a number of rounds', '--goal none --knowledge-budget none --rounds N')})")
+    off = hint("goal=None, knowledge_budget=None and a number of rounds", "--goal none --knowledge-budget none --rounds N")
+    fix = (f"calibrate on at least {math.ceil(COARSE_HELD_OUT / cfg.holdout)} pairs, hold out a larger share, or "
+           f"switch the rule off ({off})")
     steps = (f"{held} held-out pairs ({cfg.holdout:g} of {pairs}) move the stopping rule's GS in "
              f"{100 / held:.1f}-point steps")
     if held < MIN_HELD_OUT:
@@ -471,6 +460,27 @@ def vocabulary_measures(images: torch.Tensor, labels: torch.Tensor, words: torch
                 "vocabulary_shift": float(100 * 0.5 * (p - q).abs().sum(1).mean()),
                 "vocabulary_agreement": float(100 * (p.argmax(1) == q.argmax(1)).double().mean())}
     return {**measures, **{f"{name}_resolution": 100 / len(images) for name in measures}}
+
+
+def _vocabulary_state(editor, pairs, slice_image_ids: torch.Tensor | None) -> dict:
+    """The vocabulary of `pairs`, its prompts' unedited embeddings, and the distinct safe images it is
+    measured on with their words (labels): embedded here, or None with the slice's `slice_image_ids`
+    (the slice's images are embedded every round)."""
+    family = editor.family
+    words = knowledge_vocabulary(pairs["safe_text"], pairs["unsafe_text"])
+    state = {"words": family.preprocess_text([VOCABULARY_TEMPLATE.format(w) for w in words]), "word_images": None}
+    state["base_words"] = _embed_words(family, state["words"])                                   # (V, D)
+    labels = torch.tensor([[w in caption_words(c) for w in words] for c in pairs["safe_text"]])   # (M, V)
+    ids = slice_image_ids
+    if ids is None:
+        every = _slice_inputs(Calibration(pairs, _AllRows, family, editor.config.batch_size, progress=False),
+                              "vision", safe_only=True)
+        ids = _safe_item_ids(every, safe_only=True)
+        state["word_images"] = _distinct(_embed_slice(family, every, "vision", safe_only=True), ids)
+    # a copy of an image is one image; any caption of it names its words
+    state["word_labels"] = torch.zeros(int(ids.max()) + 1, len(words)).index_add_(0, ids, labels.float()) > 0
+    state["logit_scale"] = _logit_scale(editor.model)
+    return state
 
 
 def _cost(measures: dict, knowledge_measure: str) -> tuple[float, float]:
