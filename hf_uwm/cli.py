@@ -218,7 +218,8 @@ def _data_args(p, flag, what, split):
 
 def _skip_bad_rows(p):
     p.add_argument("--skip-bad-rows", action="store_true",
-                   help="drop rows with empty texts or unreadable images (and say which) instead of stopping")
+                   help="drop rows with empty texts, unreadable images or identical safe and unsafe sides (and say "
+                        "which) instead of stopping")
 
 
 def _setting_args(p, grid: bool = False, default_method: str = SWEEP_METHOD):
