@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hints import hint, split_flag
+from . import paths
 from .paths import check_local
 
 TEXT_COLUMNS = ("safe_text", "unsafe_text")
@@ -445,6 +446,10 @@ def read_source(source, split, revision, load_kwargs):
             # `datasets` calls the rows of a lone file "train"; here they answer to any split.
             loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **load_kwargs)
         return loaded, path.parent
+    unreachable = not path.exists() and paths.hub_unreachable()
+    if unreachable and "HF_HUB_OFFLINE" not in unreachable:  # offline mode reads the cache; this would retry
+        raise OSError(f"{source!r} is no local file or folder, and the Hub could not be reached ({unreachable}): "
+                      "check the name and the connection, or set HF_HUB_OFFLINE=1 to read a dataset cached earlier.")
     with _clear_load_errors(source, split):
         loaded = datasets.load_dataset(str(source), split=split, revision=revision, **load_kwargs)
     return _pick_split(loaded, split, source), path if path.is_dir() else None

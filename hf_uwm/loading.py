@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .paths import check_local, is_hub_id, model_location
+from huggingface_hub import try_to_load_from_cache
+
+from . import paths
+from .paths import check_local, is_hub_id, model_location, unreachable_error
 
 
 def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, subfolder: str | None = None,
@@ -34,6 +37,11 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, 
                                 "(no config.json): give a folder saved by save_pretrained or a Hub id.")
     if not local.exists() and not is_hub_id(location):
         raise FileNotFoundError(f"{name_or_path} is no folder here and no Hub repo id (owner/name): check the path.")
+    if not local.exists() and not local_files_only and paths.hub_unreachable():
+        config = f"{subfolder}/config.json" if subfolder else "config.json"
+        if not isinstance(try_to_load_from_cache(location, config, cache_dir=cache_dir, revision=revision), str):
+            raise unreachable_error(name_or_path, paths.hub_unreachable())
+        local_files_only = True  # cached earlier: read it without waiting for the Hub's retries
     options = dict(revision=revision, trust_remote_code=trust_remote_code, token=token, cache_dir=cache_dir,
                    local_files_only=local_files_only, force_download=force_download,
                    **({"subfolder": subfolder} if subfolder else {}))
