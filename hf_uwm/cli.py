@@ -6,6 +6,7 @@ import argparse
 import functools
 import itertools
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -67,6 +68,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hf-uwm ... | head` closed the pipe: not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError, ImportError) as err:
         print(f"hf-uwm {args.command}: error: {err}", file=sys.stderr)
         return 1
@@ -340,7 +344,19 @@ def _config(args, **overrides):
         if value is not None:
             settings[name] = None if value == _NONE else value
     settings.update(overrides)
+    _warn_alpha(args.alpha)
     return UWMConfig(**settings)
+
+
+def _warn_alpha(alpha):
+    """A factor outside [-1, 1] makes the chosen weights larger than training left any: allowed, never silent."""
+    import warnings
+
+    for value in alpha if isinstance(alpha, list) else [alpha]:
+        if abs(value) > 1:
+            warnings.warn(f"--alpha {value:g} multiplies each selected weight by {value:g}, beyond the [-1, 1] of "
+                          "negating (-1) or pruning (0): the model sees weights larger than it was trained with. "
+                          "Use it only on purpose.", stacklevel=2)
 
 
 def _check_method_flags(args):
