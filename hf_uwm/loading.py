@@ -52,6 +52,11 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, 
     try:
         processor = transformers.AutoProcessor.from_pretrained(location, **options)
     except Exception as err:  # a broken processor must not pass silently as "no processor"
+        missing = [name for name in TOKENIZER_LIBRARIES if name in str(err).lower()]
+        if missing:  # transformers names the library in a paragraph; say how hf_uwm installs it
+            raise ImportError(f"The tokenizer of {name_or_path} needs {' and '.join(missing)}, which is not installed: "
+                              "pip install 'hf_uwm[siglip]' (sentencepiece and protobuf, for SigLIP and other "
+                              "SentencePiece tokenizers).") from err
         if _has_processor_files(location, options):
             raise OSError(f"The processor of {name_or_path} failed to load ({type(err).__name__}: {err}); fix its "
                           "files or pass processor= to from_pretrained.") from err
@@ -59,6 +64,7 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, 
     return model, processor
 
 
+TOKENIZER_LIBRARIES = ("sentencepiece", "protobuf")  # what a SentencePiece tokenizer (SigLIP's) needs installed
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_clip, make_pairs
+from conftest import make_clip, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.cli import main
 from hf_uwm.delta import CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta
@@ -375,6 +375,25 @@ def test_a_broken_processor_raises_and_a_missing_one_is_none(tmp_path):
         load_model(tmp_path / "broken")
 
 
+def test_a_sentencepiece_tokenizer_without_its_libraries_names_the_siglip_extra(tmp_path, capsys):
+    import importlib.util
+
+    from hf_uwm.loading import load_model
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed: transformers loads the tokenizer")
+    model, processor = make_siglip()
+    model.save_pretrained(tmp_path / "siglip")
+    processor.save_pretrained(tmp_path / "siglip")
+    config = json.loads((tmp_path / "siglip" / "tokenizer_config.json").read_text())
+    (tmp_path / "siglip" / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "SiglipTokenizer"}))
+    with pytest.raises(ImportError, match=r"tokenizer of .*siglip needs sentencepiece, which is not installed: "
+                                          r"pip install 'hf_uwm\[siglip\]'"):
+        load_model(tmp_path / "siglip")
+    assert main(["eval", str(tmp_path / "siglip"), "--data", "organism", "--quiet"]) == 1
+    assert "pip install 'hf_uwm[siglip]'" in capsys.readouterr().err
+
+
 def test_only_the_main_process_saves(tmp_path):
     editor = UWMEditor(*make_clip(), UWMConfig()).calibrate(make_pairs(), progress=False)
     assert editor.save_pretrained(tmp_path / "d", is_main_process=False) == tmp_path / "d"
@@ -394,7 +413,7 @@ try:
     main(["--help"])
 except SystemExit:
     pass
-from conftest import make_clip, make_pairs
+from conftest import make_clip, make_pairs, make_siglip
 from hf_uwm.evaluation import evaluate_model
 evaluate_model(*make_clip(), make_pairs(4), bootstrap=10, progress=False)
 print(sorted(m for m in sys.modules if m == "evaluate" or m.startswith("evaluate.")))
