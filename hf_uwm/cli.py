@@ -409,7 +409,7 @@ def run_edit(args):
         kept, reason = editor.stop
         plot_trajectory(editor.trajectory, folder / TRAJECTORY_NAME, goal=config.goal,
                         knowledge_budget=config.knowledge_budget, kept=kept, reason=reason,
-                        title=f"{args.model}: held-out pairs after each round")
+                        title=f"{args.model}: held-out pairs after each round", goal_name=editor.method.goal_name)
         print(f"wrote {folder / TRAJECTORY_NAME}: the held-out measures after each round")
 
 
@@ -584,7 +584,7 @@ def run_sweep(args):
     chosen = sw.choose(rows, base, args.max_zero_shot_drop)
     print(sw.table(rows, base, args.max_zero_shot_drop))
     sw.write_csv(rows, out / "sweep.csv", base)
-    sw.pareto_plot(rows, out / "pareto.png", base, chosen, max_drop=args.max_zero_shot_drop)
+    sw.pareto_plot(rows, out / "pareto.png", base, chosen, max_drop=args.max_zero_shot_drop, table_name="sweep.csv")
     print(f"\nwrote {out / 'sweep.csv'} and {out / 'pareto.png'}")
     print(sw.verdict(rows, base, args.max_zero_shot_drop))
     if chosen is None and args.save_best_at_chance:

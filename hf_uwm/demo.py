@@ -137,7 +137,8 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
           "a random control of the same size")
     print(sw.table(rows, base_validation, max_zero_shot_drop))
     sw.write_csv(rows, output / "validation_sweep.csv", base_validation)
-    sw.pareto_plot(rows, output / "validation_pareto.png", base_validation, max_drop=max_zero_shot_drop)
+    sw.pareto_plot(rows, output / "validation_pareto.png", base_validation, max_drop=max_zero_shot_drop,
+                   table_name="validation_sweep.csv")
     print(f"\nChosen on validation (highest GS within {max_zero_shot_drop:g} zero-shot points whose GS interval "
           "lies above its random control's):")
     for name, row in chosen_rows.items():
