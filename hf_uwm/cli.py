@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "'organism-hard' (world 3) or a folder saved by scripts/train_organism.py "
                            "(its training.json names its world)")
     demo.add_argument("--output", default="uwm-demo", help="folder for deltas, tables and plots (default ./uwm-demo)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a previous demo's results in --output")
     from .demo import MAX_ZERO_SHOT_DROP  # the module imports no torch: --help stays fast
 
     demo.add_argument("--max-zero-shot-drop", type=float, default=MAX_ZERO_SHOT_DROP,
@@ -633,7 +634,7 @@ def run_demo(args):
 
     from .demo import check_output, run
 
-    output = check_output(args.output)  # before any model work
+    output = check_output(args.output, args.overwrite)  # before any model work
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     from .organism import world_of
@@ -641,7 +642,7 @@ def run_demo(args):
     model, processor = load_model(args.model)
     run(output, model=model, processor=processor, base_model=_base_id(args.model),
         max_zero_shot_drop=args.max_zero_shot_drop, seed=args.seed, batch_size=args.batch_size,
-        progress=not args.quiet, world=world_of(args.model))
+        progress=not args.quiet, world=world_of(args.model), overwrite=args.overwrite)
     cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s ({cpu:.0f} s user CPU time, {args.threads} torch "
           f"thread(s)); results in {output}/")
