@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -115,7 +116,9 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     _plot(tests, output / "test_results.png")
     lines += ["", f"wrote {output / 'test_results.png'}",
               "", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())]
-    text = "\n".join(lines)
+    # The tables fit 100 columns; the prose lines (headings, wall times) wrap to them.
+    text = "\n".join(textwrap.fill(line, 99, subsequent_indent="    ") if len(line) > 99 else line
+                     for line in "\n".join(lines).splitlines())
     print(text)
     (output / "results.txt").write_text(text + "\n")
     results = {"world": world, "test": {n: r.to_dict() for n, r in tests.items()},
