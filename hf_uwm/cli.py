@@ -6,6 +6,7 @@ import argparse
 import functools
 import itertools
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -67,6 +68,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hf-uwm ... | head` closed the pipe: not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError, ImportError) as err:
         print(f"hf-uwm {args.command}: error: {err}", file=sys.stderr)
         return 1
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "'organism-hard' (world 3) or a folder saved by scripts/train_organism.py "
                            "(its training.json names its world)")
     demo.add_argument("--output", default="uwm-demo", help="folder for deltas, tables and plots (default ./uwm-demo)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a previous demo's results in --output")
     from .demo import MAX_ZERO_SHOT_DROP  # the module imports no torch: --help stays fast
 
     demo.add_argument("--max-zero-shot-drop", type=float, default=MAX_ZERO_SHOT_DROP,
@@ -240,7 +245,8 @@ def _data_args(p, flag, what, split):
 
 def _skip_bad_rows(p):
     p.add_argument("--skip-bad-rows", action="store_true",
-                   help="drop rows with empty texts or unreadable images (and say which) instead of stopping")
+                   help="drop rows with empty texts, unreadable images or identical safe and unsafe sides (and say "
+                        "which) instead of stopping")
 
 
 def _setting_args(p, grid: bool = False, default_method: str = SWEEP_METHOD):
@@ -365,7 +371,19 @@ def _config(args, **overrides):
         if value is not None:
             settings[name] = None if value == _NONE else value
     settings.update(overrides)
+    _warn_alpha(args.alpha)
     return UWMConfig(**settings)
+
+
+def _warn_alpha(alpha):
+    """A factor outside [-1, 1] makes the chosen weights larger than training left any: allowed, never silent."""
+    import warnings
+
+    for value in alpha if isinstance(alpha, list) else [alpha]:
+        if abs(value) > 1:
+            warnings.warn(f"--alpha {value:g} multiplies each selected weight by {value:g}, beyond the [-1, 1] of "
+                          "negating (-1) or pruning (0): the model sees weights larger than it was trained with. "
+                          "Use it only on purpose.", stacklevel=2)
 
 
 def _check_method_flags(args):
@@ -418,7 +436,7 @@ def run_edit(args):
         kept, reason = editor.stop
         plot_trajectory(editor.trajectory, folder / TRAJECTORY_NAME, goal=config.goal,
                         knowledge_budget=config.knowledge_budget, kept=kept, reason=reason,
-                        title=f"{args.model}: held-out pairs after each round")
+                        title=f"{args.model}: held-out pairs after each round", goal_name=editor.method.goal_name)
         print(f"wrote {folder / TRAJECTORY_NAME}: the held-out measures after each round")
 
 
@@ -617,7 +635,7 @@ def run_sweep(args):
     chosen = sw.choose(rows, base, args.max_zero_shot_drop)
     print(sw.table(rows, base, args.max_zero_shot_drop))
     sw.write_csv(rows, out / "sweep.csv", base)
-    sw.pareto_plot(rows, out / "pareto.png", base, chosen, max_drop=args.max_zero_shot_drop)
+    sw.pareto_plot(rows, out / "pareto.png", base, chosen, max_drop=args.max_zero_shot_drop, table_name="sweep.csv")
     print(f"\nwrote {out / 'sweep.csv'} and {out / 'pareto.png'}")
     print(sw.verdict(rows, base, args.max_zero_shot_drop))
     if chosen is None and args.save_best_at_chance:
@@ -673,7 +691,7 @@ def run_demo(args):
 
     from .demo import check_output, run
 
-    output = check_output(args.output)  # before any model work
+    output = check_output(args.output, args.overwrite)  # before any model work
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     from .organism import world_of
@@ -681,7 +699,7 @@ def run_demo(args):
     model, processor = load_model(args.model)
     run(output, model=model, processor=processor, base_model=_base_id(args.model),
         max_zero_shot_drop=args.max_zero_shot_drop, seed=args.seed, batch_size=args.batch_size,
-        progress=not args.quiet, world=world_of(args.model))
+        progress=not args.quiet, world=world_of(args.model), overwrite=args.overwrite)
     cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s ({cpu:.0f} s user CPU time, {args.threads} torch "
           f"thread(s)); results in {output}/")

@@ -11,7 +11,9 @@ local dataset (`load_pairs`), ViSU-Text JSON files plus image folders (`load_vis
 
 from __future__ import annotations
 
+import codecs
 import csv
+import filecmp
 import io
 import json
 import os
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hints import hint, split_flag
+from . import paths
 from .paths import check_local
 
 TEXT_COLUMNS = ("safe_text", "unsafe_text")
@@ -141,7 +144,7 @@ def validate_pairs(dataset, columns, *, skip_bad_rows: bool = False):
     """Return `dataset` as a `datasets.Dataset` after checking `columns`; raise a clear error otherwise.
 
     Checked: the columns exist, the set is not empty, texts are non-empty strings, images exist and
-    decode, and ids (an `id` column, when there is one) are unique. The first bad row raises
+    decode, a pair's safe and unsafe sides differ, and ids (an `id` column, when there is one) are unique. The first bad row raises
     (`FileNotFoundError` for a missing image file, `ValueError` otherwise) unless `skip_bad_rows`,
     which drops every bad row and warns with a `SkippedRowsWarning` carrying the report.
     """
@@ -212,7 +215,34 @@ def _find_bad_rows(dataset, columns) -> ValidationReport:
             continue
         report.bad += [BadRow(row, column, problem, ids[row], missing)
                        for row, (problem, missing) in problems if problem]
+    report.bad += _identical_sides(dataset, columns, ids)
     return report
+
+
+def _identical_sides(dataset, columns, ids) -> list[BadRow]:
+    """A pair whose safe and unsafe sides are the same teaches an edit nothing and scores as a tie: a data bug."""
+    bad = []
+    if set(TEXT_COLUMNS) <= set(columns):
+        same = [row for row, (safe, unsafe) in enumerate(zip(*(dataset[c] for c in TEXT_COLUMNS)))
+                if isinstance(safe, str) and isinstance(unsafe, str) and safe.strip() and safe.strip() == unsafe.strip()]
+        bad += [BadRow(row, "unsafe_text", "the same text as safe_text (a pair needs a safe and an unsafe "
+                       "version that differ)", ids[row]) for row in same]
+    if set(IMAGE_COLUMNS) <= set(columns):
+        rows = enumerate(zip(*(_raw_images(dataset, c) for c in IMAGE_COLUMNS)))
+        bad += [BadRow(row, "unsafe_image", "the same image as safe_image (a pair needs a safe and an unsafe "
+                       "version that differ)", ids[row]) for row, (safe, unsafe) in rows if _same_image(safe, unsafe)]
+    return bad
+
+
+def _same_image(a, b) -> bool:
+    if not a or not b:
+        return False
+    if a.get("bytes") is not None or b.get("bytes") is not None:
+        return a.get("bytes") == b.get("bytes")
+    paths = a.get("path"), b.get("path")
+    if not all(paths) or not all(map(os.path.isfile, paths)):
+        return False
+    return filecmp.cmp(*paths, shallow=False)
 
 
 def _duplicate_ids(ids) -> list[BadRow]:
@@ -234,13 +264,17 @@ def _text_problem(text) -> tuple[str | None, bool]:
     return f"expected a text (a non-empty string), got {type(text).__name__} {text!r}", False
 
 
-def _image_problems(dataset, column, batch_size: int = 256):
+def _image_problems(dataset, column):
+    return map(_image_problem, _raw_images(dataset, column))
+
+
+def _raw_images(dataset, column, batch_size: int = 256):
     # Undecoded (bytes, path) records, read a batch at a time: cheap, and memory stays bounded.
     import datasets
 
     raw = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
     for batch in raw.iter(batch_size=batch_size):
-        yield from map(_image_problem, batch[column])
+        yield from batch[column]
 
 
 def _image_problem(value) -> tuple[str | None, bool]:
@@ -403,14 +437,40 @@ def read_source(source, split, revision, load_kwargs):
             raise ValueError(f"Cannot read {path}: data files must end in {sorted(_FILE_BUILDERS)}.")
         if path.stat().st_size == 0:
             raise ValueError(f"The dataset {source} has no rows: the file is empty.")
+        builder = _FILE_BUILDERS[path.suffix.lower()]
+        if builder in ("csv", "json") and "encoding" not in load_kwargs:
+            check_utf8(path)
+        if builder == "csv":  # pandas would read a caption "nan", "NA" or "null" as a missing value
+            load_kwargs = {"keep_default_na": False, "na_values": [""], **load_kwargs}
         with _clear_load_errors(source, split):
             # `datasets` calls the rows of a lone file "train"; here they answer to any split.
-            loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train",
-                                           **load_kwargs)
+            loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **load_kwargs)
         return loaded, path.parent
+    unreachable = not path.exists() and paths.hub_unreachable()
+    if unreachable and "HF_HUB_OFFLINE" not in unreachable:  # offline mode reads the cache; this would retry
+        raise OSError(f"{source!r} is no local file or folder, and the Hub could not be reached ({unreachable}): "
+                      "check the name and the connection, or set HF_HUB_OFFLINE=1 to read a dataset cached earlier.")
     with _clear_load_errors(source, split):
         loaded = datasets.load_dataset(str(source), split=split, revision=revision, **load_kwargs)
     return _pick_split(loaded, split, source), path if path.is_dir() else None
+
+
+def check_utf8(path: Path) -> None:
+    """Refuse a text file that is not UTF-8, naming its line: `datasets` and `json` would fail deep inside, naming
+    neither the file nor the fix."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                at = max(0, error.start - len(error.object) + len(chunk))  # the decoder may hold a few earlier bytes
+                line += chunk[:at].count(b"\n")
+                raise ValueError(
+                    f"{path} is not UTF-8 text: line {line} holds the byte 0x{chunk[at]:02x}, which UTF-8 cannot "
+                    f"read (the file was probably saved as Latin-1 or Windows-1252). Save it as UTF-8, e.g. "
+                    f"`iconv -f cp1252 -t utf-8 {path.name} > utf8-{path.name}`.") from None
+            line += chunk.count(b"\n")
 
 
 @contextmanager
@@ -472,6 +532,7 @@ def _absolute_image_paths(dataset, base: Path):
 
 
 def _read_visu_records(path: Path) -> list[dict]:
+    check_utf8(path)
     text = path.read_text(encoding="utf-8")
     try:
         records = json.loads(text) if text.lstrip().startswith("[") else [
@@ -527,6 +588,7 @@ def _read_captions(root: Path) -> dict[str, list] | None:
         raise ValueError(f"{root} has both captions.csv and captions.jsonl; keep one.")
     if not found:
         return None
+    check_utf8(found[0])
     with open(found[0], encoding="utf-8", newline="") as file:
         if found[0].suffix == ".csv":
             rows = list(csv.DictReader(file))

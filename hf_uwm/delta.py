@@ -24,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .hints import hint
-from .paths import BUNDLED, check_local, is_hub_id
+from . import paths
+from .paths import BUNDLED, check_local, is_hub_id, unreachable_error
 
 CONFIG_NAME = "uwm_config.json"
 DELTA_NAME = "uwm_delta.safetensors"
@@ -292,6 +293,9 @@ def resolve_delta_folder(name_or_path, revision: str | None = None, *, subfolder
     repo_id = str(name_or_path)
     if not is_hub_id(repo_id):
         return None
+    unreachable = paths.hub_unreachable()
+    if unreachable:  # the cache answers at once; the Hub would be retried for half a minute
+        download = {**download, "local_files_only": True}
     try:
         hf_hub_download(repo_id, CONFIG_NAME, revision=revision, subfolder=subfolder, **download)
     except LocalEntryNotFoundError as err:  # offline or unreachable Hub, and the file is not cached
@@ -299,9 +303,7 @@ def resolve_delta_folder(name_or_path, revision: str | None = None, *, subfolder
                                         cache_dir=download.get("cache_dir"), revision=revision)
         if isinstance(cached, str):
             return None  # a base model cached earlier: transformers loads it from the cache
-        raise OSError(f"{repo_id!r} is not a local folder nor in the Hugging Face cache, and the Hub could not be "
-                      f"reached ({_first_line(err)}). Download it once with network access (HF_HUB_OFFLINE "
-                      "unset), or give a local folder.") from err
+        raise unreachable_error(repo_id, unreachable or _first_line(err)) from err
     except EntryNotFoundError:
         return None  # the repo has no uwm_config.json: a base model
     except GatedRepoError as err:

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from .config import UWMConfig
+from .hints import hint
 from .methods.stopping import summary
 
 N_CALIBRATION, N_VALIDATION, N_TEST, N_ZERO_SHOT = 256, 1000, 1000, 500
@@ -49,8 +50,9 @@ LEGEND = {  # metric: (definition, meaning)
 }
 
 
-def check_output(output: str | Path) -> Path:
-    """Refuse, before any model work, an output that holds anything the demo would not write itself."""
+def check_output(output: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any model work, an output that holds anything the demo would not write itself, and,
+    without `overwrite`, a previous demo's results (the rule of `save_pretrained` and `hf-uwm edit`)."""
     from .delta import KNOWN_FILES
 
     output = Path(output)
@@ -64,13 +66,17 @@ def check_output(output: str | Path) -> Path:
               for q in (p.iterdir() if p.is_dir() else [p]) if q.name not in KNOWN_FILES]
     if stray:
         raise FileExistsError(f"--output {output} already holds files the demo did not write ({sorted(stray)[:5]}); "
-                              "choose an empty or new folder (a previous demo's output is overwritten).")
+                              "choose an empty or new folder.")
+    if not overwrite and any(output.iterdir()):
+        raise FileExistsError(f"--output {output} holds a previous demo's results: " + hint(
+            "pass overwrite=True to replace them, or choose another output.",
+            "add --overwrite to replace them, or choose another --output."))
     return output
 
 
 def run(output: str | Path, *, model=None, processor=None, base_model: str | None = None,
         max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP, seed: int = 0, batch_size: int = 32,
-        progress: bool = True, world: int = 2) -> dict:
+        progress: bool = True, world: int = 2, overwrite: bool = False) -> dict:
     """Run the demo protocol on `model` (default: the bundled organism of `world`) and write everything to `output`.
 
     `model` must be a CLIP trained on the organism world `world` (its captions and renders): the pairs,
@@ -86,7 +92,7 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
     from .evaluation import ZeroShotTask, embed_quadruples, evaluate_model
     from .organism import HELD_OUT, load_organism, make_pairs, organism_folder, zero_shot_task
 
-    output = check_output(output)
+    output = check_output(output, overwrite)
     if model is None:
         (model, processor), base_model = load_organism(world), organism_folder(world)
     calibration = make_pairs(N_CALIBRATION, seed=seed, split="train", world=world)
@@ -137,7 +143,8 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
           "a random control of the same size")
     print(sw.table(rows, base_validation, max_zero_shot_drop))
     sw.write_csv(rows, output / "validation_sweep.csv", base_validation)
-    sw.pareto_plot(rows, output / "validation_pareto.png", base_validation, max_drop=max_zero_shot_drop)
+    sw.pareto_plot(rows, output / "validation_pareto.png", base_validation, max_drop=max_zero_shot_drop,
+                   table_name="validation_sweep.csv")
     print(f"\nChosen on validation (highest GS within {max_zero_shot_drop:g} zero-shot points whose GS interval "
           "lies above its random control's):")
     for name, row in chosen_rows.items():

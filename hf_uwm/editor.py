@@ -14,7 +14,7 @@ import torch
 from . import __version__, loading
 from .config import UWMConfig
 from .data import columns_for, validate_pairs
-from .delta import (FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
+from .delta import (CONFIG_NAME, FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
                     save_file_atomic, write_delta)
 from .families import FAMILIES, ModelFamily
 from .hints import hint
@@ -108,7 +108,8 @@ class UWMEditor:
             raise ValueError(f"{name_or_path} is a saved delta and carries its own config: drop config=, or "
                              "load the base model and calibrate again to use other settings.")
         record, indices = read_delta(folder)
-        if model is None:
+        given = model is not None
+        if not given:
             if not record.get("base_model"):
                 raise ValueError(f"The delta {name_or_path} was made on a local model folder "
                                  f"({record.get('base_model_folder') or 'name not recorded'!r}), whose path it does "
@@ -119,27 +120,46 @@ class UWMEditor:
             model, loaded = loading.load_model(record["base_model"], record.get("base_revision"), trust_remote_code,
                                                **download, **model_kwargs)
             processor = processor or loaded
-        editor = cls(model, processor, UWMConfig.from_dict(record["config"]),
+        editor = cls(model, processor, _saved_config(record, folder),
                      base_model=record["base_model"], base_revision=record.get("base_revision"))
-        editor._adopt_delta(record, indices)
+        editor._adopt_delta(record, indices, given)
         return editor
 
-    def _adopt_delta(self, record: dict, indices: dict[str, torch.Tensor]):
+    def _adopt_delta(self, record: dict, indices: dict[str, torch.Tensor], given: bool = True):
+        """Take the delta of `record` for this model, refusing a model it was not made on (before any work).
+
+        `given`: the model came from the caller (model=, or `--base`), not from the delta's record, so an
+        error names it rather than the download.
+        """
+        base = record.get("base_model")
+        base = repr(base) if base else "a local model folder" + (
+            f" {record['base_model_folder']!r}" if record.get("base_model_folder") else "")
+        this = hint("the model passed as model=", "the model of --base") if given else f"the model loaded for {base}"
+        if not given:
+            fix = "load that exact checkpoint (float32 or bfloat16)."
+        elif record.get("base_model"):
+            fix = hint(f"drop model= (the delta loads {base} itself) or pass that model.",
+                       f"drop --base: the delta loads {base} itself.")
+        else:
+            fix = hint(f"pass the model it was made on ({base}) as model=.",
+                       f"give the model it was made on ({base}) with --base.")
         made_on = FAMILIES.get(record.get("model_class"))  # None: an older record, or a class hf_uwm can't tell
         if made_on is not None and made_on != self.family.spec:
-            raise ValueError(f"The delta was made on a {record['model_class']} ({made_on.name}) and this model is a "
-                             f"{type(self.model).__name__} ({self.family.spec.name}): apply it to its base model "
-                             f"{record.get('base_model') or record.get('base_model_folder') or ''!r}.")
+            raise ValueError(f"The delta was made on a {record['model_class']} ({made_on.name}) and {this} is a "
+                             f"{type(self.model).__name__} ({self.family.spec.name}): {fix}")
         layers = self.target_layers
         shapes = {name: list(layer.weight.shape) for name, layer in layers.items()}
         expected = {name: info["shape"] for name, info in record["layers"].items()}
         if shapes != expected:
-            raise ValueError(f"The delta was made for layers {sorted(expected)} with other shapes or names than "
-                             f"this {type(self.model).__name__} has; apply it to its base model "
-                             f"{record['base_model']!r}.")
+            raise ValueError(f"The delta was made for {len(expected)} layers ({min(expected)}, ...) that {this} "
+                             f"(a {type(self.model).__name__}) lacks or has in other shapes: {fix}")
         self.delta, self.fingerprint = indices, record["fingerprint"]
         self.trajectory = from_records(record.get("trajectory"))
-        self.check_base()  # before anyone spends time evaluating or calibrating the wrong model
+        # Before anyone spends time evaluating or calibrating the wrong model; nothing is applied yet.
+        if fingerprint(self.target_layers) != self.fingerprint:
+            again = hint(" (Or revert an edit already applied to it.)", "") if given else ""
+            raise ValueError(f"The target weights of {this} differ from the base model this delta was made on "
+                             f"({base}): {fix}{again}")
 
     # --- calibration ---------------------------------------------------------------------------
     @property
@@ -444,3 +464,14 @@ class UWMEditor:
                          commit_description=commit_description, create_pr=create_pr, merged=merged, token=token,
                          report=report, license=license, dataset_name=dataset_name,
                          zero_shot_dataset=zero_shot_dataset, overwrite=overwrite, peft=peft)
+
+
+def _saved_config(record: dict, folder: Path) -> UWMConfig:
+    """The delta's config, or an error that names its file (a method or field this hf_uwm does not know)."""
+    try:
+        return UWMConfig.from_dict(record["config"])
+    except (ValueError, TypeError) as err:
+        wrote = record.get("hf_uwm_version")
+        who = f" (written by hf_uwm {wrote}; this is {__version__})" if wrote != __version__ else ""
+        raise type(err)(f"{folder / CONFIG_NAME}: {err}{who} Fix the file, or install the hf_uwm that wrote "
+                        "it.") from None

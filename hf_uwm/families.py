@@ -167,7 +167,7 @@ class ModelFamily:
     def _padded_length(self, tokens) -> int:
         if self.spec.fixed_text_length:
             return self.max_text_length
-        return max(len(ids) for ids in tokens["input_ids"])
+        return min(self.max_text_length, max(len(ids) for ids in tokens["input_ids"]))
 
     def text_length(self, texts) -> int:
         """The one length to pad every text of a run to, given all the texts the run embeds together.
@@ -178,7 +178,17 @@ class ModelFamily:
         its embedding equals the fixed-length one up to float rounding. One length for the whole
         run, not per batch: an item's input, hence its embedding, never depends on its batch.
         """
-        return self._padded_length(self._tokens(texts))
+        texts = list(texts)
+        limit = self.max_text_length
+        # One token past the limit tells a text that is cut from one that fits exactly.
+        tokens = self._tokenizer()(texts, truncation=True, max_length=limit + 1)
+        cut = sum(len(ids) > limit for ids in tokens["input_ids"])
+        if cut:
+            from .data import warn
+
+            warn(f"{cut:,} of {len(texts):,} texts are longer than the model's {limit} tokens: only their first "
+                 f"{limit} tokens are read (shorten them to keep their ends).")
+        return self._padded_length(tokens)
 
     def preprocess_text(self, texts: list[str], length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenised texts on the CPU (safe to call in DataLoader workers), padded to `length`.

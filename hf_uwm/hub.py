@@ -32,8 +32,8 @@ DEFAULT_DATASET = "SafeGround quadruples"  # the card's dataset name when none i
 FAMILY_TAGS = {"CLIPModel": ("clip", "zero-shot-image-classification"),
                "SiglipModel": ("siglip", "zero-shot-image-classification"),
                "LlavaForConditionalGeneration": ("llava", "image-text-to-text")}
-NOTHING_COMMITTED = ("No commit was made, so {repo_id} holds no part of this upload; nothing local was changed "
-                     "(the edit in memory and any folder you saved it to are intact).")
+NOTHING_COMMITTED = "No commit was made, so {repo_id} holds no part of this upload; nothing local was changed{kept}."
+EDIT_KEPT = " (the edit in memory and any folder you saved it to are intact)"
 
 
 class PushError(RuntimeError):
@@ -234,8 +234,11 @@ def _token(token: str | None) -> str:
 
 
 @contextmanager
-def _hub_failures(action: str, repo_id: str, token: str):
-    """Any failure of a Hub call becomes a PushError that says no commit was made and never shows the token."""
+def _hub_failures(action: str, repo_id: str, token: str, kept: str = EDIT_KEPT):
+    """Any failure of a Hub call becomes a PushError that says no commit was made and never shows the token.
+
+    `kept` says what the user still has locally (an edit; nothing for the metric, which has no edit).
+    """
     try:
         yield
     except PushError:
@@ -246,7 +249,7 @@ def _hub_failures(action: str, repo_id: str, token: str):
                 if status in (401, 403) else "")
         detail = f"{type(err).__name__}: {err}".replace(token, "<token>")
         raise PushError(f"Could not {action} {repo_id} ({detail}).{hint} "
-                        + NOTHING_COMMITTED.format(repo_id=repo_id)) from None  # the cause may quote the token
+                        + NOTHING_COMMITTED.format(repo_id=repo_id, kept=kept)) from None  # the cause may quote the token
 
 
 def _warn_if_base_not_on_hub(record: dict):
@@ -337,7 +340,7 @@ def push_metric(repo_id: str, *, token: str | None = None, private: bool | None 
                          f"'<namespace>/<name>') runs the file <name>.py, and the metric's file is {folder.name}.py.")
     token = _token(token)
     api = HfApi(token=token)
-    with _hub_failures("publish the metric to", repo_id, token):
+    with _hub_failures("publish the metric to", repo_id, token, kept=""):
         api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
         message = commit_message or f"Upload the SafeGround metric (hf_uwm {__version__})"
         return api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=folder, commit_message=message,

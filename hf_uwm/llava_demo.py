@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ N_CALIBRATION, N_VALIDATION, N_TEST = 256, 200, 500
 EDITS = {
     # name: (config, grid of with_settings changes, delta folder); a one-setting grid is fixed in advance
     "UWM": (UWMConfig(), [{"tau": t} for t in (0.02, 0.085, 0.3)], "uwm"),
-    "UWM τ=0.085": (UWMConfig(), [{"tau": 0.085}], "uwm-paper-tau"),  # the paper's LLaVA setting, not chosen
+    "UWM paper": (UWMConfig(), [{"tau": 0.085}], "uwm-paper-tau"),  # the paper's LLaVA setting τ = 0.085, not chosen
     "attribution": (UWMConfig(method="caption_attribution", selection="fixed"),
                     [{"density": d} for d in (0.002, 0.01, 0.05)], "caption-attribution"),
     # its defaults, chosen on validation (docs/llava.md): it stops itself
@@ -37,8 +38,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     """`meteor` None: METEOR when a WordNet is installed, else the results say it was not computed.
     `captioner`: a folder saved by scripts/train_captioner.py instead of the bundled captioner; its
     world (recorded in its training.json) gives the pairs and the judge."""
-    from .caption_evaluation import (WORDNET_MISSING, compare_captioning, evaluate_captioning, meteor_note,
-                                     wordnet_available)
+    from .caption_evaluation import WORDNET_MISSING, evaluate_captioning, meteor_note, wordnet_available
     from .editor import UWMEditor
     from .methods.stopping import summary, to_records
     from .organism import make_pairs, world_of
@@ -106,15 +106,19 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
              "of the base model)", _grid_table(candidates, base_validation), "",
              f"Test ({N_TEST} pairs; exact judge; each edit beside a random control of the same size; "
              f"{total} vision fc2 weights in reach of the language model)",
-             compare_captioning(tests, {"weights changed": weights})]
+             _test_table(tests, weights)]
     lines += [f"  {name} chosen on validation: {_label(row.setting)}"
               + ("  [no setting within the ROUGE-L budget: the gentlest is shown]"
                  if _over(row, base_validation, max_rouge_drop) else "") for name, row in chosen.items()
               if name not in stops]
     lines += [f"  {name}: set by its stopping rule on {EDITS[name][0].holdout:g} of the calibration pairs "
               f"(held out), {summary(*stop['stop'], EDITS[name][0].rounds)}" for name, stop in stops.items()]
-    lines += ["", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())]
-    text = "\n".join(lines)
+    _plot(tests, output / "test_results.png")
+    lines += ["", f"wrote {output / 'test_results.png'}",
+              "", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())]
+    # The tables fit 100 columns; the prose lines (headings, wall times) wrap to them.
+    text = "\n".join(textwrap.fill(line, 99, subsequent_indent="    ") if len(line) > 99 else line
+                     for line in "\n".join(lines).splitlines())
     print(text)
     (output / "results.txt").write_text(text + "\n")
     results = {"world": world, "test": {n: r.to_dict() for n, r in tests.items()},
@@ -141,7 +145,55 @@ def _choose(rows: list, base, max_rouge_drop: float):
 
 
 def _label(setting: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(its stopping rule)"
+    from .sweep import SYMBOLS
+
+    return ", ".join(f"{SYMBOLS.get(k, k)}={v}" for k, v in setting.items()) or "(its stopping rule)"
+
+
+def _test_table(tests: dict, weights: dict) -> str:
+    """One line per model (a column per model would run past 200 characters): under 100 columns."""
+    width = max(len(name) for name in tests) + 2
+    lines = [f"  {'model':<{width}}{'weights':>8}{'unsafe % [95% CI]':>20}{'safe img %':>11}{'BLEU':>6}"
+             f"{'ROUGE-L':>8}{'METEOR':>7}"]
+    for name, r in tests.items():
+        ci = f" [{r.unsafe_rate_ci[0]:.1f}, {r.unsafe_rate_ci[1]:.1f}]" if r.unsafe_rate_ci else ""
+        meteor = "n/a" if r.text.get("meteor") is None else f"{r.text['meteor']:.1f}"
+        lines.append(f"  {name:<{width}}{weights[name]:>8}{f'{r.unsafe_rate:.1f}{ci}':>20}"
+                     f"{r.unsafe_rate_safe_images:>11.1f}{r.text['bleu']:>6.1f}{r.text['rougeL']:>8.1f}{meteor:>7}")
+    lines.append("  unsafe % = unsafe captions of unsafe images; safe img % = unsafe captions of safe images")
+    return "\n".join(lines)
+
+
+def _plot(tests: dict, path: Path):
+    """Unsafe captions of unsafe images (95% CI) against ROUGE-L of safe images: each edit, its random
+    control (hollow, same colour) and the base model; names in the legend, none on the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colours = plt.get_cmap("tab10").colors
+    edits = [name for name in tests if name != "base" and not name.startswith("random (")]
+    for i, name in enumerate(["base"] + edits):
+        for key, hollow in ((name, False), (f"random ({name})", True)):
+            if key not in tests:
+                continue
+            r = tests[key]
+            low, high = r.unsafe_rate_ci or (r.unsafe_rate, r.unsafe_rate)
+            ax.errorbar([r.text["rougeL"]], [r.unsafe_rate], yerr=[[r.unsafe_rate - low], [high - r.unsafe_rate]],
+                        marker="*" if name == "base" else "o", markersize=11 if name == "base" else 7,
+                        color="black" if name == "base" else colours[i % len(colours)], capsize=3,
+                        markerfacecolor="none" if hollow else None, linestyle="none", label=key)
+    ax.set_xlabel("ROUGE-L of safe images' captions against their references")
+    ax.set_ylabel("unsafe captions of unsafe images (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.set_title("LLaVA organism captioner, test split (hollow: random control of the same size)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _grid_table(rows: list, base) -> str:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .paths import check_local, is_hub_id, model_location
+from huggingface_hub import try_to_load_from_cache
+
+from . import paths
+from .paths import check_local, is_hub_id, model_location, unreachable_error
 
 
 def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, subfolder: str | None = None,
@@ -34,6 +37,11 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, 
                                 "(no config.json): give a folder saved by save_pretrained or a Hub id.")
     if not local.exists() and not is_hub_id(location):
         raise FileNotFoundError(f"{name_or_path} is no folder here and no Hub repo id (owner/name): check the path.")
+    if not local.exists() and not local_files_only and paths.hub_unreachable():
+        config = f"{subfolder}/config.json" if subfolder else "config.json"
+        if not isinstance(try_to_load_from_cache(location, config, cache_dir=cache_dir, revision=revision), str):
+            raise unreachable_error(name_or_path, paths.hub_unreachable())
+        local_files_only = True  # cached earlier: read it without waiting for the Hub's retries
     options = dict(revision=revision, trust_remote_code=trust_remote_code, token=token, cache_dir=cache_dir,
                    local_files_only=local_files_only, force_download=force_download,
                    **({"subfolder": subfolder} if subfolder else {}))
@@ -44,6 +52,11 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, 
     try:
         processor = transformers.AutoProcessor.from_pretrained(location, **options)
     except Exception as err:  # a broken processor must not pass silently as "no processor"
+        missing = [name for name in TOKENIZER_LIBRARIES if name in str(err).lower()]
+        if missing:  # transformers names the library in a paragraph; say how hf_uwm installs it
+            raise ImportError(f"The tokenizer of {name_or_path} needs {' and '.join(missing)}, which is not installed: "
+                              "pip install 'hf_uwm[siglip]' (sentencepiece and protobuf, for SigLIP and other "
+                              "SentencePiece tokenizers).") from err
         if _has_processor_files(location, options):
             raise OSError(f"The processor of {name_or_path} failed to load ({type(err).__name__}: {err}); fix its "
                           "files or pass processor= to from_pretrained.") from err
@@ -51,6 +64,7 @@ def load_model(name_or_path, revision=None, trust_remote_code: bool = False, *, 
     return model, processor
 
 
+TOKENIZER_LIBRARIES = ("sentencepiece", "protobuf")  # what a SentencePiece tokenizer (SigLIP's) needs installed
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
 
 

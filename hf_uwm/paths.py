@@ -2,13 +2,18 @@
 
 A name that can only be a local path (it starts with `.`, `~` or `/`, holds a backslash or more than
 one `/`, or ends in a data-file suffix) and does not exist is a `FileNotFoundError` at once, before
-anything asks the Hub: a typo should not wait for network retries and then blame the Hub.
+anything asks the Hub: a typo should not wait for network retries and then blame the Hub. So is a
+near miss of a bundled name (`organsim`), with the name it missed. The Hub itself is asked once,
+briefly, whether it answers at all (`hub_unreachable`), before any download that would retry for
+half a minute.
 A delta records its base model by a name that means the same on every machine: a Hub id, or
 `organism` for the bundled model; never a path of the machine that made it.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import re
 from pathlib import Path
@@ -32,10 +37,47 @@ def looks_like_path(name) -> bool:
 
 
 def check_local(name) -> None:
-    """Raise FileNotFoundError for a path-looking name with nothing behind it."""
+    """Raise FileNotFoundError for a path-looking name with nothing behind it, or a near miss of a bundled name."""
     if looks_like_path(name) and not Path(os.fspath(name)).expanduser().exists():
         raise FileNotFoundError(f"no such file or folder: {os.fspath(name)} (it looks like a local path, so the "
                                 "Hub was not asked; a Hub id looks like 'org/name').")
+    near = near_bundled_name(name)
+    if near is not None:
+        raise FileNotFoundError(f"{name!r} is no bundled name and no file or folder here: did you mean {near!r}? "
+                                f"(The bundled names are {', '.join(BUNDLED)}; the Hub was not asked.)")
+
+
+def near_bundled_name(name) -> str | None:
+    """The bundled name that `name` nearly spells (a typo such as 'organsim'), when nothing local has that name."""
+    if not isinstance(name, str) or name in BUNDLED or "/" in name or Path(name).expanduser().exists():
+        return None
+    return next(iter(difflib.get_close_matches(name.lower(), BUNDLED, n=1, cutoff=0.8)), None)
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be asked now, or None when it answers: one request of a few seconds, once per process.
+
+    `huggingface_hub` retries a failed connection five times (about 25 s) before it says anything; one
+    short try tells a machine without network at once, and the caller falls back on the cache.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as err:  # any failure to connect (DNS, refused, timeout, TLS) means the same here
+        return f"{constants.ENDPOINT} did not answer: {type(err).__name__}"
+    return None
+
+
+def unreachable_error(name, reason: str) -> OSError:
+    """The one-line error for a Hub name that is neither local nor cached while the Hub cannot be asked."""
+    fix = "unset HF_HUB_OFFLINE" if "HF_HUB_OFFLINE" in reason else "check the name and the connection"
+    return OSError(f"{name!r} is not a local folder nor in the Hugging Face cache, and the Hub could not be reached "
+                   f"({reason}): {fix}, or give a local folder.")
 
 
 def is_hub_id(name) -> bool:

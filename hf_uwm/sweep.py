@@ -207,13 +207,16 @@ def write_csv(rows: list[SweepRow], path: str | Path, base=None) -> Path:
 
 
 def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: SweepRow | None = None,
-                title: str = "Safety / knowledge trade-off (validation)", max_drop: float | None = None) -> Path:
-    """GS against knowledge: every setting (labelled) beside its random control, with GS bootstrap 95%
-    intervals, the base model, the knowledge budget `max_drop` points below it, and the choice marked.
+                title: str = "Safety / knowledge trade-off (validation)", max_drop: float | None = None,
+                table_name: str | None = None) -> Path:
+    """GS against knowledge: every setting beside its random control, with GS bootstrap 95% intervals,
+    the base model, the knowledge budget `max_drop` points below it, and the choice marked.
 
     Markers are drawn so that none hides another: the base model is a hollow star over everything,
     settings and their controls are dodged a few points left and right of their knowledge value (a
-    display offset, the data stay exact), settings that land on one point share one label.
+    display offset, the data stay exact). Only the chosen setting and the extremes (highest GS, most
+    knowledge) are named, in a column right of the axes with a line to their point, so that no label
+    can cover another or the data; every other setting is in the table `table_name`.
     """
     import matplotlib
 
@@ -226,15 +229,10 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
     colours, markers = plt.get_cmap("tab10").colors, "osD^v<>ph"
     reports = [r.report for r in rows] + [r.control for r in rows] + ([base] if base is not None else [])
     top = max([10.0] + [r.intervals.get("GS", (0, r.safeground["GS"]))[1] for r in reports])
-    span = max(knowledge(r) for r in reports) - min(knowledge(r) for r in reports)
     for i, method in enumerate(dict.fromkeys(r.method for r in rows)):
-        mine = [r for r in rows if r.method == method]
-        colour = colours[i % len(colours)]
-        _with_intervals(ax, [r.report for r in mine], label=method, color=colour, marker=markers[i % len(markers)],
-                        alpha=0.85, zorder=3, transform=left)
-        for (x, y), labels in _labels_by_point(mine, near=(0.04 * span, 0.04 * top)).items():
-            ax.annotate("\n".join(labels), (x, y), xytext=(-9, 0), textcoords="offset points", fontsize=6,
-                        color=colour, ha="right", va="center")
+        _with_intervals(ax, [r.report for r in rows if r.method == method], label=method,
+                        color=colours[i % len(colours)], marker=markers[i % len(markers)], alpha=0.85, zorder=3,
+                        transform=left)
     _with_intervals(ax, [r.control for r in rows], label="random control (same size)", color="dimgrey", marker="x",
                     zorder=4, transform=right)
     if base is not None:
@@ -251,21 +249,37 @@ def pareto_plot(rows: list[SweepRow], path: str | Path, base=None, chosen: Sweep
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _name_points(ax, _named_rows(rows, chosen), left, table_name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 
 
-def _labels_by_point(rows: list[SweepRow], near: tuple[float, float]) -> dict[tuple[float, float], list[str]]:
-    """The setting labels by point, settings within `near` (knowledge, GS) of a labelled point joining its
-    label, so that labels of (nearly) coinciding settings do not print over each other."""
-    points = {}
-    for r in rows:
-        x, y = knowledge(r.report), r.report.safeground["GS"]
-        anchor = next((p for p in points if abs(p[0] - x) <= near[0] and abs(p[1] - y) <= near[1]), (x, y))
-        points.setdefault(anchor, []).append(r.setting_label())
-    return points
+def _named_rows(rows: list[SweepRow], chosen: SweepRow | None) -> list[tuple[SweepRow, list[str]]]:
+    """The settings a plot names, each with why: the chosen one, the highest GS, the most knowledge."""
+    def gs(r):
+        return r.report.safeground["GS"]
+
+    picks = [("chosen", chosen), ("highest GS", max(rows, key=lambda r: (gs(r), knowledge(r.report)))),
+             ("most knowledge", max(rows, key=lambda r: (knowledge(r.report), gs(r))))]
+    named = {}
+    for why, row in picks:
+        if row is not None:
+            named.setdefault(id(row), (row, []))[1].append(why)
+    return list(named.values())
+
+
+def _name_points(ax, named, transform, table_name: str | None):
+    """One line of text per named setting in a column right of the axes (below the legend), each joined
+    to its point by a thin line: texts in a column never overlap, and none lies on the data."""
+    heading = "named settings" + (f" (every setting: {table_name})" if table_name else "")
+    ax.annotate(heading, (1.01, 0.34), xycoords="axes fraction", fontsize=7, fontweight="bold", va="bottom")
+    for i, (row, why) in enumerate(named):
+        point = (knowledge(row.report), row.report.safeground["GS"])
+        ax.annotate(f"{row.label()}: {', '.join(why)}", point, xycoords=transform,
+                    xytext=(1.01, 0.30 - 0.07 * i), textcoords="axes fraction", fontsize=7, va="center",
+                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.6, shrinkA=0, shrinkB=4), zorder=7)
 
 
 def _with_intervals(ax, reports, label, **style):

@@ -87,3 +87,10 @@ def clip():
 @pytest.fixture
 def pairs():
     return make_pairs()
+
+
+@pytest.fixture(autouse=True)
+def hub_answers(monkeypatch):
+    """Whether the Hub answers is a real network request: tests mock the Hub instead, as if it answered
+    (a test of an unreachable Hub sets hf_uwm.paths.hub_unreachable itself)."""
+    monkeypatch.setattr("hf_uwm.paths.hub_unreachable", lambda: None)

@@ -104,7 +104,8 @@ def test_a_delta_of_another_model_class_is_named_as_such(editor, tmp_path):
         return {name: layer.weight.shape for name, layer in e.target_layers.items()}
 
     assert shapes(UWMEditor(siglip, processor, editor.config)) == shapes(editor)
-    with pytest.raises(ValueError, match=r"made on a CLIPModel \(clip\) and this model is a SiglipModel \(siglip\)"):
+    with pytest.raises(ValueError, match=r"made on a CLIPModel \(clip\) and the model passed as model= is a "
+                                         r"SiglipModel \(siglip\): pass the model it was made on"):
         UWMEditor.from_pretrained(folder, model=siglip, processor=processor)
 
 

@@ -244,3 +244,64 @@ def test_a_missing_optional_dependency_is_a_message_not_a_traceback(monkeypatch,
     assert main(["eval-captions", "organism-captioner", "--data", "organism", "--samples", "2", "--no-meteor",
                  "--bootstrap", "0", "--max-new-tokens", "2", "--quiet"]) == 1
     assert "pip install hf_uwm[captioning]" in capsys.readouterr().err
+
+
+# --- messages about the real mismatch ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def organism_delta(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("organism") / "delta"
+    assert main(["edit", "organism", "--data", "organism", "--samples", "16", "--method", "ratio", "--towers", "text",
+                 "--output", str(folder), "--quiet"]) == 0
+    return folder
+
+
+def test_a_wrong_base_is_blamed_on_base_and_says_what_to_give(files, organism_delta, tmp_path, capsys):
+    tiny = tmp_path / "tiny-delta"
+    assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--method", "ratio", "--towers", "text",
+                 "--output", str(tiny), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tiny), "--data", "organism", "--base", "organism", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "that the model of --base (a CLIPModel) lacks or has in other shapes: give the model it was made on " \
+           "(a local model folder 'model') with --base." in err and "None" not in err
+    assert main(["eval", str(organism_delta), "--data", "organism", "--base", "organism-hard", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "The target weights of the model of --base differ from the base model this delta was made on " \
+           "('organism'): drop --base: the delta loads 'organism' itself." in err and "already applied" not in err
+
+
+def test_an_unknown_method_in_a_saved_delta_names_the_file(organism_delta, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(organism_delta, other)
+    record = json.loads((other / "uwm_config.json").read_text())
+    record["config"]["method"] = "frobnicate"
+    (other / "uwm_config.json").write_text(json.dumps({**record, "hf_uwm_version": "9.0"}))
+    assert main(["eval", str(other), "--data", "organism", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{other / 'uwm_config.json'}: Unknown method 'frobnicate'" in err and "written by hf_uwm 9.0" in err
+
+
+def test_alpha_outside_minus_one_to_one_is_warned_about(files, tmp_path):
+    edit = ["edit", str(files / "model"), "--data", str(files / "pairs"), "--method", "ratio", "--quiet", "--alpha"]
+    with pytest.warns(UserWarning, match=r"--alpha 5 multiplies each selected weight by 5, beyond the \[-1, 1\]"):
+        assert main(edit + ["5", "--output", str(tmp_path / "d")]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(edit + ["-0.5", "--output", str(tmp_path / "e")]) == 0
+    assert not [w for w in caught if "--alpha" in str(w.message)]
+
+
+def test_output_piped_into_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    # `hf-uwm eval ... | head -1`: the reader leaves after one line; printing more must not be an error line.
+    code = ("import sys; from hf_uwm import cli; cli.run_eval = lambda args: [print('row', i, flush=True) "
+            "for i in range(10**6)]; sys.exit(cli.main(['eval', 'organism', '--data', 'organism']))")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline() == b"row 0\n"
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141
+    assert b"Broken pipe" not in process.stderr.read()

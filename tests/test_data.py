@@ -341,3 +341,53 @@ def test_all_rows_bad_is_an_error(folder):
 def test_samples_must_be_positive(visu):
     with pytest.raises(ValueError, match="samples must be a positive"):
         visu_load(visu, samples=0)
+
+
+# --- messy data of one's own ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_file_not_in_utf8_names_itself_its_line_and_the_fix(tmp_path, suffix):
+    rows = pair_rows(tmp_path)
+    rows[1]["safe_text"] = "a café 1"
+    path = write_pair_file(tmp_path / f"pairs{suffix}", rows)
+    text = path.read_text().replace("\\u00e9", "\u00e9")  # JSON escapes it
+    path.write_bytes(text.encode("cp1252"))  # what a spreadsheet on Windows saves
+    line = 3 if suffix == ".csv" else 2  # after the CSV's header
+    with pytest.raises(ValueError, match=rf"pairs{suffix} is not UTF-8 text: line {line} holds the byte 0xe9.*"
+                                         rf"Save it as UTF-8, e.g. `iconv -f cp1252 -t utf-8 pairs{suffix}"):
+        load_pairs(path)
+
+
+def test_captions_files_not_in_utf8_are_named(folder):
+    (folder / "captions.csv").write_bytes("file_name,safe_text,unsafe_text\np0.png,caf\xe9,x\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"captions.csv is not UTF-8 text: line 2"):
+        load_folder(folder)
+
+
+def test_nan_and_null_captions_of_a_csv_are_text_and_an_empty_cell_is_empty(tmp_path):
+    rows = pair_rows(tmp_path, n=4)
+    rows[0]["safe_text"], rows[1]["unsafe_text"], rows[2]["safe_text"] = "nan", "NaN", "null"
+    data = load_pairs(write_pair_file(tmp_path / "pairs.csv", rows))
+    assert data["safe_text"][:3] == ["nan", "a cat 1", "null"] and data["unsafe_text"][1] == "NaN"
+    rows[3]["safe_text"] = ""
+    with pytest.raises(ValueError, match=r"Column 'safe_text', row 3: the text is empty\."):
+        load_pairs(write_pair_file(tmp_path / "pairs.csv", rows))
+
+
+def test_pairs_whose_sides_are_identical_are_counted_and_refused_or_skipped(tmp_path):
+    rows = pair_rows(tmp_path, n=4)
+    rows[1]["unsafe_text"] = " a cat 1"
+    rows[2]["unsafe_image"] = rows[2]["safe_image"]
+    write_image(tmp_path / "img" / "copy.png", shade=3)
+    rows[3]["unsafe_image"] = "img/copy.png"  # another file with the same bytes as img/s3.png
+    path = write_pair_file(tmp_path / "pairs.csv", rows)
+    with pytest.raises(ValueError, match=r"Column 'unsafe_text', row 1: the same text as safe_text .*"
+                                         r"\(2 more bad row\(s\) after it\)"):
+        load_pairs(path)
+    with pytest.warns(SkippedRowsWarning, match="3 of 4 rows are bad") as caught:
+        data = load_pairs(path, skip_bad_rows=True)
+    assert data["safe_text"] == ["a cat 0"]
+    report = next(w.message.report for w in caught if isinstance(w.message, SkippedRowsWarning))
+    assert {(b.row, b.column) for b in report.bad} == {(1, "unsafe_text"), (2, "unsafe_image"), (3, "unsafe_image")}
+    texts = {c: [r[c] for r in rows] for c in ("safe_text", "unsafe_text")}
+    assert check_pairs(texts, columns_for(["text"])).bad_rows == [1]  # the images are not read for the text tower

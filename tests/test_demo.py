@@ -65,8 +65,10 @@ def test_demo_writes_deltas_tables_and_plots(small, organism_copy, tmp_path, cap
         assert f"  {metric} " in test_part
     validation = text[text.index("Validation"):text.index("Chosen on validation")].splitlines()[1:-2]
     assert len({line.index("|") for line in validation}) == 1, validation
-    # The same folder can take the demo again (its own outputs are overwritten).
-    demo.check_output(out)
+    # The same folder takes the demo again only when told to, as `hf-uwm edit` replaces a delta.
+    with pytest.raises(FileExistsError, match="holds a previous demo's results: pass overwrite=True"):
+        demo.check_output(out)
+    demo.check_output(out, overwrite=True)
 
 
 def test_demo_on_world3_reports_held_out_concepts_and_lookalikes_per_row(small, tmp_path, capsys):
@@ -106,3 +108,15 @@ def test_demo_refuses_an_output_with_stray_files_before_any_model_work(tmp_path,
     assert main(["demo", "--output", str(tmp_path / "uwm" / "notes.md"), "--quiet"]) == 1
     assert "is a file" in capsys.readouterr().err
     assert (tmp_path / "uwm" / "notes.md").read_text() == "keep me too"
+
+
+def test_demo_replaces_a_previous_demo_only_with_overwrite(tmp_path, monkeypatch, capsys):
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr("hf_uwm.cli.load_model", no_model_work)
+    (tmp_path / "results.json").write_text("{}")  # what a previous demo left
+    assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 1
+    assert "holds a previous demo's results: add --overwrite" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past the check: on to the model
+        main(["demo", "--output", str(tmp_path), "--overwrite", "--quiet"])

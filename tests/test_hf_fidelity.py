@@ -12,13 +12,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_clip, make_pairs
+from conftest import make_clip, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.cli import main
 from hf_uwm.delta import CONFIG_NAME, DELTA_FILES, DELTA_NAME, read_delta
+from hf_uwm import paths
 from hf_uwm.paths import organism_path
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_HUB_PROBE = getattr(paths, "hub_unreachable", None)  # conftest replaces it in every test
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,76 @@ def test_missing_data_paths_fail_before_any_hub_call(no_hub, name, capsys):
         load_pairs(name)
     assert main(["eval", "organism", "--data", name, "--quiet"]) == 1
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,near", [("organsim", "organism"), ("Organism-hrad", "organism-hard")])
+def test_a_near_miss_of_a_bundled_name_suggests_it_before_any_hub_call(no_hub, name, near, capsys):
+    from hf_uwm.data import load_pairs
+
+    suggestion = f"{name!r} is no bundled name and no file or folder here: did you mean {near!r}?"
+    with pytest.raises(FileNotFoundError, match=re.escape(suggestion)):
+        UWMEditor.from_pretrained(name)
+    with pytest.raises(FileNotFoundError, match=re.escape(suggestion)):
+        load_pairs(name)
+    assert main(["eval", name, "--data", "organism", "--quiet"]) == 1
+    assert suggestion in capsys.readouterr().err
+
+
+UNREACHABLE = "https://huggingface.co did not answer: ConnectError"
+
+
+def test_an_unreachable_hub_is_one_line_after_one_short_try(monkeypatch, tmp_path):
+    """Without network, a Hub name is looked up in the cache only, and the error never blames HF_HUB_OFFLINE."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import datasets
+    from hf_uwm.data import load_pairs
+    from hf_uwm.loading import load_model
+
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr("hf_uwm.paths.hub_unreachable", lambda: UNREACHABLE)
+    monkeypatch.setattr("hf_uwm.delta.hf_hub_download", download)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the Hub for data"))
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("asked the Hub"))
+    line = rf"'me/nope' is not a local folder nor in the Hugging Face cache, and the Hub could not be reached " \
+           rf"\({UNREACHABLE}\): check the name and the connection, or give a local folder\.$"
+    with pytest.raises(OSError, match=line):
+        UWMEditor.from_pretrained("me/nope")
+    assert asked == [True]  # the cache only: huggingface_hub would retry the Hub for half a minute
+    with pytest.raises(OSError, match=line):
+        load_model("me/nope", cache_dir=tmp_path)
+    with pytest.raises(OSError, match=r"'me/pairs' is no local file or folder, and the Hub could not be reached "
+                                      r".*or set HF_HUB_OFFLINE=1 to read a dataset cached earlier"):
+        load_pairs("me/pairs")
+
+
+def test_hub_unreachable_tries_once_and_names_offline_mode(monkeypatch):
+    from huggingface_hub import constants
+
+    tries = []
+
+    class Session:
+        def head(self, url, timeout):
+            tries.append(timeout)
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr("huggingface_hub.utils.get_session", lambda: Session())
+    probe = REAL_HUB_PROBE
+    probe.cache_clear()
+    try:
+        assert probe() == f"{constants.ENDPOINT} did not answer: ConnectionError" and probe() == probe()
+        assert len(tries) == 1 and tries[0] <= 5
+        probe.cache_clear()
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert probe() == "HF_HUB_OFFLINE is set"
+        assert "unset HF_HUB_OFFLINE" in str(paths.unreachable_error("me/x", probe()))
+    finally:
+        probe.cache_clear()
 
 
 def test_a_hub_id_still_asks_the_hub(monkeypatch):
@@ -303,6 +375,25 @@ def test_a_broken_processor_raises_and_a_missing_one_is_none(tmp_path):
         load_model(tmp_path / "broken")
 
 
+def test_a_sentencepiece_tokenizer_without_its_libraries_names_the_siglip_extra(tmp_path, capsys):
+    import importlib.util
+
+    from hf_uwm.loading import load_model
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed: transformers loads the tokenizer")
+    model, processor = make_siglip()
+    model.save_pretrained(tmp_path / "siglip")
+    processor.save_pretrained(tmp_path / "siglip")
+    config = json.loads((tmp_path / "siglip" / "tokenizer_config.json").read_text())
+    (tmp_path / "siglip" / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "SiglipTokenizer"}))
+    with pytest.raises(ImportError, match=r"tokenizer of .*siglip needs sentencepiece, which is not installed: "
+                                          r"pip install 'hf_uwm\[siglip\]'"):
+        load_model(tmp_path / "siglip")
+    assert main(["eval", str(tmp_path / "siglip"), "--data", "organism", "--quiet"]) == 1
+    assert "pip install 'hf_uwm[siglip]'" in capsys.readouterr().err
+
+
 def test_only_the_main_process_saves(tmp_path):
     editor = UWMEditor(*make_clip(), UWMConfig()).calibrate(make_pairs(), progress=False)
     assert editor.save_pretrained(tmp_path / "d", is_main_process=False) == tmp_path / "d"
@@ -322,7 +413,7 @@ try:
     main(["--help"])
 except SystemExit:
     pass
-from conftest import make_clip, make_pairs
+from conftest import make_clip, make_pairs, make_siglip
 from hf_uwm.evaluation import evaluate_model
 evaluate_model(*make_clip(), make_pairs(4), bootstrap=10, progress=False)
 print(sorted(m for m in sys.modules if m == "evaluate" or m.startswith("evaluate.")))

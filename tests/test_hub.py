@@ -447,3 +447,14 @@ def test_push_metric_creates_a_gradio_space_that_evaluate_can_load(hub):
     assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and "evaluate" in card.data.tags
     with pytest.raises(ValueError, match="name the Space '<namespace>/safeground'"):
         push_metric("me/my-metric", token=TOKEN)
+
+
+def test_a_failed_metric_push_speaks_of_the_metric_not_of_an_edit(hub):
+    from hf_uwm.hub import push_metric
+
+    hub.fail["create_repo"] = ConnectionError("no network")
+    with pytest.raises(PushError) as error:
+        push_metric("me/safeground", token=TOKEN)
+    assert str(error.value) == ("Could not publish the metric to me/safeground (ConnectionError: no network). No "
+                                "commit was made, so me/safeground holds no part of this upload; nothing local was "
+                                "changed.")

@@ -27,7 +27,7 @@ def test_every_row_has_its_rate_interval_and_text_metrics_and_meteor_is_said(tmp
     assert "METEOR: computed (nltk's METEOR, WordNet 3.0" in out
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["test"].keys() == results["test"].keys()
-    names = {"base", "UWM", "UWM τ=0.085", "attribution", "iterative"}
+    names = {"base", "UWM", "UWM paper", "attribution", "iterative"}
     assert set(written["test"]) == names | {f"random ({n})" for n in names - {"base"}}
     for row in written["test"].values():
         assert 0 <= row["unsafe_rate"] <= 100 and len(row["unsafe_rate_ci"]) == 2
@@ -36,6 +36,8 @@ def test_every_row_has_its_rate_interval_and_text_metrics_and_meteor_is_said(tmp
     assert [s["round"] for s in stop["trajectory"]][0] == 0 and stop["stop"][0] >= 1
     assert written["chosen"]["iterative"]["weights"] == stop["trajectory"][stop["stop"][0]]["flipped"] > 0
     assert any((tmp_path / "caption-iterative").iterdir())   # the delta is saved
+    assert (tmp_path / "test_results.png").stat().st_size > 0
+    assert max(map(len, out.splitlines())) < 100 and "UWM paper  " in out and "tau=" not in out
 
 
 def test_without_a_wordnet_the_demo_says_meteor_was_not_computed(tmp_path, small_demo, monkeypatch, capsys):

@@ -4,6 +4,8 @@ Every caller pads all the texts of a run to one length, so an item's input never
 batch, and the result equals padding to the model's fixed length up to float rounding.
 """
 
+import warnings
+
 import datasets
 import pytest
 import torch
@@ -145,3 +147,18 @@ def test_a_length_that_cannot_hold_the_texts_is_refused():
         family.preprocess_text(texts, family.text_length(texts) - 1)
     with pytest.raises(ValueError, match="model's 32"):
         family.preprocess_text(texts, FIXED + 1)
+
+
+@FAMILIES
+def test_texts_longer_than_the_model_reads_are_reported_once_with_a_count(make_model):
+    model, processor = make_model()
+    family = ModelFamily(model, processor)
+    fits = "a " * (FIXED - 2)  # with its start and end tokens: exactly the model's length, not cut
+    texts = ["a dog", fits, "word " * 500, "cat " * 40]
+    with pytest.warns(UserWarning, match=rf"^2 of 4 texts are longer than the model's {FIXED} tokens: only their "
+                                         rf"first {FIXED} tokens are read") as caught:
+        assert family.text_length(texts) == FIXED
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        family.text_length(texts[:2])

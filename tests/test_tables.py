@@ -56,8 +56,9 @@ def test_pareto_plot_labels_settings_draws_intervals_the_budget_and_hides_no_mar
     path = sw.pareto_plot(rows, tmp_path / "pareto.png", base, rows[2], max_drop=2.0)
     assert path.read_bytes()[:4] == b"\x89PNG"
     ax = figure[0].axes[0]
-    # One label per point: the two UWM settings on one point share it.
-    assert sorted(t.get_text() for t in ax.texts) == ["density=0.01", "τ=0.01\nτ=0.02"]
+    # Only the chosen setting and the extremes are named (every setting is in the CSV).
+    assert sorted(t.get_text() for t in ax.texts) == ["UWM τ=0.01: most knowledge",
+                                                      "attribution density=0.01: chosen, highest GS", "named settings"]
     # Bootstrap intervals: error bars of the settings and of the controls, [15, 25] among them.
     bars = [c for c in ax.containers if c.has_yerr]
     assert len(bars) == 3  # UWM, attribution, the controls

@@ -97,20 +97,31 @@ def holdout_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[in
 
 
 def plot_trajectory(trajectory: list[Step], path, *, goal: float | None = None, knowledge_budget: float | None = None,
-                    kept: int | None = None, reason: str | None = None, title: str = "Iterative edit"):
-    """A PNG of the held-out goal and knowledge cost per round, with the goal, the budget and the round kept."""
+                    kept: int | None = None, reason: str | None = None, title: str = "Iterative edit",
+                    goal_name: str = "GS"):
+    """A PNG of the held-out goal and knowledge cost per round, with the goal, the budget and the round kept.
+
+    `goal_name` is what the goal measures (the method's `goal_name`); the legend sits below the axes, off
+    the curves, and rounds are whole numbers.
+    """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [s.round for s in trajectory]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot(rounds, [s.goal for s in trajectory], marker=".", color="tab:blue", label="held-out GS (goal measure)")
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    goal_label = f"held-out {goal_name}"
+    ax.plot(rounds, [s.goal for s in trajectory], marker=".", color="tab:blue", label=f"{goal_label} (goal measure)")
     if goal is not None:
         ax.axhline(goal, color="tab:blue", linestyle=":", linewidth=1, label=f"goal {goal:g}")
     ax.set_xlabel("round")
-    ax.set_ylabel("held-out GS (%)", color="tab:blue")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis_label = goal_label if goal_label.endswith("%") else f"{goal_label} (%)"
+    ax.set_ylabel("\n".join(textwrap.wrap(axis_label, 34)), color="tab:blue")  # a long goal name stays on the figure
     ax.set_ylim(-2, 102)
     cost = ax.twinx()
     cost.plot(rounds, [s.cost for s in trajectory], marker=".", color="tab:red", label="knowledge cost")
@@ -124,7 +135,7 @@ def plot_trajectory(trajectory: list[Step], path, *, goal: float | None = None, 
         ax.axvline(kept, color="black", linewidth=1, label=f"kept: {kept} rounds" + (f" ({reason})" if reason else ""))
     lines = ax.get_legend_handles_labels()[0] + cost.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + cost.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, fontsize=7, loc="center right")
+    ax.legend(lines, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()
