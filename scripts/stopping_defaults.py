@@ -98,7 +98,8 @@ def trajectory_of(model_name: str, args, weight: float, density: float) -> dict:
                           "zero_shot": report.zero_shot, "R@1 Ts->Is": report.retrieval["R@1 Ts->Is"]})
         print(f"{model_name}: round {r:2d}  slice GS {editor.trajectory[r].goal:5.1f}  "
               f"drift {editor.trajectory[r].measures['drift']:.2f}  "
-              f"agreement {editor.trajectory[r].measures['agreement']:.1f}  mass lost {editor.trajectory[r].measures['vocabulary_mass_lost']:.2f}  | validation GS {per_round[-1]['GS']:5.1f}"
+              f"agreement {editor.trajectory[r].measures['agreement']:.1f}  "
+              f"vocabulary shift {editor.trajectory[r].measures['vocabulary_shift']:.2f}  | validation GS {per_round[-1]['GS']:5.1f}"
               f"  zero-shot {report.zero_shot:.1f}", flush=True)
     return {"model": model_name, "curvature_weight": weight, "round_density": density, "calibrate_cpu_s": calibrate_s,
             "trajectory": to_records(editor.trajectory), "validation": per_round}
@@ -172,9 +173,9 @@ def main():
         rows += [{"curvature_weight": weight, "round_density": density, **row}
                  for row in candidates([runs[name, weight, density] for name in args.models], args.max_drop)]
     ok = [r for r in rows if r["ok"]]
-    # Ties on the worst-case GS go to fewer rounds (a cheaper calibration), then to the smaller drop.
-    best = max(ok, key=lambda r: (round(r["worst_GS"], 1), -max(o["rounds"] for o in r["per_model"]),
-                                  -r["worst_drop"])) if ok else None
+    # Ties on the worst-case GS go to the higher mean GS, then to fewer rounds (a cheaper calibration).
+    best = max(ok, key=lambda r: (round(r["worst_GS"], 1), round(sum(o["GS"] for o in r["per_model"]), 1),
+                                  -max(o["rounds"] for o in r["per_model"]))) if ok else None
     out.write_text(json.dumps({"runs": list(runs.values()), "candidates": rows, "chosen": best,
                                "max_drop": args.max_drop}, indent=1))
     kept = ((best["curvature_weight"], best["round_density"]) if best

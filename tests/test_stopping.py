@@ -124,7 +124,7 @@ def test_the_rule_reads_the_held_out_gs_and_the_knowledge_measure_it_is_told(cli
     assert any(m["agreement"] != m["agreement_text"] for m in measures)   # so the two sides are told apart
     for step in editor.trajectory:
         m = step.measures
-        cost = m["vocabulary_mass_lost"] if measure == "vocabulary" else 100 - m["agreement"]
+        cost = m["vocabulary_shift"] if measure == "vocabulary" else 100 - m["agreement"]
         assert step.goal == m["GS"] and step.cost == cost
         assert m["cost_resolution"] == (100 / len(data) if measure == "vocabulary" else 100 / 4)   # 4 held out
 

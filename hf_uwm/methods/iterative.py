@@ -58,8 +58,8 @@ class IterativeSettings(MethodSettings):
 
     rounds: int = 40
     round_density: float = 0.002
-    goal: float | None = 98.0
-    knowledge_budget: float | None = 2.0
+    goal: float | None = 95.0
+    knowledge_budget: float | None = 12.0
     holdout: float = 0.2
     curvature_weight: float = 4.0
     curvature_probes: int = 1
@@ -402,7 +402,7 @@ def slice_measures(texts: torch.Tensor, images: torch.Tensor, base_texts: torch.
 
 
 # knowledge_measure -> the slice's measure it reads (`_cost` counts it as points lost)
-KNOWLEDGE_MEASURES = {"vocabulary": "vocabulary_mass_lost", "agreement": "agreement", "rougeL": "rougeL_lost"}
+KNOWLEDGE_MEASURES = {"vocabulary": "vocabulary_shift", "agreement": "agreement", "rougeL": "rougeL_lost"}
 VOCABULARY_TEMPLATE = "a photo of a {}."
 VOCABULARY_SIZE = 256   # prompts embedded per round: a small share of a round's forward and backward passes
 # Words that name nothing an image shows; the others come from the captions themselves.
