@@ -52,6 +52,23 @@ def config(name: str, args):
                      curvature_probes=8, round_density=0.001, **({"goal": 95.0, "knowledge_budget": 8.0} | fixed))
 
 
+def time_held_out_measures() -> list:
+    """Wall seconds of every call that measures the held-out slice (its setup included), appended
+    to the list returned, for the rest of this process."""
+    from hf_uwm.methods.iterative import IterativeAttribution, IterativeEdit
+
+    seconds = []
+    for cls, name in ((IterativeAttribution, "start_measuring"), (IterativeEdit, "_step")):
+        def timed(self, *args, _inner=getattr(cls, name), **kwargs):
+            start = time.perf_counter()
+            try:
+                return _inner(self, *args, **kwargs)
+            finally:
+                seconds.append(time.perf_counter() - start)
+        setattr(cls, name, timed)
+    return seconds
+
+
 def run_one(args):
     """One calibration of `args.method` in this process; prints its JSON result."""
     from bench_calibration import peak_gib
@@ -63,10 +80,11 @@ def run_one(args):
     # Warm-up: the first calibration of a process pays for lazy imports and allocator growth.
     UWMEditor(model, processor, UWMConfig(batch_size=args.batch)).calibrate(
         data.select(range(min(len(data), args.batch))), progress=False)
+    measuring = time_held_out_measures()
     start, start_cpu = time.perf_counter(), time.process_time()
     editor = UWMEditor(model, processor, config(args.method, args)).calibrate(data, progress=False)
     result = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - start_cpu,
-              "peak_gib": peak_gib("cpu")}
+              "peak_gib": peak_gib("cpu"), "measure_seconds": sum(measuring)}
     if editor.stop is not None:   # rounds run (the last one measured, kept or not); the same every repeat
         result |= {"ran": editor.trajectory[-1].round if editor.trajectory else editor.stop[0],
                    "kept": editor.stop[0], "reason": editor.stop[1]}
@@ -109,6 +127,9 @@ def main():
             it, uwm = t[name], t["UWM"]
             print(f"  {label}: {it / last['ran']:.2f} s per round ({it / last['ran'] / uwm:.2f}x one UWM calibration); "
                   f"{name} / UWM {it / uwm:.2f}x")
+        measure = statistics.median(r["measure_seconds"] for r in runs[name]) / (last["ran"] + 1)
+        print(f"  held-out measures: {measure:.3f} s per round (setup shared out; wall), "
+              f"{measure / (median['wall'][name] / last['ran']):.2f} of a round")
     print(f"iterative / previous: {median['wall']['iterative'] / median['wall']['previous']:.2f}x wall")
 
 

@@ -131,29 +131,40 @@ def candidates(runs: list[dict], max_drop: float) -> list[dict]:
 
 
 def plot(runs: list[dict], path: Path):
+    """Validation zero-shot drop against each held-out knowledge measure (one point per round), and
+    validation GS against the held-out GS; world-3 organisms dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MEASURES) + 1, figsize=(4.2 * (len(MEASURES) + 1), 3.8))
+    from hf_uwm import organism
+
+    panels = len(MEASURES) + 1
+    cols = 4
+    fig, axes = plt.subplots((panels + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.6 * ((panels + cols - 1) // cols)))
+    axes = axes.flatten()
     for run in runs:
         steps = from_records(run["trajectory"])
         drops = [run["validation"][0]["zero_shot"] - v["zero_shot"] for v in run["validation"]]
-        label = Path(run["model"]).name
+        style = dict(marker=".", label=Path(run["model"]).name,
+                     linestyle="--" if organism.world_of(run["model"]) == 3 else "-")
         for ax, (name, fn) in zip(axes, MEASURES.items()):
-            ax.plot([fn(s, steps[0]) for s in steps], drops, marker=".", label=label)
+            ax.plot([fn(s, steps[0]) for s in steps], drops, **style)
             ax.set_xlabel(f"held-out {name} (points lost)")
-        axes[-1].plot([s.goal for s in steps], [v["GS"] for v in run["validation"]], marker=".", label=label)
-    axes[0].set_ylabel("validation zero-shot drop (points)")
-    axes[-1].set_xlabel("held-out GS")
-    axes[-1].set_ylabel("validation GS")
-    for ax in axes:
+            ax.set_ylabel("validation zero-shot drop")
+        axes[panels - 1].plot([s.goal for s in steps], [v["GS"] for v in run["validation"]], **style)
+    axes[panels - 1].set_xlabel("held-out GS")
+    axes[panels - 1].set_ylabel("validation GS")
+    for ax in axes[panels:]:
+        ax.axis("off")
+    for ax in axes[:panels]:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, fontsize=8, loc="center", title="world 3 dashed")
     fig.suptitle("Iterative attribution, one point per round: what the held-out slice sees vs validation")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

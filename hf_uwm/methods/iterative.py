@@ -165,8 +165,9 @@ class IterativeEdit(Method):
     def selection_text(self, config: dict, stop: dict | None) -> str:
         config = {**self.settings_class.saved_defaults, **config}   # a record saved before newer settings
         rounds = summary(stop["rounds"], stop["reason"], stop["max_rounds"]) if stop else f"{config['rounds']} rounds"
+        measure = MEASURE_TITLES[config["knowledge_measure"]]
         rule = (f" (held-out {config['holdout']:g} of the calibration pairs: goal {self.goal_name} ≥ {config['goal']}, "
-                f"knowledge budget {config['knowledge_budget']} points)" if stop and stop.get("reason") else "")
+                f"knowledge budget {config['knowledge_budget']} points of {measure})" if stop and stop.get("reason") else "")
         return (f"iterative, {rounds}{rule}; rounds of {config['round_density']:g} of the target weights "
                 f"({'one budget over all layers' if config['shared_budget'] else 'per layer'}), "
                 f"curvature weight λ = {config['curvature_weight']:g}, {self.curvature_text(config)}")
@@ -401,6 +402,8 @@ def slice_measures(texts: torch.Tensor, images: torch.Tensor, base_texts: torch.
     return measures
 
 
+MEASURE_TITLES = {"vocabulary": "vocabulary shift (probability moved between the calibration captions' words)",
+                  "agreement": "held-out image agreement", "rougeL": "ROUGE-L of the held-out safe images' captions"}
 # knowledge_measure -> the slice's measure it reads (`_cost` counts it as points lost)
 KNOWLEDGE_MEASURES = {"vocabulary": "vocabulary_shift", "agreement": "agreement", "rougeL": "rougeL_lost"}
 VOCABULARY_TEMPLATE = "a photo of a {}."
