@@ -229,7 +229,9 @@ def iterative_config(batch):
     from hf_uwm import UWMConfig
 
     try:
-        return UWMConfig(method="iterative_attribution", rounds=1, batch_size=batch), None
+        # one round on every pair: a stopping rule needs a held-out slice that a few timed pairs cannot spare
+        return UWMConfig(method="iterative_attribution", rounds=1, goal=None, knowledge_budget=None, holdout=0.0,
+                         batch_size=batch), None
     except (TypeError, ValueError) as error:
         return None, f"not in this hf_uwm ({type(error).__name__}: {error})"[:300]
 

@@ -44,7 +44,7 @@ MEASURES = {
 GOALS = (None, 90.0, 95.0, 98.0, 100.0)
 BUDGETS = {"drift": (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "agreement": (1, 2, 3, 5, 8, 12),
            "agreement_text": (1, 2, 3, 5, 8, 12), "vocabulary_mass": (1, 2, 3, 4, 5, 6, 7, 8, 10),
-           "vocabulary_accuracy": (1, 2, 3, 4, 5, 6, 7, 8, 10), "vocabulary_shift": (4, 6, 8, 10, 12, 16, 20)}
+           "vocabulary_accuracy": (1, 2, 3, 4, 5, 6, 7, 8, 10), "vocabulary_shift": (4, 6, 8, 10, 12, 14, 16, 20)}
 
 
 def parse_args():

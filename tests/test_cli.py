@@ -54,8 +54,9 @@ def test_edit_then_eval_a_delta(files, tmp_path, capsys):
 
 
 def test_text_only_edit(files, tmp_path):
+    # a random model's vocabulary moves more in one round than the default budget allows
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--towers", "text",
-                 "--output", str(tmp_path / "d"), "--quiet"]) == 0
+                 "--knowledge-budget", "none", "--rounds", "3", "--output", str(tmp_path / "d"), "--quiet"]) == 0
     assert json.loads((tmp_path / "d" / "uwm_config.json").read_text())["config"]["vision_targets"] == []
 
 
@@ -111,8 +112,9 @@ def test_sweep_of_iterative_attribution_calibrates_once_per_score_setting(files,
     calibrate = UWMEditor.calibrate
     monkeypatch.setattr(UWMEditor, "calibrate",
                         lambda self, *a, **k: calls.append(self.config) or calibrate(self, *a, **k))
-    assert main(["sweep", str(files / "model"), "--data", str(files / "pairs"), "--eval", str(files / "validation"),
-                 "--method", "iterative_attribution", "--rounds", "1", "2", "--curvature-weight", "0", "4",
+    # the organism: a random model's vocabulary moves more in one round than the default budget allows
+    assert main(["sweep", "organism", "--data", "organism", "--samples", "40", "--eval", "organism", "--eval-samples",
+                 "40", "--method", "iterative_attribution", "--rounds", "1", "2", "--curvature-weight", "0", "4",
                  "--output", str(tmp_path / "sweep"), "--max-zero-shot-drop", "100", "--quiet"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
     assert [r["setting"] for r in rows[1:]] == [f"rounds={r} curvature_weight={w} alpha=-1"
@@ -136,7 +138,7 @@ def test_edit_help_gives_every_method_its_purpose_and_marks_the_default(capsys):
 
 def test_edit_runs_iterative_attribution_by_default_and_says_what_it_did(files, tmp_path, capsys):
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "d"),
-                 "--rounds", "2", "--quiet"]) == 0
+                 "--rounds", "2", "--knowledge-budget", "none", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert json.loads((tmp_path / "d" / "uwm_config.json").read_text())["config"]["method"] == "iterative_attribution"
     assert "iterative_attribution" in out and "flipped" in out and "τ" not in out  # it has no τ
@@ -147,9 +149,11 @@ def test_edit_runs_iterative_attribution_by_default_and_says_what_it_did(files, 
 
 def test_the_stopping_flags_reach_the_config_and_foreign_flags_are_refused(files, tmp_path, capsys):
     assert main(["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "d"),
-                 "--goal", "none", "--knowledge-budget", "3", "--holdout", "0.25", "--rounds", "2", "--quiet"]) == 0
+                 "--goal", "none", "--knowledge-budget", "100", "--knowledge-measure", "agreement", "--holdout", "0.25",
+                 "--rounds", "2", "--quiet"]) == 0
     config = json.loads((tmp_path / "d" / "uwm_config.json").read_text())["config"]
-    assert (config["goal"], config["knowledge_budget"], config["holdout"], config["rounds"]) == (None, 3.0, 0.25, 2)
+    assert (config["goal"], config["knowledge_budget"], config["knowledge_measure"], config["holdout"],
+            config["rounds"]) == (None, 100.0, "agreement", 0.25, 2)
     base = ["edit", str(files / "model"), "--data", str(files / "pairs"), "--output", str(tmp_path / "x"), "--quiet"]
     assert main(base + ["--tau", "0.05"]) == 1
     assert "add --method ratio for UWM as published" in capsys.readouterr().err

@@ -246,7 +246,7 @@ def test_new_flags_reach_the_editor_and_loaders(tmp_path, monkeypatch):
     monkeypatch.setattr(UWMEditor, "calibrate", calibrate)
     threads = torch.get_num_threads()
     try:
-        assert main(["edit", "organism", "--data", "organism", "--samples", "4", "--towers", "text", "--quiet",
+        assert main(["edit", "organism", "--data", "organism", "--samples", "20", "--towers", "text", "--quiet",
                      "--threads", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--output", str(tmp_path / "d")]) == 0
     finally:
         torch.set_num_threads(threads)

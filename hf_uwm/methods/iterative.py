@@ -153,9 +153,10 @@ class IterativeEdit(Method):
             return config.rounds, None
         kept, reason = stopping_round(trajectory, config.goal, config.knowledge_budget, config.rounds)
         if kept == 0:
-            raise ValueError(f"The first round already costs {trajectory[1].cost:.2f} knowledge points on the held-out "
-                             f"pairs, more than knowledge_budget={config.knowledge_budget}: raise the budget, or "
-                             "lower round_density to edit in smaller steps.")
+            raise ValueError(f"The first round already costs {trajectory[1].cost:.2f} points of "
+                             f"{MEASURE_TITLES[config.knowledge_measure]}, more than knowledge_budget="
+                             f"{config.knowledge_budget}: raise the budget, or lower round_density to edit in smaller "
+                             "steps.")
         if reason is None:
             raise ValueError(f"The calibration stopped after round {trajectory[-1].round}, before these settings "
                              f"(rounds={config.rounds}, goal={config.goal}, knowledge_budget="
