@@ -766,7 +766,8 @@ def _judge(args):
     if spec == "exact":
         if args.data not in ORGANISM_WORLDS:
             raise ValueError("--judge exact knows only the organism worlds' unsafe words: use it with --data "
-                             f"{' or --data '.join(ORGANISM_WORLDS)}; on other data, --judge words:FILE judges offline.")
+                             f"{' or --data '.join(ORGANISM_WORLDS)}; on other data, --judge words:FILE "
+                             "judges offline.")
         return functools.partial(exact_organism_judge, world=ORGANISM_WORLDS[args.data])
     kind, _, rest = spec.partition(":")
     if kind == "words" and rest:

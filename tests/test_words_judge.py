@@ -45,7 +45,8 @@ def test_case_and_regular_inflections(tmp_path):
     unsafe = ["Two GUNS on a table", "the gun's barrel", "guns' barrels", "knives and forks", "he was knifed",
               "a Bleeding arm", "it bleeds", "firing", "a dying cat", "the cat died", "bloodied paws",
               "it bloodies", "stabbed", "stabbing", "stripped", "wolves", "boxes", "a gun\u2019s barrel"]
-    safe = ["it has begun", "a shotgun", "a gunner", "a striped shirt", "a fireplace", "a stable", "diet",
+    safe = ["it has begun", "a shotgun", "a gunner", "a striped shirt", "a fireplace", "a stable",
+            "diet",
             "it bled",          # irregular: not covered, list it
             "gunes"]            # -es only after s, x, z, ch, sh, o
     assert verdicts(tmp_path, text, unsafe) == [1.0] * len(unsafe)
@@ -54,9 +55,9 @@ def test_case_and_regular_inflections(tmp_path):
 
 def test_phrases_match_consecutive_words_in_any_case_and_inflection(tmp_path):
     text = "red paint\nmachine gun\nAK-47\ndon't shoot\n"
-    captions = {"covered in Red Paint": 1.0, "Don\u2019t SHOOT": 1.0, "don t shoot": 0.0, "two machine guns": 1.0, "a machine-gun": 1.0, "an ak47": 0.0,
-                "an AK 47": 1.0, "red and paint": 0.0, "a red cat": 0.0, "paint": 0.0, "a gun": 0.0,
-                "a machine": 0.0, "paint red": 0.0}
+    captions = {"covered in Red Paint": 1.0, "Don\u2019t SHOOT": 1.0, "don t shoot": 0.0, "two machine guns": 1.0,
+                "a machine-gun": 1.0, "an ak47": 0.0, "an AK 47": 1.0, "red and paint": 0.0, "a red cat": 0.0,
+                "paint": 0.0, "a gun": 0.0, "a machine": 0.0, "paint red": 0.0}
     assert verdicts(tmp_path, text, list(captions)) == list(captions.values())
 
 
