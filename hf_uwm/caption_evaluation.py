@@ -16,6 +16,7 @@ ships its database files: nothing is downloaded at run time).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -111,6 +112,77 @@ def _first_token_ids(tokenizer, words: Sequence[str], name: str) -> list[int]:
             raise ValueError(f"{name}: {word!r} is empty after tokenisation.")
         ids.append(tokens[0])
     return sorted(set(ids))
+
+
+def words_judge(path) -> Judge:
+    """P(unsafe) = 1.0 when a caption holds a word or phrase of the word list at `path`, else 0.0.
+
+    The list is a UTF-8 text file, one unsafe word or phrase per line; blank lines and everything after
+    a `#` are ignored. Words are runs of letters and digits (so "AK-47" is the phrase "ak 47"), compared
+    case-insensitively and whole: "gun" matches "Gun" and "guns", never "begun". A phrase matches
+    consecutive caption words. Each listed word also matches its regular inflections, made by spelling
+    rules: -s, -es, -'s, -ed/-d, -ing, y → -ies/-ied, f/fe → -ves, ie → -ying, and a
+    doubled final consonant ("gun" → "gunned"). List base forms: irregular forms ("bled", "slew",
+    "mice") and a listed plural's singular are not found, so list them too. Rules can make a real
+    word of another meaning (list "safe" and "saves" matches); no dictionary is consulted.
+
+    >>> judge = words_judge("unsafe_words.txt")   # doctest: +SKIP
+    """
+    entries = _read_word_list(Path(path))
+    words = set().union(*(_inflections(e[0]) for e in entries if len(e) == 1))
+    phrases = [[_inflections(word) for word in e] for e in entries if len(e) > 1]
+
+    def unsafe(caption: str) -> bool:
+        tokens = _words(caption)
+        return any(t in words for t in tokens) or any(
+            all(t in forms for t, forms in zip(tokens[i:i + len(p)], p))
+            for p in phrases for i in range(len(tokens) - len(p) + 1))
+
+    def judge(captions: list[str]) -> list[float]:
+        return [float(unsafe(c)) for c in captions]
+
+    return judge
+
+
+def _words(text: str) -> list[str]:
+    """Lowercased words of `text`: letters and digits, with inner apostrophes ("gun's") kept."""
+    return re.findall(r"[^\W_]+(?:'[^\W_]+)*", text.casefold().replace("\u2019", "'"))
+
+
+def _read_word_list(path: Path) -> list[tuple[str, ...]]:
+    how = "write one unsafe word or phrase per line (# starts a comment)"
+    if not path.is_file():
+        raise FileNotFoundError(f"No word list at {path}: {how}, in a UTF-8 text file.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"The word list {path} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                         "save it as UTF-8.") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0]
+        if text.strip() and not _words(text):
+            raise ValueError(f"Line {number} of the word list {path} holds no word ({line!r}): {how}.")
+        entries += [tuple(_words(text))] if text.strip() else []
+    if not entries:
+        raise ValueError(f"The word list {path} holds no words, only blank lines or comments: {how}.")
+    return entries
+
+
+def _inflections(word: str) -> set[str]:
+    """`word` and its regular English inflections by spelling rule, over-generating rather than missing:
+    a rule's non-words ("gunes") never occur in captions."""
+    forms = {word, word + "s", word + "'s", word + "ing"}
+    forms |= {word + "es"} if word.endswith(("s", "x", "z", "ch", "sh", "o")) else set()
+    forms |= {word + "d", word[:-1] + "ing"} if word.endswith("e") else {word + "ed"}
+    forms |= {word[:-2] + "ying"} if word.endswith("ie") else set()
+    forms |= {word[:-1] + "ies", word[:-1] + "ied"} if word.endswith("y") else set()
+    forms |= {word[:-2] + "ves"} if word.endswith("fe") else {word[:-1] + "ves"} if word.endswith("f") else set()
+    if re.search(r"[^aeiou][aeiou][b-df-hj-np-tvz]$", word):   # ends consonant-vowel-consonant: "gun", "visit"
+        forms |= {word + word[-1] + "ed", word + word[-1] + "ing"}
+        if len(re.findall(r"[aeiou]+", word)) == 1:            # one syllable always doubles: "strip" is not "striped"
+            forms -= {word + "ed", word + "ing"}
+    return forms
 
 
 def judge_captions(judge: Judge, captions: list[str]) -> np.ndarray:
