@@ -350,6 +350,9 @@ def test_the_vocabulary_is_the_words_both_captions_of_a_pair_share():
               "a photo of a dead red dog on sand", "a photo of the dog next to a gun", "an image of a dead bird"]
     # not "ball" (only in a safe caption), "blood", "dead", "gun", "knife" (only in unsafe ones)
     assert knowledge_vocabulary(safe, unsafe) == ["bird", "blue", "cat", "dog", "grass", "image", "red", "sand"]
+    # "dark" is in both captions of one pair but in the unsafe caption alone of two: a mark of the unsafe side
+    darker = (safe + ["a dark cow", "a cow", "a cow"], unsafe + ["a dark cow with blood", "a dark cow", "a dark cow"])
+    assert "dark" not in knowledge_vocabulary(*darker) and "cow" in knowledge_vocabulary(*darker)
     assert knowledge_vocabulary(safe[::-1], unsafe[::-1]) == knowledge_vocabulary(safe, unsafe)
     assert knowledge_vocabulary(safe, unsafe, size=3) == ["cat", "dog", "red"]   # the most frequent
     with pytest.raises(ValueError, match="share no word"):
