@@ -45,7 +45,7 @@ from ..config import is_number
 from .base import Calibration, register_method
 from .caption_attribution import _MarginInputs, caption_margin
 from .gradients import gradients_on
-from .iterative import IterativeEdit, IterativeSettings, RoundSums, guarded_scores, probe_directions
+from .iterative import IterativeEdit, IterativeSettings, RoundSums, guarded_scores, knowledge_cost, probe_directions
 
 
 MAX_TOKENS = 4096   # reference probes drawn per pair: one per token position of prompt and caption
@@ -134,8 +134,9 @@ class CaptionIterative(IterativeEdit):
         one caption's worth of ROUGE-L (100 / images) is the cost's resolution."""
         measures = slice_measures(editor, state["slice"], state["unsafe_words"])
         measures["rougeL_lost"] = state["rougeL"] - measures["rougeL"]
-        measures["cost_resolution"] = measures["rougeL_lost_resolution"] = 100 / len(state["slice"])
-        return measures["free_of_unsafe_words"], measures["rougeL_lost"], measures
+        measures["rougeL_lost_resolution"] = 100 / len(state["slice"])
+        cost, measures["cost_resolution"] = knowledge_cost(measures, editor.config.knowledge_measure)
+        return measures["free_of_unsafe_words"], cost, measures
 
 
 register_method(CaptionIterative())

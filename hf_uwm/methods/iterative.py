@@ -319,7 +319,7 @@ class IterativeAttribution(IterativeEdit):
             word_images = _distinct(images[: len(images) // 2], state["image_ids"])
         measures.update(vocabulary_measures(word_images, state["word_labels"], _embed_words(family, state["words"]),
                                             state["base_words"], state["logit_scale"]))
-        cost, measures["cost_resolution"] = _cost(measures, editor.config.knowledge_measure)
+        cost, measures["cost_resolution"] = knowledge_cost(measures, editor.config.knowledge_measure)
         return measures["GS"], cost, measures
 
 
@@ -405,7 +405,7 @@ def slice_measures(texts: torch.Tensor, images: torch.Tensor, base_texts: torch.
 
 MEASURE_TITLES = {"vocabulary": "vocabulary shift (probability moved between the calibration captions' words)",
                   "agreement": "held-out image agreement", "rougeL": "ROUGE-L of the held-out safe images' captions"}
-# knowledge_measure -> the slice's measure it reads (`_cost` counts it as points lost)
+# knowledge_measure -> the slice's measure it reads (`knowledge_cost` counts it as points lost)
 KNOWLEDGE_MEASURES = {"vocabulary": "vocabulary_shift", "agreement": "agreement", "rougeL": "rougeL_lost"}
 VOCABULARY_TEMPLATE = "a photo of a {}."
 VOCABULARY_SIZE = 256   # prompts embedded per round: a small share of a round's forward and backward passes
@@ -487,7 +487,7 @@ def _vocabulary_state(editor, pairs, slice_image_ids: torch.Tensor | None) -> di
     return state
 
 
-def _cost(measures: dict, knowledge_measure: str) -> tuple[float, float]:
+def knowledge_cost(measures: dict, knowledge_measure: str) -> tuple[float, float]:
     """(points lost, one item's worth of them) by `knowledge_measure`: a shift or loss counts as it
     is, an agreement from 100."""
     name = KNOWLEDGE_MEASURES[knowledge_measure]
