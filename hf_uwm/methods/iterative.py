@@ -408,7 +408,7 @@ MEASURE_TITLES = {"vocabulary": "vocabulary shift (probability moved between the
 # knowledge_measure -> the slice's measure it reads (`knowledge_cost` counts it as points lost)
 KNOWLEDGE_MEASURES = {"vocabulary": "vocabulary_shift", "agreement": "agreement", "rougeL": "rougeL_lost"}
 VOCABULARY_TEMPLATE = "a photo of a {}."
-VOCABULARY_SIZE = 256   # prompts embedded per round: a small share of a round's forward and backward passes
+VOCABULARY_SIZE = 256   # at most this many prompts embedded per round (one forward, no gradient)
 # Words that name nothing an image shows; the others come from the captions themselves.
 _FUNCTION_WORDS = frozenset("""a an the of on in at to by with and or is are was were be its it this that these
 those for from into onto over under next near beside behind above below up down out off as some one two""".split())
