@@ -13,7 +13,7 @@ import torch
 
 from . import __version__, loading
 from .config import UWMConfig
-from .data import columns_for, validate_pairs
+from .data import IMAGE_COLUMNS, TEXT_COLUMNS, columns_for, text_only_rows, validate_pairs
 from .delta import (CONFIG_NAME, FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
                     save_file_atomic, write_delta)
 from .families import FAMILIES, ModelFamily
@@ -201,7 +201,7 @@ class UWMEditor:
         if columns:
             if dataset is None:
                 raise ValueError(f"calibrate needs a dataset with columns {list(columns)}.")
-            dataset = validate_pairs(dataset, columns)
+            dataset = self._validated(dataset, columns)
         run = Calibration(dataset, state, self.family, self.config.batch_size, progress=progress,
                           num_workers=num_workers, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           autocast=autocast)
@@ -214,6 +214,15 @@ class UWMEditor:
                                          if state.is_main_process else None)
         self.scores = {name: s.cpu() for name, s in self.scores.items()}
         return self
+
+    def _validated(self, dataset, columns):
+        """The checked pairs; text-only pairs (no images) where the columns need images only if the method takes them."""
+        text_only = set(TEXT_COLUMNS + IMAGE_COLUMNS) <= set(columns)
+        dataset = validate_pairs(dataset, columns, text_only=text_only)
+        count = sum(text_only_rows(dataset)) if text_only else 0
+        if count:
+            self.method.check_text_only(self, count, len(dataset))
+        return dataset
 
     # --- selection ------------------------------------------------------------------------------
     def select(self) -> dict[str, torch.Tensor]:

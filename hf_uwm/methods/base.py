@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..config import MethodSettings, is_number
-from ..data import PreprocessedPairs, data_fingerprint
+from ..data import PreprocessedPairs, data_fingerprint, text_only_rows
 from ..delta import save_file_atomic
 from ..families import PROJECTOR
 from ..selection import select_adaptive, select_fixed, select_shared
@@ -104,6 +104,8 @@ class Method:
     leaves_weights_untouched = False
     #: it runs the whole captioner, so LLaVA's multimodal projector may be a target ("projector.linear_1")
     edits_projector = False
+    #: text-only pairs (texts and no images) calibrate its text tower
+    text_only_pairs = False
 
     def check(self, family, config):
         """Refuse a model this method cannot edit (called when the editor is made)."""
@@ -116,6 +118,14 @@ class Method:
             able = sorted(m.name for m in _METHODS.values() if m.edits_projector)
             raise ValueError(f"method={self.name!r} runs the vision tower alone, so it cannot score the projector "
                              f"targets {projector}: use method={able[0]!r} (or one of {able}), or drop them.")
+
+    def check_text_only(self, editor: "Edit", count: int, total: int):
+        """Refuse `count` of `total` calibration pairs being text-only, unless this method learns from them."""
+        if not self.text_only_pairs:
+            able = sorted(m.name for m in _METHODS.values() if m.text_only_pairs)
+            raise ValueError(f"{count} of the {total} calibration pairs are text-only (no images), and "
+                             f"method={self.name!r} needs the images of every pair: give them images, drop those "
+                             f"pairs, or use a method that calibrates the text tower from text alone ({able}).")
 
     def reselectable(self) -> set[str]:
         """The config fields `with_settings` (and so a sweep) changes without a forward pass."""
@@ -211,6 +221,17 @@ class Calibration:
         if not isinstance(self.dataset, PreprocessedPairs) and "safe_text" in self.dataset.column_names:
             subset.text_length = self.text_length
         return subset
+
+    @cached_property
+    def text_only(self) -> list[bool]:
+        """One flag per pair of the run: True where it has texts and no images."""
+        return text_only_rows(self.dataset)
+
+    def with_images(self) -> "Calibration":
+        """The run on its pairs that have images (itself when every pair has them)."""
+        if not any(self.text_only):
+            return self
+        return self.subset([row for row, alone in enumerate(self.text_only) if not alone])
 
     def autocast(self):
         return torch.autocast(self.family.device.type, dtype=self.autocast_dtype,

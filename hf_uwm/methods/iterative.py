@@ -126,6 +126,9 @@ class IterativeEdit(Method):
         """Per-weight scores of this round on the model as edited so far (higher: flip first)."""
         raise NotImplementedError
 
+    def prepare(self, editor, run: Calibration):
+        """What the rounds need from the unedited model (called before any flip, resumed ones included)."""
+
     def start_measuring(self, editor, holdout, run: Calibration | None = None):
         """What `measure` needs from the unedited model (called before any flip); `run` is the whole
         calibration, held-out pairs included."""
@@ -192,6 +195,7 @@ class IterativeEdit(Method):
         done, trajectory = self._resume(path, key, flipped, cfg.rounds, train)
         originals = {name: w.detach().clone() for name, w in weights.items()}
         try:
+            self.prepare(editor, train)
             state = self.start_measuring(editor, holdout, run) if holdout is not None else None
             if holdout is not None and not trajectory:   # round 0: the unedited model
                 trajectory = [self._step(editor, holdout, state, 0, flipped)]
@@ -280,9 +284,20 @@ class IterativeAttribution(IterativeEdit):
     instead = {"llava": "caption_iterative"}
     goal_name = "GS"
     needs_both_towers = True
+    # A text-only pair's images are stood in for by its captions' unedited embeddings (`_fixed_images`).
+    text_only_pairs = True
 
     def default_targets(self, family, tower: str) -> tuple[str, ...]:
         return ("mlp.fc2",) if tower == "text" else ()
+
+    def check_text_only(self, editor, count: int, total: int):
+        if "vision" in editor.towers:
+            raise ValueError(f"{count} of the {total} calibration pairs are text-only (no images); their images are "
+                             "stood in for by the unedited embeddings of their captions, which cannot score vision "
+                             "weights: edit the text tower alone (vision_targets=[]) or give those pairs images.")
+
+    def prepare(self, editor, run: Calibration):
+        _fixed_images(editor, run)   # stand-ins for missing images must come from the unedited captions
 
     def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
         weights = {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
@@ -298,13 +313,20 @@ class IterativeAttribution(IterativeEdit):
         calibration captions with the images it is measured on (see `vocabulary_measures`)."""
         family = editor.family
         sliced = Calibration(holdout, _AllRows, family, editor.config.batch_size, progress=False)
-        state = {"text": _slice_inputs(sliced, "text"), "vision": _slice_inputs(sliced, "vision")}
-        state["images"] = None if "vision" in editor.towers else _embed_slice(family, state["vision"], "vision")
+        state = {"text": _slice_inputs(sliced, "text")}
         state["base"] = _embed_slice(family, state["text"], "text")   # (2H, D)
         state["caption_ids"] = _safe_item_ids(state["text"])
-        state["image_ids"] = _safe_item_ids(state["vision"])
+        if any(sliced.text_only):   # then no vision weight is a target (`check_text_only`)
+            state["images"] = _flat_pairs(_fixed_images(editor, sliced))
+            state["image_ids"] = _image_ids_or_captions(sliced, state["text"])
+        else:
+            state["vision"] = _slice_inputs(sliced, "vision")
+            state["images"] = None if "vision" in editor.towers else _embed_slice(family, state["vision"], "vision")
+            state["image_ids"] = _safe_item_ids(state["vision"])
         # every calibration safe image when the edit cannot move them; else the slice's, embedded each round
-        pairs = run.dataset if run is not None and "vision" not in editor.towers else holdout
+        # (a run of text-only pairs alone measures it on their images' stand-ins)
+        pairs = holdout if run is None or "vision" in editor.towers else \
+            run.dataset if all(run.text_only) else run.with_images().dataset
         state.update(_vocabulary_state(editor, pairs, state["image_ids"] if pairs is holdout else None))
         return state
 
@@ -477,10 +499,15 @@ def _vocabulary_state(editor, pairs, slice_image_ids: torch.Tensor | None) -> di
     labels = torch.tensor([[w in caption_words(c) for w in words] for c in pairs["safe_text"]])   # (M, V)
     ids = slice_image_ids
     if ids is None:
-        every = _slice_inputs(Calibration(pairs, _AllRows, family, editor.config.batch_size, progress=False),
-                              "vision", safe_only=True)
-        ids = _safe_item_ids(every, safe_only=True)
-        state["word_images"] = _distinct(_embed_slice(family, every, "vision", safe_only=True), ids)
+        run = Calibration(pairs, _AllRows, family, editor.config.batch_size, progress=False)
+        if any(run.text_only):
+            ids = _image_ids_or_captions(run, _slice_inputs(run, "text"))
+            images = _flat_pairs(_fixed_images(editor, run))[: len(pairs)]                 # (M, D)
+        else:
+            every = _slice_inputs(run, "vision", safe_only=True)
+            ids = _safe_item_ids(every, safe_only=True)
+            images = _embed_slice(family, every, "vision", safe_only=True)
+        state["word_images"] = _distinct(images, ids)
     # a copy of an image is one image; any caption of it names its words
     state["word_labels"] = torch.zeros(int(ids.max()) + 1, len(words)).index_add_(0, ids, labels.float()) > 0
     state["logit_scale"] = _logit_scale(editor.model)
@@ -697,9 +724,50 @@ def _fixed_images(editor, run: Calibration) -> list | None:
     if getattr(run, "image_embeddings", None) is None:
         family = editor.family
         with torch.no_grad(), run.autocast():
-            run.image_embeddings = [family.embed_images(family.to_device(inputs))
-                                    for _, _, inputs in run.batches(run.preprocess("vision"), "images", leave=False)]
+            if any(run.text_only):
+                run.image_embeddings = [_images_or_captions(family, run, rows, inputs)
+                                        for _, rows, inputs in run.batches(run.preprocess("text"), "images", leave=False)]
+            else:
+                run.image_embeddings = [family.embed_images(family.to_device(inputs))
+                                        for _, _, inputs in run.batches(run.preprocess("vision"), "images", leave=False)]
     return run.image_embeddings
+
+
+def _images_or_captions(family, run: Calibration, rows: list[int], text_inputs: dict) -> torch.Tensor:
+    """(2B, D) embeddings of [safe; unsafe] images of a batch, where a text-only pair's images are its
+    captions' embeddings by the model as it is (unedited, when called before any flip): CLIP aligns a
+    caption with the image it describes, which is all the margin asks of an image."""
+    embedded = family.embed_text(family.to_device(text_inputs))                        # (2B, D)
+    pictured = [i for i, row in enumerate(rows) if not run.text_only[row]]
+    if pictured:
+        pairs = run.dataset.select([rows[i] for i in pictured])
+        images = family.embed_images(family.to_device(family.preprocess_images(
+            list(pairs["safe_image"]) + list(pairs["unsafe_image"]))))                    # (2P, D)
+        where = torch.tensor(pictured + [len(rows) + i for i in pictured], device=embedded.device)
+        embedded = embedded.index_copy(0, where, images.to(embedded.dtype))
+    return embedded
+
+
+def _flat_pairs(batches: list) -> torch.Tensor:
+    """(2N, D) float32 CPU [safe; unsafe] rows from per-batch (2B, D) [safe_b; unsafe_b] embeddings."""
+    halves = [(b[: len(b) // 2], b[len(b) // 2:]) for b in batches]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves]).float().cpu()
+
+
+def _image_ids_or_captions(run: Calibration, text_batches: list) -> torch.Tensor:
+    """(H,) ids of a slice's safe images, equal for copies; a text-only pair's is its safe caption's."""
+    from ..evaluation import content_keys, item_ids
+
+    keys = []
+    for (start, stop), texts in zip(run.batch_bounds(), text_batches):
+        captions = content_keys(_safe_half(texts))
+        for i, row in enumerate(range(start, stop)):
+            if run.text_only[row]:
+                keys.append(("caption", captions[i]))
+            else:
+                pixels = run.family.preprocess_images([run.dataset[row]["safe_image"]])
+                keys.append(("image", content_keys(pixels)[0]))
+    return item_ids(keys)
 
 
 def probe_directions(seed: int, round_index: int, rows: list[int], count: int, dim: int) -> torch.Tensor:
