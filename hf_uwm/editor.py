@@ -51,6 +51,8 @@ class UWMEditor:
         # method that edits in rounds the round in which each weight was flipped (0: never).
         self.scores: dict[str, torch.Tensor] = {}
         self.trajectory: list[Step] | None = None   # per round, for methods that edit in rounds
+        # the `concept`s of the text-only calibration pairs: what the edit knows of in words alone
+        self.concepts_in_words: list[str] = []
         self.delta: dict[str, torch.Tensor] = {}
         self.fingerprint: str | None = None
         self._originals: dict[str, torch.Tensor] | None = None
@@ -155,6 +157,7 @@ class UWMEditor:
                              f"(a {type(self.model).__name__}) lacks or has in other shapes: {fix}")
         self.delta, self.fingerprint = indices, record["fingerprint"]
         self.trajectory = from_records(record.get("trajectory"))
+        self.concepts_in_words = record.get("concepts_in_words", [])
         # Before anyone spends time evaluating or calibrating the wrong model; nothing is applied yet.
         if fingerprint(self.target_layers) != self.fingerprint:
             again = hint(" (Or revert an edit already applied to it.)", "") if given else ""
@@ -219,9 +222,11 @@ class UWMEditor:
         """The checked pairs; text-only pairs (no images) where the columns need images only if the method takes them."""
         text_only = set(TEXT_COLUMNS + IMAGE_COLUMNS) <= set(columns)
         dataset = validate_pairs(dataset, columns, text_only=text_only)
-        count = sum(text_only_rows(dataset)) if text_only else 0
-        if count:
-            self.method.check_text_only(self, count, len(dataset))
+        alone = text_only_rows(dataset) if text_only else []
+        if any(alone):
+            self.method.check_text_only(self, sum(alone), len(dataset))
+        concepts = dataset["concept"] if "concept" in dataset.column_names else [None] * len(alone)
+        self.concepts_in_words = sorted({c for c, a in zip(concepts, alone) if a and c})
         return dataset
 
     # --- selection ------------------------------------------------------------------------------
@@ -399,6 +404,7 @@ class UWMEditor:
                               "tower": next(t for t in self.towers if name in self.layers[t])}
                        for name, idx in self.delta.items()},
             "counts": self.counts(),
+            **({"concepts_in_words": self.concepts_in_words} if self.concepts_in_words else {}),
             **self._stop_record(),
         }
 
