@@ -165,7 +165,7 @@ def hub_card_path(name: str) -> Path:
         files = metadata.distribution("hf_uwm").files or []
     except metadata.PackageNotFoundError:
         files = []
-    installed = next((Path(f.locate()) for f in files if f.as_posix().endswith(f"share/hf_uwm/hub_cards/{name}")),
+    installed = next((Path(f.locate()).resolve() for f in files if f.as_posix().endswith(f"share/hf_uwm/hub_cards/{name}")),
                      None)
     if installed is None or not installed.is_file():
         raise FileNotFoundError(f"the card template {name} is in neither {checkout.parent} nor the installed "
