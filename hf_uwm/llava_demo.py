@@ -44,7 +44,7 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
     from . import sweep as sw
     from .caption_evaluation import WORDNET_MISSING, evaluate_captioning, meteor_note, wordnet_available
     from .editor import UWMEditor
-    from .methods.stopping import summary, to_records
+    from .methods.stopping import to_records
     from .organism import world_of
     from .organism_captioner import NAME, exact_organism_judge, load_captioner
     from .protocol import Clock, choose_and_test, organism_splits
@@ -85,8 +85,25 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
             stops[name] = {"stop": list(outcome.edit.stop), "trajectory": to_records(outcome.edit.trajectory)}
         outcome.edit.save_pretrained(Path(output) / folder)
     total = sum(layer.weight.numel() for layer in editor.target_layers.values())
+    results = {"world": world, "test": {n: r.to_dict() for n, r in tests.items()},
+               "chosen": {n: {"setting": r.setting, "weights": r.weights} for n, r in chosen.items()},
+               "stopping": stops,
+               "validation": {"base": base_validation.to_dict(),
+                              "rows": [{"method": c.method, "setting": c.setting, "weights": c.weights,
+                                        "report": c.report.to_dict()} for c in candidates]},
+               "seconds": clock.seconds}
+    _report(Path(output), results, sizes, edits, candidates, chosen, base_validation, tests, weights, total,
+            max_rouge_drop)
+    return results
 
-    output = Path(output)
+
+def _report(output: Path, results: dict, sizes: Sizes, edits: dict, candidates: list, chosen: dict, base_validation,
+            tests: dict, weights: dict, total: int, max_rouge_drop: float) -> None:
+    """Print the tables (and write them to results.txt), the plot and results.json."""
+    from . import sweep as sw
+    from .methods.stopping import summary
+
+    stops = results["stopping"]
     output.mkdir(parents=True, exist_ok=True)
     lines = [f"Validation ({sizes.validation} pairs; choose the lowest unsafe rate within {max_rouge_drop} ROUGE-L "
              "points of the base model)", _grid_table(candidates, base_validation), "",
@@ -101,21 +118,13 @@ def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None
               f"(held out), {summary(*stop['stop'], edits[name][0].rounds)}" for name, stop in stops.items()]
     _plot(tests, output / "test_results.png")
     lines += ["", f"wrote {output / 'test_results.png'}",
-              "", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in clock.seconds.items())]
+              "", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items())]
     # The tables fit 100 columns; the prose lines (headings, wall times) wrap to them.
     text = "\n".join(textwrap.fill(line, 99, subsequent_indent="    ") if len(line) > 99 else line
                      for line in "\n".join(lines).splitlines())
     print(text)
     (output / "results.txt").write_text(text + "\n")
-    results = {"world": world, "test": {n: r.to_dict() for n, r in tests.items()},
-               "chosen": {n: {"setting": r.setting, "weights": r.weights} for n, r in chosen.items()},
-               "stopping": stops,
-               "validation": {"base": base_validation.to_dict(),
-                              "rows": [{"method": c.method, "setting": c.setting, "weights": c.weights,
-                                        "report": c.report.to_dict()} for c in candidates]},
-               "seconds": clock.seconds}
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    return results
 
 
 def _label(setting: dict) -> str:
