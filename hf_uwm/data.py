@@ -714,9 +714,11 @@ def dataset_card(dataset, repo_id: str, *, description: str, source: str, licens
         raise ValueError(f"The dataset has none of the pair columns {', '.join(TEXT_COLUMNS + IMAGE_COLUMNS)} "
                          f"(it has {', '.join(dataset.column_names)}): " + _columns_hint())
     four = set(TEXT_COLUMNS + IMAGE_COLUMNS) <= set(columns)
-    kind = "quadruples (Ts, Tu, Is, Iu)" if four else "text pairs" if set(TEXT_COLUMNS) <= set(columns) else "image pairs"
+    kind = ("quadruples (Ts, Tu, Is, Iu)" if four else
+            "text pairs" if set(TEXT_COLUMNS) <= set(columns) else "image pairs")
+    images = ["image"] if set(IMAGE_COLUMNS) & set(columns) else []
     data = DatasetCardData(license=license, pretty_name=pretty_name or repo_id.split("/")[-1],
-                           tags=["hf_uwm", "safety", "safeground"] + (["image"] if set(IMAGE_COLUMNS) & set(columns) else []),
+                           tags=["hf_uwm", "safety", "safeground"] + images,
                            task_categories=["zero-shot-image-classification"] if four else None)
     return DatasetCard.from_template(
         data, template_path=str(paths.hub_card_path("dataset_card.md")), repo_id=repo_id, description=description,

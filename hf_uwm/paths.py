@@ -165,8 +165,8 @@ def hub_card_path(name: str) -> Path:
         files = metadata.distribution("hf_uwm").files or []
     except metadata.PackageNotFoundError:
         files = []
-    installed = next((Path(f.locate()).resolve() for f in files if f.as_posix().endswith(f"share/hf_uwm/hub_cards/{name}")),
-                     None)
+    installed = next((Path(f.locate()).resolve() for f in files
+                      if f.as_posix().endswith(f"share/hf_uwm/hub_cards/{name}")), None)
     if installed is None or not installed.is_file():
         raise FileNotFoundError(f"the card template {name} is in neither {checkout.parent} nor the installed "
                                 "hf_uwm's share/hf_uwm/hub_cards: reinstall hf_uwm (pip install -e . in a checkout).")

@@ -327,8 +327,8 @@ MUTANTS = [
            '"share/hf_uwm/hub_cards" = ["hub_cards/*.md"]', '"share/hf_uwm/hub_cards" = ["hub_cards/model_card.md"]',
            (T_LAYOUT,)),
     Mutant("an install finds the first card whatever the name", "hf_uwm/paths.py",
-           'f.as_posix().endswith(f"share/hf_uwm/hub_cards/{name}")', 'f.as_posix().endswith("hub_cards/model_card.md")',
-           (T_LAYOUT,)),
+           'f.as_posix().endswith(f"share/hf_uwm/hub_cards/{name}")',
+           'f.as_posix().endswith("hub_cards/model_card.md")', (T_LAYOUT,)),
     Mutant("a pair set of texts is called image pairs", "hf_uwm/data.py",
            '"text pairs" if set(TEXT_COLUMNS) <= set(columns) else "image pairs"', '"image pairs"', (T_LAYOUT,)),
 ]

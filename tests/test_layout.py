@@ -52,8 +52,9 @@ def test_the_wheel_ships_the_cards_and_an_install_finds_them(tmp_path):
     cards = [n for n in names if n.endswith(tuple(f"share/hf_uwm/hub_cards/{c}" for c in HUB_CARDS))]
     assert len(cards) == len(HUB_CARDS) and METRIC_CARD in names, cards
     prefix = tmp_path / "prefix"
-    subprocess.run([sys.executable, "-m", "pip", "install", str(wheel), "--no-deps", "--no-index", "-q",
-                    "--prefix", str(prefix)], check=True, cwd=tmp_path)
+    # --ignore-installed: install beside, never uninstall, the hf_uwm this interpreter already has
+    subprocess.run([sys.executable, "-m", "pip", "install", str(wheel), "--no-deps", "--no-index", "--ignore-installed",
+                    "-q", "--prefix", str(prefix)], check=True, cwd=tmp_path)
     site = next(prefix.glob("lib/python*/site-packages"))
     found = subprocess.run([sys.executable, "-c", "import hf_uwm.paths as p; print(p.__file__); "
                             "print(*(p.hub_card_path(c) for c in p.HUB_CARDS), sep='\\n')"],
