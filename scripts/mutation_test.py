@@ -54,6 +54,8 @@ T_SCALE = "tests/test_scale.py"
 T_PADDING = "tests/test_padding.py"
 T_ITERATIVE = "tests/test_iterative.py"
 T_STOPPING = "tests/test_stopping.py"
+T_PROTOCOL = "tests/test_protocol.py"
+T_LAYOUT = "tests/test_layout.py"
 LITERAL = f"{T_SCORING}::test_scores_match_literal_formula"
 EPS_TEST = f"{T_SCORING}::test_zero_safe_activation_is_clamped_at_eps"
 APPLY_TEST = f"{T_EDITOR}::test_apply_scales_selected_weights_and_revert_is_bit_exact"
@@ -304,9 +306,31 @@ MUTANTS = [
            "return grad.abs()", "return (weight * grad).abs()", (T_BASELINES,)),
     # --- sweep --------------------------------------------------------------------------------------
     Mutant("sweep picks the worst setting", "hf_uwm/sweep.py",
-           'return max(eligible, key=lambda r: (r.report.safeground["GS"], knowledge(r.report), -r.weights),',
-           'return min(eligible, key=lambda r: (r.report.safeground["GS"], knowledge(r.report), -r.weights),',
+           "return max(eligible, key=lambda r: (criterion.safety(r.report), criterion.knowledge(r.report), -r.weights),",
+           "return min(eligible, key=lambda r: (criterion.safety(r.report), criterion.knowledge(r.report), -r.weights),",
            ("tests/test_sweep.py",)),
+    # --- the experiment protocol --------------------------------------------------------------------
+    Mutant("the captioner's rule prefers unsafe captions", "hf_uwm/sweep.py",
+           "CAPTIONS = Criterion(lambda report: -report.unsafe_rate,", "CAPTIONS = Criterion(lambda report: report.unsafe_rate,",
+           (T_PROTOCOL,)),
+    Mutant("a setting at chance is shown as chosen", "hf_uwm/sweep.py",
+           'return at_chance, "at chance"', 'return at_chance, "chosen"', (T_PROTOCOL,)),
+    Mutant("the choice's control is the choice itself", "hf_uwm/protocol.py",
+           "sw.evaluate_edit(chosen.editor.random_control(seed=seed),", "sw.evaluate_edit(chosen.editor,", (T_PROTOCOL,)),
+    Mutant("a negative sample size passes", "hf_uwm/protocol.py",
+           "not isinstance(v, int) or v < 0}", "not isinstance(v, int)}", (T_PROTOCOL,)),
+    Mutant("intervals written with a semicolon", "hf_uwm/formatting.py",
+           'return f"[{low:.{digits}f}, {high:.{digits}f}]"', 'return f"[{low:.{digits}f}; {high:.{digits}f}]"',
+           (T_PROTOCOL,)),
+    # --- the layout ---------------------------------------------------------------------------------
+    Mutant("the wheel ships the model card alone", "pyproject.toml",
+           '"share/hf_uwm/hub_cards" = ["hub_cards/*.md"]', '"share/hf_uwm/hub_cards" = ["hub_cards/model_card.md"]',
+           (T_LAYOUT,)),
+    Mutant("an install finds the first card whatever the name", "hf_uwm/paths.py",
+           'f.as_posix().endswith(f"share/hf_uwm/hub_cards/{name}")',
+           'f.as_posix().endswith("hub_cards/model_card.md")', (T_LAYOUT,)),
+    Mutant("a pair set of texts is called image pairs", "hf_uwm/data.py",
+           '"text pairs" if set(TEXT_COLUMNS) <= set(columns) else "image pairs"', '"image pairs"', (T_LAYOUT,)),
 ]
 
 
