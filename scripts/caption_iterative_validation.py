@@ -27,7 +27,7 @@ from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
 from hf_uwm.caption_evaluation import evaluate_captioning  # noqa: E402
 from hf_uwm.llava_demo import N_CALIBRATION, N_VALIDATION  # noqa: E402
 from hf_uwm.methods.caption_iterative import KNOWLEDGE_CURVATURES  # noqa: E402
-from hf_uwm.methods.iterative import CURVATURE_ESTIMATORS  # noqa: E402
+from hf_uwm.methods.rounds import CURVATURE_ESTIMATORS  # noqa: E402
 from hf_uwm.methods.stopping import holdout_rows  # noqa: E402
 from hf_uwm.organism import make_pairs  # noqa: E402
 from hf_uwm.organism_captioner import NAME, exact_organism_judge, load_captioner  # noqa: E402
