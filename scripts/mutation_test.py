@@ -116,8 +116,8 @@ MUTANTS = [
            "hf_uwm/methods/caption_iterative.py", '"knowledge_curvature": "reference",',
            '"knowledge_curvature": "vocabulary",', ("tests/test_legacy_delta.py",)),
     Mutant("old configs calibrate with the new estimator", "hf_uwm/methods/iterative.py",
-           'saved_defaults: typing.ClassVar[dict] = {"curvature_estimator": "summed", "curvature_probes": 8}',
-           "saved_defaults: typing.ClassVar[dict] = {}", ("tests/test_legacy_delta.py",)),
+           'saved_defaults: typing.ClassVar[dict] = {"curvature_estimator": "summed", "curvature_probes": 8,',
+           'saved_defaults: typing.ClassVar[dict] = {', ("tests/test_legacy_delta.py",)),
     # --- scoring: the statistics of one layer ---------------------------------------------------
     Mutant("token norm without the mean term", "hf_uwm/methods/uwm.py",
            "norm = (squares + tokens * mean.square()).sqrt()", "norm = squares.sqrt()", (LITERAL,)),
