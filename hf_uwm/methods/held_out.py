@@ -245,8 +245,9 @@ def measure(editor, state) -> tuple[float, float, dict]:
     """(GS, knowledge points lost, every measure) of the model as edited so far on the slice `state` holds."""
     family = editor.family
     texts = _embed_slice(family, state["text"], "text")                               # (2H, D)
-    images = state["images"] if state["images"] is not None else _embed_slice(family, state["vision"],
-                                                                                "vision")  # (2H, D)
+    images = state["images"]                                                           # (2H, D)
+    if images is None:
+        images = _embed_slice(family, state["vision"], "vision")
     measures = slice_measures(texts, images, state["base"], state["caption_ids"], state["image_ids"])
     word_images = state["word_images"]
     if word_images is None:

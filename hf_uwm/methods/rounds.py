@@ -36,7 +36,8 @@ CURVATURE_ESTIMATORS = ("per_item", "summed")
 
 
 class IterativeEdit(Method):
-    """Edits in rounds on the model as edited so far; subclasses score one round and measure the slice."""
+    """Edits in rounds on the model as edited so far; subclasses score one round and measure the slice, and
+    set `settings_class` to `IterativeSettings` or a subclass of it (the round settings the loop reads)."""
 
     #: what the held-out goal measures, for the model card
     goal_name = ""
