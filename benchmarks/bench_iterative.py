@@ -55,7 +55,8 @@ def config(name: str, args):
 def time_held_out_measures() -> list:
     """Wall seconds of every call that measures the held-out slice (its setup included), appended
     to the list returned, for the rest of this process."""
-    from hf_uwm.methods.iterative import IterativeAttribution, IterativeEdit
+    from hf_uwm.methods.iterative import IterativeAttribution
+    from hf_uwm.methods.rounds import IterativeEdit
 
     seconds = []
     for cls, name in ((IterativeAttribution, "start_measuring"), (IterativeEdit, "_step")):

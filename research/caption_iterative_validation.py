@@ -23,7 +23,7 @@ from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.caption_evaluation import evaluate_captioning
 from hf_uwm.llava_demo import SIZES
 from hf_uwm.methods.caption_iterative import KNOWLEDGE_CURVATURES
-from hf_uwm.methods.iterative import CURVATURE_ESTIMATORS
+from hf_uwm.methods.rounds import CURVATURE_ESTIMATORS
 from hf_uwm.methods.stopping import holdout_rows
 from hf_uwm.organism import make_pairs
 from hf_uwm.organism_captioner import NAME, exact_organism_judge, load_captioner
