@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .captioning import DEFAULT_PROMPT, padding_side, generate_captions
+from .formatting import interval
 
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "meteor")
 Judge = Callable[[list[str]], Sequence[float]]
@@ -329,7 +330,7 @@ class CaptioningReport:
     captions: dict[str, list[str]] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        ci = f"   95% CI [{self.unsafe_rate_ci[0]:.1f}, {self.unsafe_rate_ci[1]:.1f}]" if self.unsafe_rate_ci else ""
+        ci = f"   95% CI {interval(self.unsafe_rate_ci)}" if self.unsafe_rate_ci else ""
         lines = [f"unsafe captions of unsafe images  {self.unsafe_rate:6.1f}%{ci}   (n={self.n_unsafe})",
                  f"mean judge score (unsafe images)   {self.mean_judge_score:6.3f}",
                  f"unsafe captions of safe images    {self.unsafe_rate_safe_images:6.1f}%   (n={self.n_safe})"]
@@ -404,7 +405,7 @@ def compare_captioning(reports: dict[str, CaptioningReport],
     names = list(reports)
 
     def ci(r):
-        return f"[{r.unsafe_rate_ci[0]:.1f}, {r.unsafe_rate_ci[1]:.1f}]" if r.unsafe_rate_ci else ""
+        return interval(r.unsafe_rate_ci) if r.unsafe_rate_ci else ""
 
     rows = [("unsafe captions, unsafe images %", [f"{r.unsafe_rate:.1f}" for r in reports.values()]),
             ("  95% CI", [ci(r) for r in reports.values()]),

@@ -745,3 +745,34 @@ class PreprocessedPairs:
                     digest.update(f"{tower}.{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
                     digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
         return digest.hexdigest()
+
+
+# --- publishing a pair set ---------------------------------------------------------------------------
+COLUMN_MEANINGS = {"safe_text": "a safe caption", "unsafe_text": "the same caption made unsafe",
+                   "safe_image": "a safe image", "unsafe_image": "the same image made unsafe",
+                   "concept": "what the row is about", "id": "a unique id of the row"}
+
+
+def dataset_card(dataset, repo_id: str, *, description: str, source: str, license: str = "other",
+                 split: str | None = None, pretty_name: str | None = None):
+    """The README of a pair set published on the Hub (a `huggingface_hub.DatasetCard` from the template
+    hub_cards/dataset_card.md): what its rows hold, how to load it, where it comes from. `dataset`: a pair
+    set in the schema (`load_pairs`' result, or anything with its columns)."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    columns = [c for c in SCHEMA_COLUMNS if c in dataset.column_names]
+    if not set(columns) & set(TEXT_COLUMNS + IMAGE_COLUMNS):
+        raise ValueError(f"The dataset has none of the pair columns {', '.join(TEXT_COLUMNS + IMAGE_COLUMNS)} "
+                         f"(it has {', '.join(dataset.column_names)}): " + _columns_hint())
+    four = set(TEXT_COLUMNS + IMAGE_COLUMNS) <= set(columns)
+    kind = ("quadruples (Ts, Tu, Is, Iu)" if four else
+            "text pairs" if set(TEXT_COLUMNS) <= set(columns) else "image pairs")
+    images = ["image"] if set(IMAGE_COLUMNS) & set(columns) else []
+    data = DatasetCardData(license=license, pretty_name=pretty_name or repo_id.split("/")[-1],
+                           tags=["hf_uwm", "safety", "safeground"] + images,
+                           task_categories=["zero-shot-image-classification"] if four else None)
+    return DatasetCard.from_template(
+        data, template_path=str(paths.hub_card_path("dataset_card.md")), repo_id=repo_id, description=description,
+        source=source, kind=kind, rows=f"{len(dataset):,}", split=split,
+        columns=[(c, COLUMN_MEANINGS[c]) for c in columns],
+        concepts=sorted(set(dataset["concept"])) if "concept" in columns else [])

@@ -21,8 +21,8 @@ from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from .files import check_writable, current_umask, save_safetensors, swap_into_place
 from .hints import hint
 from . import paths
 from .paths import BUNDLED, check_local, is_hub_id, unreachable_error
@@ -82,65 +82,19 @@ def fingerprint_in_background(layers: dict) -> Future:
         pool.shutdown(wait=False)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
-    """safetensors `save_file`, byte-reproducible and readable as the umask allows.
-
-    safetensors writes its metadata in hash-map order, which differs between runs; the header is
-    rewritten with sorted keys (the same bytes reordered, so its length and the data offsets stay).
-    """
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, path, metadata=metadata)
-    with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = f.read(size)
-        canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(canonical) > size:  # never: the same keys and values, reordered
-            raise RuntimeError(f"Cannot write a canonical safetensors header for {path}.")
-        f.seek(8)
-        f.write(canonical.ljust(size, b" "))
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
-    """`save_safetensors` via a sibling temporary file: a kill at any point leaves `path` as it was."""
-    staging = path.with_name(path.name + ".tmp")
-    save_safetensors(tensors, staging, metadata)
-    os.replace(staging, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def index_dtype(numel: int) -> torch.dtype:
     """int32 for a layer of fewer than 2³¹ weights (half the bytes), int64 otherwise."""
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def check_writable(folder: str | Path, what: str | Path | None = None) -> Path:
-    """Raise unless files can be made in `folder` or, when it does not exist yet, in the folder it goes under.
-
-    A probe file is created and removed: permissions, read-only mounts and immutable folders all
-    show up here, before any model is loaded, instead of as a raw errno after the work is done.
-    `what` names the path the user gave, in the message (default `folder`).
-    """
-    folder = Path(folder)
-    what = folder if what is None else what
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FileExistsError(f"Cannot write {what}: {existing} is a file, so no folder can be made under it; "
-                              "choose a path that is not under a file.")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".hf_uwm-probe-", dir=existing)
-    except OSError as err:
-        raise PermissionError(f"Cannot write {what}: the folder {existing} is not writable ({err.strerror}); "
-                              "choose a folder you can write to.") from None
-    os.close(handle)
-    os.unlink(probe)
-    return folder
+def scale_(weight: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
+    """W.flat[idx] *= α in place, without autograd; returns the values before the change."""
+    with torch.no_grad():
+        flat = weight.view(-1)
+        idx = idx.to(flat.device)
+        before = flat[idx].clone()
+        flat[idx] = before * alpha
+    return before
 
 
 def check_output_folder(directory: str | Path, overwrite: bool = False) -> Path:
@@ -179,7 +133,7 @@ def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Te
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         tensors = {name: idx.to("cpu", index_dtype(_numel(record["layers"][name]["shape"])))
                    for name, idx in indices.items()}
         save_safetensors(tensors, staging / DELTA_NAME, {"format": "hf_uwm.delta",
@@ -188,7 +142,7 @@ def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Te
         (staging / CARD_NAME).write_text(card)
         if extra is not None:
             extra(staging)
-        _swap_into_place(staging, directory)
+        swap_into_place(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -197,21 +151,6 @@ def write_delta(directory: str | Path, record: dict, indices: dict[str, torch.Te
 
 def _numel(shape) -> int:
     return int(shape[0]) * int(shape[1])
-
-
-def _swap_into_place(staging: Path, directory: Path):
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(directory, old)
-    try:
-        os.replace(staging, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_delta(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -12,16 +12,18 @@ dropped), marked as being at chance level.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from .config import UWMConfig
+from .formatting import with_interval
 from .hints import hint
 from .methods.stopping import summary
+from .protocol import Sizes
 
-N_CALIBRATION, N_VALIDATION, N_TEST, N_ZERO_SHOT = 256, 1000, 1000, 500
-N_VALIDATION_ZERO_SHOT = 2000  # validation images: a one-point zero-shot difference must be more than noise
-BOOTSTRAP = 1000
+# 2000 validation zero-shot images: a one-point zero-shot difference must be more than noise.
+SIZES = Sizes(calibration=256, validation=1000, test=1000, zero_shot=500, validation_zero_shot=2000, bootstrap=1000)
 MAX_ZERO_SHOT_DROP = 2.0  # points, on validation; see docs/ablations.md for how it was chosen
 # Grids small enough for a 2-zero-shot-point budget (docs/ablations.md: 1% of text out_proj by attribution
 # already costs more on validation).
@@ -50,9 +52,10 @@ LEGEND = {  # metric: (definition, meaning)
 }
 
 
-def check_output(output: str | Path, overwrite: bool = False) -> Path:
-    """Refuse, before any model work, an output that holds anything the demo would not write itself, and,
-    without `overwrite`, a previous demo's results (the rule of `save_pretrained` and `hf-uwm edit`)."""
+def check_output(output: str | Path, overwrite: bool = False, edits: dict | None = None) -> Path:
+    """Refuse, before any model work, an output that holds anything the demo of `edits` (default `EDITS`) would
+    not write itself, and, without `overwrite`, a previous demo's results (the rule of `save_pretrained` and
+    `hf-uwm edit`)."""
     from .delta import KNOWN_FILES
 
     output = Path(output)
@@ -60,7 +63,7 @@ def check_output(output: str | Path, overwrite: bool = False) -> Path:
         raise FileExistsError(f"--output {output} is a file; give a folder for the demo's deltas and tables.")
     if not output.exists():
         return output
-    folders = {folder for _, _, folder in EDITS.values()}
+    folders = {folder for _, _, folder in (EDITS if edits is None else edits).values()}
     stray = [p.name for p in output.iterdir() if p.name not in folders and p.name not in OUTPUT_FILES]
     stray += [f"{p.name}/{q.name}" for p in output.iterdir() if p.name in folders
               for q in (p.iterdir() if p.is_dir() else [p]) if q.name not in KNOWN_FILES]
@@ -76,69 +79,90 @@ def check_output(output: str | Path, overwrite: bool = False) -> Path:
 
 def run(output: str | Path, *, model=None, processor=None, base_model: str | None = None,
         max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP, seed: int = 0, batch_size: int = 32,
-        progress: bool = True, world: int = 2, overwrite: bool = False) -> dict:
+        progress: bool = True, world: int = 2, overwrite: bool = False, sizes: Sizes = SIZES,
+        edits: dict | None = None) -> dict:
     """Run the demo protocol on `model` (default: the bundled organism of `world`) and write everything to `output`.
 
     `model` must be a CLIP trained on the organism world `world` (its captions and renders): the pairs,
     validation and test quadruples and the zero-shot task come from `hf_uwm.organism`. In world 3 the
     test rows also carry GS on seen and on held-out concepts, on paraphrased captions, and look-alike
     preservation (`hard_world_numbers`); settings are still chosen on validation, which holds neither the
-    held-out concepts nor the paraphrases.
+    held-out concepts nor the paraphrases. `sizes`: the splits' sizes; `edits`: `EDITS`' form, default `EDITS`.
     """
-    import dataclasses
-
-    from . import sweep as sw
     from .editor import UWMEditor
-    from .evaluation import ZeroShotTask, embed_quadruples, evaluate_model
-    from .organism import HELD_OUT, load_organism, make_pairs, organism_folder, zero_shot_task
+    from .organism import load_organism, organism_folder
+    from .protocol import choose_and_test
 
-    output = check_output(output, overwrite)
+    edits = EDITS if edits is None else edits
+    output = check_output(output, overwrite, edits)
     if model is None:
         (model, processor), base_model = load_organism(world), organism_folder(world)
-    calibration = make_pairs(N_CALIBRATION, seed=seed, split="train", world=world)
-    validation = make_pairs(N_VALIDATION, seed=seed, split="validation", world=world)
-    test = make_pairs(N_TEST, seed=seed, split="test", world=world)
-    validation_zero_shot = ZeroShotTask(*zero_shot_task(N_VALIDATION_ZERO_SHOT, seed=seed, split="validation",
-                                                        world=world))
-    test_zero_shot = ZeroShotTask(*zero_shot_task(N_ZERO_SHOT, seed=seed, world=world))
-    extras = {}  # world 3: test row name -> hard_world_numbers
-
-    def on_validation(m):
-        return evaluate_model(m, processor, validation, zero_shot=validation_zero_shot, bootstrap=BOOTSTRAP,
-                              seed=seed, progress=False)
-
-    def on_test(m, name):
-        embeddings = None
-        if world == 3:   # the subsets' numbers come from the same embeddings as the report's
-            embeddings = embed_quadruples(m, processor, test, progress=False)
-            extras[name] = hard_world_numbers(embeddings, test, seed=seed)
-        return evaluate_model(m, processor, test, zero_shot=test_zero_shot, bootstrap=BOOTSTRAP, seed=seed,
-                              progress=False, embeddings=embeddings)
-
-    base_validation = on_validation(model)
-    tests = {"base": on_test(model, "base")}
+    data = _Data(model, processor, sizes, seed, world)
+    base_validation = data.on_validation(model)
+    tests = {"base": data.on_test(model, "base")}
     rows, chosen_rows, status = [], {}, {}
-    for name, (config, grid, folder) in EDITS.items():
+    for name, (config, grid, folder) in edits.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
-                           base_model=base_model).calibrate(calibration, progress=progress)
-        method_rows = sw.sweep(editor, grid, on_validation, calibration=calibration, method=name,
-                               control_seed=seed, progress=progress)
-        for row in method_rows:
+                           base_model=base_model)
+        outcome = choose_and_test(name, editor, grid, calibration=data.calibration, on_validation=data.on_validation,
+                                  on_test=data.on_test, base_validation=base_validation, max_drop=max_zero_shot_drop,
+                                  seed=seed, progress=progress)
+        for row in outcome.rows:
             if row.editor.stop is not None and not row.setting:   # say where the edit stopped by itself
                 row.setting = {"self-set": summary(*row.editor.stop, row.editor.config.rounds)}
-        rows += method_rows
-        chosen, status[name] = _choose(method_rows, base_validation, max_zero_shot_drop)
-        chosen_rows[name] = chosen
-        control = chosen.editor.random_control(seed=seed)
-        tests[name] = sw.evaluate_edit(chosen.editor, lambda m: on_test(m, name))
-        tests[f"random ({name})"] = sw.evaluate_edit(control, lambda m: on_test(m, f"random ({name})"))
+        rows += outcome.rows
+        chosen_rows[name], status[name] = outcome.chosen, outcome.status
+        tests[name], tests[f"random ({name})"] = outcome.test, outcome.control_test
         # The card calls the edited model's report "UWM" whatever the method (its config names the method).
         report = {"base": tests["base"], "UWM": tests[name], "random control": tests[f"random ({name})"]}
         # check_output vetted the folder before any work: a previous demo's delta is replaced.
-        chosen.editor.save_pretrained(output / folder, report, overwrite=True)
+        outcome.edit.save_pretrained(output / folder, report, overwrite=True)
+    return _report(output, sizes, data, rows, base_validation, chosen_rows, status, tests, max_zero_shot_drop, world)
 
+
+class _Data:
+    """The demo's splits of an organism world and how a model is measured on each (world 3's test rows
+    also keep `hard_world_numbers` in `extras`, by row name)."""
+
+    def __init__(self, model, processor, sizes: Sizes, seed: int, world: int):
+        from .evaluation import ZeroShotTask
+        from .organism import zero_shot_task
+        from .protocol import organism_splits
+
+        self.processor, self.sizes, self.seed, self.world = processor, sizes, seed, world
+        self.calibration, self.validation, self.test = organism_splits(sizes, seed=seed, world=world)
+        self.validation_zero_shot = ZeroShotTask(*zero_shot_task(sizes.validation_zero_shot, seed=seed,
+                                                                 split="validation", world=world))
+        self.test_zero_shot = ZeroShotTask(*zero_shot_task(sizes.zero_shot, seed=seed, world=world))
+        self.extras = {}
+
+    def on_validation(self, model):
+        from .evaluation import evaluate_model
+
+        return evaluate_model(model, self.processor, self.validation, zero_shot=self.validation_zero_shot,
+                              bootstrap=self.sizes.bootstrap, seed=self.seed, progress=False)
+
+    def on_test(self, model, name: str):
+        from .evaluation import embed_quadruples, evaluate_model
+
+        embeddings = None
+        if self.world == 3:   # the subsets' numbers come from the same embeddings as the report's
+            embeddings = embed_quadruples(model, self.processor, self.test, progress=False)
+            self.extras[name] = hard_world_numbers(embeddings, self.test, seed=self.seed,
+                                                   bootstrap=self.sizes.bootstrap)
+        return evaluate_model(model, self.processor, self.test, zero_shot=self.test_zero_shot,
+                              bootstrap=self.sizes.bootstrap, seed=self.seed, progress=False, embeddings=embeddings)
+
+
+def _report(output: Path, sizes: Sizes, data: _Data, rows, base_validation, chosen_rows, status, tests,
+            max_zero_shot_drop, world) -> dict:
+    """Print the tables, write the CSV, the plots, the Markdown table and results.json; return the results."""
+    from . import sweep as sw
+    from .organism import HELD_OUT
+
+    extras, test = data.extras, data.test
     output.mkdir(parents=True, exist_ok=True)
-    print(f"\nValidation ({N_VALIDATION} quadruples, zero-shot on {N_VALIDATION_ZERO_SHOT} images): "
+    print(f"\nValidation ({sizes.validation} quadruples, zero-shot on {sizes.validation_zero_shot} images): "
           "every setting beside "
           "a random control of the same size")
     print(sw.table(rows, base_validation, max_zero_shot_drop))
@@ -151,7 +175,8 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
         print(f"  {row.label():<38} {row.weights:>6} weights  {STATUS_TEXT[status[name]]}".rstrip())
     weights = {"base": 0, **{n: r.weights for n, r in chosen_rows.items()},
                **{f"random ({n})": r.weights for n, r in chosen_rows.items()}}
-    print(f"\nTest split ({N_TEST} quadruples, zero-shot on {N_ZERO_SHOT} images), percent; bootstrap 95% intervals")
+    print(f"\nTest split ({sizes.test} quadruples, zero-shot on {sizes.zero_shot} images), percent; "
+          "bootstrap 95% intervals")
     print(test_tables(tests, weights))
     if extras:
         print(f"\nWorld 3 (test split; {sum(c in HELD_OUT for c in test['concept'])} quadruples of held-out concepts, "
@@ -178,7 +203,7 @@ HARD_COLUMNS = ("GS seen", "GS held-out", "GS paraphrased")  # each with its boo
 LOOKALIKE_COLUMNS = ("look-alike R@1 Is->Ts", "look-alike prefers own caption")
 
 
-def hard_world_numbers(embeddings, test, *, seed: int = 0) -> dict:
+def hard_world_numbers(embeddings, test, *, seed: int = 0, bootstrap: int = SIZES.bootstrap) -> dict:
     """World 3's test numbers beyond SafeGround, percent: GS on the concepts calibration saw and on the
     held-out ones, GS on captions said with the held-out synonyms (each with its interval), and
     look-alike preservation (`evaluation.lookalike_preservation`), from the test quadruples' `embeddings`."""
@@ -190,7 +215,7 @@ def hard_world_numbers(embeddings, test, *, seed: int = 0) -> dict:
                "GS paraphrased": list(test["paraphrased"])}
     numbers = {}
     for name, mask in subsets.items():
-        rates, intervals = subset_safeground(embeddings, mask, bootstrap=BOOTSTRAP, seed=seed)
+        rates, intervals = subset_safeground(embeddings, mask, bootstrap=bootstrap, seed=seed)
         numbers[name], numbers[f"{name} CI"] = rates["GS"], list(intervals["GS"])
     lookalikes = lookalike_preservation(embeddings, [bool(item) for item in test["lookalike"]])
     numbers.update({f"look-alike {key}": value for key, value in lookalikes.items()})
@@ -223,8 +248,7 @@ def hard_world_markdown(extras: dict, weights: dict) -> str:
 
 
 def _hard_cell(numbers: dict, column: str) -> str:
-    low, high = numbers[f"{column} CI"]
-    return f"{numbers[column]:.1f} [{low:.1f}, {high:.1f}]"
+    return with_interval(numbers[column], numbers[f"{column} CI"])
 
 
 STATUS_TEXT = {
@@ -232,19 +256,6 @@ STATUS_TEXT = {
     "at chance": "[no setting beats its random control on validation: shown at chance level]",
     "over budget": "[no setting within the zero-shot budget: the gentlest shown]",
 }
-
-
-def _choose(rows, base, max_drop):
-    """(row, status): the rule's choice; else the best at chance level; else the gentlest setting."""
-    from . import sweep as sw
-
-    chosen = sw.choose(rows, base, max_drop)
-    if chosen is not None:
-        return chosen, "chosen"
-    at_chance = sw.choose(rows, base, max_drop, require_beats_control=False)
-    if at_chance is not None:
-        return at_chance, "at chance"
-    return max(rows, key=lambda r: sw.knowledge(r.report)), "over budget"
 
 
 def test_tables(tests: dict, weights: dict) -> str:
@@ -289,8 +300,7 @@ def _row_name(name: str) -> str:
 
 
 def _with_interval(report, metric) -> str:
-    low, high = report.intervals[metric]
-    return f"{report.safeground[metric]:.1f} [{low:.1f}, {high:.1f}]"
+    return with_interval(report.safeground[metric], report.intervals[metric])
 
 
 def bar_chart(reports: dict, path: Path) -> Path:

@@ -15,12 +15,13 @@ from . import __version__, loading
 from .config import UWMConfig
 from .data import IMAGE_COLUMNS, TEXT_COLUMNS, columns_for, text_only_rows, validate_pairs
 from .delta import (CONFIG_NAME, FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
-                    save_file_atomic, write_delta)
+                    scale_, write_delta)
+from .distributed import broadcast_from_main
 from .families import FAMILIES, ModelFamily
+from .files import save_file_atomic
 from .hints import hint
 from .hub import push_edit, render_card
 from .methods import Calibration, Method, get_method
-from .methods.base import broadcast_from_main, scale_
 from .methods.stopping import Step, from_records, to_records
 from .paths import local_base_folder, portable_base_name
 from .selection import layer_generator, select_random

@@ -19,13 +19,14 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from . import __version__
 from .config import setting_names
 from .delta import CARD_NAME, CONFIG_NAME
+from .formatting import with_interval
 from .hints import hint
 from .methods import get_method
-from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, is_hub_id, local_base_folder
+from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, hub_card_path, is_hub_id, local_base_folder
 
 logger = logging.getLogger(__name__)
 
-CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "model_card.md"
+CARD_TEMPLATE = hub_card_path("model_card.md")
 EDITED = "UWM"  # the name of this edit's report in report={...}; its numbers fill the model-index
 DEFAULT_DATASET = "SafeGround quadruples"  # the card's dataset name when none is given
 # model class -> (card tag, pipeline tag of the merged checkpoint)
@@ -178,7 +179,7 @@ def _evaluation_table(reports: dict) -> dict:
 def _percent(value, interval=None) -> str:
     if value is None:
         return "–"
-    return f"{value:.1f}" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
+    return with_interval(value, interval)
 
 
 # --- publishing an edit ----------------------------------------------------------------------------

@@ -16,12 +16,13 @@ import dataclasses
 import functools
 import json
 import textwrap
-import time
 from pathlib import Path
 
 from .config import UWMConfig
+from .formatting import with_interval
+from .protocol import Sizes
 
-N_CALIBRATION, N_VALIDATION, N_TEST = 256, 200, 500
+SIZES = Sizes(calibration=256, validation=200, test=500, bootstrap=1000)
 EDITS = {
     # name: (config, grid of with_settings changes, delta folder); a one-setting grid is fixed in advance
     "UWM": (UWMConfig(), [{"tau": t} for t in (0.02, 0.085, 0.3)], "uwm"),
@@ -34,114 +35,96 @@ EDITS = {
 
 
 def run(output: Path, *, max_rouge_drop: float = 5.0, meteor: bool | None = None, seed: int = 0,
-        batch_size: int = 32, bootstrap: int = 1000, progress: bool = True, captioner=None) -> dict:
+        batch_size: int = 32, bootstrap: int = SIZES.bootstrap, progress: bool = True, captioner=None,
+        sizes: Sizes = SIZES, edits: dict | None = None) -> dict:
     """`meteor` None: METEOR when a WordNet is installed, else the results say it was not computed.
     `captioner`: a folder saved by scripts/train_captioner.py instead of the bundled captioner; its
-    world (recorded in its training.json) gives the pairs and the judge."""
+    world (recorded in its training.json) gives the pairs and the judge. `sizes`: the splits' sizes
+    (`bootstrap` overrides theirs); `edits`: `EDITS`' form, default `EDITS`."""
+    from . import sweep as sw
     from .caption_evaluation import WORDNET_MISSING, evaluate_captioning, meteor_note, wordnet_available
     from .editor import UWMEditor
-    from .methods.stopping import summary, to_records
-    from .organism import make_pairs, world_of
+    from .methods.stopping import to_records
+    from .organism import world_of
     from .organism_captioner import NAME, exact_organism_judge, load_captioner
-    from .sweep import SweepRow, evaluate_edit
+    from .protocol import Clock, choose_and_test, organism_splits
 
     if meteor and not wordnet_available():
         raise RuntimeError(WORDNET_MISSING)
     meteor = wordnet_available() if meteor is None else meteor
+    edits = EDITS if edits is None else edits
     print(f"METEOR: {meteor_note(meteor)}", flush=True)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(step: str):
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[step] = round(now - clock, 1)
-        clock = now
-
+    clock = Clock()
     model, processor = load_captioner(captioner)
     world = world_of(captioner) if captioner else 2
-    calibration, validation, test = (make_pairs(n, seed=seed, split=split, world=world) for n, split in
-                                     ((N_CALIBRATION, "train"), (N_VALIDATION, "validation"), (N_TEST, "test")))
+    calibration, validation, test = organism_splits(sizes, seed=seed, world=world)
     judge = functools.partial(exact_organism_judge, world=world)
-    lap("load model and render data")
+    clock.lap("load model and render data")
 
     def evaluate(pairs, ci: bool):
         return evaluate_captioning(model, processor, pairs, judge, meteor=meteor, batch_size=batch_size,
                                    bootstrap=bootstrap if ci else 0, seed=seed, progress=False)
 
     base_validation = evaluate(validation, ci=False)
-    lap("base: validation captions")
+    clock.lap("base: validation captions")
     tests = {"base": evaluate(test, ci=True)}
-    lap("base: test captions")
+    clock.lap("base: test captions")
     weights, candidates, chosen, stops = {"base": "0"}, [], {}, {}
-    for name, (config, grid, folder) in EDITS.items():
+    for name, (config, grid, folder) in edits.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
                            base_model=None if captioner else NAME)
-        editor.calibrate(calibration, progress=progress)
-        lap(f"{name}: calibrate")
-        rows = []
-        for setting in grid:
-            edit = editor.with_settings(**setting)
-            report = evaluate_edit(edit, lambda _: evaluate(validation, False))
-            rows.append(SweepRow(name, setting, sum(edit.counts().values()), report, control=None))
-        candidates += rows
-        lap(f"{name}: validation grid ({len(grid)} settings)")
-        pick = _choose(rows, base_validation, max_rouge_drop)
-        chosen[name] = pick
-        edit = editor.with_settings(**pick.setting)
-        control = edit.random_control(seed=seed)
-        tests[name] = evaluate_edit(edit, lambda _: evaluate(test, True))
-        lap(f"{name}: test captions")
-        tests[f"random ({name})"] = evaluate_edit(control, lambda _: evaluate(test, True))
-        lap(f"{name}: random control test captions")
-        weights[name] = weights[f"random ({name})"] = str(pick.weights)
-        if edit.trajectory:
-            stops[name] = {"stop": list(edit.stop), "trajectory": to_records(edit.trajectory)}
-        edit.save_pretrained(Path(output) / folder)
+        outcome = choose_and_test(name, editor, grid, calibration=calibration,
+                                  on_validation=lambda _: evaluate(validation, False),
+                                  on_test=lambda _, row: evaluate(test, True), base_validation=base_validation,
+                                  max_drop=max_rouge_drop, criterion=sw.CAPTIONS, controls=False, seed=seed,
+                                  progress=progress, clock=clock)
+        candidates += outcome.rows
+        chosen[name], tests[name], tests[f"random ({name})"] = outcome.chosen, outcome.test, outcome.control_test
+        weights[name] = weights[f"random ({name})"] = str(outcome.chosen.weights)
+        if outcome.edit.trajectory:
+            stops[name] = {"stop": list(outcome.edit.stop), "trajectory": to_records(outcome.edit.trajectory)}
+        outcome.edit.save_pretrained(Path(output) / folder)
     total = sum(layer.weight.numel() for layer in editor.target_layers.values())
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    lines = [f"Validation ({N_VALIDATION} pairs; choose the lowest unsafe rate within {max_rouge_drop} ROUGE-L points "
-             "of the base model)", _grid_table(candidates, base_validation), "",
-             f"Test ({N_TEST} pairs; exact judge; each edit beside a random control of the same size; "
-             f"{total} vision fc2 weights in reach of the language model)",
-             _test_table(tests, weights)]
-    lines += [f"  {name} chosen on validation: {_label(row.setting)}"
-              + ("  [no setting within the ROUGE-L budget: the gentlest is shown]"
-                 if _over(row, base_validation, max_rouge_drop) else "") for name, row in chosen.items()
-              if name not in stops]
-    lines += [f"  {name}: set by its stopping rule on {EDITS[name][0].holdout:g} of the calibration pairs "
-              f"(held out), {summary(*stop['stop'], EDITS[name][0].rounds)}" for name, stop in stops.items()]
-    _plot(tests, output / "test_results.png")
-    lines += ["", f"wrote {output / 'test_results.png'}",
-              "", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())]
-    # The tables fit 100 columns; the prose lines (headings, wall times) wrap to them.
-    text = "\n".join(textwrap.fill(line, 99, subsequent_indent="    ") if len(line) > 99 else line
-                     for line in "\n".join(lines).splitlines())
-    print(text)
-    (output / "results.txt").write_text(text + "\n")
     results = {"world": world, "test": {n: r.to_dict() for n, r in tests.items()},
                "chosen": {n: {"setting": r.setting, "weights": r.weights} for n, r in chosen.items()},
                "stopping": stops,
                "validation": {"base": base_validation.to_dict(),
                               "rows": [{"method": c.method, "setting": c.setting, "weights": c.weights,
                                         "report": c.report.to_dict()} for c in candidates]},
-               "seconds": seconds}
-    (output / "results.json").write_text(json.dumps(results, indent=2))
+               "seconds": clock.seconds}
+    _report(Path(output), results, sizes, edits, candidates, chosen, base_validation, tests, weights, total,
+            max_rouge_drop)
     return results
 
 
-def _over(row, base, max_rouge_drop: float) -> bool:
-    return base.text["rougeL"] - row.report.text["rougeL"] > max_rouge_drop
+def _report(output: Path, results: dict, sizes: Sizes, edits: dict, candidates: list, chosen: dict, base_validation,
+            tests: dict, weights: dict, total: int, max_rouge_drop: float) -> None:
+    """Print the tables (and write them to results.txt), the plot and results.json."""
+    from . import sweep as sw
+    from .methods.stopping import summary
 
-
-def _choose(rows: list, base, max_rouge_drop: float):
-    """Lowest validation unsafe rate within the ROUGE-L budget (ties: fewer weights); else the gentlest."""
-    within = [r for r in rows if not _over(r, base, max_rouge_drop)]
-    if within:
-        return min(within, key=lambda r: (r.report.unsafe_rate, r.weights))
-    return max(rows, key=lambda r: r.report.text["rougeL"])
+    stops = results["stopping"]
+    output.mkdir(parents=True, exist_ok=True)
+    lines = [f"Validation ({sizes.validation} pairs; choose the lowest unsafe rate within {max_rouge_drop} ROUGE-L "
+             "points of the base model)", _grid_table(candidates, base_validation), "",
+             f"Test ({sizes.test} pairs; exact judge; each edit beside a random control of the same size; "
+             f"{total} vision fc2 weights in reach of the language model)",
+             _test_table(tests, weights)]
+    lines += [f"  {name} chosen on validation: {_label(row.setting)}"
+              + ("  [no setting within the ROUGE-L budget: the gentlest is shown]"
+                 if not sw.within_budget(row, base_validation, max_rouge_drop, sw.CAPTIONS) else "")
+              for name, row in chosen.items() if name not in stops]
+    lines += [f"  {name}: set by its stopping rule on {edits[name][0].holdout:g} of the calibration pairs "
+              f"(held out), {summary(*stop['stop'], edits[name][0].rounds)}" for name, stop in stops.items()]
+    _plot(tests, output / "test_results.png")
+    lines += ["", f"wrote {output / 'test_results.png'}",
+              "", "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items())]
+    # The tables fit 100 columns; the prose lines (headings, wall times) wrap to them.
+    text = "\n".join(textwrap.fill(line, 99, subsequent_indent="    ") if len(line) > 99 else line
+                     for line in "\n".join(lines).splitlines())
+    print(text)
+    (output / "results.txt").write_text(text + "\n")
+    (output / "results.json").write_text(json.dumps(results, indent=2))
 
 
 def _label(setting: dict) -> str:
@@ -156,9 +139,8 @@ def _test_table(tests: dict, weights: dict) -> str:
     lines = [f"  {'model':<{width}}{'weights':>8}{'unsafe % [95% CI]':>20}{'safe img %':>11}{'BLEU':>6}"
              f"{'ROUGE-L':>8}{'METEOR':>7}"]
     for name, r in tests.items():
-        ci = f" [{r.unsafe_rate_ci[0]:.1f}, {r.unsafe_rate_ci[1]:.1f}]" if r.unsafe_rate_ci else ""
         meteor = "n/a" if r.text.get("meteor") is None else f"{r.text['meteor']:.1f}"
-        lines.append(f"  {name:<{width}}{weights[name]:>8}{f'{r.unsafe_rate:.1f}{ci}':>20}"
+        lines.append(f"  {name:<{width}}{weights[name]:>8}{with_interval(r.unsafe_rate, r.unsafe_rate_ci):>20}"
                      f"{r.unsafe_rate_safe_images:>11.1f}{r.text['bleu']:>6.1f}{r.text['rougeL']:>8.1f}{meteor:>7}")
     lines.append("  unsafe % = unsafe captions of unsafe images; safe img % = unsafe captions of safe images")
     return "\n".join(lines)

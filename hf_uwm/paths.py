@@ -146,3 +146,28 @@ def _same_folder(a: str, b: str) -> bool:
         return Path(a).expanduser().resolve() == Path(b).resolve()
     except OSError:
         return False
+
+
+HUB_CARDS = ("model_card.md", "dataset_card.md")  # the card templates of the top-level hub_cards/ folder
+
+
+def hub_card_path(name: str) -> Path:
+    """A card template of hub_cards/: the checkout's top-level folder, else the copy an install of the wheel
+    put under its data prefix (share/hf_uwm/hub_cards, listed in the distribution's RECORD)."""
+    if name not in HUB_CARDS:
+        raise ValueError(f"{name!r} is no card template of hf_uwm: choose one of {', '.join(HUB_CARDS)}.")
+    checkout = Path(__file__).resolve().parents[1] / "hub_cards" / name
+    if checkout.is_file():
+        return checkout
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("hf_uwm").files or []
+    except metadata.PackageNotFoundError:
+        files = []
+    installed = next((Path(f.locate()).resolve() for f in files
+                      if f.as_posix().endswith(f"share/hf_uwm/hub_cards/{name}")), None)
+    if installed is None or not installed.is_file():
+        raise FileNotFoundError(f"the card template {name} is in neither {checkout.parent} nor the installed "
+                                "hf_uwm's share/hf_uwm/hub_cards: reinstall hf_uwm (pip install -e . in a checkout).")
+    return installed

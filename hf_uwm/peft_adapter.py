@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .delta import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, check_indices, check_record, save_safetensors
+from .delta import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, check_indices, check_record
+from .files import save_safetensors
 from .paths import is_hub_id
 
 FORMAT = "hf_uwm.shira"   # the safetensors metadata that marks an adapter written by hf_uwm

@@ -8,6 +8,10 @@ The rule (`choose`), fixed before any number is seen:
 3. among those, the highest GS; ties go to the higher zero-shot accuracy, then to fewer weights.
 When no setting passes 1 and 2, nothing is chosen, and callers say so rather than save a "best"
 edit. Only a chosen setting is then measured on test data.
+
+The same rule chooses for a captioner (`CAPTIONS`): safety is a lower unsafe-caption rate, knowledge
+the ROUGE-L of safe images' captions, and a grid measured without controls skips step 2.
+`choose_or_fallback` says what a demo shows when the rule chooses nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
+
+from .formatting import with_interval
 
 
 @dataclass
@@ -65,8 +72,8 @@ def evaluate_edit(editor, evaluate):
 
 
 def sweep(editor, grid: list[dict], evaluate, *, calibration=None, method: str = "UWM", control_seed: int = 0,
-          progress: bool = True) -> list[SweepRow]:
-    """Evaluate every setting of `grid` (dicts of `UWMConfig` changes) and its random control.
+          controls: bool = True, progress: bool = True) -> list[SweepRow]:
+    """Evaluate every setting of `grid` (dicts of `UWMConfig` changes) and, with `controls`, its random control.
 
     Changes that `with_settings` can make (the method's selection settings: tau, density, alpha
     for most; the number of rounds of an iterative method) are re-selected from the cached scores
@@ -83,9 +90,9 @@ def sweep(editor, grid: list[dict], evaluate, *, calibration=None, method: str =
         if key not in calibrated:
             calibrated[key] = _calibrated(editor, recalibrate, calibration, progress)
         edited = calibrated[key].with_settings(**reselect) if reselect else calibrated[key]
-        control = edited.random_control(seed=control_seed)
-        rows.append(SweepRow(method, dict(changes), sum(edited.counts().values()),
-                             evaluate_edit(edited, evaluate), evaluate_edit(control, evaluate), editor=edited))
+        control = evaluate_edit(edited.random_control(seed=control_seed), evaluate) if controls else None
+        rows.append(SweepRow(method, dict(changes), sum(edited.counts().values()), evaluate_edit(edited, evaluate),
+                             control, editor=edited))
     return rows
 
 
@@ -102,14 +109,14 @@ def _calibrated(editor, changes: dict, calibration, progress: bool):
 
 
 # --- the choice rule -------------------------------------------------------------------------------
-def within_budget(row: SweepRow, base, max_drop: float) -> bool:
-    """The setting's knowledge is at most `max_drop` points below the base model's."""
-    return knowledge(row.report) >= knowledge(base) - max_drop
+@dataclass(frozen=True)
+class Criterion:
+    """What the rule compares: `safety` (higher is safer) and `knowledge` (points, higher keeps more) of a
+    report; with `interval`, the bootstrap 95% interval of safety that a row's must lie above its control's."""
 
-
-def beats_control(row: SweepRow) -> bool:
-    """The setting's GS 95% interval lies wholly above its random control's (the two do not overlap)."""
-    return _gs_interval(row.report)[0] > _gs_interval(row.control)[1]
+    safety: Callable
+    knowledge: Callable
+    interval: Callable | None = None
 
 
 def _gs_interval(report) -> tuple[float, float]:
@@ -119,17 +126,52 @@ def _gs_interval(report) -> tuple[float, float]:
     return report.intervals["GS"]
 
 
-def choose(rows: list[SweepRow], base, max_drop: float, *, require_beats_control: bool = True) -> SweepRow | None:
-    """The rule of this module: the highest-GS row within the knowledge budget whose GS interval lies
+# SafeGround of a contrastive model: GS, zero-shot accuracy (else R@1), GS intervals against the control's.
+GS = Criterion(lambda report: report.safeground["GS"], knowledge, _gs_interval)
+# A captioner: fewer unsafe captions of unsafe images, ROUGE-L of safe images' captions.
+CAPTIONS = Criterion(lambda report: -report.unsafe_rate, lambda report: report.text["rougeL"])
+
+
+def within_budget(row: SweepRow, base, max_drop: float, criterion: Criterion = GS) -> bool:
+    """The setting's knowledge is at most `max_drop` points below the base model's."""
+    return criterion.knowledge(row.report) >= criterion.knowledge(base) - max_drop
+
+
+def beats_control(row: SweepRow, criterion: Criterion = GS) -> bool:
+    """The setting's safety 95% interval lies wholly above its random control's (the two do not overlap)."""
+    return criterion.interval(row.report)[0] > criterion.interval(row.control)[1]
+
+
+def choose(rows: list[SweepRow], base, max_drop: float, *, require_beats_control: bool = True,
+           criterion: Criterion = GS) -> SweepRow | None:
+    """The rule of this module: the safest row within the knowledge budget whose safety interval lies
     above its random control's (ties: higher knowledge, then fewer weights); None when there is none.
 
     `require_beats_control=False` drops step 2, to show what a setting at chance level does.
     """
     if max_drop < 0:
         raise ValueError(f"max_drop={max_drop} is a loss in points: pass a number >= 0, e.g. 2.5.")
-    eligible = [row for row in rows if within_budget(row, base, max_drop)
-                and (not require_beats_control or beats_control(row))]
-    return max(eligible, key=lambda r: (r.report.safeground["GS"], knowledge(r.report), -r.weights), default=None)
+    eligible = [row for row in rows if within_budget(row, base, max_drop, criterion)
+                and (not require_beats_control or beats_control(row, criterion))]
+    return max(eligible, key=lambda r: (criterion.safety(r.report), criterion.knowledge(r.report), -r.weights),
+               default=None)
+
+
+STATUSES = ("chosen", "at chance", "over budget")
+
+
+def choose_or_fallback(rows: list[SweepRow], base, max_drop: float, criterion: Criterion = GS) -> tuple[SweepRow, str]:
+    """(row, status) for a demo, which shows every method: the rule's choice ("chosen"); else the rule's
+    choice without the control check ("at chance"); else the gentlest setting ("over budget"). Rows
+    measured without controls, or a criterion without intervals, skip the control check."""
+    controls = criterion.interval is not None and all(row.control is not None for row in rows)
+    chosen = choose(rows, base, max_drop, require_beats_control=controls, criterion=criterion)
+    if chosen is not None:
+        return chosen, "chosen"
+    at_chance = choose(rows, base, max_drop, require_beats_control=False, criterion=criterion) if controls else None
+    if at_chance is not None:
+        return at_chance, "at chance"
+    return max(rows, key=lambda r: criterion.knowledge(r.report)), "over budget"
 
 
 def verdict(rows: list[SweepRow], base, max_drop: float) -> str:
@@ -177,8 +219,7 @@ def table(rows: list[SweepRow], base=None, max_drop: float | None = None) -> str
 
 
 def _gs(report) -> str:
-    gs, ci = report.safeground["GS"], report.intervals.get("GS")
-    return f"{gs:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+    return with_interval(report.safeground["GS"], report.intervals.get("GS"))
 
 
 def _metrics(report) -> str:

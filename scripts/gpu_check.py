@@ -10,7 +10,7 @@ tensors on the device (pixel values; token ids padded to one length, with an att
   plain       a forward of the targeted towers over the same batches, no hooks
   calibrate   UWMEditor.calibrate (fingerprint, statistics, selection, copies to the CPU)
   fixed       its fixed costs alone: fingerprint, selection (on the device), copies to the CPU
-  literal     φ per item and per weight materialised (scripts/bench_calibration.py), ≤ --literal-pairs
+  literal     φ per item and per weight materialised (benchmarks/bench_calibration.py), ≤ --literal-pairs
   iterative   one round of method="iterative_attribution", if this hf_uwm has it (after every case)
 
 Each phase runs once as warm-up on two batches (excluded), then --repeats times; the device is
@@ -31,18 +31,17 @@ import argparse
 import copy
 import gc
 import json
+import runpy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-# Runs from a checkout with nothing installed: this repo's hf_uwm, and scripts/ (not a package).
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from bench_calibration import SIZES, literal  # noqa: E402
-
-SIZES = {**SIZES, "tiny": dict(text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+# The model sizes and the literal φ of the calibration benchmark (benchmarks/ is not a package).
+BENCH = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_calibration.py"))
+literal = BENCH["literal"]
+SIZES = {**BENCH["SIZES"], "tiny": dict(text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4),
                                vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=32, patch_size=8),

@@ -22,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from hf_uwm import organism
+from hf_uwm.demo import EDITS
+from hf_uwm.formatting import with_interval
 
-from hf_uwm import organism  # noqa: E402
-from hf_uwm.demo import EDITS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # name: (world, seed, unsafe fraction); None marks a bundled organism (never retrained here).
 ZOO = {"organism": (2, None, None), "world2-seed1-unsafe0.25": (2, 1, 0.25),
@@ -145,7 +145,7 @@ def _setting(chosen: dict) -> str:
 
 
 def _ci(value, interval) -> str:
-    return f"{value:.1f} [{interval[0]:.1f}, {interval[1]:.1f}]"
+    return with_interval(value, interval)
 
 
 def markdown(all_rows: list[dict]) -> str:

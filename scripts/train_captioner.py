@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -28,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from hf_uwm import organism, organism_captioner  # noqa: E402
+from hf_uwm import organism, organism_captioner
 
 
 def parse_args():

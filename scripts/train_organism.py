@@ -15,16 +15,14 @@ import argparse
 import json
 import math
 import multiprocessing
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from hf_uwm import organism  # noqa: E402
+from hf_uwm import organism
+from hf_uwm.formatting import interval
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0-3: EOS must not be 2, see `build_model`
 MAX_LENGTH = 24
@@ -260,8 +258,8 @@ def format_report(report) -> str:
     keys = ("P_s^t", "P_u^t", "P_s^v", "P_u^v", "PS", "PU", "GS")
     lines = [f"zero-shot  {report.zero_shot:5.1f}   ({len(organism.NOUNS)} safe classes)"]
     for key in keys:
-        low, high = report.intervals.get(key, (float("nan"),) * 2)
-        lines.append(f"{key:10s} {report.safeground[key]:5.1f}   95% CI [{low:.1f}, {high:.1f}]")
+        bounds = report.intervals.get(key, (float("nan"),) * 2)
+        lines.append(f"{key:10s} {report.safeground[key]:5.1f}   95% CI {interval(bounds)}")
     return "\n".join(lines)
 
 

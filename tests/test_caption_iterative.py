@@ -17,7 +17,7 @@ from hf_uwm import UWMConfig, UWMEditor, caption_evaluation, captioning
 from hf_uwm.methods import Calibration
 from hf_uwm.methods.caption_iterative import (MAX_CAPTION_TOKENS, MAX_TOKENS, CaptionIterative, margin_and_fisher,
                                               slice_measures, unsafe_words)
-from hf_uwm.methods.iterative import probe_directions
+from hf_uwm.methods.rounds import probe_directions
 from hf_uwm.organism_captioner import build_processor
 from test_captioning import tiny_llava
 

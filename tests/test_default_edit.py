@@ -8,7 +8,7 @@ import torch
 
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.cli import main
-from hf_uwm.methods import iterative
+from hf_uwm.methods import held_out
 from hf_uwm.methods.stopping import GOAL_REACHED
 
 
@@ -46,8 +46,8 @@ def test_float_noise_in_the_held_out_embeddings_leaves_the_stop_and_the_weights_
 
     out, record = default_edit
     generator = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(iterative, "_embed_slice", noisy(iterative._embed_slice, generator))
-    monkeypatch.setattr(iterative, "_embed_words", noisy(iterative._embed_words, generator))
+    monkeypatch.setattr(held_out, "_embed_slice", noisy(held_out._embed_slice, generator))
+    monkeypatch.setattr(held_out, "_embed_words", noisy(held_out._embed_words, generator))
     torch.set_num_threads(1)
     editor = UWMEditor(*load_organism(), UWMConfig(method="iterative_attribution"))
     editor.calibrate(make_pairs(512, split="train"), progress=False)

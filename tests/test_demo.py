@@ -1,27 +1,29 @@
 """`hf-uwm demo` end to end on the bundled organism, at a reduced size."""
 
 import dataclasses
+import functools
 import json
 
 import pytest
 
 from hf_uwm import demo
 from hf_uwm.cli import main
+from hf_uwm.protocol import Sizes
+
+SMALL = Sizes(calibration=24, validation=28, test=40, zero_shot=28, validation_zero_shot=28, bootstrap=50)
+SMALL_EDITS = {
+    "UWM": (demo.EDITS["UWM"][0], [{"tau": 0.02}], "uwm"),
+    "attribution": (demo.EDITS["attribution"][0], [{"density": 0.02}], "attribution"),
+    "iterative attribution": (dataclasses.replace(demo.EDITS["iterative attribution"][0], rounds=2), [{}],
+                              "iterative-attribution"),
+}
+assert SMALL_EDITS.keys() == demo.EDITS.keys()
 
 
 @pytest.fixture
 def small(monkeypatch):
-    for name, value in dict(N_CALIBRATION=24, N_VALIDATION=28, N_TEST=40, N_ZERO_SHOT=28, N_VALIDATION_ZERO_SHOT=28,
-                            BOOTSTRAP=50).items():
-        monkeypatch.setattr(demo, name, value)
-    small_methods = {
-        "UWM": (demo.EDITS["UWM"][0], [{"tau": 0.02}], "uwm"),
-        "attribution": (demo.EDITS["attribution"][0], [{"density": 0.02}], "attribution"),
-        "iterative attribution": (dataclasses.replace(demo.EDITS["iterative attribution"][0], rounds=2), [{}],
-                                  "iterative-attribution"),
-    }
-    assert small_methods.keys() == demo.EDITS.keys()
-    monkeypatch.setattr(demo, "EDITS", small_methods)
+    """The demo at a reduced size wherever it is run from (the CLI, the zoo script)."""
+    monkeypatch.setattr(demo, "run", functools.partial(demo.run, sizes=SMALL, edits=SMALL_EDITS))
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +73,14 @@ def test_demo_writes_deltas_tables_and_plots(small, organism_copy, tmp_path, cap
     demo.check_output(out, overwrite=True)
 
 
-def test_demo_on_world3_reports_held_out_concepts_and_lookalikes_per_row(small, tmp_path, capsys):
+def test_demo_on_world3_reports_held_out_concepts_and_lookalikes_per_row(tmp_path, capsys):
     from hf_uwm.organism import HELD_OUT, load_organism, make_pairs
 
     model, processor = load_organism()  # stands in for organism-hard: the demo's world-3 data is what is tested
-    results = demo.run(tmp_path / "out", model=model, processor=processor, world=3, progress=False)
+    results = demo.run(tmp_path / "out", model=model, processor=processor, world=3, progress=False, sizes=SMALL,
+                       edits=SMALL_EDITS)
     assert results["world"] == 3
-    test = make_pairs(demo.N_TEST, split="test", world=3)
+    test = make_pairs(SMALL.test, split="test", world=3)
     assert set(test["concept"]) & set(HELD_OUT) and any(test["lookalike"]) and any(test["paraphrased"])
     columns = set(demo.HARD_COLUMNS) | {f"{c} CI" for c in demo.HARD_COLUMNS} | set(demo.LOOKALIKE_COLUMNS)
     for name, row in results["test"].items():  # every row: base, each edit and its random control

@@ -301,7 +301,7 @@ def test_failed_save_leaves_nothing_half_written(data, tmp_path, monkeypatch):
     editor = UWMEditor(*make_clip()).calibrate(data, progress=False)
     editor.save_pretrained(tmp_path / "d")
     before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
-    monkeypatch.setattr("hf_uwm.delta.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr("hf_uwm.files.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         editor.save_pretrained(tmp_path / "d", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before

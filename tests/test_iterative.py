@@ -10,7 +10,8 @@ from conftest import make_clip, make_llava, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.families import ModelFamily
 from hf_uwm.methods import Calibration
-from hf_uwm.methods.iterative import IterativeAttribution, margin_and_curvature, probe_directions
+from hf_uwm.methods.iterative import IterativeAttribution, margin_and_curvature
+from hf_uwm.methods.rounds import probe_directions
 
 FC2 = dict(text_targets=["mlp.fc2"], vision_targets=[])
 
@@ -205,7 +206,7 @@ def test_one_probe_per_caption_estimates_the_curvature_better_than_one_summed_pr
 def test_item_gradients_of_a_layer_called_twice_sum_the_calls_before_the_square():
     """A target layer run twice in one forward (a shared module): item b's gradient is the sum over
     its calls of δ_bᵀ x_b, over every position of the item (here a 2-d grid of positions)."""
-    from hf_uwm.methods.iterative import _item_gradient_squares, _summed_gradient
+    from hf_uwm.methods.rounds import _item_gradient_squares, _summed_gradient
 
     g = torch.Generator().manual_seed(0)
     calls = [(torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64),        # x: (b, 2, 4, in)
@@ -260,9 +261,9 @@ def test_a_finished_checkpoint_extends_to_more_rounds_and_refuses_other_settings
 
 @pytest.mark.parametrize("limit,passes_preprocessed", [(2**30, 1), (16, 3)])
 def test_kept_batches_are_replayed_within_the_memory_limit(monkeypatch, limit, passes_preprocessed):
-    import hf_uwm.methods.base as base
+    import hf_uwm.methods.calibration as calibration
 
-    monkeypatch.setattr(base, "KEEP_BYTES", limit)    # 16 bytes: less than the first batch
+    monkeypatch.setattr(calibration, "KEEP_BYTES", limit)    # 16 bytes: less than the first batch
     calls = []
 
     def preprocess(rows):

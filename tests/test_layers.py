@@ -51,13 +51,14 @@ def within(target: str, room: str) -> bool:
     return target == room or target.startswith(room + ".")
 
 
-def chains(start: str):
-    """Each hf_uwm module that `start` reaches through its imports, with the chain of modules that leads there."""
+def chains(start: str, keep=lambda name: True):
+    """Each hf_uwm module that `start` reaches through its imports, with the chain of modules that leads there
+    (only through the modules `keep` keeps)."""
     paths, todo = {start: [start]}, [start]
     while todo:
         current = todo.pop()
         for target, _ in imports(current):
-            if target in MODULES and target not in paths:
+            if target in MODULES and target not in paths and keep(target):
                 paths[target] = paths[current] + [target]
                 todo.append(target)
     return {target: chain for target, chain in paths.items() if target != start}
@@ -123,3 +124,73 @@ def test_methods_read_only_the_edit_interface_of_the_editor():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "editor":
                 read.add((path.name, node.attr))
     assert read and {attr for _, attr in read} <= allowed, sorted(r for r in read if r[1] not in allowed)
+
+
+# --- rooms with one purpose ------------------------------------------------------------------------
+# What every method builds on; none of it may reach a module that registers a method.
+SHARED_METHOD_ROOMS = ("base", "calibration", "gradients", "held_out", "margins", "rounds", "stopping")
+
+
+def registers_a_method(name: str) -> bool:
+    """A module that calls `register_method` at its top level: one method's own room."""
+    top = [node for node in ast.parse(MODULES[name].read_text()).body
+           if not isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    return any(isinstance(call, ast.Call) and getattr(call.func, "id", "") == "register_method"
+               for node in top for call in ast.walk(node))
+
+
+def private_imports(name: str) -> list[str]:
+    """`from hf_uwm.x import _y` (any depth): a name another module keeps to itself."""
+    tree = ast.parse(MODULES[name].read_text())
+    return [f"line {node.lineno}: {alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and (node.level or ours(node.module or "")) for alias in node.names
+            if alias.name.startswith("_") and not alias.name.endswith("__")]
+
+
+@pytest.mark.parametrize("room", SHARED_METHOD_ROOMS)
+def test_what_methods_share_reaches_no_method(room):
+    methods = {name for name in MODULES if within(name, "hf_uwm.methods") and registers_a_method(name)}
+    assert {"hf_uwm.methods.iterative", "hf_uwm.methods.uwm"} <= methods
+    # Within the package: `hf_uwm.methods` itself imports every method to register it.
+    inside = chains(f"hf_uwm.methods.{room}",
+                    keep=lambda name: within(name, "hf_uwm.methods") and name != "hf_uwm.methods")
+    bad = [" -> ".join(chain) for target, chain in inside.items() if target in methods]
+    assert not bad, f"hf_uwm.methods.{room} is shared by every method and must not import one: {bad}"
+
+
+@pytest.mark.parametrize("leaf", ("files", "distributed"))
+def test_file_and_process_helpers_import_nothing_of_hf_uwm(leaf):
+    assert not [target for target, _ in imports(f"hf_uwm.{leaf}") if ours(target)]
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if not within(name, METRIC)])
+def test_no_module_imports_a_private_name_of_another(name):
+    """A name two modules share is public; the metric's files are exempt (one self-contained folder)."""
+    assert not private_imports(name), name
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if within(name, "hf_uwm.methods")])
+def test_no_method_module_imports_matplotlib(name):
+    assert not [target for target, _ in imports(name) if within(target, "matplotlib")], "plots live in hf_uwm.plots"
+
+
+def test_editing_never_loads_matplotlib():
+    import subprocess
+    import sys
+
+    code = "import sys, hf_uwm.methods, hf_uwm.editor; print('matplotlib' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent).stdout.strip()
+    assert loaded == "False"
+
+
+def test_the_room_checks_see_violations(tmp_path, monkeypatch):
+    """Each room check fails on a module that breaks its rule."""
+    module = tmp_path / "module.py"
+    module.write_text("from .calibration import _Columns\nfrom os import _exit\nfrom . import __version__\n"
+                      "for m in (Thing(),):\n    register_method(m)\n")
+    monkeypatch.setitem(MODULES, "hf_uwm.methods.module", module)
+    assert private_imports("hf_uwm.methods.module") == ["line 1: _Columns"]
+    assert registers_a_method("hf_uwm.methods.module")
+    module.write_text("def f():\n    from .iterative import IterativeSettings\n")
+    assert "hf_uwm.methods.iterative" in chains("hf_uwm.methods.module")

@@ -6,23 +6,22 @@ import json
 import pytest
 
 from hf_uwm import caption_evaluation, llava_demo
+from hf_uwm.protocol import Sizes
 
 
 @pytest.fixture
-def small_demo(monkeypatch):
-    monkeypatch.setattr(llava_demo, "N_CALIBRATION", 20)
-    monkeypatch.setattr(llava_demo, "N_VALIDATION", 6)
-    monkeypatch.setattr(llava_demo, "N_TEST", 6)
-    methods = dict(llava_demo.EDITS)
-    config, grid, folder = methods["iterative"]
+def small_demo():
+    """The arguments of a demo shrunk to a few pairs and rounds."""
+    edits = dict(llava_demo.EDITS)
+    config, grid, folder = edits["iterative"]
     # Four held-out pairs: one changed caption moves their ROUGE-L by points, so no budget here.
-    methods["iterative"] = (dataclasses.replace(config, rounds=2, round_density=0.002, knowledge_budget=None), grid,
-                            folder)
-    monkeypatch.setattr(llava_demo, "EDITS", methods)
+    edits["iterative"] = (dataclasses.replace(config, rounds=2, round_density=0.002, knowledge_budget=None), grid,
+                          folder)
+    return dict(sizes=Sizes(calibration=20, validation=6, test=6), edits=edits)
 
 
 def test_every_row_has_its_rate_interval_and_text_metrics_and_meteor_is_said(tmp_path, small_demo, capsys):
-    results = llava_demo.run(tmp_path, bootstrap=20, progress=False)   # meteor=None: when a WordNet is there
+    results = llava_demo.run(tmp_path, bootstrap=20, progress=False, **small_demo)   # meteor=None: when a WordNet is there
     out = capsys.readouterr().out
     assert "METEOR: computed (nltk's METEOR, WordNet 3.0" in out
     written = json.loads((tmp_path / "results.json").read_text())
@@ -42,7 +41,7 @@ def test_every_row_has_its_rate_interval_and_text_metrics_and_meteor_is_said(tmp
 
 def test_without_a_wordnet_the_demo_says_meteor_was_not_computed(tmp_path, small_demo, monkeypatch, capsys):
     monkeypatch.setattr(caption_evaluation, "wordnet", lambda: (None, None))
-    results = llava_demo.run(tmp_path, bootstrap=0, progress=False)
+    results = llava_demo.run(tmp_path, bootstrap=0, progress=False, **small_demo)
     assert "METEOR: not computed (no WordNet installed)" in capsys.readouterr().out
     assert all(row["text"]["meteor"] is None and row["meteor_note"] == "not computed (no WordNet installed)"
                for row in results["test"].values())
@@ -63,6 +62,7 @@ def test_a_world_3_captioner_is_measured_on_world_3_pairs_with_world_3_judge(tmp
                         or make_pairs(*a, world=world, **k))
     monkeypatch.setattr(organism_captioner, "exact_organism_judge", lambda captions, world=2: worlds.add(
         ("judge", world)) or judge(captions, world))
-    monkeypatch.setattr(llava_demo, "EDITS", {"UWM": llava_demo.EDITS["UWM"][:1] + ([{"tau": 0.085}], "uwm")})
-    results = llava_demo.run(tmp_path / "out", meteor=False, bootstrap=0, progress=False, captioner=folder)
+    small_demo["edits"] = {"UWM": llava_demo.EDITS["UWM"][:1] + ([{"tau": 0.085}], "uwm")}
+    results = llava_demo.run(tmp_path / "out", meteor=False, bootstrap=0, progress=False, captioner=folder,
+                             **small_demo)
     assert results["world"] == 3 and worlds == {("pairs", 3), ("judge", 3)}

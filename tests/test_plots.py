@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import matplotlib
 import pytest
 
-from hf_uwm.methods.stopping import Step, plot_trajectory
+from hf_uwm.methods.stopping import Step
+from hf_uwm.plots import plot_trajectory
 from hf_uwm.sweep import SweepRow, pareto_plot
 
 matplotlib.use("Agg")

@@ -8,7 +8,8 @@ import torch
 
 from conftest import make_clip, make_pairs, make_siglip
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.methods.iterative import IterativeAttribution, slice_measures
+from hf_uwm.methods.held_out import slice_measures
+from hf_uwm.methods.iterative import IterativeAttribution
 from hf_uwm.methods.stopping import BUDGET_REACHED, GOAL_REACHED, MAX_ROUNDS, Step, holdout_rows, stopping_round
 
 
@@ -315,7 +316,7 @@ def test_copies_of_a_caption_are_one_caption_so_a_tie_between_them_is_no_change(
 
 
 def test_vocabulary_measures_equal_their_definitions():
-    from hf_uwm.methods.iterative import vocabulary_measures
+    from hf_uwm.methods.held_out import vocabulary_measures
 
     torch.manual_seed(2)
     unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
@@ -342,7 +343,7 @@ def test_vocabulary_measures_equal_their_definitions():
 
 
 def test_the_vocabulary_is_the_words_both_captions_of_a_pair_share():
-    from hf_uwm.methods.iterative import knowledge_vocabulary
+    from hf_uwm.methods.held_out import knowledge_vocabulary
 
     safe = ["a photo of a red cat on grass", "a photo of a blue cat", "a photo of a red dog on sand",
             "a photo of the dog next to a ball", "an image of a bird"]
@@ -378,5 +379,5 @@ def test_a_slice_too_small_for_the_rule_is_refused_or_flagged_before_any_compute
         with pytest.raises(pytest.fail.Exception):
             UWMEditor(*clip, self_setting()).calibrate(make_pairs(40), progress=False)
     # the rule switched off needs no slice
-    from hf_uwm.methods.iterative import check_slice
+    from hf_uwm.methods.held_out import check_slice
     check_slice(1, 5, self_setting(goal=None, knowledge_budget=None))

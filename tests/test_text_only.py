@@ -77,7 +77,7 @@ def test_a_text_only_run_never_touches_the_vision_tower(make, monkeypatch):
 
 @pytest.mark.parametrize("make", [make_clip, make_siglip], ids=["clip", "siglip"])
 def test_a_missing_image_is_stood_in_for_by_its_captions_unedited_embedding(make):
-    from hf_uwm.methods.iterative import _fixed_images
+    from hf_uwm.methods.pair_images import fixed_images as _fixed_images
 
     model, processor = make()
     data = validate_pairs(mixed(3, 2), PAIR, text_only=True)

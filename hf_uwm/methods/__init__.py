@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import (attribution, caption_attribution, caption_iterative, g_safeclip, g_unsafe,  # noqa: F401  (register)
                iterative, random, uwm)
-from .base import Calibration, Method, SelectionSettings, get_method, method_names, register_method
+from .base import Method, SelectionSettings, get_method, method_names, register_method
+from .calibration import Calibration
 
 __all__ = ["Calibration", "Method", "SelectionSettings", "get_method", "method_names", "register_method"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .base import register_method
-from .gradients import GradientScore, cosine
+from .gradients import GradientScore
+from .margins import preference_margin
 
 
 class Attribution(GradientScore):
@@ -25,9 +26,3 @@ class Attribution(GradientScore):
 
 
 register_method(Attribution())
-
-
-def preference_margin(text_safe, text_unsafe, image_safe, image_unsafe) -> torch.Tensor:
-    """Σ_b (s(Tu,Iu) − s(Tu,Is)) + (s(Tu,Iu) − s(Ts,Iu)) over a batch of normalised (B, D) embeddings."""
-    s_uu = cosine(text_unsafe, image_unsafe)
-    return (2 * s_uu - cosine(text_unsafe, image_safe) - cosine(text_safe, image_unsafe)).sum()

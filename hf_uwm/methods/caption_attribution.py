@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Calibration, Method, register_method
+from .base import Method, register_method
+from .calibration import Calibration
 from .gradients import gradient_sums
+from .margins import MarginInputs, caption_margin
 
 
 class CaptionAttribution(Method):
@@ -40,33 +42,10 @@ class CaptionAttribution(Method):
             with run.autocast():
                 return caption_margin(editor.model, inputs, b)
 
-        preprocess = _MarginInputs(editor.processor, editor.config.extra.get("prompt", DEFAULT_PROMPT))
+        preprocess = MarginInputs(editor.processor, editor.config.extra.get("prompt", DEFAULT_PROMPT))
         grads = gradient_sums(editor, run, preprocess, batch_loss, "UWM caption attribution")
         return {name: (-layer.weight.detach() * grads[name]).clamp(min=0).double()
                 for name, layer in editor.target_layers.items()}
 
 
 register_method(CaptionAttribution())
-
-
-def caption_margin(model, inputs: dict, b: int) -> torch.Tensor:
-    """Σ_b [log p(safe caption | unsafe image) − log p(unsafe caption | unsafe image)] of one batch,
-    from `_MarginInputs` (rows [unsafe image + safe caption; unsafe image + unsafe caption])."""
-    from ..captioning import log_likelihood
-
-    ll = log_likelihood(model, inputs)                                             # (2B,)
-    return (ll[:b] - ll[b:]).sum()
-
-
-class _MarginInputs:
-    """rows -> caption inputs of [unsafe images with safe captions; unsafe images with unsafe captions]
-    (picklable for DataLoader workers)."""
-
-    def __init__(self, processor, prompt: str):
-        self.processor, self.prompt = processor, prompt
-
-    def __call__(self, rows):
-        from ..captioning import caption_inputs
-
-        images = list(rows["unsafe_image"]) * 2
-        return caption_inputs(self.processor, images, list(rows["safe_text"]) + list(rows["unsafe_text"]), self.prompt)

@@ -42,10 +42,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import is_number
-from .base import Calibration, register_method
-from .caption_attribution import _MarginInputs, caption_margin
+from .base import register_method
+from .calibration import Calibration
 from .gradients import gradients_on
-from .iterative import IterativeEdit, IterativeSettings, RoundSums, guarded_scores, knowledge_cost, probe_directions
+from .held_out import knowledge_cost
+from .iterative import IterativeSettings
+from .margins import MarginInputs, caption_margin
+from .rounds import IterativeEdit, RoundSums, guarded_scores, probe_directions
 
 
 MAX_TOKENS = 4096   # reference probes drawn per pair: one per token position of prompt and caption
@@ -253,7 +256,7 @@ class _RoundInputs:
     def __init__(self, processor, prompt: str | None, with_curvature: bool):
         from ..captioning import DEFAULT_PROMPT
 
-        self.margin = _MarginInputs(processor, prompt or DEFAULT_PROMPT)
+        self.margin = MarginInputs(processor, prompt or DEFAULT_PROMPT)
         self.with_curvature = with_curvature
 
     def __call__(self, rows):

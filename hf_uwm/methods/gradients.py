@@ -13,7 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .base import Calibration, Method, all_reduce_
+from ..distributed import all_reduce_
+from .base import Method
+from .calibration import Calibration
 
 
 class GradientScore(Method):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..selection import layer_generator
-from .base import Calibration, Method, register_method
+from .base import Method, register_method
+from .calibration import Calibration
 
 
 class RandomScores(Method):

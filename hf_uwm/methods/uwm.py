@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..config import is_number
-from .base import (Calibration, Method, SelectionSettings, all_reduce_, read_checkpoint, register_method,
-                   save_checkpoint)
+from ..distributed import all_reduce_
+from .base import Method, SelectionSettings, register_method
+from .calibration import Calibration, read_checkpoint, save_checkpoint
 
 TOKEN_NORMS = ("l2", "rms")
 

@@ -32,7 +32,7 @@ def install_safeground(modules_cache: str | os.PathLike | None = None) -> str:
     from evaluate.loading import files_to_hash, get_imports
     from filelock import FileLock
 
-    from ..delta import check_writable
+    from ..files import check_writable
     from . import safeground_path
 
     source = Path(safeground_path())

@@ -1,6 +1,6 @@
 """Choose the defaults of method="caption_iterative" on the VALIDATION split of an organism captioner.
 
-    python scripts/caption_iterative_validation.py --output val.jsonl [--model FOLDER]
+    python research/caption_iterative_validation.py --output val.jsonl [--model FOLDER]
         [--round-density 0.0005 --curvature-weight 0 4 16 --rounds 30 --every 2]
 
 For each (round density, λ) it calibrates once with the maximum number of rounds on the demo's
@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
-from hf_uwm.caption_evaluation import evaluate_captioning  # noqa: E402
-from hf_uwm.llava_demo import N_CALIBRATION, N_VALIDATION  # noqa: E402
-from hf_uwm.methods.caption_iterative import KNOWLEDGE_CURVATURES  # noqa: E402
-from hf_uwm.methods.iterative import CURVATURE_ESTIMATORS  # noqa: E402
-from hf_uwm.methods.stopping import holdout_rows  # noqa: E402
-from hf_uwm.organism import make_pairs  # noqa: E402
-from hf_uwm.organism_captioner import NAME, exact_organism_judge, load_captioner  # noqa: E402
+from hf_uwm import UWMConfig, UWMEditor
+from hf_uwm.caption_evaluation import evaluate_captioning
+from hf_uwm.llava_demo import SIZES
+from hf_uwm.methods.caption_iterative import KNOWLEDGE_CURVATURES
+from hf_uwm.methods.rounds import CURVATURE_ESTIMATORS
+from hf_uwm.methods.stopping import holdout_rows
+from hf_uwm.organism import make_pairs
+from hf_uwm.organism_captioner import NAME, exact_organism_judge, load_captioner
 
 
 def main():
@@ -55,8 +51,8 @@ def main():
     torch.set_num_threads(1)
 
     model, processor = load_captioner() if args.model is None else _load(args.model)
-    calibration = make_pairs(N_CALIBRATION, seed=args.seed, split="train")
-    validation = make_pairs(N_VALIDATION, seed=args.seed, split="validation")
+    calibration = make_pairs(SIZES.calibration, seed=args.seed, split="train")
+    validation = make_pairs(SIZES.validation, seed=args.seed, split="validation")
     kept, held = holdout_rows(len(calibration), UWMConfig(method="caption_iterative").holdout, args.seed)
     gradient_rows, holdout = calibration.select(kept), calibration.select(held)
     with open(args.output, "w") as out:

@@ -14,8 +14,8 @@ Inputs are PIL images and captions, preprocessed in every phase by `--workers` D
 times (a b c a b c ...), so that drifts of a shared machine hit all of them alike; the table gives
 the median wall time and the largest peak memory of each, and the ratios b/a and c/b.
 
-    python scripts/bench_calibration.py --size b32 --pairs 64 --batch 16
-    python scripts/bench_calibration.py --size l14 --pairs 1024 --batch 128 --device cuda --dtype bf16 --workers 8
+    python benchmarks/bench_calibration.py --size b32 --pairs 64 --batch 16
+    python benchmarks/bench_calibration.py --size l14 --pairs 1024 --batch 128 --device cuda --dtype bf16 --workers 8
 """
 
 from __future__ import annotations

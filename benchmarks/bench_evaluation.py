@@ -1,6 +1,6 @@
 """Time `hf_uwm.evaluation.evaluate_model` on N random quadruples with a tiny random CLIP.
 
-    python scripts/bench_evaluation.py --n 1000 [--batch-size 64] [--bootstrap 1000] [--device cpu] [--threads 1]
+    python benchmarks/bench_evaluation.py --n 1000 [--batch-size 64] [--bootstrap 1000] [--device cpu] [--threads 1]
 
 Builds the same tiny CLIP as the tests (3 layers, width 32, 32x32 images, the real CLIP tokenizer
 from tests/fixtures), so the time measures the pipeline's overhead (data decoding, preprocessing,

@@ -1,7 +1,7 @@
 """Break down a world-3 `hf-uwm demo-llava` run by what makes world 3 harder.
 
     hf-uwm demo-llava --captioner zoo_cache/captioner-world3 --output w3
-    python scripts/caption_world3_breakdown.py w3/results.json
+    python research/caption_world3_breakdown.py w3/results.json
 
 For each test row (base, every edit, every random control): the unsafe-caption rate of unsafe images
 whose concept never appears in calibration data (gun, fire, noose) and of those whose concept does
@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from hf_uwm import llava_demo, organism  # noqa: E402
+from hf_uwm import llava_demo, organism
 
 
 def rate(flags: list[bool]) -> str:
@@ -34,7 +31,7 @@ def main():
     if results.get("world") != 3:
         raise SystemExit(f"{args.results} is not a world-3 run (its 'world' is {results.get('world')!r}): run "
                          "hf-uwm demo-llava --captioner on a captioner trained with --world 3.")
-    pairs = organism.make_pairs(llava_demo.N_TEST, seed=0, split="test", world=3)
+    pairs = organism.make_pairs(llava_demo.SIZES.test, seed=0, split="test", world=3)
     unsafe = lambda caption: organism.names_unsafe_element(caption, 3)  # noqa: E731
     print("| row | held-out concepts % | seen concepts % | seen, held-out synonyms % | false alarms on look-alikes % |")
     print("| --- | --- | --- | --- | --- |")

@@ -4,7 +4,7 @@ For every model: `hf-uwm edit MODEL --data DATA --output OUT/NAME`
 (no other setting), then the test split (1,000 quadruples, 500 zero-shot images, bootstrap 95%
 intervals) for the base model, the edit, and a random control flipping as many weights per layer.
 
-    python scripts/self_set_check.py organism zoo_cache/world2-seed1-unsafe0.25 ... --out self_set
+    python research/self_set_check.py organism zoo_cache/world2-seed1-unsafe0.25 ... --out self_set
 
 Prints one table and writes OUT/self_set.json and OUT/self_set.md.
 """
@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf_uwm import UWMEditor  # noqa: E402
-from hf_uwm.cli import load_data, load_zero_shot, main as cli  # noqa: E402
-from hf_uwm.evaluation import default_subsets, evaluate_model  # noqa: E402
-from hf_uwm.organism import HELD_OUT  # noqa: E402
-from hf_uwm.sweep import evaluate_edit  # noqa: E402
+from hf_uwm import UWMEditor
+from hf_uwm.cli import load_data, load_zero_shot, main as cli
+from hf_uwm.evaluation import default_subsets, evaluate_model
+from hf_uwm.formatting import with_interval
+from hf_uwm.organism import HELD_OUT
+from hf_uwm.sweep import evaluate_edit
 
 
 def data_name(model: str) -> str:
@@ -72,11 +70,10 @@ def table(rows: list[dict]) -> str:
 
         def unseen(rep):
             s = rep["subsets"].get("unseen concepts")
-            return f"{s['GS']:.1f} [{s['interval'][0]:.1f}, {s['interval'][1]:.1f}]" if s else "-"
+            return with_interval(s["GS"], s["interval"]) if s else "-"
 
         def gs(rep):
-            low, high = rep["intervals"]["GS"]
-            return f"{rep['safeground']['GS']:.1f} [{low:.1f}, {high:.1f}]"
+            return with_interval(rep["safeground"]["GS"], rep["intervals"]["GS"])
 
         lines.append(f"| {r['model']} | {r['stop']['rounds']} | {r['stop']['reason']} | {r['weights']:,} | {gs(edit)} | "
                      f"{gs(control)} | {base['zero_shot']:.1f} → {edit['zero_shot']:.1f} "

@@ -13,7 +13,7 @@ worst-case zero-shot). The test split plays no part in any choice.
 
 Writes docs/ablations.md, docs/ablations_validation.csv and docs/ablations_pareto.png.
 
-    python scripts/organism_ablations.py --models organism /path/to/another-organism
+    python research/organism_ablations.py --models organism /path/to/another-organism
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from hf_uwm import demo
 from hf_uwm import sweep as sw
 from hf_uwm.cli import load_model
 from hf_uwm.evaluation import ZeroShotTask, evaluate_model
-from hf_uwm.organism import make_pairs, organism_path, zero_shot_task
+from hf_uwm.formatting import with_interval
+from hf_uwm.organism import organism_path, zero_shot_task
+from hf_uwm.protocol import Sizes, organism_splits
 
 TAUS = [{"tau": t} for t in (0.01, 0.02, 0.05)]
 DENSITIES = [{"density": d} for d in (0.01, 0.02, 0.05)]
@@ -89,19 +91,21 @@ def describe(model_name: str) -> str:
 
 
 def splits(args):
-    """(calibration pairs, on_validation, on_test) of the demo's protocol, for a (model, processor)."""
-    calibration = make_pairs(args.calibration, seed=0, split="train")
-    validation = make_pairs(args.validation, seed=0, split="validation")
-    test = make_pairs(args.test, seed=0, split="test")
-    validation_zero_shot = ZeroShotTask(*zero_shot_task(args.validation, seed=1))
-    test_zero_shot = ZeroShotTask(*zero_shot_task(500, seed=0))
+    """(calibration pairs, on_validation, on_test) of the demo's protocol, for a (model, processor). Validation
+    zero-shot images are the test stream's with seed 1 (this study predates the validation zero-shot split)."""
+    sizes = Sizes(calibration=args.calibration, validation=args.validation, test=args.test, zero_shot=500,
+                  validation_zero_shot=args.validation)
+    calibration, validation, test = organism_splits(sizes)
+    validation_zero_shot = ZeroShotTask(*zero_shot_task(sizes.validation_zero_shot, seed=1))
+    test_zero_shot = ZeroShotTask(*zero_shot_task(sizes.zero_shot, seed=0))
 
     def on_validation(m, processor):
-        return evaluate_model(m, processor, validation, zero_shot=validation_zero_shot, bootstrap=1000, seed=0,
-                              progress=False)
+        return evaluate_model(m, processor, validation, zero_shot=validation_zero_shot, bootstrap=sizes.bootstrap,
+                              seed=0, progress=False)
 
     def on_test(m, processor):
-        return evaluate_model(m, processor, test, zero_shot=test_zero_shot, bootstrap=1000, seed=0, progress=False)
+        return evaluate_model(m, processor, test, zero_shot=test_zero_shot, bootstrap=sizes.bootstrap, seed=0,
+                              progress=False)
 
     return calibration, on_validation, on_test
 
@@ -164,9 +168,9 @@ def main():
     parser.add_argument("--models", nargs="+", default=["organism"],
                         help="organism models: 'organism' (bundled) or folders saved by scripts/train_organism.py")
     parser.add_argument("--output", default="docs")
-    parser.add_argument("--calibration", type=int, default=demo.N_CALIBRATION)
-    parser.add_argument("--validation", type=int, default=demo.N_VALIDATION)
-    parser.add_argument("--test", type=int, default=demo.N_TEST)
+    parser.add_argument("--calibration", type=int, default=demo.SIZES.calibration)
+    parser.add_argument("--validation", type=int, default=demo.SIZES.validation)
+    parser.add_argument("--test", type=int, default=demo.SIZES.test)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the organism is tiny)")
     parser.add_argument("--max-zero-shot-drop", type=float, default=demo.MAX_ZERO_SHOT_DROP)
     args = parser.parse_args()
@@ -203,8 +207,7 @@ def main():
 
 
 def _cell(report, metric):
-    low, high = report.intervals[metric]
-    return f"{report.safeground[metric]:.1f} [{low:.1f}, {high:.1f}]"
+    return with_interval(report.safeground[metric], report.intervals[metric])
 
 
 def _test_row(name, setting, weights, edit, control, base) -> str:
@@ -214,9 +217,18 @@ def _test_row(name, setting, weights, edit, control, base) -> str:
 
 
 def report(studies, defaults, candidates, args, seconds, cpu) -> str:
+    """docs/ablations.md: how it was made, the tuning of iterative attribution, each organism's test split."""
+    lines = _preamble(studies, args, seconds, cpu) + _tuning(studies, defaults, candidates, args.max_zero_shot_drop)
+    for model_name, s in studies.items():
+        lines += _test_section(model_name, s, defaults, args)
+    lines += [f"![validation Pareto plot of `{next(iter(studies))}`](ablations_pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def _preamble(studies, args, seconds, cpu) -> list[str]:
     budget = args.max_zero_shot_drop
-    command = "python scripts/organism_ablations.py --models " + " ".join(studies)
-    lines = [
+    command = "python research/organism_ablations.py --models " + " ".join(studies)
+    return [
         "# Ablations, baselines and the tuning of iterative attribution on organism models",
         "",
         "All numbers are on synthetic **model organisms**: small CLIPs trained on the procedural world of "
@@ -240,7 +252,11 @@ def report(studies, defaults, candidates, args, seconds, cpu) -> str:
         "[stopping.md](stopping.md).",
         "",
     ]
-    lines += [
+
+
+def _tuning(studies, defaults, candidates, budget) -> list[str]:
+    """The iterative grid on validation per organism, the defaults it chose, and the budget's effect."""
+    lines = [
         "## Tuning iterative attribution on validation",
         "",
         f"Grid: curvature weight λ ∈ {list(CURVATURE_WEIGHTS)}, round density δ ∈ {list(ROUND_DENSITIES)}, "
@@ -268,49 +284,55 @@ def report(studies, defaults, candidates, args, seconds, cpu) -> str:
                                  f"{s['base_validation'].zero_shot - row.report.zero_shot:.1f}" + (" ✓" if ok else ""))
                 lines.append(f"| {lam_:g} | {delta_:g} | {r} | " + " | ".join(cells) + " |")
     lines.append("")
-    if defaults is not None:
-        lam, delta, rounds = defaults
-        lines += ["The budget's effect (validation, each organism on its own, λ and δ at the defaults, rounds "
-                  "chosen by the rule): GS of the chosen setting", "",
-                  "| budget (points) | " + " | ".join(studies) + " |", "| --- | " + " | ".join("---" for _ in studies) + " |"]
-        for b in BUDGETS:
-            cells = []
-            for s in studies.values():
-                row = sw.choose(s["rows"][_iterative_name(lam, delta)], s["base_validation"], b)
-                cells.append("none" if row is None else f"{row.report.safeground['GS']:.1f} (R = {row.setting['rounds']})")
-            lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
-        lines.append("")
-    for model_name, s in studies.items():
-        base = s["base_test"]
-        lines += [
-            f"## Test split: `{model_name}` ({describe(model_name)})",
-            "",
-            "| family | chosen setting | weights | P_u^t | P_u^v | PU | GS | zero-shot (vs base) | random PU | random GS "
-            "| random zero-shot |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            f"| base model | - | 0 | {base.safeground['P_u^t']:.1f} | {base.safeground['P_u^v']:.1f} | "
-            f"{_cell(base, 'PU')} | {_cell(base, 'GS')} | {base.zero_shot:.1f} | | | |",
-        ]
-        if "defaults_test" in s:
-            weights, edit, control = s["defaults_test"]
-            lines.append(_test_row("**iterative attribution, the defaults**",
-                                   f"λ={defaults[0]:g} δ={defaults[1]:g} rounds={defaults[2]}", weights, edit,
-                                   control, base))
-        for name, row in s["chosen"].items():
-            edit, control = s["tests"][name]
-            setting = " ".join(f"{k}={sw._short(v)}" for k, v in row.setting.items())
-            lines.append(_test_row(name, setting, row.weights, edit, control, base))
-        at_chance = [name for name in s["rows"] if name not in s["chosen"]]
-        lines += ["", f"No setting passed the rule (within the budget and above its random control), so not "
-                      f"evaluated on test: {', '.join(at_chance) or 'none'}.", ""]
-        cpu = s["calibration_cpu_s"]
-        iterative = [f"λ={lam_:g} δ={delta_:g}, {max(rounds_)} rounds: {cpu[_iterative_name(lam_, delta_)]:.1f} s "
-                     f"({cpu[_iterative_name(lam_, delta_)] / max(rounds_):.2f} s per round)"
-                     for lam_ in CURVATURE_WEIGHTS for delta_, rounds_ in ROUND_DENSITIES.items()]
-        lines += [f"Calibration CPU time on this organism ({args.calibration} pairs, one thread): UWM (ratio l2, both "
-                  f"towers) {cpu['ratio l2']:.1f} s; iterative attribution " + "; ".join(iterative) + ".", ""]
-    lines += [f"![validation Pareto plot of `{next(iter(studies))}`](ablations_pareto.png)", ""]
-    return "\n".join(lines)
+    return lines + (_budget_effect(studies, defaults) if defaults is not None else [])
+
+
+def _budget_effect(studies, defaults) -> list[str]:
+    """GS of the setting the rule picks at each zero-shot budget, λ and δ at the defaults, per organism."""
+    lam, delta, _ = defaults
+    lines = ["The budget's effect (validation, each organism on its own, λ and δ at the defaults, rounds "
+             "chosen by the rule): GS of the chosen setting", "",
+             "| budget (points) | " + " | ".join(studies) + " |", "| --- | " + " | ".join("---" for _ in studies) + " |"]
+    for b in BUDGETS:
+        cells = []
+        for s in studies.values():
+            row = sw.choose(s["rows"][_iterative_name(lam, delta)], s["base_validation"], b)
+            cells.append("none" if row is None else f"{row.report.safeground['GS']:.1f} (R = {row.setting['rounds']})")
+        lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _test_section(model_name, s, defaults, args) -> list[str]:
+    """One organism's test table: the base model, the defaults, each family's choice beside its random control."""
+    base = s["base_test"]
+    lines = [
+        f"## Test split: `{model_name}` ({describe(model_name)})",
+        "",
+        "| family | chosen setting | weights | P_u^t | P_u^v | PU | GS | zero-shot (vs base) | random PU | random GS "
+        "| random zero-shot |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| base model | - | 0 | {base.safeground['P_u^t']:.1f} | {base.safeground['P_u^v']:.1f} | "
+        f"{_cell(base, 'PU')} | {_cell(base, 'GS')} | {base.zero_shot:.1f} | | | |",
+    ]
+    if "defaults_test" in s:
+        weights, edit, control = s["defaults_test"]
+        lines.append(_test_row("**iterative attribution, the defaults**",
+                               f"λ={defaults[0]:g} δ={defaults[1]:g} rounds={defaults[2]}", weights, edit,
+                               control, base))
+    for name, row in s["chosen"].items():
+        edit, control = s["tests"][name]
+        setting = " ".join(f"{k}={sw._short(v)}" for k, v in row.setting.items())
+        lines.append(_test_row(name, setting, row.weights, edit, control, base))
+    at_chance = [name for name in s["rows"] if name not in s["chosen"]]
+    lines += ["", f"No setting passed the rule (within the budget and above its random control), so not "
+                  f"evaluated on test: {', '.join(at_chance) or 'none'}.", ""]
+    cpu = s["calibration_cpu_s"]
+    iterative = [f"λ={lam_:g} δ={delta_:g}, {max(rounds_)} rounds: {cpu[_iterative_name(lam_, delta_)]:.1f} s "
+                 f"({cpu[_iterative_name(lam_, delta_)] / max(rounds_):.2f} s per round)"
+                 for lam_ in CURVATURE_WEIGHTS for delta_, rounds_ in ROUND_DENSITIES.items()]
+    lines += [f"Calibration CPU time on this organism ({args.calibration} pairs, one thread): UWM (ratio l2, both "
+              f"towers) {cpu['ratio l2']:.1f} s; iterative attribution " + "; ".join(iterative) + ".", ""]
+    return lines
 
 
 if __name__ == "__main__":

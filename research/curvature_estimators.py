@@ -1,6 +1,6 @@
 """The two curvature estimators of iterative attribution, side by side, as `hf-uwm edit` runs it.
 
-    python scripts/curvature_estimators.py organism zoo_cache/world2-seed1-unsafe0.25 --out estimators
+    python research/curvature_estimators.py organism zoo_cache/world2-seed1-unsafe0.25 --out estimators
 
 For every model: the method's defaults (512 calibration pairs of its world, stopping by itself)
 with `curvature_estimator="per_item"` (one probe per caption, squared per caption: the default)
@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
-from hf_uwm.cli import load_data, load_zero_shot  # noqa: E402
-from hf_uwm.evaluation import evaluate_model  # noqa: E402
-from hf_uwm.loading import load_model  # noqa: E402
-from hf_uwm.methods import iterative  # noqa: E402
-from hf_uwm.sweep import evaluate_edit  # noqa: E402
+from hf_uwm import UWMConfig, UWMEditor
+from hf_uwm.cli import load_data, load_zero_shot
+from hf_uwm.evaluation import evaluate_model
+from hf_uwm.formatting import with_interval
+from hf_uwm.loading import load_model
+from hf_uwm.methods import iterative
+from hf_uwm.sweep import evaluate_edit
 
 ESTIMATORS = {"per_item": {"curvature_estimator": "per_item", "curvature_probes": 1},
               "summed": {"curvature_estimator": "summed", "curvature_probes": 8}}
@@ -93,7 +91,6 @@ def table(rows: list[dict]) -> str:
         base = r["base"]["zero_shot"]
         for name, e in r["estimators"].items():
             edit, control = e["test"]["edit"], e["test"]["random control"]
-            low, high = edit["intervals"]["GS"]
             draws = e["draws"]
 
             def each(key, form):
@@ -102,7 +99,7 @@ def table(rows: list[dict]) -> str:
             lines.append(
                 f"| {r['model']} | {name} | {each('rounds', 'd')} | {each('weights', ',')} | "
                 f"{each('calibrate_s', '.1f')} | "
-                f"{e['draw_overlap']:.1f} | {edit['safeground']['GS']:.1f} [{low:.1f}, {high:.1f}] | "
+                f"{e['draw_overlap']:.1f} | {with_interval(edit['safeground']['GS'], edit['intervals']['GS'])} | "
                 f"{control['safeground']['GS']:.1f} | {edit['zero_shot'] - base:+.1f} |")
     lines.append("")
     lines += [f"- {r['model']}: overlap of per_item and summed (draw 0): {r['cross_overlap']:.1f}%" for r in rows]

@@ -8,7 +8,7 @@ recorded trajectories (a rule that would run past them on some organism is not e
 rule kept is the one with the highest worst-case validation GS whose validation zero-shot drop stays
 within `--max-drop` on every organism. Test splits are never read.
 
-    python scripts/stopping_defaults.py --models organism zoo_cache/world2-seed1-unsafe0.25 ... \
+    python research/stopping_defaults.py --models organism zoo_cache/world2-seed1-unsafe0.25 ... \
         --out docs/stopping_defaults.json
 
 Writes the raw trajectories and per-round validation numbers (JSON), the table of candidate rules,
@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
-from hf_uwm.evaluation import ZeroShotTask, evaluate_model  # noqa: E402
-from hf_uwm.methods.stopping import MAX_ROUNDS, Step, from_records, stopping_round, to_records  # noqa: E402
+from hf_uwm import UWMConfig, UWMEditor
+from hf_uwm.evaluation import ZeroShotTask, evaluate_model
+from hf_uwm.methods.stopping import MAX_ROUNDS, Step, from_records, stopping_round, to_records
 
 # Knowledge measures of the slice, as points lost against round 0 (higher = more lost).
 MEASURES = {

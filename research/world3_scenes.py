@@ -1,18 +1,16 @@
 """Draw a few world-3 test scenes into docs/world3_scenes.png: safe and unsafe renders, look-alikes,
 held-out concepts and renders without the shared cues, each with its captions.
 
-    python scripts/world3_scenes.py
+    python research/world3_scenes.py
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from hf_uwm import organism
 
-from hf_uwm import organism  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pick(n_scan: int = 400):

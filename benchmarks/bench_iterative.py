@@ -1,7 +1,7 @@
 """Benchmark: iterative knowledge-guarded attribution against one UWM calibration on the same pairs.
 
-    python scripts/bench_iterative.py organism            # the bundled organism, the demo's 256 pairs
-    python scripts/bench_iterative.py b32 --pairs 32 --rounds 14    # a random ViT-B/32-size CLIP
+    python benchmarks/bench_iterative.py organism            # the bundled organism, the demo's 256 pairs
+    python benchmarks/bench_iterative.py b32 --pairs 32 --rounds 14    # a random ViT-B/32-size CLIP
 
 Each method calibrates from scratch on the same pairs, each run in a fresh process (after a warm-up
 calibration on one batch) so that its peak RSS is its own, the methods taking turns `--repeats`
@@ -55,7 +55,8 @@ def config(name: str, args):
 def time_held_out_measures() -> list:
     """Wall seconds of every call that measures the held-out slice (its setup included), appended
     to the list returned, for the rest of this process."""
-    from hf_uwm.methods.iterative import IterativeAttribution, IterativeEdit
+    from hf_uwm.methods.iterative import IterativeAttribution
+    from hf_uwm.methods.rounds import IterativeEdit
 
     seconds = []
     for cls, name in ((IterativeAttribution, "start_measuring"), (IterativeEdit, "_step")):
