@@ -180,3 +180,18 @@ def test_subsets_split_unseen_concepts_by_naming_and_by_cues():
     assert subsets["unseen, named without cues"] == [False, True, False, False, False, False]
     assert subsets["seen concepts without cues"] == [False] * 5 + [True]
     assert "unseen, not named with cues" not in subsets   # empty subsets are left out
+
+
+def test_a_resumed_run_stands_in_with_the_unedited_captions(tmp_path):
+    model, processor = make_clip()
+    data = mixed(8, 16)
+
+    def run(rounds, checkpoint_dir=None):
+        config = UWMConfig(method="iterative_attribution", rounds=rounds, round_density=0.01, goal=None,
+                           knowledge_budget=None, holdout=0.0)
+        return UWMEditor(model, processor, config).calibrate(data, progress=False, checkpoint_dir=checkpoint_dir)
+
+    run(2, tmp_path)                     # stopped after two rounds...
+    resumed = run(4, tmp_path)           # ...and resumed from their flips
+    whole = run(4)
+    assert all(torch.equal(resumed.scores[name], whole.scores[name]) for name in whole.scores)
