@@ -19,6 +19,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from . import __version__
 from .config import setting_names
 from .delta import CARD_NAME, CONFIG_NAME
+from .errors import PushError  # noqa: F401  (raised here; importable from here as before)
 from .hints import hint
 from .methods import get_method
 from .paths import BUNDLED, ORGANISM_WORLDS, bundled_path, is_hub_id, local_base_folder
@@ -34,10 +35,6 @@ FAMILY_TAGS = {"CLIPModel": ("clip", "zero-shot-image-classification"),
                "LlavaForConditionalGeneration": ("llava", "image-text-to-text")}
 NOTHING_COMMITTED = "No commit was made, so {repo_id} holds no part of this upload; nothing local was changed{kept}."
 EDIT_KEPT = " (the edit in memory and any folder you saved it to are intact)"
-
-
-class PushError(RuntimeError):
-    """A push that did not happen: the repo got no commit, the local delta is unchanged."""
 
 
 # --- model card ------------------------------------------------------------------------------------

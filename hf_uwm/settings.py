@@ -23,6 +23,7 @@ class SettingInfo:
     help: str = ""
     symbol: str | None = None
     grid: bool = False
+    calibrate_most: bool = False
     choices: tuple | None = None
     positive: bool = False
     none: str | None = None
@@ -30,18 +31,19 @@ class SettingInfo:
     family_default: str | None = None
 
 
-def setting(default, help: str, *, symbol: str | None = None, grid: bool = False, choices=None,
-            positive: bool = False, none: str | None = None, example: str | None = None,
+def setting(default, help: str, *, symbol: str | None = None, grid: bool = False, calibrate_most: bool = False,
+            choices=None, positive: bool = False, none: str | None = None, example: str | None = None,
             family_default: str | None = None):
     """A dataclass field of a method's settings, with what the command line, sweeps and cards need.
 
     `help`: one line for `--help` (the default is appended from the dataclass, never written here);
     `symbol`: its short name in tables and plots (τ, λ...); `grid`: a sweep takes several values;
+    `calibrate_most`: a sweep calibrates the largest of them once and re-selects the others from it;
     `choices`: the allowed strings; `positive`: a whole number ≥ 1; `none`: what `None` means, when
     a user may ask for it (`--goal none`), with `example` describing a valid value for the error;
     `family_default`: the model family's attribute that `None` stands for (written out when saved).
     """
-    info = SettingInfo(help=help, symbol=symbol, grid=grid, choices=None if choices is None else tuple(choices),
+    info = SettingInfo(help=help, symbol=symbol, grid=grid, calibrate_most=calibrate_most, choices=None if choices is None else tuple(choices),
                        positive=positive, none=none, example=example, family_default=family_default)
     return dataclasses.field(default=default, metadata={_KEY: info})
 

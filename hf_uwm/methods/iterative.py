@@ -57,7 +57,8 @@ class IterativeSettings(MethodSettings):
     budget) were chosen on validation splits of three organisms (`scripts/stopping_defaults.py`)."""
 
     rounds: int = setting(40, "the most rounds of re-scoring and flipping (the stopping rule usually ends it "
-                              "sooner; a sweep calibrates the most and re-selects fewer)", positive=True, grid=True)
+                              "sooner; a sweep calibrates the most and re-selects fewer)", positive=True, grid=True,
+                          calibrate_most=True)
     round_density: float = setting(0.002, "share of all target weights flipped per round", symbol="δ", grid=True)
     goal: float | None = setting(95.0, "stop once the held-out pairs' goal measure reaches this percent",
                                  none="never for the goal", example="a percentage such as 95")
