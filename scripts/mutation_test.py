@@ -278,7 +278,7 @@ MUTANTS = [
     Mutant("unsorted indices accepted", "hf_uwm/delta.py",
            "and bool((idx[1:] > idx[:-1]).all()))", "and True)", (f"{T_EDITOR}::test_corrupted_indices_are_refused",)),
     Mutant("vision prior on by default", "hf_uwm/methods/uwm.py",
-           "vision_prior: bool = False", "vision_prior: bool = True",
+           "vision_prior: bool = setting(False,", "vision_prior: bool = setting(True,",
            (f"{T_SCORING}::test_default_config_scores_match_literal_formula",)),
     Mutant("prior() gives the text setting to both towers", "hf_uwm/config.py",
            'return self.text_prior if tower == "text" else self.vision_prior', "return self.text_prior",
@@ -291,7 +291,7 @@ MUTANTS = [
     Mutant("a setting of another method passes silently", "hf_uwm/config.py",
            "unknown = sorted(set(given) - set(own))", "unknown = []",
            ("tests/test_legacy_delta.py", "tests/test_new_method.py")),
-    Mutant("the CLI lets a flag of another method through", "hf_uwm/cli.py",
+    Mutant("the CLI lets a flag of another method through", "hf_uwm/commands/method_flags.py",
            "    if not foreign:\n        return", "    if True:\n        return",
            ("tests/test_cli.py::test_the_stopping_flags_reach_the_config_and_foreign_flags_are_refused",)),
     # --- baselines ----------------------------------------------------------------------------------
