@@ -173,3 +173,12 @@ def test_the_layering_check_sees_every_form_of_import():
     assert "hf_uwm.config" in _imports("import hf_uwm.config", "hf_uwm.methods")
     assert _imports("from .base import Method\nimport torch", "hf_uwm.methods") == {"hf_uwm.methods.base",
                                                                                       "hf_uwm.methods.base.Method"}
+
+
+def test_sweep_labels_use_the_declared_symbols():
+    from hf_uwm import sweep
+
+    row = sweep.SweepRow("iterative_attribution", {"tau": 0.05, "round_density": 0.002, "curvature_weight": 4.0,
+                                                   "power": 2.0, "alpha": -1.0}, 1, None, None)
+    assert row.setting_label() == "τ=0.05 δ=0.002 λ=4 power=2 α=-1"
+    assert sweep.SYMBOLS["curvature_weight"] == "λ"   # the name the LLaVA demo reads

@@ -43,9 +43,9 @@ def add_method_args(parser, *, default_method: str, grid: bool = False):
                         metavar="METHOD", help=f"the editing method, one of {', '.join(names)} (default "
                                                f"{default_method}; each is described below; --score is its former "
                                                "name)")
-    alpha = setting_info(UWMConfig, "alpha")
-    parser.add_argument("--alpha", type=float, default=[-1.0] if grid else -1.0, **({"nargs": "+"} if grid else {}),
-                        help=f"{alpha.help} (default -1)")
+    alpha = UWMConfig.__dataclass_fields__["alpha"].default
+    parser.add_argument("--alpha", type=float, default=[alpha] if grid else alpha, **({"nargs": "+"} if grid else {}),
+                        help=f"{setting_info(UWMConfig, 'alpha').help} (default {alpha:g})")
     parser.add_argument("--towers", default="text,vision", help="towers to edit: text, vision or text,vision")
     groups: dict[type, list[str]] = {}
     flags = setting_flags()
