@@ -8,7 +8,7 @@ __all__ = ["UWMConfig", "UWMEditor", "load_data", "load_model", "load_zero_shot"
 
 # Attributes imported on first use: the editor and the loaders pull in torch and transformers, and
 # `import hf_uwm` stays light.
-_LAZY = {"UWMEditor": "editor", "load_model": "loading", "load_data": "data", "load_zero_shot": "data"}
+_LAZY = {"UWMEditor": "editor", "load_model": "loading", "load_data": "sources", "load_zero_shot": "sources"}
 
 
 def __getattr__(name):

@@ -12,7 +12,7 @@ import sys
 from contextlib import contextmanager
 
 # The loaders are library API now; scripts of old import them from here.
-from .data import load_data, load_zero_shot  # noqa: F401
+from .sources import load_data, load_zero_shot  # noqa: F401
 from .loading import load_model  # noqa: F401
 
 EPILOG = """examples:

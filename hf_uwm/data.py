@@ -317,36 +317,6 @@ def load_pairs(source, *, split: str | None = None, columns: Mapping[str, str] |
     return _finish(dataset, samples, seed, skip_bad_rows, what, source_columns)
 
 
-def load_data(source: str, split: str = "train", samples: int | None = None, seed: int = 0,
-              columns: Mapping[str, str] | None = None, default: int = 512, skip_bad_rows: bool = False,
-              token: str | None = None):
-    """Pairs from any source the command line takes: 'organism' / 'organism-hard' (`default` pairs of that
-    world unless `samples` says), or a Hub id, folder or data file (`load_pairs`)."""
-    if source in paths.ORGANISM_WORLDS:
-        from .organism import make_pairs
-
-        return make_pairs(default if samples is None else samples, seed=seed, split=split,
-                          world=paths.ORGANISM_WORLDS[source])
-    return load_pairs(source, split=split, samples=samples, seed=seed, columns=columns,
-                      skip_bad_rows=skip_bad_rows, **({"token": token} if token else {}))
-
-
-def load_zero_shot(source: str | None, n: int = 500, seed: int = 0, split: str = "test"):
-    """A `ZeroShotTask`: `n` images of an organism world's `split`, or a dataset with image and ClassLabel
-    label columns; None for no source."""
-    from .evaluation import ZeroShotTask
-
-    if source is None:
-        return None
-    if source in paths.ORGANISM_WORLDS:
-        from .organism import zero_shot_task
-
-        # the organism's zero-shot images of `split`: a sweep's validation never sees test combinations
-        return ZeroShotTask(*zero_shot_task(n, seed=seed, split=split, world=paths.ORGANISM_WORLDS[source]))
-    dataset, _ = read_source(source, "test", None, {})   # the reader of load_pairs, without the pair schema
-    return ZeroShotTask.from_dataset(dataset)
-
-
 def load_visu(json_path, safe_image_dir=None, unsafe_image_dir=None, *, samples: int | None = VISU_SAMPLES,
               seed: int = 0, skip_bad_rows: bool = False):
     """A validated pair set from ViSU-Text JSON file(s) and, optionally, folders of safe and unsafe images.

@@ -72,11 +72,6 @@ def declaring_class(settings_class: type, name: str) -> type:
                 if name in getattr(klass, "__dataclass_fields__", {}))
 
 
-def defaults(settings_class: type) -> dict:
-    """Each setting's default, read from the dataclass."""
-    return {f.name: getattr(settings_class(), f.name) for f in dataclasses.fields(settings_class)}
-
-
 @dataclass
 class MethodSettings:
     """Base of a method's own settings; subclasses are dataclasses of `setting(...)` fields that check

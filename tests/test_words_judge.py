@@ -106,7 +106,7 @@ def test_cli_refuses_a_missing_word_list_before_any_model_work(tmp_path, monkeyp
     def no_work(*args, **kwargs):
         raise AssertionError("data or a model was loaded before the judge was checked")
 
-    monkeypatch.setattr("hf_uwm.data.load_data", no_work)
+    monkeypatch.setattr("hf_uwm.sources.load_data", no_work)
     monkeypatch.setattr("hf_uwm.commands.eval_captions.delta_or_model", no_work)
     assert main(["eval-captions", "organism-captioner", "--data", "pairs.csv", "--judge",
                  f"words:{tmp_path / 'missing.txt'}", "--quiet"]) == 1

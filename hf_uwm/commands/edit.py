@@ -29,7 +29,7 @@ def register(commands):
 
 
 def run(args):
-    from ..data import load_data
+    from ..sources import load_data
     from ..delta import check_output_folder, resolve_delta_folder
     from ..editor import UWMEditor
 

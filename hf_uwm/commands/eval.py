@@ -29,7 +29,7 @@ def register(commands):
 
 
 def run(args):
-    from ..data import load_data, load_zero_shot
+    from ..sources import load_data, load_zero_shot
     from ..evaluation import compare, evaluate_model
     from ..sweep import evaluate_edit
 

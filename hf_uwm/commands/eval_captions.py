@@ -69,7 +69,7 @@ def judge_of(args):
 
 def run(args):
     from ..caption_evaluation import compare_captioning, evaluate_captioning
-    from ..data import load_data
+    from ..sources import load_data
     from ..sweep import evaluate_edit
 
     judge = judge_of(args)

@@ -176,8 +176,8 @@ def in_flags(message: str) -> str:
     """A config refusal in the words of the command line: `UWMConfig.goal=None` and `goal=None` read `--goal none`."""
     from ..config import SHARED_FIELDS
 
-    names = sorted(set(setting_flags()) | set(SHARED_FIELDS) - {"text_targets", "vision_targets", "extra"},
-                   key=len, reverse=True)
+    flagged = set(SHARED_FIELDS) - {"text_targets", "vision_targets", "shared_budget", "extra"}   # no flags of their own
+    names = sorted(set(setting_flags()) | flagged, key=len, reverse=True)
 
     def reword(match):
         value = match.group(2)

@@ -68,7 +68,7 @@ def run(args):
 def _evaluate_grid(args):
     """Calibrate once, then evaluate the base model and every setting of the grid on validation."""
     from .. import sweep as sw
-    from ..data import load_data, load_zero_shot
+    from ..sources import load_data, load_zero_shot
     from ..editor import UWMEditor
     from ..evaluation import evaluate_model
     from ..hints import command_line_hints
