@@ -107,7 +107,7 @@ def _shown(value, info) -> str:
         from ..families import FAMILIES
 
         per_family = ", ".join(f"{spec.name} {getattr(spec, info.family_default):g}" for spec in FAMILIES.values())
-        return f"the model family's: {per_family}"
+        return f"the model family's ({per_family})"
     if value is None:
         return f"none: {info.none}" if info.none else "none"
     if isinstance(value, bool):
