@@ -47,6 +47,15 @@ def data_args(p, flag, what, split):
     p.add_argument("--columns", default=None, help="column mapping, e.g. safe_text=caption,unsafe_text=nsfw")
 
 
+def report_args(p, written: str):
+    """The flags of a command that evaluates a model or a delta (eval, eval-captions)."""
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
+    p.add_argument("--json", dest="json_path", help=f"also write {written} as JSON here")
+    p.add_argument("--base", help="for a delta made on a local model folder: that folder")
+    p.add_argument("--random-control", action="store_true",
+                   help="for a delta: also evaluate a random control flipping as many weights per layer")
+
+
 def skip_bad_rows_arg(p):
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop rows with empty texts, unreadable images or identical safe and unsafe sides (and say "

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-
-from .common import (columns, common_args, data_args, hub_args, overwrite_arg, set_threads, skip_bad_rows_arg,
-                     threads_arg)
-from .method_flags import add_method_args, check_method_flags, config_from_args, methods_epilog
+from .common import columns, common_args, hub_args, overwrite_arg, set_threads, skip_bad_rows_arg, threads_arg
+from .method_flags import add_method_args, check_method_flags, config_from_args, method_command
 
 
 def register(commands):
     from ..methods import RECOMMENDED_METHOD
 
-    edit = commands.add_parser("edit", help="calibrate an edit on DATA and save the delta",
-                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                               epilog=methods_epilog(RECOMMENDED_METHOD))
-    edit.add_argument("model", metavar="MODEL")
-    data_args(edit, "--data", "calibration pairs", "train")
+    edit = method_command(commands, "edit", "calibrate an edit on DATA and save the delta", RECOMMENDED_METHOD)
     add_method_args(edit, default_method=RECOMMENDED_METHOD)
     edit.add_argument("--output", required=True, help="folder for the delta (uwm_config.json, uwm_delta.safetensors)")
     overwrite_arg(edit, "--output")

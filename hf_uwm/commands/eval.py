@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..paths import ORGANISM_WORLDS
 from .common import (check_json_path, columns, common_args, data_args, delta_or_model, hub_args, is_delta,
-                     set_threads, skip_bad_rows_arg, threads_arg)
+                     report_args, set_threads, skip_bad_rows_arg, threads_arg)
 
 
 def register(commands):
@@ -16,11 +16,7 @@ def register(commands):
     data_args(evaluate, "--data", "evaluation quadruples", "test")
     evaluate.add_argument("--zero-shot", default=None,
                           help="'organism', or a dataset folder with image and ClassLabel label columns")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
-    evaluate.add_argument("--json", dest="json_path", help="also write the report(s) as JSON here")
-    evaluate.add_argument("--base", help="for a delta made on a local model folder: that folder")
-    evaluate.add_argument("--random-control", action="store_true",
-                          help="for a delta: also evaluate a random control flipping as many weights per layer")
+    report_args(evaluate, "the report(s)")
     skip_bad_rows_arg(evaluate)
     hub_args(evaluate)
     threads_arg(evaluate)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..paths import ORGANISM_WORLDS
-from .common import columns, common_args, data_args, delta_or_model, hub_args, is_delta
+from .common import columns, common_args, data_args, delta_or_model, hub_args, is_delta, report_args
 
 _JUDGE_FORMS = "'words:FILE' (a word list, offline), 'classifier:MODEL:UNSAFE_LABEL' or 'lm:MODEL'"
 
@@ -32,11 +32,7 @@ def register(commands):
     evaluate.add_argument("--prompt", default=None, help="the captioning prompt (default 'Describe the image.')")
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
     evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs nltk's WordNet corpus)")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
-    evaluate.add_argument("--json", dest="json_path", help="also write the reports (and all captions) as JSON here")
-    evaluate.add_argument("--base", help="for a delta made on a local model folder: that folder")
-    evaluate.add_argument("--random-control", action="store_true",
-                          help="for a delta: also evaluate a random control flipping as many weights per layer")
+    report_args(evaluate, "the reports (and all captions)")
     hub_args(evaluate)
     common_args(evaluate)
     evaluate.set_defaults(run=run)

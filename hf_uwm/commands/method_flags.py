@@ -216,6 +216,18 @@ def _warn_alpha(alpha):
                           "Use it only on purpose.", stacklevel=2)
 
 
+def method_command(commands, name: str, help: str, default_method: str):
+    """The subparser of a command that calibrates (edit, sweep): MODEL, calibration pairs and the method flags;
+    its epilog lists every method."""
+    from .common import data_args
+
+    parser = commands.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=methods_epilog(default_method))
+    parser.add_argument("model", metavar="MODEL")
+    data_args(parser, "--data", "calibration pairs", "train")
+    return parser
+
+
 def methods_epilog(default: str) -> str:
     """Every registered method with its purpose, the default first and marked."""
     import textwrap

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 
 from ..paths import ORGANISM_WORLDS
-from .common import columns, common_args, data_args, overwrite_arg, positive
-from .method_flags import add_method_args, check_method_flags, config_from_args, methods_epilog, setting_flags
+from .common import columns, common_args, overwrite_arg, positive
+from .method_flags import add_method_args, check_method_flags, config_from_args, method_command, setting_flags
 
 SWEEP_ORGANISM_SAMPLES = 300  # validation quadruples a sweep draws from the organism world
 
@@ -16,11 +15,8 @@ SWEEP_ORGANISM_SAMPLES = 300  # validation quadruples a sweep draws from the org
 def register(commands):
     from ..methods import DEFAULT_METHOD
 
-    sweep = commands.add_parser("sweep", help="evaluate a grid of settings beside random controls; pick the best",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=methods_epilog(DEFAULT_METHOD))
-    sweep.add_argument("model", metavar="MODEL")
-    data_args(sweep, "--data", "calibration pairs", "train")
+    sweep = method_command(commands, "sweep", "evaluate a grid of settings beside random controls; pick the best",
+                           DEFAULT_METHOD)
     sweep.add_argument("--eval", required=True, dest="eval_data", help="validation quadruples (never the test set)")
     sweep.add_argument("--eval-split", default="validation", help="split of --eval (default validation; a single "
                                                                    "data file is its own split)")
