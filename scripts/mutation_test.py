@@ -116,8 +116,8 @@ MUTANTS = [
            "hf_uwm/methods/caption_iterative.py", '"knowledge_curvature": "reference",',
            '"knowledge_curvature": "vocabulary",', ("tests/test_legacy_delta.py",)),
     Mutant("old configs calibrate with the new estimator", "hf_uwm/methods/iterative.py",
-           'saved_defaults: typing.ClassVar[dict] = {"curvature_estimator": "summed", "curvature_probes": 8}',
-           "saved_defaults: typing.ClassVar[dict] = {}", ("tests/test_legacy_delta.py",)),
+           'saved_defaults: typing.ClassVar[dict] = {"curvature_estimator": "summed", "curvature_probes": 8,',
+           'saved_defaults: typing.ClassVar[dict] = {"curvature_probes": 8,', ("tests/test_legacy_delta.py",)),
     # --- scoring: the statistics of one layer ---------------------------------------------------
     Mutant("token norm without the mean term", "hf_uwm/methods/uwm.py",
            "norm = (squares + tokens * mean.square()).sqrt()", "norm = squares.sqrt()", (LITERAL,)),
@@ -218,8 +218,9 @@ MUTANTS = [
     Mutant("attribution keeps negative shares", "hf_uwm/methods/attribution.py",
            "(weight * grad).clamp(min=0)", "(weight * grad).abs()",
            (f"{T_SCORING}::test_attribution_matches_autograd_of_the_margin",)),
-    Mutant("apply skips the fingerprint check", "hf_uwm/editor.py",
-           "if fingerprint(self.target_layers) != self.fingerprint:", "if False:",
+    Mutant("loading skips the fingerprint check", "hf_uwm/editor.py",
+           "nothing is applied yet.\n        if fingerprint(self.target_layers) != self.fingerprint:",
+           "nothing is applied yet.\n        if False:",
            (f"{T_EDITOR}::test_delta_on_a_different_base_is_refused",)),
     # --- evaluation ---------------------------------------------------------------------------------
     Mutant("zero-shot class means not renormalised", "hf_uwm/evaluation.py",
