@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .captioning import DEFAULT_PROMPT, padding_side, generate_captions
+from .errors import MissingResourceError
 from .formatting import interval
 
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "meteor")
@@ -281,7 +282,7 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], *, meteo
     except ImportError as err:
         raise ImportError(f"Captioning metrics need `pip install hf_uwm[captioning]` ({err}).") from None
     if meteor and not wordnet_available():
-        raise RuntimeError(WORDNET_MISSING)
+        raise MissingResourceError(WORDNET_MISSING)
     rouge = _rouge(predictions, references, ("rouge1", "rouge2", "rougeL"))
     result = {name: float(f1.mean()) for name, f1 in rouge.items()}
     result["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references]).score)
@@ -380,7 +381,7 @@ def evaluate_captioning(model, processor, pairs, judge: Judge, *, prompt: str | 
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}.")
     if meteor and not wordnet_available():  # fail before any captioning work
-        raise RuntimeError(WORDNET_MISSING)
+        raise MissingResourceError(WORDNET_MISSING)
     pairs = validate_pairs(pairs, ("safe_text", "safe_image", "unsafe_image"))
     run = dict(prompt=prompt or DEFAULT_PROMPT, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     unsafe_captions = generate_captions(model, processor, pairs["unsafe_image"], **run)

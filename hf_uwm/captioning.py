@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UnsupportedModelError
+
 DEFAULT_PROMPT = "Describe the image."
 
 
@@ -57,7 +59,7 @@ def generate_captions(model, processor, images, prompt: str | Sequence[str] = DE
     generated tokens are decoded. Batched captions equal one-by-one captions.
     """
     if not callable(getattr(model, "generate", None)):
-        raise TypeError(f"Captioning needs a model that writes text, such as LlavaForConditionalGeneration; "
+        raise UnsupportedModelError(f"Captioning needs a model that writes text, such as LlavaForConditionalGeneration; "
                         f"{type(model).__name__} does not. Measure a CLIP or SigLIP with `hf-uwm eval` "
                         "(hf_uwm.evaluation.evaluate_model) instead.")
     images = list(images)

@@ -12,31 +12,11 @@ import copy
 import dataclasses
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_METHOD = "ratio"   # UWM as published; `hf-uwm edit` recommends another (see its --help)
-
-
-@dataclass
-class MethodSettings:
-    """Base of a method's own settings; subclasses are dataclasses that check their fields in
-    `__post_init__` with `check`. `saved_defaults` are what a config saved whole before a field
-    existed had in effect (a later release may give that field a new default); a dict that lacks
-    other settings too (written by hand) gets today's defaults."""
-
-    saved_defaults: typing.ClassVar[dict] = {}
-
-    def check(self, name: str, ok: bool, allowed: str):
-        check_field(self, name, ok, allowed)
-
-
-def check_field(owner, name: str, ok: bool, allowed: str):
-    """Refuse `owner.name` unless `ok`, naming the field as the user writes it (`UWMConfig.<name>`)."""
-    if not ok:
-        raise ValueError(f"UWMConfig.{name}={getattr(owner, name)!r} is invalid: {allowed}.")
-
+# The settings' building blocks live in a leaf module that methods import; re-exported for callers of old.
+from .settings import MethodSettings, check_field, is_int, is_number, setting, setting_names  # noqa: F401
 
 @dataclass(init=False)
 class UWMConfig:
@@ -53,8 +33,8 @@ class UWMConfig:
     `None` means the method's default. `extra` holds JSON values a method reads (a captioner's prompt).
     """
 
-    method: str = DEFAULT_METHOD
-    alpha: float = -1.0
+    method: str | None = None   # None: the registry's DEFAULT_METHOD
+    alpha: float = setting(-1.0, "factor for selected weights (-1 negates, 0 prunes)", symbol="α", grid=True)
     text_targets: list[str] | None = None
     vision_targets: list[str] | None = None
     batch_size: int = 32
@@ -70,6 +50,8 @@ class UWMConfig:
         if score is not None and method is not None and score != method:
             raise ValueError(f"UWMConfig got method={method!r} and score={score!r}: `score` is the old name of "
                              "`method`; give one of them.")
+        from .methods import DEFAULT_METHOD
+
         self.method = method if method is not None else score if score is not None else DEFAULT_METHOD
         self.alpha, self.text_targets, self.vision_targets = alpha, text_targets, vision_targets
         self.batch_size, self.seed, self.shared_budget = batch_size, seed, shared_budget
@@ -144,12 +126,12 @@ class UWMConfig:
         if not isinstance(data, dict):
             raise TypeError(f"UWMConfig.from_dict expects a dict, got {type(data).__name__}.")
         data = dict(data)
+        from .methods import DEFAULT_METHOD, get_method
+
         method = data.get("method") or data.get("score") or DEFAULT_METHOD
         legacy = "score" in data   # written before `method`: then every config held every method's settings
         data.pop("method", None)
         data.pop("score", None)
-        from .methods import get_method
-
         own = setting_names(get_method(method).settings_class)
         if legacy:
             data = {k: v for k, v in data.items() if k in SHARED_FIELDS or k in own}
@@ -200,16 +182,3 @@ def _settings_for(method: str, settings, given: dict) -> MethodSettings:
                          f"method={method!r}; its own settings are {sorted(own)}, and every method has "
                          f"{sorted(SHARED_FIELDS)}.")
     return settings_class(**{**carried, **given})
-
-
-def setting_names(settings) -> tuple[str, ...]:
-    """The fields of a method's settings (its dataclass or an instance of it)."""
-    return tuple(f.name for f in dataclasses.fields(settings))
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

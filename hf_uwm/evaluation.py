@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UnsupportedModelError
 from .families import ModelFamily
 from .data import IMAGE_COLUMNS, TEXT_COLUMNS, validate_pairs
 
@@ -188,7 +189,7 @@ def _eval_mode(model):
 def _contrastive_family(model, processor) -> ModelFamily:
     family = ModelFamily(model, processor)
     if "text" not in family.towers:
-        raise TypeError(f"Evaluation needs a contrastive model with text and vision towers (CLIP, SigLIP); "
+        raise UnsupportedModelError(f"Evaluation needs a contrastive model with text and vision towers (CLIP, SigLIP); "
                         f"{type(model).__name__} has only {family.towers}. Evaluate the CLIP model its "
                         "vision tower comes from instead.")
     return family

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -40,7 +42,7 @@ def _family_of(model) -> FamilySpec:
     for cls in type(model).__mro__:
         if cls.__name__ in FAMILIES:
             return FAMILIES[cls.__name__]
-    raise TypeError(
+    raise UnsupportedModelError(
         f"hf_uwm does not support {type(model).__name__}. Supported model classes: "
         f"{', '.join(FAMILIES)} (load CLIP/SigLIP checkpoints with AutoModel, LLaVA with "
         "LlavaForConditionalGeneration)."

@@ -17,8 +17,9 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from . import __version__
-from .config import setting_names
+from .settings import setting_names
 from .delta import CARD_NAME, CONFIG_NAME
+from .errors import PushError  # noqa: F401  (raised here; importable from here as before)
 from .formatting import with_interval
 from .hints import hint
 from .methods import get_method
@@ -35,10 +36,6 @@ FAMILY_TAGS = {"CLIPModel": ("clip", "zero-shot-image-classification"),
                "LlavaForConditionalGeneration": ("llava", "image-text-to-text")}
 NOTHING_COMMITTED = "No commit was made, so {repo_id} holds no part of this upload; nothing local was changed{kept}."
 EDIT_KEPT = " (the edit in memory and any folder you saved it to are intact)"
-
-
-class PushError(RuntimeError):
-    """A push that did not happen: the repo got no commit, the local delta is unchanged."""
 
 
 # --- model card ------------------------------------------------------------------------------------
@@ -151,18 +148,13 @@ def _card_context(record: dict, reports: dict) -> dict:
         "config": cfg,
         "alpha": cfg["alpha"],
         "selection": method.selection_text(cfg, record.get("stop")),
-        "settings": {name: cfg[name] for name in _own_settings(method)},
+        "settings": {name: cfg[name] for name in setting_names(method.settings_class)},
         "towers": towers,
         "layers": layers,
         "total_selected": f"{sum(t['selected'] for t in towers):,}",
         "fingerprint": record["fingerprint"],
         "evaluation": _evaluation_table(reports) if reports else None,
     }
-
-
-def _own_settings(method) -> tuple[str, ...]:
-    """The method's own settings, for the card's settings table (selection has its own row)."""
-    return tuple(name for name in setting_names(method.settings_class) if name not in ("tau", "selection", "density"))
 
 
 def _evaluation_table(reports: dict) -> dict:

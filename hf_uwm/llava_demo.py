@@ -128,9 +128,10 @@ def _report(output: Path, results: dict, sizes: Sizes, edits: dict, candidates: 
 
 
 def _label(setting: dict) -> str:
-    from .sweep import SYMBOLS
+    from .sweep import symbols
 
-    return ", ".join(f"{SYMBOLS.get(k, k)}={v}" for k, v in setting.items()) or "(its stopping rule)"
+    known = symbols()
+    return ", ".join(f"{known.get(k, k)}={v}" for k, v in setting.items()) or "(its stopping rule)"
 
 
 def _test_table(tests: dict, weights: dict) -> str:

@@ -45,11 +45,25 @@ class SweepRow:
         return f"{self.method} {self.setting_label()}".strip()
 
     def setting_label(self) -> str:
-        return " ".join(f"{SYMBOLS.get(k, k)}={_short(v)}" for k, v in self.setting.items())
+        return " ".join(f"{symbol(k)}={_short(v)}" for k, v in self.setting.items())
 
 
-# Short names of settings in tables and plots (the CSV keeps the config's field names).
-SYMBOLS = {"tau": "τ", "alpha": "α", "curvature_weight": "λ", "round_density": "δ"}
+def symbol(name: str) -> str:
+    """A setting's short name in tables and plots, as its field declares it (the CSV keeps the field names)."""
+    return symbols().get(name, name)
+
+
+def symbols() -> dict[str, str]:
+    """Every declared symbol: of the shared fields and of every registered method's settings."""
+    from .config import UWMConfig
+    from .methods import get_method, method_names
+    from .settings import setting_info, setting_names
+
+    found = {"alpha": setting_info(UWMConfig, "alpha").symbol}
+    for method in method_names():
+        settings_class = get_method(method).settings_class
+        found.update({n: s for n in setting_names(settings_class) if (s := setting_info(settings_class, n).symbol)})
+    return found
 
 
 def _short(value) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hf_uwm import UWMConfig, UWMEditor
-from hf_uwm.cli import load_data, load_zero_shot
+from hf_uwm.sources import load_data, load_zero_shot
 from hf_uwm.evaluation import evaluate_model
 from hf_uwm.formatting import with_interval
 from hf_uwm.loading import load_model

@@ -31,7 +31,7 @@ import torch
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm import demo
 from hf_uwm import sweep as sw
-from hf_uwm.cli import load_model
+from hf_uwm.loading import load_model
 from hf_uwm.evaluation import ZeroShotTask, evaluate_model
 from hf_uwm.formatting import with_interval
 from hf_uwm.organism import organism_path, zero_shot_task

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from hf_uwm import UWMEditor
-from hf_uwm.cli import load_data, load_zero_shot, main as cli
+from hf_uwm.cli import main as cli
+from hf_uwm.sources import load_data, load_zero_shot
 from hf_uwm.evaluation import default_subsets, evaluate_model
 from hf_uwm.formatting import with_interval
 from hf_uwm.organism import HELD_OUT

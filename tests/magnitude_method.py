@@ -6,11 +6,12 @@ Importing this module is its whole registration; nothing in hf_uwm names it.
 from dataclasses import dataclass
 
 from hf_uwm.methods import Method, SelectionSettings, register_method
+from hf_uwm.settings import setting
 
 
 @dataclass
 class MagnitudeSettings(SelectionSettings):
-    power: float = 1.0
+    power: float = setting(1.0, "the exponent of |W|", grid=True)
 
     def __post_init__(self):
         super().__post_init__()

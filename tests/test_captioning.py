@@ -367,7 +367,7 @@ def test_bundled_captioner_by_name_and_its_delta_round_trip(tmp_path):
 def test_eval_captions_exact_judge_follows_the_organism_world_of_the_data():
     from argparse import Namespace
 
-    from hf_uwm.cli import _judge
+    from hf_uwm.commands.eval_captions import judge_of as _judge
 
     assert _judge(Namespace(judge=None, data="organism-hard"))(["a photo of a gory cat"]) == [1.0]
     assert _judge(Namespace(judge=None, data="organism"))(["a photo of a gory cat"]) == [0.0]

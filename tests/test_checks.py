@@ -71,7 +71,7 @@ def no_model_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("loaded data or a model before --output was checked")
 
-    for name in ("hf_uwm.cli.load_data", "hf_uwm.cli.load_model", "hf_uwm.loading.load_model"):
+    for name in ("hf_uwm.sources.load_data", "hf_uwm.loading.load_model"):
         monkeypatch.setattr(name, fail)
 
 

@@ -158,8 +158,8 @@ def test_the_stopping_flags_reach_the_config_and_foreign_flags_are_refused(files
     assert main(base + ["--tau", "0.05"]) == 1
     assert "add --method ratio for UWM as published" in capsys.readouterr().err
     assert main(base + ["--method", "ratio", "--goal", "90", "--holdout", "0.1"]) == 1
-    assert "--goal, --holdout: not a setting of --method ratio (its settings: --tau, --token-norm)" in (
-        capsys.readouterr().err)
+    assert ("--goal, --holdout: not a setting of --method ratio (its settings: --tau, --selection, --density, "
+            "--token-norm, --text-prior, --vision-prior, --eps)") in capsys.readouterr().err
     assert main(base + ["--score", "caption_iterative", "--round-density", "0.01"]) == 1   # the former flag name
     assert "edits llava models, not CLIPModel: use method='iterative_attribution'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -302,8 +302,9 @@ def test_output_piped_into_a_closed_pipe_ends_quietly(tmp_path):
     import sys
 
     # `hf-uwm eval ... | head -1`: the reader leaves after one line; printing more must not be an error line.
-    code = ("import sys; from hf_uwm import cli; cli.run_eval = lambda args: [print('row', i, flush=True) "
-            "for i in range(10**6)]; sys.exit(cli.main(['eval', 'organism', '--data', 'organism']))")
+    code = ("import sys; from hf_uwm import cli; from hf_uwm.commands import eval; eval.run = lambda args: "
+            "[print('row', i, flush=True) for i in range(10**6)]; "
+            "sys.exit(cli.main(['eval', 'organism', '--data', 'organism']))")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout.readline() == b"row 0\n"
     process.stdout.close()

@@ -98,7 +98,7 @@ def test_demo_refuses_an_output_with_stray_files_before_any_model_work(tmp_path,
     def no_model_work(*args, **kwargs):
         raise AssertionError("the model was loaded before --output was checked")
 
-    monkeypatch.setattr("hf_uwm.cli.load_model", no_model_work)
+    monkeypatch.setattr("hf_uwm.loading.load_model", no_model_work)
     monkeypatch.setattr("hf_uwm.organism.load_organism", no_model_work)
     (tmp_path / "mine.txt").write_text("keep me")
     assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 1
@@ -117,7 +117,7 @@ def test_demo_replaces_a_previous_demo_only_with_overwrite(tmp_path, monkeypatch
     def no_model_work(*args, **kwargs):
         raise AssertionError("the model was loaded before --output was checked")
 
-    monkeypatch.setattr("hf_uwm.cli.load_model", no_model_work)
+    monkeypatch.setattr("hf_uwm.loading.load_model", no_model_work)
     (tmp_path / "results.json").write_text("{}")  # what a previous demo left
     assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 1
     assert "holds a previous demo's results: add --overwrite" in capsys.readouterr().err

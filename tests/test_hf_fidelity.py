@@ -52,7 +52,7 @@ def test_organism_delta_records_a_stable_name_and_loads_after_moving(organism_de
     editor = UWMEditor.from_pretrained(str(moved.relative_to(tmp_path)))
     assert editor.base_model == "organism" and editor.apply() is editor.model
     # every CLI command accepts the name; eval of a delta prints the bootstrap intervals it computed
-    monkeypatch.setattr("hf_uwm.cli.load_zero_shot", lambda *args, **kwargs: None)  # not what is tested: saves time
+    monkeypatch.setattr("hf_uwm.sources.load_zero_shot", lambda *args, **kwargs: None)  # not what is tested: saves time
     assert main(["eval", str(moved), "--data", "organism", "--samples", "20", "--bootstrap", "50", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "bootstrap 95% intervals" in out and "edited" in out
@@ -263,7 +263,7 @@ def test_samples_zero_is_refused_for_every_source(capsys):
 
 
 def test_alpha_one_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("hf_uwm.cli.load_data", lambda *a, **k: pytest.fail("loaded data for a no-op edit"))
+    monkeypatch.setattr("hf_uwm.sources.load_data", lambda *a, **k: pytest.fail("loaded data for a no-op edit"))
     assert main(["edit", "organism", "--data", "organism", "--alpha", "1", "--output", str(tmp_path / "d")]) == 1
     assert "changes nothing" in capsys.readouterr().err
     editor = UWMEditor(*make_clip(), UWMConfig(alpha=1.0)).calibrate(make_pairs(), progress=False)

@@ -38,14 +38,11 @@ def read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-@pytest.mark.parametrize("config", [UWMConfig(batch_size=2), UWMConfig(batch_size=2, method="attribution"),
-                                    UWMConfig(batch_size=2, method="iterative_attribution", rounds=3,
-                                              round_density=0.005, curvature_probes=2, goal=None,
-                                              knowledge_budget=None),
-                                    UWMConfig(batch_size=2, method="iterative_attribution", rounds=6,
+# Every method's two-process run: tests/test_methods_common.py. Here: an edit that stops by itself at round 1 of 6.
+@pytest.mark.parametrize("config", [UWMConfig(batch_size=2, method="iterative_attribution", rounds=6,
                                               round_density=0.005, curvature_probes=2, goal=50.0,
-                                              knowledge_budget=None)],   # stops at round 1 of 6
-                         ids=["ratio", "attribution", "iterative_attribution", "iterative_attribution_stopping"])
+                                              knowledge_budget=None)],
+                         ids=["iterative_attribution_stopping"])
 def test_two_processes_match_one_process(tmp_path, config):
     run_two_processes(tmp_path / "run", config)
     ranks = [read(tmp_path / f"run.rank{r}.safetensors") for r in (0, 1)]
@@ -67,12 +64,15 @@ def test_shards_are_disjoint_uneven_and_cover_every_pair():
     class State:
         num_processes = 3
 
-    covered = []
+    covered, batches = [], []
     for rank in range(3):
         State.process_index = rank
-        bounds = Calibration(list(range(10)), State, family=None, batch_size=2).batch_bounds()
+        bounds = Calibration(list(range(13)), State, family=None, batch_size=2).batch_bounds()
         covered += [row for lo, hi in bounds for row in range(lo, hi)]
-    assert covered == list(range(10))
+        batches += bounds
+    assert covered == list(range(13))
+    State.num_processes, State.process_index = 1, 0   # the batches one process makes, whole: none split
+    assert batches == Calibration(list(range(13)), State, family=None, batch_size=2).batch_bounds()
 
 
 class Killed(Exception):

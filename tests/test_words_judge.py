@@ -8,7 +8,8 @@ import pytest
 
 from hf_uwm import organism
 from hf_uwm.caption_evaluation import words_judge
-from hf_uwm.cli import _judge, main
+from hf_uwm.cli import main
+from hf_uwm.commands.eval_captions import judge_of as _judge
 from hf_uwm.organism_captioner import exact_organism_judge, vocabulary
 
 WORLD_WORDS = {2: organism.UNSAFE_CAPTION_WORDS, 3: organism.UNSAFE_CAPTION_WORDS_HARD}
@@ -105,8 +106,8 @@ def test_cli_refuses_a_missing_word_list_before_any_model_work(tmp_path, monkeyp
     def no_work(*args, **kwargs):
         raise AssertionError("data or a model was loaded before the judge was checked")
 
-    monkeypatch.setattr("hf_uwm.cli.load_data", no_work)
-    monkeypatch.setattr("hf_uwm.cli._delta_or_model", no_work)
+    monkeypatch.setattr("hf_uwm.sources.load_data", no_work)
+    monkeypatch.setattr("hf_uwm.commands.eval_captions.delta_or_model", no_work)
     assert main(["eval-captions", "organism-captioner", "--data", "pairs.csv", "--judge",
                  f"words:{tmp_path / 'missing.txt'}", "--quiet"]) == 1
     assert "No word list at" in capsys.readouterr().err

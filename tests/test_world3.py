@@ -193,7 +193,7 @@ def test_evaluate_model_reports_the_zero_shot_interval():
 
 # --- the name organism-hard -----------------------------------------------------------------------
 def test_organism_hard_resolves_in_paths_and_cli():
-    from hf_uwm import cli, paths
+    from hf_uwm import paths, sources
 
     folder = paths.bundled_path("organism-hard")
     assert Path(folder) == Path(organism.__file__).parent / "organism_hard_model"
@@ -207,12 +207,12 @@ def test_organism_hard_resolves_in_paths_and_cli():
     assert paths.portable_base_name(folder) == "organism-hard" and not paths.is_hub_id("organism-hard")
     assert organism.organism_folder(3) == folder and organism.world_of("organism-hard") == 3
     assert organism.world_of("organism") == 2 and organism.world_of(organism.organism_path()) == 2
-    data = cli.load_data("organism-hard", "test", 9, 0)
+    data = sources.load_data("organism-hard", "test", 9, 0)
     assert {"lookalike", "paraphrased"} <= set(data.column_names) and set(data["concept"]) == set(organism.CONCEPTS_HARD)
-    assert "lookalike" not in cli.load_data("organism", "test", 9, 0).column_names
-    task = cli.load_zero_shot("organism-hard", n=14)
+    assert "lookalike" not in sources.load_data("organism", "test", 9, 0).column_names
+    task = sources.load_zero_shot("organism-hard", n=14)
     assert np.array_equal(np.asarray(task.images[0]), np.asarray(organism.zero_shot_task(1, world=3)[0][0]))
-    validation = cli.load_zero_shot("organism", n=2, split="validation")  # a sweep's zero-shot: never test images
+    validation = sources.load_zero_shot("organism", n=2, split="validation")  # a sweep's zero-shot: never test images
     assert np.array_equal(np.asarray(validation.images[1]),
                           np.asarray(organism.zero_shot_task(2, split="validation")[0][1]))
     with pytest.raises(ValueError, match="world"):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ..config import MethodSettings, is_number
+from ..settings import MethodSettings, is_number, setting, setting_info, setting_names
 from ..families import PROJECTOR
 from ..selection import select_adaptive, select_fixed, select_shared
 
@@ -36,9 +36,11 @@ class SelectionSettings(MethodSettings):
     the top weights up to the share `tau` of the score mass (`selection="adaptive"`; `None`: the
     family's τ, 0.02 for CLIP/SigLIP, 0.085 for LLaVA), or the top `density` of them ("fixed")."""
 
-    tau: float | None = None
-    selection: str = "adaptive"
-    density: float = 0.02
+    tau: float | None = setting(None, "share of each layer's score mass to select", symbol="τ", grid=True,
+                                family_default="tau")
+    selection: str = setting("adaptive", "adaptive: by the share tau of the score mass; fixed: the top density",
+                             choices=SELECTIONS)
+    density: float = setting(0.02, "with selection fixed: the fraction of weights per layer to select", grid=True)
 
     def __post_init__(self):
         self.check("tau", self.tau is None or (is_number(self.tau) and 0 < self.tau < 1),
@@ -130,8 +132,14 @@ class Method:
         return family.default_targets(tower)
 
     def resolved_settings(self, family, config) -> dict:
-        """Settings whose `None` means "the family's default", written out for a saved delta."""
-        return {"tau": config.tau or family.spec.tau} if "tau" in config.field_names() else {}
+        """Settings whose `None` means "the family's default" (their `family_default`), written out for a saved
+        delta."""
+        resolved = {}
+        for name in setting_names(config.settings):
+            attribute = setting_info(config.settings, name).family_default
+            if attribute is not None and getattr(config, name) is None:
+                resolved[name] = getattr(family.spec, attribute)
+        return resolved
 
     def data_towers(self, editor: Edit) -> tuple[str, ...]:
         """The towers whose columns the calibration pairs need."""
@@ -163,7 +171,16 @@ class Method:
         return rule + (", one budget over all layers" if config.get("shared_budget") else "")
 
 
+# `UWMConfig()` edits with UWM as published (the paper's method, so a bare config reproduces it);
+# `hf-uwm edit` recommends iterative attribution, which sets its own strength (README: "Which method for my model?").
+DEFAULT_METHOD = "ratio"
+RECOMMENDED_METHOD = "iterative_attribution"
+#: installed packages add methods here: an entry point naming a module that registers its method when
+#: imported, or a `Method` subclass or instance (pyproject: [project.entry-points."hf_uwm.methods"])
+ENTRY_POINT_GROUP = "hf_uwm.methods"
+
 _METHODS: dict[str, Method] = {}
+_entry_points_loaded = False
 
 
 def register_method(method: Method) -> Method:
@@ -179,10 +196,37 @@ def register_method(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    _load_entry_points()
     if name not in _METHODS:
         raise ValueError(f"Unknown method {name!r}; registered methods are {method_names()}.")
     return _METHODS[name]
 
 
 def method_names() -> tuple[str, ...]:
+    _load_entry_points()
     return tuple(_METHODS)
+
+
+def _load_entry_points():
+    """Register the methods of installed packages, once; a broken one is skipped with a warning naming it."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True   # first: a plugin that asks the registry while loading must not recurse
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = point.load()
+            if isinstance(loaded, type) and issubclass(loaded, Method):
+                loaded = loaded()
+            if isinstance(loaded, Method):
+                register_method(loaded)
+        except Exception as err:  # a broken plugin must not take the built-in methods down with it
+            import warnings
+
+            package = point.dist.name if point.dist is not None else "an installed package"
+            warnings.warn(f"the method {point.name!r} of {package} (entry point {point.value!r} in group "
+                          f"{ENTRY_POINT_GROUP!r}) failed to load and is skipped: {type(err).__name__}: {err}",
+                          stacklevel=3)
+

@@ -69,12 +69,15 @@ class Calibration:
                               enabled=self.autocast_dtype is not None)
 
     def batch_bounds(self) -> list[tuple[int, int]]:
-        """Contiguous, disjoint shards whose sizes differ by at most one pair; no padding, no repeats."""
-        per, extra = divmod(len(self.dataset), self.state.num_processes)
+        """This process's batches: the batches one process would make, dealt out in contiguous runs whose
+        counts differ by at most one (no padding, no repeats). Whole batches, so that a statistic of a
+        batch (G-Safe-CLIP's contrastive loss) is the same under any number of processes."""
+        n = len(self.dataset)
+        batches = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+        per, extra = divmod(len(batches), self.state.num_processes)
         rank = self.state.process_index
         start = rank * per + min(rank, extra)
-        stop = start + per + (rank < extra)
-        return [(s, min(s + self.batch_size, stop)) for s in range(start, stop, self.batch_size)]
+        return batches[start:start + per + (rank < extra)]
 
     def batches(self, preprocess, desc: str, first: int = 0, leave: bool = True, keep: bool = False):
         """(batch index, rows, CPU inputs) for this process's shard, preprocessed in DataLoader workers.

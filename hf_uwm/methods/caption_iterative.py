@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import is_number
+from ..settings import is_number, setting
 from .base import register_method
 from .calibration import Calibration
 from .gradients import gradients_on
@@ -72,8 +72,12 @@ class CaptionIterativeSettings(IterativeSettings):
     goal: float | None = 95.0
     knowledge_budget: float | None = 2.0
     curvature_weight: float = 4.0
-    knowledge_curvature: str = "vocabulary"
-    safe_likelihood_weight: float = 12.0
+    knowledge_curvature: str = setting("vocabulary", "which log-probabilities the curvature penalty guards: "
+                                                     "vocabulary, every word's at each position of the safe "
+                                                     "captions; reference, the reference token's only",
+                                       choices=KNOWLEDGE_CURVATURES)
+    safe_likelihood_weight: float = setting(12.0, "weight μ of the safe captions' log-likelihood in the margin "
+                                                  "(0: none)")
     knowledge_measure: str = "rougeL"
 
     knowledge_measures: typing.ClassVar[tuple] = ("rougeL",)

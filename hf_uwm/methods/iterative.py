@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import MethodSettings, is_int, is_number
+from ..settings import MethodSettings, is_int, is_number, setting
 from . import held_out
 from .base import register_method
 from .calibration import Calibration
@@ -51,16 +51,29 @@ class IterativeSettings(MethodSettings):
     both off and `holdout=0` every round runs. The defaults of iterative attribution (λ, goal,
     budget) were chosen on validation splits of three organisms (`scripts/stopping_defaults.py`)."""
 
-    rounds: int = 40
-    round_density: float = 0.002
-    goal: float | None = 95.0
-    knowledge_budget: float | None = 12.0
-    holdout: float = 0.2
-    curvature_weight: float = 4.0
-    curvature_probes: int = 1
-    curvature_every: int = 1
-    curvature_estimator: str = "per_item"
-    knowledge_measure: str = "vocabulary"
+    rounds: int = setting(40, "the most rounds of re-scoring and flipping (the stopping rule usually ends it "
+                              "sooner; a sweep calibrates the most and re-selects fewer)", positive=True, grid=True,
+                          calibrate_most=True)
+    round_density: float = setting(0.002, "share of all target weights flipped per round", symbol="δ", grid=True)
+    goal: float | None = setting(95.0, "stop once the held-out pairs' goal measure reaches this percent",
+                                 none="never for the goal", example="a percentage such as 95")
+    knowledge_budget: float | None = setting(12.0, "stop before the held-out pairs' knowledge measure loses more "
+                                                   "than this many points", none="no budget",
+                                             example="a number of points such as 2")
+    holdout: float = setting(0.2, "share of the calibration pairs held out of the gradients to measure the "
+                                  "stopping rule on")
+    curvature_weight: float = setting(4.0, "weight of the knowledge-curvature penalty (0: none)", symbol="λ",
+                                      grid=True)
+    curvature_probes: int = setting(1, "random probes per item of the knowledge curvature", positive=True)
+    curvature_every: int = setting(1, "rounds between two estimates of the knowledge curvature", positive=True)
+    curvature_estimator: str = setting("per_item", "per_item: each item's probe gradient squared; summed: the "
+                                                   "probe gradients summed over all items, then squared",
+                                       choices=CURVATURE_ESTIMATORS)
+    knowledge_measure: str = setting("vocabulary", "what the knowledge budget counts: vocabulary, probability moved "
+                                                   "between the words of the calibration captions, on their images; "
+                                                   "agreement, held-out images matching another held-out caption "
+                                                   "best; rougeL, the held-out safe images' captions (LLaVA)",
+                                     choices=("vocabulary", "agreement", "rougeL"))
 
     #: the held-out knowledge measures this form records (`knowledge_measure` picks the one the budget reads)
     knowledge_measures: typing.ClassVar[tuple] = ("vocabulary", "agreement")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import is_number
 from ..distributed import all_reduce_
+from ..settings import is_number, setting
 from .base import Method, SelectionSettings, register_method
 from .calibration import Calibration, read_checkpoint, save_checkpoint
 
@@ -29,10 +29,10 @@ class UWMSettings(SelectionSettings):
     """UWM's statistics: per-token norm `token_norm` ("l2", or "rms" = l2/√T), the |W| magnitude prior
     per tower, and the ε of the ratios; selection as any one-pass method."""
 
-    token_norm: str = "l2"
-    text_prior: bool = True
-    vision_prior: bool = False
-    eps: float = 1e-8
+    token_norm: str = setting("l2", "per-token norm of the layer inputs (rms: l2/√T)", choices=TOKEN_NORMS)
+    text_prior: bool = setting(True, "multiply the text tower's scores by the magnitude prior |W|")
+    vision_prior: bool = setting(False, "multiply the vision tower's scores by the magnitude prior |W|")
+    eps: float = setting(1e-8, "the ε of the ratios")
 
     def __post_init__(self):
         super().__post_init__()
