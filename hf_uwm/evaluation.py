@@ -418,7 +418,7 @@ def default_subsets(dataset, unseen_concepts=(), named_concepts=()) -> dict[str,
     """{name: mask}: one subset per value of the `concept` column ("concept blood"), and where
     `unseen_concepts` are given, "seen concepts" and "unseen concepts" (those no calibration image
     showed); of these, `named_concepts` (named in words to the edit) make "unseen, named" and
-    "unseen, not named". Where a `cues` column says which unsafe renders carry the cues concepts
+    "unseen, not named" ("named in words" and "not named" of all concepts without `unseen_concepts`). Where a `cues` column says which unsafe renders carry the cues concepts
     share, each group is split into "... with cues" and "... without cues" (only the concept itself
     tells the latter apart). {} without a `concept` column."""
     concepts = _column(dataset, "concept")
@@ -432,6 +432,9 @@ def default_subsets(dataset, unseen_concepts=(), named_concepts=()) -> dict[str,
     if unseen_concepts and named_concepts:
         groups["unseen, named"] = [c in unseen_concepts and c in named_concepts for c in concepts]
         groups["unseen, not named"] = [c in unseen_concepts and c not in named_concepts for c in concepts]
+    elif named_concepts:   # which concepts calibration showed is not known: named ones apart from the rest
+        groups["named in words"] = [c in named_concepts for c in concepts]
+        groups["not named"] = [bool(c) and c not in named_concepts for c in concepts]
     subsets.update(groups)
     cues = _column(dataset, "cues")
     if cues is not None:
