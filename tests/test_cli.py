@@ -370,6 +370,8 @@ def test_eval_of_a_delta_splits_unseen_concepts_by_what_it_was_told_in_words(tmp
                  str(tmp_path / "concepts.txt"), "--rounds", "1", "--goal", "none", "--knowledge-budget", "none",
                  "--holdout", "0", "--output", str(tmp_path / "d"), "--quiet"]) == 0
     assert json.loads((tmp_path / "d" / "uwm_config.json").read_text())["concepts_in_words"] == ["gun"]
+    assert "| concepts named in words only (text-only calibration pairs, no image of them) | gun |" in \
+        (tmp_path / "d" / "README.md").read_text()
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "d"), "--data", "organism-hard", "--samples", "90", "--bootstrap", "50",
                  "--quiet", "--json", str(tmp_path / "r.json")]) == 0
