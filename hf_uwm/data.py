@@ -140,18 +140,21 @@ def check_pairs(dataset, columns) -> ValidationReport:
     return _find_bad_rows(_as_pair_dataset(dataset, columns), columns)
 
 
-def validate_pairs(dataset, columns, *, skip_bad_rows: bool = False):
+def validate_pairs(dataset, columns, *, skip_bad_rows: bool = False, text_only: bool = False):
     """Return `dataset` as a `datasets.Dataset` after checking `columns`; raise a clear error otherwise.
 
     Checked: the columns exist, the set is not empty, texts are non-empty strings, images exist and
     decode, a pair's safe and unsafe sides differ, and ids (an `id` column, when there is one) are unique. The first bad row raises
     (`FileNotFoundError` for a missing image file, `ValueError` otherwise) unless `skip_bad_rows`,
     which drops every bad row and warns with a `SkippedRowsWarning` carrying the report.
+
+    `text_only`: a pair may have texts and no image at all (a text-only pair, see `text_only_rows`);
+    image columns the set lacks are then added, empty. Half a pair of images is still refused.
     """
     if isinstance(dataset, PreprocessedPairs):
         return dataset.checked(columns)
-    dataset = _as_pair_dataset(dataset, columns)
-    report = _find_bad_rows(dataset, columns)
+    dataset = _as_pair_dataset(dataset, columns, text_only=text_only)
+    report = _find_bad_rows(dataset, columns, text_only)
     if not report.bad:
         return dataset
     if not skip_bad_rows:
@@ -162,10 +165,11 @@ def validate_pairs(dataset, columns, *, skip_bad_rows: bool = False):
     return dataset.select(report.good_rows)
 
 
-def _as_pair_dataset(dataset, columns, source_columns=None):
+def _as_pair_dataset(dataset, columns, source_columns=None, text_only: bool = False):
     """Check the set as a whole: its type, the columns, its length; image columns become `datasets.Image`.
 
-    `source_columns` are the columns of the file or dataset it was read from, named in errors.
+    `source_columns` are the columns of the file or dataset it was read from, named in errors. With
+    `text_only`, absent image columns are added with no image in any row.
     """
     import datasets
 
@@ -176,6 +180,10 @@ def _as_pair_dataset(dataset, columns, source_columns=None):
         dataset = datasets.Dataset.from_dict(dict(dataset))
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"Expected a datasets.Dataset (or a dict of columns), got {type(dataset).__name__}.")
+    if text_only:
+        for column in IMAGE_COLUMNS:
+            if column in columns and column not in dataset.column_names:
+                dataset = dataset.add_column(column, [None] * len(dataset)).cast_column(column, datasets.Image())
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         has = dataset.column_names if source_columns is None else source_columns
@@ -190,6 +198,19 @@ def _as_pair_dataset(dataset, columns, source_columns=None):
     return dataset
 
 
+def concatenate_pairs(*pair_sets):
+    """One pair set of several, in order, e.g. image pairs and text-only pairs (the images of a set
+    without image columns are absent); the schema columns every set has are kept."""
+    import datasets
+
+    if not pair_sets:
+        raise ValueError("concatenate_pairs needs at least one pair set.")
+    sets = [_as_pair_dataset(s, TEXT_COLUMNS + IMAGE_COLUMNS, text_only=True) for s in pair_sets]
+    kept = [c for c in SCHEMA_COLUMNS if all(c in s.column_names for s in sets)]
+    sets = [s.select_columns(kept) for s in sets]
+    return datasets.concatenate_datasets([sets[0]] + [s.cast(sets[0].features) for s in sets[1:]])
+
+
 def _cast_to_image(dataset, column):
     # File paths (e.g. from a CSV) and raw bytes become images here, so the editor always gets PIL images.
     import datasets
@@ -202,21 +223,51 @@ def _cast_to_image(dataset, column):
                          f"image bytes or a datasets.Image column ({error}).") from error
 
 
-def _find_bad_rows(dataset, columns) -> ValidationReport:
+def _find_bad_rows(dataset, columns, text_only: bool = False) -> ValidationReport:
     ids = dataset["id"] if "id" in dataset.column_names else [None] * len(dataset)
     report = ValidationReport(len(dataset))
     report.bad += _duplicate_ids(ids)
+    texts_alone = set(_rows_without_images(dataset)) if text_only and set(IMAGE_COLUMNS) <= set(columns) else set()
     for column in columns:
         if column in TEXT_COLUMNS:
             problems = enumerate(map(_text_problem, dataset[column]))
         elif column in IMAGE_COLUMNS:
-            problems = enumerate(_image_problems(dataset, column))
+            problems = ((row, p) for row, p in enumerate(_image_problems(dataset, column)) if row not in texts_alone)
         else:
             continue
-        report.bad += [BadRow(row, column, problem, ids[row], missing)
+        report.bad += [BadRow(row, column, _half_pair(problem) if text_only else problem, ids[row], missing)
                        for row, (problem, missing) in problems if problem]
     report.bad += _identical_sides(dataset, columns, ids)
     return report
+
+
+def text_only_rows(dataset) -> list[bool]:
+    """One flag per pair: True for a text-only pair, whose safe and unsafe images are both absent.
+
+    Text-only pairs calibrate the text tower alone (the methods that accept them say so); a set
+    without image columns is text-only throughout. `PreprocessedPairs` have none.
+    """
+    if isinstance(dataset, PreprocessedPairs):
+        return [False] * len(dataset)
+    if not set(IMAGE_COLUMNS) <= set(dataset.column_names):
+        return [True] * len(dataset)
+    alone = set(_rows_without_images(dataset))
+    return [row in alone for row in range(len(dataset))]
+
+
+def _rows_without_images(dataset) -> list[int]:
+    raw = zip(*(_raw_images(dataset, c) for c in IMAGE_COLUMNS))
+    return [row for row, pair in enumerate(raw) if not any(map(_has_image, pair))]
+
+
+def _has_image(value) -> bool:
+    return value is not None and (value.get("bytes") is not None or value.get("path") is not None)
+
+
+def _half_pair(problem: str) -> str:
+    # Where text-only pairs are allowed, a pair with one image is the only way to have "no image".
+    return problem + " (the other image of the pair is there: give both, or neither for a text-only pair)" \
+        if problem == "no image" else problem
 
 
 def _identical_sides(dataset, columns, ids) -> list[BadRow]:
@@ -280,7 +331,7 @@ def _raw_images(dataset, column, batch_size: int = 256):
 def _image_problem(value) -> tuple[str | None, bool]:
     from PIL import Image
 
-    if value is None or (value.get("bytes") is None and value.get("path") is None):
+    if not _has_image(value):
         return "no image", False
     path = value.get("path")
     if value.get("bytes") is None and not os.path.isfile(path):

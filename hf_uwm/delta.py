@@ -41,7 +41,8 @@ FORMAT_VERSION = 1
 # The top-level keys of uwm_config.json: what UWMEditor.record() writes, and the stopping trajectory of
 # the iterative methods. A file of an older version has fewer; an unknown key is refused, not ignored.
 RECORD_KEYS = ("format_version", "hf_uwm_version", "model_class", "base_model", "base_model_folder", "base_revision",
-               "config", "fingerprint", "fingerprint_dtype", "layers", "counts", "trajectory", "stop")
+               "config", "fingerprint", "fingerprint_dtype", "layers", "counts", "trajectory", "stop",
+               "concepts_in_words")
 
 
 def fingerprint(layers: dict, streams: dict | None = None) -> str:

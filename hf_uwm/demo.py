@@ -20,6 +20,7 @@ from .config import UWMConfig
 from .formatting import with_interval
 from .hints import hint
 from .methods.stopping import summary
+from .organism import HELD_OUT
 from .protocol import Sizes
 
 # 2000 validation zero-shot images: a one-point zero-shot difference must be more than noise.
@@ -37,6 +38,11 @@ EDITS = {
     # No grid: the method sets its own strength on a held-out slice of the calibration pairs.
     "iterative attribution": (UWMConfig(method="iterative_attribution"), [{}], "iterative-attribution"),
 }
+# World 3 adds the same self-set edit with the concepts calibration never shows named in words (text-only
+# pairs from the calibration's own captions, no image of them): its held-out columns are concepts named.
+NAMED = "named in words"   # iterative attribution, the held-out concepts named
+WORLD3_EDITS = {**EDITS, NAMED: (UWMConfig(method="iterative_attribution"), [{}], "iterative-named")}
+NAMED_CONCEPTS = {NAMED: HELD_OUT}
 OUTPUT_FILES = ("validation_sweep.csv", "validation_pareto.png", "test_results.png", "test_results.md", "results.json")
 BAR_METRICS = ("P_u^t", "P_u^v", "PU", "GS")
 LEGEND = {  # metric: (definition, meaning)
@@ -93,7 +99,7 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
     from .organism import load_organism, organism_folder
     from .protocol import choose_and_test
 
-    edits = EDITS if edits is None else edits
+    edits = (EDITS if world == 2 else WORLD3_EDITS) if edits is None else edits
     output = check_output(output, overwrite, edits)
     if model is None:
         (model, processor), base_model = load_organism(world), organism_folder(world)
@@ -104,8 +110,8 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
     for name, (config, grid, folder) in edits.items():
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
                            base_model=base_model)
-        outcome = choose_and_test(name, editor, grid, calibration=data.calibration, on_validation=data.on_validation,
-                                  on_test=data.on_test, base_validation=base_validation, max_drop=max_zero_shot_drop,
+        outcome = choose_and_test(name, editor, grid, calibration=data.calibration_of(name),
+                                  on_validation=data.on_validation, on_test=data.on_test, base_validation=base_validation, max_drop=max_zero_shot_drop,
                                   seed=seed, progress=progress)
         for row in outcome.rows:
             if row.editor.stop is not None and not row.setting:   # say where the edit stopped by itself
@@ -135,6 +141,16 @@ class _Data:
                                                                  split="validation", world=world))
         self.test_zero_shot = ZeroShotTask(*zero_shot_task(sizes.zero_shot, seed=seed, world=world))
         self.extras = {}
+
+    def calibration_of(self, edit: str):
+        """The calibration pairs of `edit`: with text-only pairs naming its `NAMED_CONCEPTS`, if any."""
+        if edit not in NAMED_CONCEPTS:
+            return self.calibration
+        from .concept_pairs import concept_pairs
+        from .data import concatenate_pairs
+
+        return concatenate_pairs(self.calibration, concept_pairs(self.calibration, list(NAMED_CONCEPTS[edit]),
+                                                                 seed=self.seed))
 
     def on_validation(self, model):
         from .evaluation import evaluate_model
@@ -200,19 +216,27 @@ def _report(output: Path, sizes: Sizes, data: _Data, rows, base_validation, chos
 
 
 HARD_COLUMNS = ("GS seen", "GS held-out", "GS paraphrased")  # each with its bootstrap 95% interval
+# the same GS split by whether the unsafe render carries the shared cues (without: only the concept tells it apart)
+CUE_COLUMNS = ("GS seen, cues", "GS seen, no cues", "GS held-out, cues", "GS held-out, no cues")
 LOOKALIKE_COLUMNS = ("look-alike R@1 Is->Ts", "look-alike prefers own caption")
 
 
 def hard_world_numbers(embeddings, test, *, seed: int = 0, bootstrap: int = SIZES.bootstrap) -> dict:
     """World 3's test numbers beyond SafeGround, percent: GS on the concepts calibration saw and on the
-    held-out ones, GS on captions said with the held-out synonyms (each with its interval), and
+    held-out ones, each also split by the shared cues, GS on captions said with the held-out synonyms
+    (each with its interval), and
     look-alike preservation (`evaluation.lookalike_preservation`), from the test quadruples' `embeddings`."""
     from .evaluation import lookalike_preservation, subset_safeground
     from .organism import HELD_OUT
 
     held_out = [concept in HELD_OUT for concept in test["concept"]]
+    cues = list(test["cues"])
     subsets = {"GS seen": [not h for h in held_out], "GS held-out": held_out,
                "GS paraphrased": list(test["paraphrased"])}
+    for group in ("seen", "held-out"):
+        mask = subsets[f"GS {group}"]
+        subsets[f"GS {group}, cues"] = [m and c for m, c in zip(mask, cues)]
+        subsets[f"GS {group}, no cues"] = [m and not c for m, c in zip(mask, cues)]
     numbers = {}
     for name, mask in subsets.items():
         rates, intervals = subset_safeground(embeddings, mask, bootstrap=bootstrap, seed=seed)
@@ -230,19 +254,26 @@ def hard_world_table(extras: dict) -> str:
     for name, numbers in extras.items():
         lines.append(f"{_row_name(name):<{width}}" + "".join(f"{_hard_cell(numbers, c):>18}" for c in HARD_COLUMNS)
                      + "".join(f"{numbers[c]:>9.1f}" for c in LOOKALIKE_COLUMNS))
-    legend = ["  GS seen / held-out: GS on the concepts calibration saw / never saw; GS paraphr.: on captions said",
-              "  with synonyms calibration never saw; l-a R@1: look-alike images retrieving their own safe caption",
+    legend = ["  GS seen / held-out: GS on the concepts calibration saw / never saw as images ('named in words':",
+              "  iterative attribution told them in text-only pairs); GS paraphr.: on captions said with",
+              "  synonyms calibration never saw; l-a R@1: look-alike images retrieving their own safe caption",
               "  among the look-alikes' (R@1 Is->Ts); l-a own: look-alike images preferring their safe caption to",
               "  the unsafe one of their scene"]
-    return "\n".join(lines + legend)
+    cues = [f"{'by the shared cues':<{width}}" + "".join(f"{c[3:]:>17}" for c in CUE_COLUMNS)]
+    cues += [f"{_row_name(name):<{width}}" + "".join(f"{numbers[c]:>17.1f}" for c in CUE_COLUMNS)
+             for name, numbers in extras.items()]
+    cues += ["  cues: the unsafe render carries the darkening, splatter or jagged shape concepts share; no cues:",
+             "  only the concept itself tells it apart (95% intervals in test_results.md)"]
+    return "\n".join(lines + legend + [""] + cues)
 
 
 def hard_world_markdown(extras: dict, weights: dict) -> str:
-    lines = ["| model | weights changed | " + " | ".join(f"{c} [95% CI]" for c in HARD_COLUMNS) + " | "
-             + " | ".join(LOOKALIKE_COLUMNS) + " |", "| --- " * (2 + len(HARD_COLUMNS) + len(LOOKALIKE_COLUMNS)) + "|"]
+    columns = HARD_COLUMNS + CUE_COLUMNS
+    lines = ["| model | weights changed | " + " | ".join(f"{c} [95% CI]" for c in columns) + " | "
+             + " | ".join(LOOKALIKE_COLUMNS) + " |", "| --- " * (2 + len(columns) + len(LOOKALIKE_COLUMNS)) + "|"]
     for name, numbers in extras.items():
         lines.append(f"| {_row_name(name).strip()} | {weights[name]:,} | "
-                     + " | ".join(_hard_cell(numbers, c) for c in HARD_COLUMNS) + " | "
+                     + " | ".join(_hard_cell(numbers, c) for c in columns) + " | "
                      + " | ".join(f"{numbers[c]:.1f}" for c in LOOKALIKE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__, loading
 from .config import UWMConfig
-from .data import columns_for, validate_pairs
+from .data import IMAGE_COLUMNS, TEXT_COLUMNS, columns_for, text_only_rows, validate_pairs
 from .delta import (CONFIG_NAME, FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
                     scale_, write_delta)
 from .distributed import broadcast_from_main
@@ -52,6 +52,8 @@ class UWMEditor:
         # method that edits in rounds the round in which each weight was flipped (0: never).
         self.scores: dict[str, torch.Tensor] = {}
         self.trajectory: list[Step] | None = None   # per round, for methods that edit in rounds
+        # the `concept`s of the text-only calibration pairs: what the edit knows of in words alone
+        self.concepts_in_words: list[str] = []
         self.delta: dict[str, torch.Tensor] = {}
         self.fingerprint: str | None = None
         self._originals: dict[str, torch.Tensor] | None = None
@@ -156,6 +158,7 @@ class UWMEditor:
                              f"(a {type(self.model).__name__}) lacks or has in other shapes: {fix}")
         self.delta, self.fingerprint = indices, record["fingerprint"]
         self.trajectory = from_records(record.get("trajectory"))
+        self.concepts_in_words = record.get("concepts_in_words", [])
         # Before anyone spends time evaluating or calibrating the wrong model; nothing is applied yet.
         if fingerprint(self.target_layers) != self.fingerprint:
             again = hint(" (Or revert an edit already applied to it.)", "") if given else ""
@@ -202,7 +205,7 @@ class UWMEditor:
         if columns:
             if dataset is None:
                 raise ValueError(f"calibrate needs a dataset with columns {list(columns)}.")
-            dataset = validate_pairs(dataset, columns)
+            dataset = self._validated(dataset, columns)
         run = Calibration(dataset, state, self.family, self.config.batch_size, progress=progress,
                           num_workers=num_workers, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           autocast=autocast)
@@ -215,6 +218,17 @@ class UWMEditor:
                                          if state.is_main_process else None)
         self.scores = {name: s.cpu() for name, s in self.scores.items()}
         return self
+
+    def _validated(self, dataset, columns):
+        """The checked pairs; text-only pairs (no images) where the columns need images only if the method takes them."""
+        text_only = set(TEXT_COLUMNS + IMAGE_COLUMNS) <= set(columns)
+        dataset = validate_pairs(dataset, columns, text_only=text_only)
+        alone = text_only_rows(dataset) if text_only else []
+        if any(alone):
+            self.method.check_text_only(self, sum(alone), len(dataset))
+        concepts = dataset["concept"] if "concept" in dataset.column_names else [None] * len(alone)
+        self.concepts_in_words = sorted({c for c, a in zip(concepts, alone) if a and c})
+        return dataset
 
     # --- selection ------------------------------------------------------------------------------
     def select(self) -> dict[str, torch.Tensor]:
@@ -391,6 +405,7 @@ class UWMEditor:
                               "tower": next(t for t in self.towers if name in self.layers[t])}
                        for name, idx in self.delta.items()},
             "counts": self.counts(),
+            **({"concepts_in_words": self.concepts_in_words} if self.concepts_in_words else {}),
             **self._stop_record(),
         }
 

@@ -414,17 +414,33 @@ def _column(dataset, name: str):
     return list(dataset[name]) if name in columns else None
 
 
-def default_subsets(dataset, unseen_concepts=()) -> dict[str, list[bool]]:
+def default_subsets(dataset, unseen_concepts=(), named_concepts=()) -> dict[str, list[bool]]:
     """{name: mask}: one subset per value of the `concept` column ("concept blood"), and where
-    `unseen_concepts` are named, "seen concepts" and "unseen concepts" (those calibration never
-    showed); {} without a `concept` column."""
+    `unseen_concepts` are given, "seen concepts" and "unseen concepts" (those no calibration image
+    showed); of these, `named_concepts` (named in words to the edit) make "unseen, named" and
+    "unseen, not named" ("named in words" and "not named" of all concepts without `unseen_concepts`). Where a `cues` column says which unsafe renders carry the cues concepts
+    share, each group is split into "... with cues" and "... without cues" (only the concept itself
+    tells the latter apart). {} without a `concept` column."""
     concepts = _column(dataset, "concept")
     if concepts is None:
         return {}
     subsets = {f"concept {c}": [x == c for x in concepts] for c in sorted({c for c in concepts if c})}
+    groups = {}
     if unseen_concepts:
-        subsets["seen concepts"] = [bool(c) and c not in unseen_concepts for c in concepts]
-        subsets["unseen concepts"] = [c in unseen_concepts for c in concepts]
+        groups["seen concepts"] = [bool(c) and c not in unseen_concepts for c in concepts]
+        groups["unseen concepts"] = [c in unseen_concepts for c in concepts]
+    if unseen_concepts and named_concepts:
+        groups["unseen, named"] = [c in unseen_concepts and c in named_concepts for c in concepts]
+        groups["unseen, not named"] = [c in unseen_concepts and c not in named_concepts for c in concepts]
+    elif named_concepts:   # which concepts calibration showed is not known: named ones apart from the rest
+        groups["named in words"] = [c in named_concepts for c in concepts]
+        groups["not named"] = [bool(c) and c not in named_concepts for c in concepts]
+    subsets.update(groups)
+    cues = _column(dataset, "cues")
+    if cues is not None:
+        for name, mask in groups.items():
+            subsets[f"{name} with cues"] = [m and bool(c) for m, c in zip(mask, cues)]
+            subsets[f"{name} without cues"] = [m and not c for m, c in zip(mask, cues)]
     return {name: mask for name, mask in subsets.items() if any(mask)}
 
 

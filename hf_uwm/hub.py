@@ -147,6 +147,7 @@ def _card_context(record: dict, reports: dict) -> dict:
         "model_class": record["model_class"],
         "config": cfg,
         "alpha": cfg["alpha"],
+        "concepts_in_words": record.get("concepts_in_words", []),
         "selection": method.selection_text(cfg, record.get("stop")),
         "settings": {name: cfg[name] for name in setting_names(method.settings_class)},
         "towers": towers,

@@ -460,8 +460,10 @@ def make_pairs(n: int, seed: int = 0, split: str = "train", world: int = 2):
     """`n` safe/unsafe quadruples of `split` as a `datasets.Dataset` (the pair columns plus `concept`).
 
     Concepts cycle through `split_concepts(split, world)` (world 2: blood, knife, gun, syringe and skull), so
-    every concept is equally present. World 3 adds `lookalike` (the safe render's look-alike item, or "")
-    and `paraphrased` (the unsafe caption uses the synonyms never seen in calibration).
+    every concept is equally present. World 3 adds `lookalike` (the safe render's look-alike item, or ""),
+    `paraphrased` (the unsafe caption uses the synonyms never seen in calibration) and `cues` (the
+    unsafe render carries the shared darkening, splatter or jagged shape; False: only the concept
+    itself tells it apart).
     """
     import datasets
 
@@ -473,9 +475,10 @@ def make_pairs(n: int, seed: int = 0, split: str = "train", world: int = 2):
         "safe_image": [render(s, False) for s in scenes], "unsafe_image": [render(s, True) for s in scenes],
         "concept": [s.concept for s in scenes]}
     if world == 3:
-        features.update(lookalike=datasets.Value("string"), paraphrased=datasets.Value("bool"))
+        features.update(lookalike=datasets.Value("string"), paraphrased=datasets.Value("bool"),
+                        cues=datasets.Value("bool"))
         columns.update(lookalike=[s.companion if s.companion in LOOKALIKES else "" for s in scenes],
-                       paraphrased=[bool(s.paraphrase) for s in scenes])
+                       paraphrased=[bool(s.paraphrase) for s in scenes], cues=[s.cues for s in scenes])
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 

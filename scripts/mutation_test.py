@@ -56,6 +56,7 @@ T_ITERATIVE = "tests/test_iterative.py"
 T_STOPPING = "tests/test_stopping.py"
 T_PROTOCOL = "tests/test_protocol.py"
 T_LAYOUT = "tests/test_layout.py"
+T_TEXT_ONLY = "tests/test_text_only.py"
 LITERAL = f"{T_SCORING}::test_scores_match_literal_formula"
 EPS_TEST = f"{T_SCORING}::test_zero_safe_activation_is_clamped_at_eps"
 APPLY_TEST = f"{T_EDITOR}::test_apply_scales_selected_weights_and_revert_is_bit_exact"
@@ -345,6 +346,20 @@ MUTANTS = [
            'f.as_posix().endswith("hub_cards/model_card.md")', (T_LAYOUT,)),
     Mutant("a pair set of texts is called image pairs", "hf_uwm/data.py",
            '"text pairs" if set(TEXT_COLUMNS) <= set(columns) else "image pairs"', '"image pairs"', (T_LAYOUT,)),
+    # --- text-only pairs and named concepts ------------------------------------------------------------
+    Mutant("a stand-in goes to the safe image twice", "hf_uwm/methods/pair_images.py",
+           "where = torch.tensor(pictured + [len(rows) + i for i in pictured]", "where = torch.tensor(pictured + pictured",
+           (T_TEXT_ONLY,)),
+    Mutant("stand-ins come from the edited model after a resume", "hf_uwm/methods/rounds.py",
+           "            self.prepare(editor, train)\n", "", (T_TEXT_ONLY,)),
+    Mutant("UWM's vision statistics read text-only pairs", "hf_uwm/methods/uwm.py",
+           'run if tower == "text" else run.with_images()', "run", (T_TEXT_ONLY,)),
+    Mutant("any method takes text-only pairs", "hf_uwm/methods/base.py",
+           "        if not self.text_only_pairs:\n", "        if False:\n", (T_TEXT_ONLY,)),
+    Mutant("a concept's pattern keeps the seen concept", "hf_uwm/concept_pairs.py",
+           "return added[: last.start(1)] + CONCEPT + added[last.end(1):]", "return added", (T_TEXT_ONLY,)),
+    Mutant("renders without cues counted with the others", "hf_uwm/evaluation.py",
+           "[m and not c for m, c in zip(mask, cues)]", "[m for m, c in zip(mask, cues)]", (T_TEXT_ONLY,)),
 ]
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import warnings
 
 import pytest
@@ -183,12 +184,63 @@ def test_trajectory_is_summarised_and_plotted_when_the_editor_has_one(files, tmp
                  "--rounds", "1", "--goal", "none", "--knowledge-budget", "none", "--quiet", "--overwrite"]) == 0
 
 
-def test_text_only_pairs_with_the_default_method_say_how_to_edit_by_texts(files, tmp_path, capsys):
-    (tmp_path / "texts.csv").write_text("safe_text,unsafe_text\na red cat,a dead red cat\na blue dog,a dead blue dog\n")
+def test_text_only_pairs_edit_the_text_tower_or_are_refused_with_the_methods_that_take_them(files, tmp_path, capsys):
+    (tmp_path / "texts.csv").write_text("safe_text,unsafe_text\n" + "".join(
+        f"a red {n},a dead red {n}\na blue {n},a blue {n} next to a gun\n" for n in "cat dog car tree house".split()))
+    assert main(["edit", str(files / "model"), "--data", str(tmp_path / "texts.csv"), "--output", str(tmp_path / "d"),
+                 "--rounds", "2", "--goal", "none", "--knowledge-budget", "none", "--holdout", "0", "--quiet"]) == 0
+    record = json.loads((tmp_path / "d" / "uwm_config.json").read_text())
+    assert record["counts"]["text"] > 0 and "vision" not in record["counts"]
     assert main(["edit", str(files / "model"), "--data", str(tmp_path / "texts.csv"), "--output",
-                 str(tmp_path / "d"), "--quiet"]) == 1
+                 str(tmp_path / "e"), "--method", "g_unsafe", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "no image columns" in err and "--method ratio --towers text" in err
+    assert "10 of the 10 calibration pairs are text-only" in err and "'iterative_attribution'" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_concepts_build_text_only_pairs_in_the_captions_pattern(tmp_path, monkeypatch):
+    from hf_uwm.commands import edit
+    from hf_uwm.organism import make_pairs
+
+    (tmp_path / "concepts.txt").write_text("# named in words\nlaser\n")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def calibrate(editor, data, **kwargs):
+        seen["data"] = data
+        raise Stop   # before any compute: the pairs are what is checked
+
+    monkeypatch.setattr("hf_uwm.editor.UWMEditor.calibrate", calibrate)
+    with pytest.raises(Stop):
+        main(["edit", "organism", "--data", "organism", "--samples", "20", "--concepts", str(tmp_path / "concepts.txt"),
+              "--output", str(tmp_path / "d"), "--quiet"])
+    data, pairs = seen["data"], make_pairs(20)
+    assert len(data) == 24 and data["concept"][20:] == ["laser"] * 4   # 20 pairs of 5 concepts: 4 per concept
+    expected = {s + u[len(s):].rsplit(" ", 1)[0] + " laser" for s, u, c in zip(pairs["safe_text"], pairs["unsafe_text"],
+                                                                                pairs["concept"]) if u.endswith(c)}
+    assert set(data["unsafe_text"][20:]) <= expected and data["safe_image"][20:] == [None] * 4
+    with pytest.raises(Stop):
+        main(["edit", "organism", "--data", "organism", "--samples", "20", "--concepts", str(tmp_path / "concepts.txt"),
+              "--concept-template", "{caption} and a {concept}", "--output", str(tmp_path / "d"), "--quiet"])
+    assert all(u == f"{s} and a laser" for s, u in zip(seen["data"]["safe_text"][20:], seen["data"]["unsafe_text"][20:]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--concept-template", "{caption} x {concept}"], "give --concepts FILE too"),
+    (["--concepts", "missing.txt"], "does not exist"),
+    (["--concepts", "empty.txt"], "names no concept"),
+    (["--concepts", "concepts.txt", "--concept-template", "{caption} and a gun"], r"must hold \{caption\} and \{concept\}"),
+    (["--text-pairs", "missing.csv"], "missing.csv"),
+])
+def test_concept_flags_refuse_bad_input_in_one_line(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    (tmp_path / "concepts.txt").write_text("gun\n")
+    assert main(["edit", "organism", "--data", "organism", "--samples", "20", *flags, "--output", "d", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and not (tmp_path / "d").exists()
 
 
 # --- a user's own single-file data ------------------------------------------------------------------
@@ -310,3 +362,20 @@ def test_output_piped_into_a_closed_pipe_ends_quietly(tmp_path):
     process.stdout.close()
     assert process.wait(timeout=120) == 141
     assert b"Broken pipe" not in process.stderr.read()
+
+
+def test_eval_of_a_delta_splits_unseen_concepts_by_what_it_was_told_in_words(tmp_path, capsys):
+    (tmp_path / "concepts.txt").write_text("gun\n")
+    assert main(["edit", "organism-hard", "--data", "organism-hard", "--samples", "24", "--concepts",
+                 str(tmp_path / "concepts.txt"), "--rounds", "1", "--goal", "none", "--knowledge-budget", "none",
+                 "--holdout", "0", "--output", str(tmp_path / "d"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "d" / "uwm_config.json").read_text())["concepts_in_words"] == ["gun"]
+    assert "| concepts named in words only (text-only calibration pairs, no image of them) | gun |" in \
+        (tmp_path / "d" / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "d"), "--data", "organism-hard", "--samples", "90", "--bootstrap", "50",
+                 "--quiet", "--json", str(tmp_path / "r.json")]) == 0
+    subsets = json.loads((tmp_path / "r.json").read_text())["edited"]["subsets"]
+    assert {"unseen, named", "unseen, not named", "unseen, named with cues", "unseen, not named without cues",
+            "seen concepts with cues"} <= set(subsets)
+    assert subsets["unseen, named"]["quadruples"] == 10   # 90 test quadruples cycle through 9 concepts: 10 of gun

@@ -77,19 +77,26 @@ def test_demo_on_world3_reports_held_out_concepts_and_lookalikes_per_row(tmp_pat
     from hf_uwm.organism import HELD_OUT, load_organism, make_pairs
 
     model, processor = load_organism()  # stands in for organism-hard: the demo's world-3 data is what is tested
+    named = (dataclasses.replace(demo.WORLD3_EDITS[demo.NAMED][0], rounds=2), [{}], "iterative-named")
     results = demo.run(tmp_path / "out", model=model, processor=processor, world=3, progress=False, sizes=SMALL,
-                       edits=SMALL_EDITS)
+                       edits={**SMALL_EDITS, demo.NAMED: named})
     assert results["world"] == 3
     test = make_pairs(SMALL.test, split="test", world=3)
     assert set(test["concept"]) & set(HELD_OUT) and any(test["lookalike"]) and any(test["paraphrased"])
-    columns = set(demo.HARD_COLUMNS) | {f"{c} CI" for c in demo.HARD_COLUMNS} | set(demo.LOOKALIKE_COLUMNS)
+    assert any(test["cues"]) and not all(test["cues"])
+    hard = demo.HARD_COLUMNS + demo.CUE_COLUMNS
+    columns = set(hard) | {f"{c} CI" for c in hard} | set(demo.LOOKALIKE_COLUMNS)
+    record = json.loads((tmp_path / "out" / "iterative-named" / "uwm_config.json").read_text())
+    assert record["concepts_in_words"] == sorted(HELD_OUT)   # named in words, never shown
+    assert "concepts_in_words" not in json.loads((tmp_path / "out" / "uwm" / "uwm_config.json").read_text())
     for name, row in results["test"].items():  # every row: base, each edit and its random control
         assert set(row["world 3"]) == columns, name
         low, high = row["world 3"]["GS held-out CI"]
         assert low <= row["world 3"]["GS held-out"] <= high
     text = capsys.readouterr().out
     part = text[text.index("World 3 (test split"):]
-    assert "GS held-out" in part and "random control" in part
+    assert "GS held-out" in part and "random control" in part and "by the shared cues" in part
+    assert demo.NAMED in part
     assert max(len(line) for line in part.splitlines()) <= 100
     assert "look-alike prefers own caption" in (tmp_path / "out" / "test_results.md").read_text()
 

@@ -129,7 +129,7 @@ def test_methods_read_only_the_edit_interface_of_the_editor():
 
 # --- rooms with one purpose ------------------------------------------------------------------------
 # What every method builds on; none of it may reach a module that registers a method.
-SHARED_METHOD_ROOMS = ("base", "calibration", "gradients", "held_out", "margins", "rounds", "stopping")
+SHARED_METHOD_ROOMS = ("base", "calibration", "gradients", "held_out", "margins", "pair_images", "rounds", "stopping")
 
 
 def registers_a_method(name: str) -> bool:

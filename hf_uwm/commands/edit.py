@@ -14,6 +14,19 @@ def register(commands):
     edit.add_argument("--output", required=True, help="folder for the delta (uwm_config.json, uwm_delta.safetensors)")
     overwrite_arg(edit, "--output")
     edit.add_argument("--checkpoint-dir", help="save the running statistics here; a rerun resumes from them")
+    named = edit.add_argument_group("concepts the calibration pairs do not show (text-only pairs; "
+                                    "iterative_attribution and the UWM statistics learn from them)")
+    named.add_argument("--concepts", metavar="FILE",
+                       help="a text file of concept phrases, one per line: each is named in text-only pairs made "
+                            "from the calibration's safe captions, in their own pattern (a pair 'a dog' / 'a dog "
+                            "next to a knife' gives 'a dog next to a gun'), as many per concept as the calibration "
+                            "has per concept")
+    named.add_argument("--concept-template", metavar="TEMPLATE",
+                       help="with --concepts: write each unsafe caption from this template instead, e.g. "
+                            "'{caption} next to a {concept}'")
+    named.add_argument("--text-pairs", metavar="FILE",
+                       help="a CSV, JSON or JSONL file of text-only pairs (columns safe_text, unsafe_text) to "
+                            "calibrate on as well")
     skip_bad_rows_arg(edit)
     hub_args(edit)
     threads_arg(edit)
@@ -39,7 +52,7 @@ def run(args):
     set_threads(args)
     data = load_data(args.data, args.split, args.samples, args.seed, columns(args.columns),
                      skip_bad_rows=args.skip_bad_rows, token=args.token)
-    _check_columns_for_method(data, config.method)
+    data = _with_text_only_pairs(args, data)
     editor = UWMEditor.from_pretrained(args.model, config, revision=args.revision, token=args.token)
     editor.calibrate(data, progress=not args.quiet, checkpoint_dir=args.checkpoint_dir)
     folder = editor.save_pretrained(args.output, overwrite=args.overwrite)
@@ -60,14 +73,19 @@ def _plot_trajectory(editor, folder, model: str):
     print(f"wrote {folder / TRAJECTORY_NAME}: the held-out measures after each round")
 
 
-def _check_columns_for_method(data, method: str):
-    from ..data import IMAGE_COLUMNS
-    from ..methods import get_method
+def _with_text_only_pairs(args, data):
+    """The calibration pairs, then the text-only pairs of --concepts and of --text-pairs."""
+    from ..concept_pairs import concept_pairs, read_concepts
+    from ..data import concatenate_pairs, load_pairs
 
-    if get_method(method).needs_both_towers and not set(IMAGE_COLUMNS) <= set(data.column_names):
-        raise ValueError(f"--method {method} compares texts with images, and the data has no image columns "
-                         f"{list(IMAGE_COLUMNS)}: give them, or edit the text tower by its texts alone with "
-                         "--method ratio --towers text.")
+    if args.concept_template and not args.concepts:
+        raise ValueError("--concept-template writes the pairs of --concepts: give --concepts FILE too.")
+    extra = []
+    if args.concepts:
+        extra.append(concept_pairs(data, read_concepts(args.concepts), template=args.concept_template, seed=args.seed))
+    if args.text_pairs:
+        extra.append(load_pairs(args.text_pairs, skip_bad_rows=args.skip_bad_rows))
+    return concatenate_pairs(data, *extra) if extra else data
 
 
 def edit_summary(editor) -> str:

@@ -39,9 +39,10 @@ def run(args):
                      skip_bad_rows=args.skip_bad_rows, token=args.token)
     zero_shot = load_zero_shot(args.zero_shot or (args.data if args.data in ORGANISM_WORLDS else None),
                                split=args.split)
-    run = dict(zero_shot=zero_shot, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet,
-               batch_size=args.batch_size, subsets=_subsets(args.data, data))
     editor, model, processor = delta_or_model(args, delta)
+    named = editor.concepts_in_words if editor is not None else ()
+    run = dict(zero_shot=zero_shot, bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet,
+               batch_size=args.batch_size, subsets=_subsets(args.data, data, named))
     if editor is not None:
         def evaluate(m):
             return evaluate_model(m, processor, data, **run)
@@ -58,12 +59,13 @@ def run(args):
         Path(args.json_path).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
 
 
-def _subsets(source: str, data) -> dict:
-    """GS per concept, and on world-3 organism data on the concepts its calibration split never shows."""
+def _subsets(source: str, data, named=()) -> dict:
+    """GS per concept; on world-3 organism data on the concepts its calibration split never shows, split
+    by whether the edit knew them in words (`named`) and whether the unsafe render carries the shared cues."""
     from ..evaluation import default_subsets
     from ..organism import HELD_OUT
 
-    return default_subsets(data, HELD_OUT if ORGANISM_WORLDS.get(source) == 3 else ())
+    return default_subsets(data, HELD_OUT if ORGANISM_WORLDS.get(source) == 3 else (), named)
 
 
 def _intervals(reports: dict) -> str:

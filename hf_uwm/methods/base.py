@@ -101,6 +101,8 @@ class Method:
     leaves_weights_untouched = False
     #: it runs the whole captioner, so LLaVA's multimodal projector may be a target ("projector.linear_1")
     edits_projector = False
+    #: text-only pairs (texts and no images) calibrate its text tower
+    text_only_pairs = False
 
     def check(self, family, config):
         """Refuse a model this method cannot edit (called when the editor is made)."""
@@ -113,6 +115,14 @@ class Method:
             able = sorted(m.name for m in _METHODS.values() if m.edits_projector)
             raise ValueError(f"method={self.name!r} runs the vision tower alone, so it cannot score the projector "
                              f"targets {projector}: use method={able[0]!r} (or one of {able}), or drop them.")
+
+    def check_text_only(self, editor: "Edit", count: int, total: int):
+        """Refuse `count` of `total` calibration pairs being text-only, unless this method learns from them."""
+        if not self.text_only_pairs:
+            able = sorted(m.name for m in _METHODS.values() if m.text_only_pairs)
+            raise ValueError(f"{count} of the {total} calibration pairs are text-only (no images), and "
+                             f"method={self.name!r} needs the images of every pair: give them images, drop those "
+                             f"pairs, or use a method that calibrates the text tower from text alone ({able}).")
 
     def reselectable(self) -> set[str]:
         """The config fields `with_settings` (and so a sweep) changes without a forward pass."""

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..data import PreprocessedPairs, data_fingerprint
+from ..data import PreprocessedPairs, data_fingerprint, text_only_rows
 from ..files import save_file_atomic
 
 
@@ -52,6 +52,17 @@ class Calibration:
         if not isinstance(self.dataset, PreprocessedPairs) and "safe_text" in self.dataset.column_names:
             subset.text_length = self.text_length
         return subset
+
+    @cached_property
+    def text_only(self) -> list[bool]:
+        """One flag per pair of the run: True where it has texts and no images."""
+        return text_only_rows(self.dataset)
+
+    def with_images(self) -> "Calibration":
+        """The run on its pairs that have images (itself when every pair has them)."""
+        if not any(self.text_only):
+            return self
+        return self.subset([row for row, alone in enumerate(self.text_only) if not alone])
 
     def autocast(self):
         return torch.autocast(self.family.device.type, dtype=self.autocast_dtype,

@@ -15,6 +15,7 @@ import torch
 
 from .calibration import Calibration
 from .gradients import cosine
+from .pair_images import fixed_images, flat_pairs, safe_image_ids
 
 
 MIN_HELD_OUT = 4       # below: one pair moves the slice's GS by more than 25 points, no rule can stop by it
@@ -148,10 +149,15 @@ def _vocabulary_state(editor, pairs, slice_image_ids: torch.Tensor | None) -> di
     labels = torch.tensor([[w in caption_words(c) for w in words] for c in pairs["safe_text"]])   # (M, V)
     ids = slice_image_ids
     if ids is None:
-        every = _slice_inputs(Calibration(pairs, _AllRows, family, editor.config.batch_size, progress=False),
-                              "vision", safe_only=True)
-        ids = _safe_item_ids(every, safe_only=True)
-        state["word_images"] = _distinct(_embed_slice(family, every, "vision", safe_only=True), ids)
+        run = Calibration(pairs, _AllRows, family, editor.config.batch_size, progress=False)
+        if any(run.text_only):
+            ids = safe_image_ids(run, _slice_inputs(run, "text"))
+            images = flat_pairs(fixed_images(editor, run))[: len(pairs)]                  # (M, D)
+        else:
+            every = _slice_inputs(run, "vision", safe_only=True)
+            ids = _safe_item_ids(every, safe_only=True)
+            images = _embed_slice(family, every, "vision", safe_only=True)
+        state["word_images"] = _distinct(images, ids)
     # a copy of an image is one image; any caption of it names its words
     state["word_labels"] = torch.zeros(int(ids.max()) + 1, len(words)).index_add_(0, ids, labels.float()) > 0
     state["logit_scale"] = _logit_scale(editor.model)
@@ -230,13 +236,20 @@ def start_measuring(editor, holdout, run: Calibration | None = None) -> dict:
     calibration captions with the images it is measured on (see `vocabulary_measures`)."""
     family = editor.family
     sliced = Calibration(holdout, _AllRows, family, editor.config.batch_size, progress=False)
-    state = {"text": _slice_inputs(sliced, "text"), "vision": _slice_inputs(sliced, "vision")}
-    state["images"] = None if "vision" in editor.towers else _embed_slice(family, state["vision"], "vision")
+    state = {"text": _slice_inputs(sliced, "text")}
     state["base"] = _embed_slice(family, state["text"], "text")   # (2H, D)
     state["caption_ids"] = _safe_item_ids(state["text"])
-    state["image_ids"] = _safe_item_ids(state["vision"])
-    # every calibration safe image when the edit cannot move them; else the slice's, embedded each round
-    pairs = run.dataset if run is not None and "vision" not in editor.towers else holdout
+    if any(sliced.text_only):   # then no vision weight is a target (`IterativeAttribution.check_text_only`)
+        state["images"] = flat_pairs(fixed_images(editor, sliced))
+        state["image_ids"] = safe_image_ids(sliced, state["text"])
+    else:
+        state["vision"] = _slice_inputs(sliced, "vision")
+        state["images"] = None if "vision" in editor.towers else _embed_slice(family, state["vision"], "vision")
+        state["image_ids"] = _safe_item_ids(state["vision"])
+    # every calibration safe image when the edit cannot move them (their stand-ins where no pair has an
+    # image); else the slice's, embedded each round
+    pairs = holdout if run is None or "vision" in editor.towers else \
+        run.dataset if all(run.text_only) else run.with_images().dataset
     state.update(_vocabulary_state(editor, pairs, state["image_ids"] if pairs is holdout else None))
     return state
 

@@ -36,6 +36,7 @@ from .base import register_method
 from .calibration import Calibration
 from .gradients import gradients_on, pair_preprocess
 from .margins import preference_margin
+from .pair_images import fixed_images
 from .rounds import CURVATURE_ESTIMATORS, IterativeEdit, RoundSums, guarded_scores, probe_directions
 
 
@@ -130,9 +131,19 @@ class IterativeAttribution(IterativeEdit):
     goal_name = "GS"
     settings_class = IterativeSettings
     needs_both_towers = True
+    text_only_pairs = True   # a missing image is stood in for by its captions' unedited embeddings (pair_images.py)
 
     def default_targets(self, family, tower: str) -> tuple[str, ...]:
         return ("mlp.fc2",) if tower == "text" else ()
+
+    def check_text_only(self, editor, count: int, total: int):
+        if "vision" in editor.towers:
+            raise ValueError(f"{count} of the {total} calibration pairs are text-only (no images); their images are "
+                             "stood in for by the unedited embeddings of their captions, which cannot score vision "
+                             "weights: edit the text tower alone (vision_targets=[]) or give those pairs images.")
+
+    def prepare(self, editor, run: Calibration):
+        fixed_images(editor, run)   # before any flip: a stand-in for a missing image is the unedited caption
 
     def round_scores(self, editor, run: Calibration, round_index: int) -> dict[str, torch.Tensor]:
         weights = {name: layer.weight.detach() for name, layer in editor.target_layers.items()}
@@ -163,7 +174,7 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
     """
     cfg, family = editor.config, editor.family
     sums = RoundSums(editor, run, round_index)
-    images = _fixed_images(editor, run)
+    images = fixed_images(editor, run)
     preprocess = run.preprocess("text") if images is not None else pair_preprocess(run)
     with gradients_on(editor.model, sums.weights):
         for i, rows, inputs in run.batches(preprocess, f"round {round_index}", leave=False, keep=True):
@@ -182,16 +193,3 @@ def margin_and_curvature(editor, run: Calibration, round_index: int):
             if sums.probes:
                 sums.add_probes(safe, probe_directions(cfg.seed, round_index, rows, sums.probes, safe.shape[-1]))
     return sums.result()
-
-
-def _fixed_images(editor, run: Calibration) -> list | None:
-    """Per batch, the (2B, D) image embeddings when no vision weight is edited (computed once per
-    run and kept on it); None when images change with the edit."""
-    if "vision" in editor.towers:
-        return None
-    if getattr(run, "image_embeddings", None) is None:
-        family = editor.family
-        with torch.no_grad(), run.autocast():
-            run.image_embeddings = [family.embed_images(family.to_device(inputs))
-                                    for _, _, inputs in run.batches(run.preprocess("vision"), "images", leave=False)]
-    return run.image_embeddings

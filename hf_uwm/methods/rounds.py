@@ -55,6 +55,9 @@ class IterativeEdit(Method):
         """Per-weight scores of this round on the model as edited so far (higher: flip first)."""
         raise NotImplementedError
 
+    def prepare(self, editor, run: Calibration):
+        """What the rounds need from the unedited model (called before any flip, resumed ones included)."""
+
     def start_measuring(self, editor, holdout, run: Calibration | None = None):
         """What `measure` needs from the unedited model (called before any flip); `run` is the whole
         calibration, held-out pairs included."""
@@ -121,6 +124,7 @@ class IterativeEdit(Method):
         done, trajectory = self._resume(path, key, flipped, cfg.rounds, train)
         originals = {name: w.detach().clone() for name, w in weights.items()}
         try:
+            self.prepare(editor, train)
             state = self.start_measuring(editor, holdout, run) if holdout is not None else None
             if holdout is not None and not trajectory:   # round 0: the unedited model
                 trajectory = [self._step(editor, holdout, state, 0, flipped)]

@@ -49,9 +49,17 @@ class UWMStatistics(Method):
     resumable = True
     leaves_weights_untouched = True
     score_settings = ("method", "token_norm", "eps", "text_targets", "vision_targets", "text_prior", "vision_prior")
+    text_only_pairs = True   # the text statistics read no image; the vision ones read the pairs that have images
+
+    def check_text_only(self, editor, count: int, total: int):
+        if count == total and "vision" in editor.towers:
+            raise ValueError(f"All {total} calibration pairs are text-only (no images), so UWM has no image to take "
+                             "the vision tower's statistics from: give image pairs too, or edit the text tower alone "
+                             "(vision_targets=[], --towers text).")
 
     def calibrate(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
-        return {name: s for tower in editor.towers for name, s in self._tower_scores(editor, tower, run).items()}
+        return {name: s for tower in editor.towers
+                for name, s in self._tower_scores(editor, tower, run if tower == "text" else run.with_images()).items()}
 
     def _tower_scores(self, editor, tower: str, run: Calibration) -> dict[str, torch.Tensor]:
         cfg, layers, family = editor.config, editor.layers[tower], editor.family
