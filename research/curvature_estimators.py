@@ -15,12 +15,10 @@ OUT/estimators.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-import torch
 
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.sources import load_data, load_zero_shot
@@ -29,6 +27,8 @@ from hf_uwm.formatting import with_interval
 from hf_uwm.loading import load_model
 from hf_uwm.methods import iterative
 from hf_uwm.sweep import evaluate_edit
+
+from common import parse_models  # research/common.py, beside this script
 
 ESTIMATORS = {"per_item": {"curvature_estimator": "per_item", "curvature_probes": 1},
               "summed": {"curvature_estimator": "summed", "curvature_probes": 8}}
@@ -107,14 +107,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--out", default="estimators")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_models(__doc__, "estimators")
     rows = []
     for model in args.models:
         rows.append(check(model, args.threads))

@@ -20,12 +20,10 @@ Writes OUT/named_concepts.json, OUT/named_concepts.md and OUT/named_concepts.png
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-import torch
 
 from hf_uwm import UWMConfig, UWMEditor
 from hf_uwm.concept_pairs import concept_pairs
@@ -34,6 +32,8 @@ from hf_uwm.evaluation import ZeroShotTask, default_subsets, evaluate_model
 from hf_uwm.formatting import with_interval
 from hf_uwm.loading import load_model
 from hf_uwm.organism import HELD_OUT, make_pairs, zero_shot_task
+
+from common import parse_models  # research/common.py, beside this script
 
 OWN_PHRASING = Path(__file__).with_name("own_phrasing.csv")
 REFERENCE_PAIRS = 100
@@ -129,15 +129,8 @@ def plot(results: list[dict], path: Path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--out", default="named_concepts")
-    parser.add_argument("--rounds", type=int, default=16, help="rounds of the image-calibrated reference")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_models(__doc__, "named_concepts", lambda parser: parser.add_argument(
+        "--rounds", type=int, default=16, help="rounds of the image-calibrated reference"))
     results = [check(model, args.rounds) for model in args.models]
     (out / "named_concepts.json").write_text(json.dumps(results, indent=1))
     (out / "named_concepts.md").write_text(table(results))

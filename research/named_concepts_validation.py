@@ -16,7 +16,6 @@ bomb, which the validation split shows, are named in words only. Three studies, 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from hf_uwm.evaluation import ZeroShotTask, evaluate_model
 from hf_uwm.loading import load_model
 from hf_uwm.methods import pair_images
 from hf_uwm.organism import COLOURS, NOUNS, make_pairs, zero_shot_task
+
+from common import parse_models  # research/common.py, beside this script
 
 SHOWN, NAMED = ("blood", "knife", "syringe", "skull"), ("shard", "bomb")
 RULE_OFF = dict(goal=None, knowledge_budget=None, holdout=0.0, rounds=16)
@@ -115,14 +116,7 @@ def study(name: str) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--out", default="named_validation")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_models(__doc__, "named_validation")
     results = {Path(m).name: study(m) for m in args.models}
     (out / "named_concepts_validation.json").write_text(json.dumps(results, indent=1))
     for model, result in results.items():
