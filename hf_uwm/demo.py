@@ -259,8 +259,8 @@ def hard_world_table(extras: dict) -> str:
               "  synonyms calibration never saw; l-a R@1: look-alike images retrieving their own safe caption",
               "  among the look-alikes' (R@1 Is->Ts); l-a own: look-alike images preferring their safe caption to",
               "  the unsafe one of their scene"]
-    cues = [f"{'by the shared cues':<{width}}" + "".join(f"{c[3:]:>17}" for c in CUE_COLUMNS)]
-    cues += [f"{_row_name(name):<{width}}" + "".join(f"{numbers[c]:>17.1f}" for c in CUE_COLUMNS)
+    cues = [f"{'by the shared cues':<{width}}" + "".join(f"{c[3:]:>18}" for c in CUE_COLUMNS)]
+    cues += [f"{_row_name(name):<{width}}" + "".join(f"{numbers[c]:>18.1f}" for c in CUE_COLUMNS)
              for name, numbers in extras.items()]
     cues += ["  cues: the unsafe render carries the darkening, splatter or jagged shape concepts share; no cues:",
              "  only the concept itself tells it apart (95% intervals in test_results.md)"]
