@@ -195,3 +195,20 @@ def test_a_resumed_run_stands_in_with_the_unedited_captions(tmp_path):
     resumed = run(4, tmp_path)           # ...and resumed from their flips
     whole = run(4)
     assert all(torch.equal(resumed.scores[name], whole.scores[name]) for name in whole.scores)
+
+
+def test_the_held_out_slice_measures_text_only_pairs_against_their_stand_ins():
+    from hf_uwm.methods import held_out
+
+    model, processor = make_clip()
+    editor = UWMEditor(model, processor, UWMConfig(method="iterative_attribution", batch_size=4))
+    slice_ = validate_pairs(mixed(3, 4), PAIR, text_only=True)
+    state = held_out.start_measuring(editor, slice_)
+    h = len(slice_)
+    # the text-only pairs' "images" are the unedited embeddings of their own captions, safe and unsafe
+    alone = torch.tensor(text_only_rows(slice_))
+    torch.testing.assert_close(state["images"][:h][alone], state["base"][:h][alone])
+    torch.testing.assert_close(state["images"][h:][alone], state["base"][h:][alone])
+    assert not torch.allclose(state["images"][:h][~alone], state["base"][:h][~alone], atol=1e-3)
+    goal, _, measures = held_out.measure(editor, state)
+    assert 0 <= goal <= 100 and measures["GS"] == goal
