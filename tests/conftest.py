@@ -79,6 +79,30 @@ def make_pairs(n=6, seed=0, images=True, texts=True):
     return datasets.Dataset.from_dict(data, features=features)
 
 
+def save_model_and_pairs(root: Path, pairs: int, validation: int) -> Path:
+    """A tiny CLIP saved as a user's folder, with calibration and validation pairs saved to disk."""
+    model, processor = make_clip()
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    make_pairs(pairs, seed=1).save_to_disk(str(root / "pairs"))
+    make_pairs(validation, seed=2).save_to_disk(str(root / "validation"))
+    return root
+
+
+def save_calibration(editor, path: str, state):
+    """One process's scores, delta and stopping record, for comparing runs over processes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from hf_uwm.methods.stopping import to_records
+
+    tensors = {f"score/{k}": v for k, v in editor.scores.items()}
+    tensors.update({f"delta/{k}": v for k, v in editor.delta.items()})
+    stop = {"stop": json.dumps(editor.stop), "trajectory": json.dumps(to_records(editor.trajectory))}
+    save_file(tensors, path, metadata={"processes": str(state.num_processes), **stop})
+
+
 @pytest.fixture
 def clip():
     return make_clip()

@@ -7,19 +7,13 @@ import warnings
 
 import pytest
 
-from conftest import make_clip, make_pairs
+from conftest import make_pairs, save_model_and_pairs
 from hf_uwm.cli import main
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    model, processor = make_clip()
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    make_pairs(20, seed=1).save_to_disk(str(root / "pairs"))   # 4 held out: the least a stopping rule takes
-    make_pairs(10, seed=2).save_to_disk(str(root / "validation"))
-    return root
+    return save_model_and_pairs(tmp_path_factory.mktemp("cli"), pairs=20, validation=10)   # 4 held out: the least a stopping rule takes
 
 
 def test_help_explains_the_commands(capsys):

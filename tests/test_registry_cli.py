@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import magnitude_method  # noqa: F401  (registers "magnitude" before the parser is built)
-from conftest import make_clip, make_pairs
+from conftest import save_model_and_pairs
 from hf_uwm.cli import main
 from hf_uwm.commands.method_flags import in_flags
 from hf_uwm.methods import base, get_method, method_names
@@ -49,13 +49,7 @@ def test_every_package_setting_declares_its_help():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("registry")
-    model, processor = make_clip()
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    make_pairs(6, seed=1).save_to_disk(str(root / "pairs"))
-    make_pairs(6, seed=2).save_to_disk(str(root / "validation"))
-    return root
+    return save_model_and_pairs(tmp_path_factory.mktemp("registry"), pairs=6, validation=6)
 
 
 def test_the_toy_methods_own_setting_works_from_the_cli(files, tmp_path, capsys):

@@ -1,17 +1,14 @@
 """Run under two processes: calibrate on an uneven shard split and save scores and delta from rank 0."""
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_clip, make_pairs  # noqa: E402
+from conftest import make_clip, make_pairs, save_calibration  # noqa: E402
 
 from hf_uwm import UWMConfig, UWMEditor  # noqa: E402
-from hf_uwm.methods.stopping import to_records  # noqa: E402
 
 
 def main(out: str, config_json: str):
@@ -23,12 +20,7 @@ def main(out: str, config_json: str):
     editor = UWMEditor(model, processor, UWMConfig.from_json_string(config_json))
     editor.calibrate(make_pairs(21, seed=5), progress=False)   # uneven shards, 5 held out
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items()), "model left edited"
-    tensors = {f"score/{k}": v for k, v in editor.scores.items()}
-    tensors.update({f"delta/{k}": v for k, v in editor.delta.items()})
-    stop = {"stop": json.dumps(editor.stop), "trajectory": json.dumps(to_records(editor.trajectory))}
-    save_file(tensors, f"{out}.rank{state.process_index}.safetensors",
-              metadata={"processes": str(state.num_processes), **stop})
-
+    save_calibration(editor, f"{out}.rank{state.process_index}.safetensors", state)
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
