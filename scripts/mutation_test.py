@@ -92,7 +92,7 @@ MUTANTS = [
            (f"{T_STOPPING}::test_a_resumed_run_stops_at_the_same_round",)),
     Mutant("knowledge cost from the captions' side", "hf_uwm/methods/held_out.py",
            '"agreement": "agreement", "rougeL"', '"agreement": "agreement_text", "rougeL"', (T_STOPPING,)),
-    Mutant("images embedded again every round", "hf_uwm/methods/iterative.py",
+    Mutant("images embedded again every round", "hf_uwm/methods/pair_images.py",
            'if getattr(run, "image_embeddings", None) is None:', "if True:",
            (f"{T_STOPPING}::test_images_are_embedded_once_when_no_vision_weight_is_edited",)),
     Mutant("curvature never refreshed after round 1", "hf_uwm/methods/rounds.py",
