@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..formatting import interval
 from ..paths import ORGANISM_WORLDS
 from .common import (check_json_path, columns, common_args, data_args, delta_or_model, hub_args, is_delta,
                      report_args, set_threads, skip_bad_rows_arg, threads_arg)
@@ -77,7 +78,9 @@ def _intervals(reports: dict) -> str:
     rows = [(metric, [r.intervals.get(metric) for r in with_intervals.values()]) for metric in first.intervals]
     rows += [(f"GS {name}", [r.subsets.get(name, {}).get("interval") for r in with_intervals.values()])
              for name in first.subsets]
-    lines = ["bootstrap 95% intervals (%)" + "".join(f"{name:>18}" for name in with_intervals)]
+    title = "bootstrap 95% intervals (%)"
+    width = max(len(title), *(len(metric) for metric, _ in rows)) + 1
+    lines = [f"{title:<{width}}" + "".join(f"{name:>18}" for name in with_intervals)]
     for metric, cells in rows:
-        lines.append(f"{metric:<27}" + "".join(f"{f'[{c[0]:.1f}, {c[1]:.1f}]' if c else '-':>18}" for c in cells))
+        lines.append(f"{metric:<{width}}" + "".join(f"{interval(c) if c else '-':>18}" for c in cells))
     return "\n".join(lines)
