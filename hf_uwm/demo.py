@@ -111,8 +111,9 @@ def run(output: str | Path, *, model=None, processor=None, base_model: str | Non
         editor = UWMEditor(model, processor, dataclasses.replace(config, batch_size=batch_size, seed=seed),
                            base_model=base_model)
         outcome = choose_and_test(name, editor, grid, calibration=data.calibration_of(name),
-                                  on_validation=data.on_validation, on_test=data.on_test, base_validation=base_validation, max_drop=max_zero_shot_drop,
-                                  seed=seed, progress=progress)
+                                  on_validation=data.on_validation, on_test=data.on_test,
+                                  base_validation=base_validation, max_drop=max_zero_shot_drop, seed=seed,
+                                  progress=progress)
         for row in outcome.rows:
             if row.editor.stop is not None and not row.setting:   # say where the edit stopped by itself
                 row.setting = {"self-set": summary(*row.editor.stop, row.editor.config.rounds)}

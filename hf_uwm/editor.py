@@ -220,7 +220,8 @@ class UWMEditor:
         return self
 
     def _validated(self, dataset, columns):
-        """The checked pairs; text-only pairs (no images) where the columns need images only if the method takes them."""
+        """The checked pairs. Where the columns need images, text-only pairs (no images) pass only if the
+        method takes them."""
         text_only = set(TEXT_COLUMNS + IMAGE_COLUMNS) <= set(columns)
         dataset = validate_pairs(dataset, columns, text_only=text_only)
         alone = text_only_rows(dataset) if text_only else []

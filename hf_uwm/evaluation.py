@@ -415,12 +415,13 @@ def _column(dataset, name: str):
 
 
 def default_subsets(dataset, unseen_concepts=(), named_concepts=()) -> dict[str, list[bool]]:
-    """{name: mask}: one subset per value of the `concept` column ("concept blood"), and where
-    `unseen_concepts` are given, "seen concepts" and "unseen concepts" (those no calibration image
-    showed); of these, `named_concepts` (named in words to the edit) make "unseen, named" and
-    "unseen, not named" ("named in words" and "not named" of all concepts without `unseen_concepts`). Where a `cues` column says which unsafe renders carry the cues concepts
-    share, each group is split into "... with cues" and "... without cues" (only the concept itself
-    tells the latter apart). {} without a `concept` column."""
+    """{name: mask}: one subset per value of the `concept` column ("concept blood").
+
+    With `unseen_concepts` (those no calibration image showed): "seen concepts" and "unseen concepts",
+    and of these, with `named_concepts` (named in words to the edit), "unseen, named" and "unseen, not
+    named"; without `unseen_concepts`, "named in words" and "not named". Where a `cues` column says
+    which unsafe renders carry the cues concepts share, each group is split into "... with cues" and
+    "... without cues" (only the concept itself tells the latter apart). {} without a `concept` column."""
     concepts = _column(dataset, "concept")
     if concepts is None:
         return {}

@@ -188,7 +188,8 @@ def test_text_only_pairs_edit_the_text_tower_or_are_refused_with_the_methods_tha
     assert main(["edit", str(files / "model"), "--data", str(tmp_path / "texts.csv"), "--output",
                  str(tmp_path / "e"), "--method", "g_unsafe", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "10 of the 10 calibration pairs are text-only" in err and "'iterative_attribution'" in err
+    assert "10 of the 10 calibration pairs are text-only (no images), and --method g_unsafe needs" in err
+    assert "iterative_attribution" in err and "method=" not in err
     assert not (tmp_path / "e").exists()
 
 

@@ -226,7 +226,7 @@ def test_unknown_target_lists_the_available_names():
 
 def test_missing_and_empty_columns_are_refused_before_model_work():
     editor = UWMEditor(*make_clip())
-    with pytest.raises(ValueError, match=r"All 3 calibration pairs are text-only .* --towers text"):
+    with pytest.raises(ValueError, match=r"All 3 calibration pairs are text-only .*\(vision_targets=\[\]\)"):
         editor.calibrate(make_pairs(3, images=False), progress=False)   # its vision statistics need images
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['safe_text', 'unsafe_text'\]"):
         editor.calibrate(make_pairs(3, texts=False), progress=False)

@@ -114,7 +114,7 @@ def test_uwm_takes_vision_statistics_from_the_pairs_with_images_only():
 
 def test_methods_that_need_images_refuse_text_only_pairs():
     model, processor = make_clip()
-    with pytest.raises(ValueError, match=r"16 of the 24 calibration pairs are text-only .*'iterative_attribution'"):
+    with pytest.raises(ValueError, match=r"16 of the 24 calibration pairs are text-only .*method='g_unsafe'.*iterative_attribution"):
         UWMEditor(model, processor, UWMConfig(method="g_unsafe")).calibrate(mixed(), progress=False)
     with pytest.raises(ValueError, match="cannot score vision weights: edit the text tower alone"):
         UWMEditor(model, processor, UWMConfig(method="iterative_attribution", vision_targets=["mlp.fc2"])

@@ -21,6 +21,7 @@ import torch
 
 from ..settings import MethodSettings, is_number, setting, setting_info, setting_names
 from ..families import PROJECTOR
+from ..hints import hint
 from ..selection import select_adaptive, select_fixed, select_shared
 
 if TYPE_CHECKING:
@@ -120,9 +121,10 @@ class Method:
         """Refuse `count` of `total` calibration pairs being text-only, unless this method learns from them."""
         if not self.text_only_pairs:
             able = sorted(m.name for m in _METHODS.values() if m.text_only_pairs)
-            raise ValueError(f"{count} of the {total} calibration pairs are text-only (no images), and "
-                             f"method={self.name!r} needs the images of every pair: give them images, drop those "
-                             f"pairs, or use a method that calibrates the text tower from text alone ({able}).")
+            which = hint(f"method={self.name!r}", f"--method {self.name}")
+            raise ValueError(f"{count} of the {total} calibration pairs are text-only (no images), and {which} "
+                             f"needs the images of every pair: give them images, drop those pairs, or use a method "
+                             f"that calibrates the text tower from text alone ({', '.join(able)}).")
 
     def reselectable(self) -> set[str]:
         """The config fields `with_settings` (and so a sweep) changes without a forward pass."""

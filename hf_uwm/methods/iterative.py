@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hints import hint
 from ..settings import MethodSettings, is_int, is_number, setting
 from . import held_out
 from .base import register_method
@@ -138,9 +139,10 @@ class IterativeAttribution(IterativeEdit):
 
     def check_text_only(self, editor, count: int, total: int):
         if "vision" in editor.towers:
+            alone = hint("vision_targets=[]", "--towers text")
             raise ValueError(f"{count} of the {total} calibration pairs are text-only (no images); their images are "
                              "stood in for by the unedited embeddings of their captions, which cannot score vision "
-                             "weights: edit the text tower alone (vision_targets=[]) or give those pairs images.")
+                             f"weights: edit the text tower alone ({alone}) or give those pairs images.")
 
     def prepare(self, editor, run: Calibration):
         fixed_images(editor, run)   # before any flip: a stand-in for a missing image is the unedited caption

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_
+from ..hints import hint
 from ..settings import is_number, setting
 from .base import Method, SelectionSettings, register_method
 from .calibration import Calibration, read_checkpoint, save_checkpoint
@@ -55,7 +56,7 @@ class UWMStatistics(Method):
         if count == total and "vision" in editor.towers:
             raise ValueError(f"All {total} calibration pairs are text-only (no images), so UWM has no image to take "
                              "the vision tower's statistics from: give image pairs too, or edit the text tower alone "
-                             "(vision_targets=[], --towers text).")
+                             f"({hint('vision_targets=[]', '--towers text')}).")
 
     def calibrate(self, editor, run: Calibration) -> dict[str, torch.Tensor]:
         return {name: s for tower in editor.towers
