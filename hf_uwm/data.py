@@ -228,14 +228,17 @@ def _find_bad_rows(dataset, columns, text_only: bool = False) -> ValidationRepor
     report = ValidationReport(len(dataset))
     report.bad += _duplicate_ids(ids)
     texts_alone = set(_rows_without_images(dataset)) if text_only and set(IMAGE_COLUMNS) <= set(columns) else set()
+    # Where text-only pairs pass, a missing image that is reported is half a pair.
+    no_image = HALF_PAIR if text_only else NO_IMAGE
     for column in columns:
         if column in TEXT_COLUMNS:
             problems = enumerate(map(_text_problem, dataset[column]))
         elif column in IMAGE_COLUMNS:
-            problems = ((row, p) for row, p in enumerate(_image_problems(dataset, column)) if row not in texts_alone)
+            problems = ((row, p) for row, p in enumerate(_image_problems(dataset, column, no_image))
+                        if row not in texts_alone)
         else:
             continue
-        report.bad += [BadRow(row, column, _half_pair(problem) if text_only else problem, ids[row], missing)
+        report.bad += [BadRow(row, column, problem, ids[row], missing)
                        for row, (problem, missing) in problems if problem]
     report.bad += _identical_sides(dataset, columns, ids)
     return report
@@ -262,12 +265,6 @@ def _rows_without_images(dataset) -> list[int]:
 
 def _has_image(value) -> bool:
     return value is not None and (value.get("bytes") is not None or value.get("path") is not None)
-
-
-def _half_pair(problem: str) -> str:
-    # Where text-only pairs are allowed, a pair with one image is the only way to have "no image".
-    return problem + " (the other image of the pair is there: give both, or neither for a text-only pair)" \
-        if problem == "no image" else problem
 
 
 def _identical_sides(dataset, columns, ids) -> list[BadRow]:
@@ -315,8 +312,12 @@ def _text_problem(text) -> tuple[str | None, bool]:
     return f"expected a text (a non-empty string), got {type(text).__name__} {text!r}", False
 
 
-def _image_problems(dataset, column):
-    return map(_image_problem, _raw_images(dataset, column))
+NO_IMAGE = "no image"
+HALF_PAIR = "no image (the other image of the pair is there: give both, or neither for a text-only pair)"
+
+
+def _image_problems(dataset, column, no_image: str = NO_IMAGE):
+    return (_image_problem(value, no_image) for value in _raw_images(dataset, column))
 
 
 def _raw_images(dataset, column, batch_size: int = 256):
@@ -328,11 +329,11 @@ def _raw_images(dataset, column, batch_size: int = 256):
         yield from batch[column]
 
 
-def _image_problem(value) -> tuple[str | None, bool]:
+def _image_problem(value, no_image: str = NO_IMAGE) -> tuple[str | None, bool]:
     from PIL import Image
 
     if not _has_image(value):
-        return "no image", False
+        return no_image, False
     path = value.get("path")
     if value.get("bytes") is None and not os.path.isfile(path):
         return f"image file {path} does not exist", True

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__, loading
 from .config import UWMConfig
-from .data import IMAGE_COLUMNS, TEXT_COLUMNS, columns_for, text_only_rows, validate_pairs
+from .data import IMAGE_COLUMNS, TEXT_COLUMNS, columns_for, validate_pairs
 from .delta import (CONFIG_NAME, FORMAT_VERSION, fingerprint, fingerprint_in_background, read_delta, resolve_delta_folder,
                     scale_, write_delta)
 from .distributed import broadcast_from_main
@@ -202,13 +202,16 @@ class UWMEditor:
         # On CPU, accelerate only joins the processes of a launcher when told the model is on the CPU.
         state = PartialState(cpu=self.family.device.type == "cpu")
         columns = columns_for(method.data_towers(self))
+        # Where the columns need images, a pair may still have none (text-only), if the method takes it.
+        text_only = set(TEXT_COLUMNS + IMAGE_COLUMNS) <= set(columns)
         if columns:
             if dataset is None:
                 raise ValueError(f"calibrate needs a dataset with columns {list(columns)}.")
-            dataset = self._validated(dataset, columns)
+            dataset = validate_pairs(dataset, columns, text_only=text_only)
         run = Calibration(dataset, state, self.family, self.config.batch_size, progress=progress,
                           num_workers=num_workers, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           autocast=autocast)
+        self.concepts_in_words = self._text_only_concepts(run) if text_only else []
         self.scores = method.calibrate(self, run)
         self.trajectory = run.trajectory
         self.fingerprint = pending_fingerprint.result()
@@ -219,17 +222,14 @@ class UWMEditor:
         self.scores = {name: s.cpu() for name, s in self.scores.items()}
         return self
 
-    def _validated(self, dataset, columns):
-        """The checked pairs. Where the columns need images, text-only pairs (no images) pass only if the
-        method takes them."""
-        text_only = set(TEXT_COLUMNS + IMAGE_COLUMNS) <= set(columns)
-        dataset = validate_pairs(dataset, columns, text_only=text_only)
-        alone = text_only_rows(dataset) if text_only else []
-        if any(alone):
-            self.method.check_text_only(self, sum(alone), len(dataset))
-        concepts = dataset["concept"] if "concept" in dataset.column_names else [None] * len(alone)
-        self.concepts_in_words = sorted({c for c, a in zip(concepts, alone) if a and c})
-        return dataset
+    def _text_only_concepts(self, run: Calibration) -> list[str]:
+        """The `concept`s of the run's text-only pairs, once the method has accepted them."""
+        alone = run.text_only
+        if not any(alone):
+            return []
+        self.method.check_text_only(self, sum(alone), len(alone))
+        concepts = run.dataset["concept"] if "concept" in run.dataset.column_names else [None] * len(alone)
+        return sorted({c for c, a in zip(concepts, alone) if a and c})
 
     # --- selection ------------------------------------------------------------------------------
     def select(self) -> dict[str, torch.Tensor]:

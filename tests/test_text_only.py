@@ -212,3 +212,26 @@ def test_the_held_out_slice_measures_text_only_pairs_against_their_stand_ins():
     assert not torch.allclose(state["images"][:h][~alone], state["base"][:h][~alone], atol=1e-3)
     goal, _, measures = held_out.measure(editor, state)
     assert 0 <= goal <= 100 and measures["GS"] == goal
+
+
+def test_copies_in_the_held_out_slice_are_one_item_whether_pictured_or_stood_in():
+    from hf_uwm.methods import held_out
+
+    model, processor = make_clip()
+    editor = UWMEditor(model, processor, UWMConfig(method="iterative_attribution", batch_size=3))
+    slice_ = concatenate_pairs(make_pairs(2), make_pairs(2), texts_alone(2), texts_alone(2))   # each twice
+    state = held_out.start_measuring(editor, validate_pairs(slice_, PAIR, text_only=True))
+    assert state["image_ids"].tolist() == [0, 1, 0, 1, 2, 3, 2, 3]
+
+
+def test_a_subset_of_a_run_keeps_which_of_its_pairs_are_text_only():
+    from accelerate import PartialState
+
+    from hf_uwm.methods import Calibration
+
+    model, processor = make_clip()
+    data = validate_pairs(mixed(3, 4), PAIR, text_only=True)
+    run = Calibration(data, PartialState(cpu=True), UWMEditor(model, processor).family, 4, progress=False)
+    assert run.text_only == [False] * 3 + [True] * 4
+    rows = [6, 0, 4, 2]
+    assert run.subset(rows).text_only == text_only_rows(data.select(rows)) == [True, False, True, False]

@@ -51,6 +51,8 @@ class Calibration:
                              checkpoint_every=self.checkpoint_every, autocast=self.autocast_dtype)
         if not isinstance(self.dataset, PreprocessedPairs) and "safe_text" in self.dataset.column_names:
             subset.text_length = self.text_length
+        if "text_only" in self.__dict__:   # known already: not read from the images again
+            subset.text_only = [self.text_only[row] for row in rows]
         return subset
 
     @cached_property

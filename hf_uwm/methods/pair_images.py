@@ -59,10 +59,9 @@ def safe_image_ids(run: Calibration, text_batches: list) -> torch.Tensor:
     for (start, stop), texts in zip(run.batch_bounds(), text_batches):
         half = len(next(iter(texts.values()))) // 2
         captions = content_keys({name: t[:half] for name, t in texts.items()})
-        for i, row in enumerate(range(start, stop)):
-            if run.text_only[row]:
-                keys.append(("caption", captions[i]))
-            else:
-                pixels = run.family.preprocess_images([run.dataset[row]["safe_image"]])
-                keys.append(("image", content_keys(pixels)[0]))
+        pictured = [row for row in range(start, stop) if not run.text_only[row]]
+        images = iter(content_keys(run.family.preprocess_images(list(run.dataset.select(pictured)["safe_image"])))
+                      if pictured else [])
+        keys += [("caption", captions[i]) if run.text_only[row] else ("image", next(images))
+                 for i, row in enumerate(range(start, stop))]
     return item_ids(keys)
