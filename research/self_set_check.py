@@ -11,12 +11,10 @@ Prints one table and writes OUT/self_set.json and OUT/self_set.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-import torch
 
 from hf_uwm import UWMEditor
 from hf_uwm.cli import main as cli
@@ -25,6 +23,8 @@ from hf_uwm.evaluation import default_subsets, evaluate_model
 from hf_uwm.formatting import with_interval
 from hf_uwm.organism import HELD_OUT
 from hf_uwm.sweep import evaluate_edit
+
+from common import parse_models  # research/common.py, beside this script
 
 
 def data_name(model: str) -> str:
@@ -82,20 +82,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--out", default="self_set")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=None, help="the edit's --batch-size (default: the CLI's)")
-    return parser.parse_args()
-
-
 def run():
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_models(__doc__, "self_set", lambda parser: parser.add_argument(
+        "--batch-size", type=int, default=None, help="the edit's --batch-size (default: the CLI's)"))
     start = time.perf_counter()
     rows = [check(model, out, args.threads, args.batch_size) for model in args.models]
     (out / "self_set.json").write_text(json.dumps(rows, indent=1))
